@@ -1,0 +1,216 @@
+"""The record of one call: everything the engine decided and measured, and everything the UI shows.
+
+A trace is plain data (dataclasses of ints, floats, strings and lists) so it round-trips through JSON.
+Patch indices are always ORIGINAL indices into the vision grid: patch j is cell (j // cols, j % cols).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Rater:
+    """One text token after the image (SPEC section 1)."""
+
+    index: int  # position relative to the text start
+    token: str
+    score: float  # R_i = mean over visual rows of softmax_over_text(Hv Hq^T)
+    rater: bool  # selected as a text rater
+
+
+@dataclass
+class MergedToken:
+    """A recycled token: the merge of a cluster of deleted tokens (SPEC section 4)."""
+
+    center: int  # original patch index of the cluster center (its position id is the center's)
+    members: list[int]  # original patch indices it represents (merged tokens re-merged are flattened)
+
+
+@dataclass
+class Stage:
+    """One pruning step. after_layer = -1 means before the LLM (FasterVLM, random)."""
+
+    after_layer: int
+    visual_in: int
+    visual_out: int  # kept + clusters
+    deleted: int  # tokens removed from the visual set (before recycling brings some back as merged tokens)
+    recycled: int  # deleted tokens that went into clustering
+    clusters: int  # merged tokens added
+    rank: int | None  # rank(P) of the rater-visual attention matrix; None where the method has no P
+    raters: int  # rows of P
+    kept: list[int]  # original patch indices of the surviving unmerged tokens, in sequence order
+    merged: list[MergedToken]  # surviving merged tokens (new ones and earlier ones that survived)
+    input_patches: list[int]  # for each visual token entering the stage: its patch (center for merged)
+    scores: list[float]  # significance of each entering token (aligned with input_patches)
+    formula: str  # the count rule that ran, with its numbers filled in
+    overhead_ms: float = 0.0  # measured time spent deciding and gathering (scores, rank, clustering)
+
+    def represented(self) -> set[int]:
+        """Patches still represented after this stage: kept directly or inside a merged token."""
+        out = set(self.kept)
+        for m in self.merged:
+            out.update(m.members)
+        return out
+
+
+@dataclass
+class LayerRecord:
+    layer: int
+    visual_in: int  # visual tokens this decoder layer processes
+    visual_out: int  # visual tokens leaving it (differs at pruning layers)
+    stage: int | None  # index into PruneTrace.stages when the layer prunes
+
+
+@dataclass
+class Timings:
+    """Measured wall-clock milliseconds (CUDA-synchronized on GPU)."""
+
+    vision: float = 0.0  # vision tower + projector
+    raters: float = 0.0
+    prune_overhead: float = 0.0  # sum over stages, part of prefill
+    prefill: float = 0.0  # first forward: vision + LLM prefill + pruning (time to first token)
+    decode_per_token: float = 0.0
+    decode_tokens: int = 0
+    total: float = 0.0
+
+
+@dataclass
+class Cost:
+    """Computed (analytic) costs; see sparsevlm/cost.py for the formulas."""
+
+    equal_tokens: float = 0.0  # mean over decoder layers of visual tokens each layer processes (input count)
+    equal_tokens_reference: float = 0.0  # same, counting a pruning layer at its output count (reference code)
+    prefill_flops_dense: float = 0.0
+    prefill_flops: float = 0.0  # includes the pruning overhead
+    prune_overhead_flops: float = 0.0
+    kv_bytes_dense: int = 0
+    kv_bytes: int = 0
+    visual_kv_bytes_dense: int = 0
+    visual_kv_bytes: int = 0
+    bytes_per_value: int = 2
+    attention_counting: str = "full"  # scores+values counted as 4 n^2 d (no causal halving)
+
+
+@dataclass
+class PruneTrace:
+    method: str
+    config: dict
+    model: dict  # name, architecture, decoder layers, hidden size, grid, device, dtype
+    question: str
+    prompt: str
+    answer: str = ""
+    image_size: tuple[int, int] = (0, 0)  # original upload (width, height)
+    # Region of the original image (x0, y0, x1, y1 in its pixels) that the processor turns into the model's
+    # square input; may extend beyond the image when the processor pads. Patch boxes map through it.
+    input_region: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    grid: tuple[int, int] = (0, 0)  # (rows, cols) of the patch grid
+    prefix_tokens: int = 0  # tokens before the image
+    visual_tokens: int = 0  # Lv
+    text_tokens: int = 0  # tokens after the image (question + template suffix)
+    generated_tokens: int = 0
+    raters: list[Rater] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
+    layers: list[LayerRecord] = field(default_factory=list)
+    timings_ms: Timings = field(default_factory=Timings)
+    cost: Cost = field(default_factory=Cost)
+    notes: list[str] = field(default_factory=list)
+
+    # --- derived views -------------------------------------------------------------------------------------
+    def stage_for_layer(self, layer: int) -> Stage | None:
+        """The last stage whose result a decoder layer sees (None before any pruning)."""
+        last = None
+        for s in self.stages:
+            if s.after_layer < layer:
+                last = s
+        return last
+
+    def represented_after(self, layer: int) -> set[int]:
+        """Patches represented in the visual tokens that decoder layer `layer` processes."""
+        s = self.stage_for_layer(layer)
+        return set(range(self.visual_tokens)) if s is None else s.represented()
+
+    def layer_table(self) -> list[dict]:
+        """Per decoder layer, the counts the CLI prints (null where the layer does not prune)."""
+        rows = []
+        for rec in self.layers:
+            st = self.stages[rec.stage] if rec.stage is not None else None
+            rows.append(
+                {
+                    "layer": rec.layer,
+                    "visual_in": rec.visual_in,
+                    "visual_out": rec.visual_out,
+                    "rank": st.rank if st else None,
+                    "deleted": st.deleted if st else None,
+                    "recycled": st.recycled if st else None,
+                    "clusters": st.clusters if st else None,
+                }
+            )
+        return rows
+
+    # --- serialization -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PruneTrace:
+        d = dict(d)
+        d["raters"] = [Rater(**r) for r in d.get("raters", [])]
+        stages = []
+        for s in d.get("stages", []):
+            s = dict(s)
+            s["merged"] = [MergedToken(**m) for m in s.get("merged", [])]
+            stages.append(Stage(**s))
+        d["stages"] = stages
+        d["layers"] = [LayerRecord(**r) for r in d.get("layers", [])]
+        d["timings_ms"] = Timings(**d.get("timings_ms", {}))
+        d["cost"] = Cost(**d.get("cost", {}))
+        for k in ("image_size", "input_region", "grid"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> PruneTrace:
+        return cls.from_dict(json.loads(s))
+
+    def summary(self) -> dict:
+        """The CLI's --json object."""
+        t = self.timings_ms
+        c = self.cost
+        return {
+            "answer": self.answer,
+            "method": self.method,
+            "config": self.config,
+            "model": self.model,
+            "equal_tokens": c.equal_tokens,
+            "equal_tokens_reference": c.equal_tokens_reference,
+            "visual_tokens": self.visual_tokens,
+            "text_tokens": self.text_tokens,
+            "layers": self.layer_table(),
+            "raters": [{"token": r.token, "score": r.score, "rater": r.rater} for r in self.raters],
+            "timings_ms": {
+                "vision": t.vision,
+                "raters": t.raters,
+                "prefill": t.prefill,
+                "prune_overhead": t.prune_overhead,
+                "decode_per_token": t.decode_per_token,
+                "decode_tokens": t.decode_tokens,
+                "total": t.total,
+            },
+            "cost": {
+                "prefill_flops_dense": c.prefill_flops_dense,
+                "prefill_flops": c.prefill_flops,
+                "prune_overhead_flops": c.prune_overhead_flops,
+                "kv_bytes_dense": c.kv_bytes_dense,
+                "kv_bytes": c.kv_bytes,
+                "visual_kv_bytes_dense": c.visual_kv_bytes_dense,
+                "visual_kv_bytes": c.visual_kv_bytes,
+                "attention_counting": c.attention_counting,
+            },
+            "notes": self.notes,
+        }
