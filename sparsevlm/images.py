@@ -95,7 +95,7 @@ def load_image(src: object) -> Image.Image:
         img = src
         if getattr(img, "is_animated", False):
             img.seek(0)
-        return _to_rgb(ImageOps.exif_transpose(img) or img)
+        return _to_rgb(_upright(img))
 
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
@@ -139,8 +139,12 @@ def load_image(src: object) -> Image.Image:
                 raise InputError(f"{what} is too large to decode safely - it looks like a decompression bomb") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    return _to_rgb(_upright(img))
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a broken EXIF block should not cost the user their picture."""
     try:
-        img = ImageOps.exif_transpose(img) or img
-    except Exception:  # a broken EXIF block should not cost the user their picture
-        pass
-    return _to_rgb(img)
+        return ImageOps.exif_transpose(img) or img
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError):
+        return img

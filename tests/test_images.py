@@ -64,7 +64,7 @@ def test_palette_png():
     p = Image.new("RGB", (10, 10), (0, 0, 255)).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
     img = load_image(_png_bytes(p))
     assert img.mode == "RGB"
-    r, g, b = img.getpixel((3, 3))
+    r, _, b = img.getpixel((3, 3))
     assert b > 200 and r < 50
 
 
@@ -85,7 +85,7 @@ def test_exif_rotation_is_honoured():
     exif[0x0112] = 6  # "rotate 90 CW to display"
     img = load_image(_png_bytes(src, "JPEG", exif=exif.tobytes(), quality=95))
     assert img.size == (20, 60)
-    r, g, b = img.getpixel((10, 3))  # the left strip ends up on top
+    r, g, _ = img.getpixel((10, 3))  # the left strip ends up on top
     assert r > 200 and g < 60
 
 
