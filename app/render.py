@@ -1,0 +1,623 @@
+"""Pure functions from a PruneTrace (and the user's image) to pictures, figures and tables.
+
+Nothing here touches the model or Gradio: every function reads the recorded trace, so each is testable on a
+hand-built trace and the CLI or a notebook can reuse them.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from PIL import Image, ImageDraw, ImageFont
+
+from sparsevlm.trace import PruneTrace, Stage
+
+METHOD_LABELS = {
+    "sparsevlm": "SparseVLM",
+    "fastv": "FastV",
+    "fastervlm": "FasterVLM",
+    "random": "Random",
+    "dense": "Dense (no pruning)",
+}
+
+# Cluster outlines: a qualitative palette that stays readable on top of photos.
+CLUSTER_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (255, 64, 129),
+    (0, 200, 255),
+    (255, 196, 0),
+    (118, 255, 3),
+    (213, 0, 249),
+    (255, 109, 0),
+    (29, 233, 182),
+    (255, 23, 68),
+    (41, 121, 255),
+    (198, 255, 0),
+    (234, 128, 252),
+    (255, 255, 255),
+)
+PRUNED_DIM = 0.22  # brightness a pruned patch keeps
+OUTSIDE_DIM = 0.10  # brightness of image parts the model never saw (cropped away by the processor)
+KEPT_RGB = (34, 197, 94)
+PRUNED_RGB = (100, 116, 139)
+ACCENT_RGB = (99, 102, 241)
+DISPLAY_SIDE = 512
+
+# Patch states in a label grid.
+PRUNED, KEPT = -1, -2
+
+
+# --- geometry ------------------------------------------------------------------------------------------------
+def display_size(image_size: tuple[int, int], max_side: int = DISPLAY_SIDE) -> tuple[int, int]:
+    """The image in its own aspect, scaled so the longer side is max_side."""
+    w, h = image_size
+    s = max_side / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def patch_box(trace: PruneTrace, patch: int, image_size: tuple[int, int] | None = None) -> tuple[float, ...]:
+    """Box (x0, y0, x1, y1) of a patch in pixels of an image of image_size (default: the original upload).
+
+    The processor turns trace.input_region of the upload into the model's square input; the grid tiles that.
+    """
+    rows, cols = trace.grid
+    r, c = divmod(patch, cols)
+    x0, y0, x1, y1 = trace.input_region
+    sx = sy = 1.0
+    if image_size is not None:
+        sx = image_size[0] / trace.image_size[0]
+        sy = image_size[1] / trace.image_size[1]
+    pw, ph = (x1 - x0) / cols, (y1 - y0) / rows
+    return ((x0 + c * pw) * sx, (y0 + r * ph) * sy, (x0 + (c + 1) * pw) * sx, (y0 + (r + 1) * ph) * sy)
+
+
+def patch_index_map(trace: PruneTrace, size: tuple[int, int]) -> np.ndarray:
+    """For each pixel of an image of `size` (w, h), the patch it belongs to, or -1 outside the model's input."""
+    w, h = size
+    rows, cols = trace.grid
+    x0, y0, x1, y1 = trace.input_region
+    sx, sy = w / trace.image_size[0], h / trace.image_size[1]
+    xs = ((np.arange(w) + 0.5) / sx - x0) / (x1 - x0) * cols
+    ys = ((np.arange(h) + 0.5) / sy - y0) / (y1 - y0) * rows
+    ci = np.floor(xs).astype(np.int64)
+    ri = np.floor(ys).astype(np.int64)
+    valid = (ci >= 0) & (ci < cols)
+    valid_r = (ri >= 0) & (ri < rows)
+    idx = ri[:, None] * cols + ci[None, :]
+    return np.where(valid_r[:, None] & valid[None, :], idx, -1)
+
+
+# --- per-layer state -----------------------------------------------------------------------------------------
+def patch_states(trace: PruneTrace, layer: int) -> np.ndarray:
+    """Per patch: KEPT, PRUNED, or the index (>= 0) of the recycled cluster that represents it."""
+    n = trace.grid[0] * trace.grid[1]
+    stage = trace.stage_for_layer(layer)
+    if stage is None:
+        return np.full(n, KEPT, dtype=np.int64)
+    states = np.full(n, PRUNED, dtype=np.int64)
+    for k, m in enumerate(stage.merged):
+        states[[p for p in m.members if 0 <= p < n]] = k
+    states[[p for p in stage.kept if 0 <= p < n]] = KEPT
+    return states
+
+
+def layer_counts(trace: PruneTrace, layer: int) -> dict:
+    stage = trace.stage_for_layer(layer)
+    if stage is None:
+        return {"tokens": trace.visual_tokens, "kept": trace.visual_tokens, "clusters": 0, "covered": 0}
+    covered = sum(len(m.members) for m in stage.merged)
+    return {"tokens": len(stage.kept) + len(stage.merged), "kept": len(stage.kept),
+            "clusters": len(stage.merged), "covered": covered}
+
+
+def num_layers(trace: PruneTrace) -> int:
+    return len(trace.layers) or int(trace.model.get("num_layers", trace.model.get("layers", 1)))
+
+
+def layer_caption(trace: PruneTrace, layer: int) -> str:
+    c = layer_counts(trace, layer)
+    total = trace.visual_tokens
+    head = f"**Decoder layer {layer}** (of {num_layers(trace)}) processes **{c['tokens']}** of {total} visual tokens"
+    if c["tokens"] == total and trace.stage_for_layer(layer) is None:
+        nxt = next((s for s in trace.stages if s.after_layer >= layer), None)
+        tail = f"nothing pruned yet; the first cut comes after layer {nxt.after_layer}." if nxt else "no pruning."
+        if nxt is not None and nxt.after_layer < 0:
+            tail = "pruned before the language model."
+        return f"{head}: {tail}"
+    parts = [f"{c['kept']} kept"]
+    if c["clusters"]:
+        parts.append(f"{c['clusters']} recycled tokens standing for {c['covered']} deleted patches")
+    return f"{head}: " + ", ".join(parts) + "."
+
+
+# --- pictures ------------------------------------------------------------------------------------------------
+def _font(size: int) -> ImageFont.ImageFont:
+    for name in ("DejaVuSans-Bold.ttf", "DejaVuSans.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default()
+
+
+def _fit(image: Image.Image, trace: PruneTrace, max_side: int) -> np.ndarray:
+    if trace.image_size == (0, 0):
+        raise ValueError("the trace records no image size")
+    if image.size != tuple(trace.image_size):
+        # The app passes the very image it ran on; anything else is re-fitted to the recorded size.
+        image = image.resize(tuple(trace.image_size), Image.BILINEAR)
+    size = display_size(image.size, max_side)
+    return np.asarray(image.convert("RGB").resize(size, Image.LANCZOS), dtype=np.float32)
+
+
+def _outline(mask_ids: np.ndarray, thickness: int = 2) -> np.ndarray:
+    """Pixels on the boundary between different ids (ids < -2 are treated as background)."""
+    edge = np.zeros(mask_ids.shape, dtype=bool)
+    edge[:, 1:] |= mask_ids[:, 1:] != mask_ids[:, :-1]
+    edge[1:, :] |= mask_ids[1:, :] != mask_ids[:-1, :]
+    grown = edge.copy()
+    for _ in range(max(0, thickness - 1)):
+        g = grown.copy()
+        g[:, 1:] |= grown[:, :-1]
+        g[1:, :] |= grown[:-1, :]
+        grown = g
+    return grown
+
+
+def _hatch(shape: tuple[int, int], period: int = 10) -> np.ndarray:
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return ((xx + yy) % period) < 2
+
+
+def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: int = DISPLAY_SIDE) -> Image.Image:
+    """The upload in its own aspect as decoder layer `layer` sees it.
+
+    Kept patches are clear, pruned ones dimmed, each recycled cluster tinted and outlined in its own colour (its
+    center marked with a dot); parts of the picture the processor cropped away are hatched.
+    """
+    arr = _fit(image, trace, max_side)
+    h, w = arr.shape[:2]
+    pmap = patch_index_map(trace, (w, h))
+    inside = pmap >= 0
+    states = patch_states(trace, layer)
+    pix_state = np.where(inside, states[np.clip(pmap, 0, None)], -3)
+
+    out = arr.copy()
+    pruned = pix_state == PRUNED
+    out[pruned] = arr[pruned] * PRUNED_DIM + 18
+    outside = pix_state == -3
+    out[outside] = arr[outside] * OUTSIDE_DIM
+    out[outside & _hatch((h, w))] = 70
+
+    # faint patch grid on the visible tokens, so "a token is a square" reads at a glance
+    grid_edges = _outline(np.where(inside, pmap, -3), 1) & (pix_state == KEPT)
+    out[grid_edges] = out[grid_edges] * 0.75 + 255 * 0.25
+
+    stage = trace.stage_for_layer(layer)
+    if stage is not None and stage.merged:
+        cluster_px = pix_state >= 0
+        colours = np.array(CLUSTER_COLOURS, dtype=np.float32)
+        cid = np.where(cluster_px, pix_state % len(colours), 0)
+        tint = colours[cid]
+        out[cluster_px] = arr[cluster_px] * 0.45 + tint[cluster_px] * 0.55
+        ids = np.where(cluster_px, pix_state, -10)
+        edge = _outline(ids, 2) & cluster_px
+        out[edge] = tint[edge]
+    img = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    if stage is not None and stage.merged:
+        draw = ImageDraw.Draw(img)
+        for k, m in enumerate(stage.merged):
+            x0, y0, x1, y1 = patch_box(trace, m.center, (w, h))
+            cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, max(2.5, (x1 - x0) / 5)
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=CLUSTER_COLOURS[k % len(CLUSTER_COLOURS)],
+                         outline=(0, 0, 0))
+    return img
+
+
+def _colormap(v: np.ndarray) -> np.ndarray:
+    """A perceptual dark-purple -> orange -> yellow ramp (inferno-like) for v in [0, 1]."""
+    anchors = np.array(
+        [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39],
+         [252, 255, 164]], dtype=np.float32)
+    x = np.clip(v, 0, 1) * (len(anchors) - 1)
+    i = np.clip(np.floor(x).astype(int), 0, len(anchors) - 2)
+    f = (x - i)[..., None]
+    return anchors[i] * (1 - f) + anchors[i + 1] * f
+
+
+def heatmap_stage(trace: PruneTrace, layer: int) -> Stage | None:
+    """The scores that decided what `layer` sees; before the first cut, the scores of the first cut."""
+    return trace.stage_for_layer(layer) or (trace.stages[0] if trace.stages else None)
+
+
+def patch_scores(trace: PruneTrace, stage: Stage) -> np.ndarray:
+    """Per patch significance at a stage (NaN where the patch was not a token entering it)."""
+    n = trace.grid[0] * trace.grid[1]
+    vals = np.full(n, np.nan, dtype=np.float64)
+    for p, s in zip(stage.input_patches, stage.scores, strict=False):
+        if 0 <= p < n:
+            vals[p] = s
+    return vals
+
+
+def render_heatmap(image: Image.Image, trace: PruneTrace, layer: int, max_side: int = DISPLAY_SIDE) -> Image.Image:
+    """Significance scores (mean attention the text raters pay each visual token) over the image."""
+    arr = _fit(image, trace, max_side)
+    h, w = arr.shape[:2]
+    stage = heatmap_stage(trace, layer)
+    pmap = patch_index_map(trace, (w, h))
+    inside = pmap >= 0
+    out = arr * OUTSIDE_DIM
+    if stage is None or not stage.scores:
+        out[inside] = arr[inside] * PRUNED_DIM + 18
+        return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    vals = patch_scores(trace, stage)
+    finite = vals[np.isfinite(vals)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    norm = np.sqrt(np.clip((vals - lo) / (hi - lo), 0, 1)) if hi > lo else np.ones_like(vals)
+    pv = np.where(inside, norm[np.clip(pmap, 0, None)], np.nan)
+    scored = np.isfinite(pv)
+    out[inside & ~scored] = arr[inside & ~scored] * PRUNED_DIM + 18
+    out[scored] = arr[scored] * 0.35 + _colormap(pv[scored]) * 0.65
+    out[~inside & _hatch((h, w))] = 70
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def render_view(image: Image.Image, trace: PruneTrace, layer: int, view: str = "tokens",
+                max_side: int = DISPLAY_SIDE) -> Image.Image:
+    if view == "heatmap":
+        return render_heatmap(image, trace, layer, max_side)
+    return render_layer(image, trace, layer, max_side)
+
+
+def legend_html(trace: PruneTrace | None = None) -> str:
+    def sw(rgb: tuple[int, int, int], text: str, border: str = "none") -> str:
+        return (f'<span class="sv-swatch"><i style="background:rgb{rgb};border:{border}"></i>{text}</span>')
+
+    items = [
+        sw((230, 230, 230), "kept token (clear)", "1px solid #999"),
+        sw((40, 40, 46), "pruned token (dimmed)"),
+        sw(CLUSTER_COLOURS[0], "recycled cluster: deleted patches merged into one token (dot = its center)"),
+        sw((70, 70, 70), "cropped away by the processor (never seen)"),
+    ]
+    return '<div class="sv-legend">' + "".join(items) + "</div>"
+
+
+def caption_strip(img: Image.Image, text: str, height: int = 34) -> Image.Image:
+    out = Image.new("RGB", (img.width, img.height + height), (17, 24, 39))
+    out.paste(img, (0, height))
+    draw = ImageDraw.Draw(out)
+    draw.text((10, height // 2), text, fill=(255, 255, 255), font=_font(max(11, min(17, img.width // 34))),
+              anchor="lm")
+    return out
+
+
+def pruning_animation(image: Image.Image, trace: PruneTrace, max_side: int = 384,
+                      frame_ms: int = 700) -> bytes:
+    """An animated GIF: one frame per decoder layer, captioned with the token count."""
+    frames = []
+    for layer in range(num_layers(trace)):
+        c = layer_counts(trace, layer)
+        pic = render_layer(image, trace, layer, max_side)
+        frames.append(caption_strip(pic, f"layer {layer}: {c['tokens']}/{trace.visual_tokens} visual tokens"))
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0,
+                   optimize=False, disposal=1)
+    return buf.getvalue()
+
+
+# --- text raters ---------------------------------------------------------------------------------------------
+def rater_highlights(trace: PruneTrace) -> list[tuple[str, float | None]]:
+    """Tokens after the image with a value in [-1, 1] for gr.HighlightedText's score mode.
+
+    The value is the score's distance from the mean score, so raters (R > mean) come out red and the rest
+    purple: the colour IS the rater rule, and its strength is how far above or below the mean a token lies.
+    """
+    if not trace.raters:
+        return []
+    scores = np.array([r.score for r in trace.raters], dtype=np.float64)
+    mean = float(scores.mean())
+    span = float(np.abs(scores - mean).max()) or 1.0
+    out: list[tuple[str, float | None]] = []
+    for r in trace.raters:
+        v = (r.score - mean) / span
+        if r.rater:
+            v = max(v, 0.08)  # raters are always visibly red (the ">=" rule can put one at the mean)
+        else:
+            v = min(v, -0.08)
+        out.append((_display_token(r.token), round(float(v), 3)))
+    return out
+
+
+def _display_token(tok: str) -> str:
+    tok = tok.replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", "\u21b5")
+    return tok if tok.strip() else repr(tok)[1:-1] or "\u2423"
+
+
+def raters_figure(trace: PruneTrace) -> go.Figure:
+    """Bar chart of the text-relevance score R per token after the image, with the mean (the rater cut)."""
+    fig = go.Figure()
+    if not trace.raters:
+        fig.add_annotation(text="this method does not use text raters", showarrow=False, font={"size": 14})
+        fig.update_layout(height=220, xaxis={"visible": False}, yaxis={"visible": False}, **_layout_base())
+        return fig
+    toks = [f"{i}:{_display_token(r.token).strip() or '␣'}" for i, r in enumerate(trace.raters)]
+    scores = [r.score for r in trace.raters]
+    colours = ["rgb(239,68,60)" if r.rater else "rgb(148,163,184)" for r in trace.raters]
+    fig.add_bar(x=toks, y=scores, marker_color=colours,
+                hovertemplate="%{x}<br>R = %{y:.4f}<extra></extra>", name="R (computed)")
+    mean = float(np.mean(scores))
+    fig.add_hline(y=mean, line_dash="dash", line_color="#334155",
+                  annotation_text=f"mean R = {mean:.4f}: tokens above it are raters",
+                  annotation_position="top left")
+    fig.update_layout(
+        height=260, showlegend=False, title={"text": "Text relevance R per token (computed)", "x": 0.01},
+        yaxis_title="R (softmax share, unitless)", xaxis={"tickangle": -45, "type": "category"}, **_layout_base())
+    return fig
+
+
+# --- counts --------------------------------------------------------------------------------------------------
+def _layout_base() -> dict:
+    return {"margin": {"l": 60, "r": 20, "t": 50, "b": 60}, "template": "plotly_white",
+            "font": {"family": "Inter, system-ui, sans-serif", "size": 12}}
+
+
+def counts_figure(trace: PruneTrace, budget: float | None = None) -> go.Figure:
+    """Visual tokens each decoder layer processes (a step chart), annotated at every pruning step."""
+    n_layers = num_layers(trace)
+    xs = [rec.layer for rec in trace.layers] or list(range(n_layers))
+    ys = [rec.visual_in for rec in trace.layers] or [trace.visual_tokens] * n_layers
+    fig = go.Figure()
+    fig.add_scatter(x=[-0.5, *xs, xs[-1] + 1] if xs else [], y=[trace.visual_tokens, *ys, ys[-1]] if ys else [],
+                    mode="lines", line={"shape": "hv", "width": 3, "color": "rgb(99,102,241)"},
+                    fill="tozeroy", fillcolor="rgba(99,102,241,0.12)", name="visual tokens per layer",
+                    hoverinfo="skip")
+    fig.add_scatter(x=xs, y=ys, mode="markers", marker={"size": 7, "color": "rgb(99,102,241)"},
+                    hovertemplate="layer %{x}: %{y} visual tokens<extra></extra>", showlegend=False)
+    fig.add_hline(y=trace.visual_tokens, line_dash="dot", line_color="#94a3b8",
+                  annotation_text=f"dense: {trace.visual_tokens}", annotation_position="top right")
+    eq = trace.cost.equal_tokens
+    if eq:
+        fig.add_hline(y=eq, line_dash="dash", line_color="rgb(234,88,12)",
+                      annotation_text=f"equal tokens (mean per layer) = {eq:.1f}"
+                      + (f", budget {budget:g}" if budget else ""),
+                      annotation_position="bottom right", annotation_font_color="rgb(194,65,12)")
+    for st in trace.stages:
+        x = st.after_layer + 0.5
+        lines = [f"after layer {st.after_layer}" if st.after_layer >= 0 else "before the LLM",
+                 f"{st.visual_in} → {st.visual_out}"]
+        if st.rank is not None:
+            lines.append(f"rank(P) = {st.rank} ({st.raters} raters)")
+        lines.append(f"deleted {st.deleted}")
+        if st.recycled or st.clusters:
+            lines.append(f"recycled {st.recycled} → {st.clusters} clusters")
+        fig.add_vline(x=x, line_color="rgba(239,68,60,0.5)", line_width=1)
+        fig.add_annotation(x=x, y=st.visual_in, text="<br>".join(lines), showarrow=True, arrowhead=2, ax=40,
+                           ay=-30, align="left", bgcolor="rgba(255,255,255,0.9)", bordercolor="rgb(239,68,60)",
+                           font={"size": 11})
+        fig.add_scatter(x=[x], y=[st.visual_out], mode="markers",
+                        marker={"symbol": "x", "size": 10, "color": "rgb(239,68,60)"},
+                        hovertemplate=f"{st.formula}<extra></extra>", showlegend=False)
+    fig.update_layout(
+        height=380, title={"text": f"Visual tokens per decoder layer ({_method(trace)}, computed from the trace)",
+                           "x": 0.01},
+        xaxis={"title": "decoder layer", "dtick": 1, "range": [-0.8, n_layers - 0.2]},
+        yaxis={"title": "visual tokens processed", "rangemode": "tozero"},
+        legend={"orientation": "h", "y": -0.25}, **_layout_base())
+    return fig
+
+
+def _method(trace: PruneTrace) -> str:
+    return METHOD_LABELS.get(trace.method, trace.method)
+
+
+def formulas_markdown(trace: PruneTrace) -> str:
+    """Each pruning step's count rule with its numbers, and what rank(P) means."""
+    if not trace.stages:
+        return f"**{_method(trace)}** keeps all {trace.visual_tokens} visual tokens in every layer."
+    rows = ["| step | tokens in → out | rank(P) | deleted | recycled → clusters | rule that produced the count |",
+            "|---|---|---|---|---|---|"]
+    for st in trace.stages:
+        where = f"after layer {st.after_layer}" if st.after_layer >= 0 else "before the LLM"
+        rank = f"{st.rank} (of {st.raters} raters)" if st.rank is not None else "—"
+        rec = f"{st.recycled} → {st.clusters}" if (st.recycled or st.clusters) else "—"
+        formula = st.formula.replace("|", "\\|")
+        rows.append(f"| {where} | {st.visual_in} → {st.visual_out} | {rank} | {st.deleted} | {rec} | `{formula}` |")
+    mode = trace.config.get("count_mode", "fixed")
+    notes = []
+    if trace.method == "sparsevlm":
+        notes.append(
+            "P is the attention the text raters pay the visual tokens at that layer (rows = raters). rank(P) "
+            "counts how many independent directions those rows span - a measure of how much of the image the "
+            "question still needs. It can never exceed the number of raters, so it is small.")
+        if mode == "paper":
+            notes.append("Adaptive (paper eq. 8): delete N = ⌊λ·(tokens − rank(P))⌋; N = 0 skips the layer.")
+        elif mode == "code":
+            notes.append("Adaptive (reference code): keep min(⌊rank(P)·scale + bias⌋, tokens − 1).")
+        else:
+            notes.append("Fixed budget: counts chosen so the mean tokens per layer hits the budget; rank(P) is "
+                         "computed and shown, but does not set the count in this mode.")
+    if trace.config.get("recycle") and trace.method == "sparsevlm":
+        notes.append("Recycling: the top 30% of the deleted tokens (by score) are clustered (density peaks) and "
+                     "each cluster is merged into one token, so their information is not entirely lost.")
+    return "\n".join(rows) + ("\n\n" + "\n\n".join(notes) if notes else "")
+
+
+# --- latency and cost ----------------------------------------------------------------------------------------
+def _flops(v: float) -> tuple[float, str]:
+    for unit, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
+        if abs(v) >= scale:
+            return v / scale, unit
+    return v, "FLOPs"
+
+
+def _bytes(v: float) -> tuple[float, str]:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(v) >= scale:
+            return v / scale, unit
+    return v, "B"
+
+
+def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
+    """[quantity, pruned, dense, change, unit, how it was obtained] rows."""
+    tp, td = pruned.timings_ms, dense.timings_ms if dense else None
+    rows: list[list] = []
+
+    def add(name: str, a: float, b: float | None, unit: str, kind: str, digits: int = 1) -> None:
+        change = ""
+        if b not in (None, 0):
+            change = f"{(a - b) / b * 100:+.0f}%"
+        rows.append([name, round(a, digits), "" if b is None else round(b, digits), change, unit, kind])
+
+    add("vision tower + projector", tp.vision, td.vision if td else None, "ms", "measured")
+    add("text raters", tp.raters, td.raters if td else None, "ms", "measured", 2)
+    add("pruning overhead (scores, rank, clustering)", tp.prune_overhead, td.prune_overhead if td else None,
+        "ms", "measured", 2)
+    add("prefill = time to first token", tp.prefill, td.prefill if td else None, "ms", "measured")
+    add("decode, per new token", tp.decode_per_token, td.decode_per_token if td else None, "ms", "measured", 2)
+    add("new tokens generated", tp.decode_tokens, td.decode_tokens if td else None, "tokens", "measured", 0)
+    add("total", tp.total, td.total if td else None, "ms", "measured")
+    cp, cd = pruned.cost, dense.cost if dense else None
+    add("equal tokens (mean visual tokens per layer)", cp.equal_tokens,
+        cd.equal_tokens if cd else float(pruned.visual_tokens), "tokens", "computed")
+    dense_flops = cd.prefill_flops if cd else cp.prefill_flops_dense
+    v, unit = _flops(max(cp.prefill_flops, dense_flops))
+    scale = max(cp.prefill_flops, dense_flops) / v if v else 1.0
+    add("prefill compute (incl. pruning overhead)", cp.prefill_flops / scale, dense_flops / scale, unit,
+        "computed", 3)
+    ov, ounit = _flops(cp.prune_overhead_flops)
+    add("  of which pruning overhead", ov, None, ounit, "computed", 3)
+    dense_kv = cd.kv_bytes if cd else cp.kv_bytes_dense
+    v, unit = _bytes(max(cp.kv_bytes, dense_kv))
+    scale = max(cp.kv_bytes, dense_kv) / v if v else 1.0
+    add("KV cache after prefill", cp.kv_bytes / scale, dense_kv / scale, unit, "computed", 3)
+    dense_vkv = cd.visual_kv_bytes if cd else cp.visual_kv_bytes_dense
+    add("  of which visual tokens", cp.visual_kv_bytes / scale, dense_vkv / scale, unit, "computed", 3)
+    return rows
+
+
+LATENCY_HEADERS = ["quantity", "with pruning", "dense", "change", "unit", "how obtained"]
+
+
+def latency_figure(pruned: PruneTrace, dense: PruneTrace | None) -> go.Figure:
+    """Side-by-side bars: measured prefill / decode / total, and computed prefill FLOPs and KV cache."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=3, column_widths=[0.5, 0.25, 0.25], horizontal_spacing=0.09,
+                        subplot_titles=("measured wall-clock (ms)", "computed prefill compute",
+                                        "computed KV cache"))
+    tp = pruned.timings_ms
+    names = ["prefill", "decode / token", "total"]
+    runs = [(f"{_method(pruned)}", pruned, "rgb(99,102,241)")]
+    if dense is not None:
+        runs.append(("dense", dense, "rgb(148,163,184)"))
+    for label, tr, colour in runs:
+        t = tr.timings_ms
+        fig.add_bar(x=names, y=[t.prefill, t.decode_per_token, t.total], name=label, marker_color=colour,
+                    legendgroup=label, row=1, col=1, texttemplate="%{y:.0f}", textposition="outside",
+                    hovertemplate="%{x}: %{y:.1f} ms (measured)<extra>" + label + "</extra>")
+    del tp
+    flops = [(lbl, tr.cost.prefill_flops, c) for lbl, tr, c in runs]
+    if dense is None:
+        flops.append(("dense", pruned.cost.prefill_flops_dense, "rgb(148,163,184)"))
+    v, unit = _flops(max(f for _, f, _ in flops) or 1)
+    sc = (max(f for _, f, _ in flops) or 1) / (v or 1)
+    for lbl, f, c in flops:
+        fig.add_bar(x=[lbl], y=[f / sc], marker_color=c, showlegend=False, row=1, col=2,
+                    texttemplate="%{y:.3g}", textposition="outside",
+                    hovertemplate="%{y:.4g} " + unit + " (computed)<extra></extra>")
+    fig.update_yaxes(title_text=unit, row=1, col=2)
+    kv = [(lbl, tr.cost.kv_bytes, c) for lbl, tr, c in runs]
+    if dense is None:
+        kv.append(("dense", pruned.cost.kv_bytes_dense, "rgb(148,163,184)"))
+    v, kunit = _bytes(max(b for _, b, _ in kv) or 1)
+    ksc = (max(b for _, b, _ in kv) or 1) / (v or 1)
+    for lbl, b, c in kv:
+        fig.add_bar(x=[lbl], y=[b / ksc], marker_color=c, showlegend=False, row=1, col=3,
+                    texttemplate="%{y:.3g}", textposition="outside",
+                    hovertemplate="%{y:.4g} " + kunit + " (computed)<extra></extra>")
+    fig.update_yaxes(title_text="ms", row=1, col=1)
+    fig.update_yaxes(title_text=kunit, row=1, col=3)
+    fig.update_layout(height=340, barmode="group", legend={"orientation": "h", "y": -0.18}, **_layout_base())
+    fig.update_yaxes(rangemode="tozero")
+    for ax in ("yaxis", "yaxis2", "yaxis3"):
+        fig.layout[ax].update(autorange=True)
+    return fig
+
+
+def answer_markdown(pruned: PruneTrace, dense: PruneTrace | None) -> str:
+    a = pruned.answer.strip() or "(empty answer)"
+    if dense is None or pruned.method == "dense":
+        return f"### {a}\n\n{_method(pruned)}, {pruned.visual_tokens} visual tokens."
+    d = dense.answer.strip() or "(empty answer)"
+    agree = _normalise(a) == _normalise(d)
+    badge = ('<span class="sv-badge sv-agree">✓ same answer as dense</span>' if agree else
+             '<span class="sv-badge sv-differ">≠ differs from dense</span>')
+    eq = pruned.cost.equal_tokens
+    return (
+        f"<div class='sv-answers'><div class='sv-answer'><div class='sv-k'>{_method(pruned)} · "
+        f"{eq:.0f} equal tokens</div><div class='sv-v'>{_esc(a)}</div></div>"
+        f"<div class='sv-answer sv-dense'><div class='sv-k'>Dense · {dense.visual_tokens} tokens</div>"
+        f"<div class='sv-v'>{_esc(d)}</div></div></div>{badge}"
+    )
+
+
+def answers_agree(pruned: PruneTrace, dense: PruneTrace) -> bool:
+    return _normalise(pruned.answer) == _normalise(dense.answer)
+
+
+def _normalise(s: str) -> str:
+    return " ".join(s.lower().strip().rstrip(".").split())
+
+
+def _esc(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# --- compare ------------------------------------------------------------------------------------------------
+COMPARE_HEADERS = ["method", "answer", "agrees with dense", "equal tokens (computed)", "prefill ms (measured)",
+                   "total ms (measured)", "prefill compute (computed)", "KV cache (computed)"]
+
+
+def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]]) -> list[list]:
+    """results: (method, trace or None, error message) per method, dense included."""
+    dense = next((t for m, t, _ in results if m == "dense" and t is not None), None)
+    rows = []
+    for method, tr, err in results:
+        label = METHOD_LABELS.get(method, method)
+        if tr is None:
+            rows.append([label, f"not available: {err}", "", "", "", "", "", ""])
+            continue
+        f, fu = _flops(tr.cost.prefill_flops)
+        b, bu = _bytes(tr.cost.kv_bytes)
+        agree = "" if dense is None or method == "dense" else ("yes" if answers_agree(tr, dense) else "no")
+        rows.append([label, tr.answer.strip(), agree, round(tr.cost.equal_tokens, 1),
+                     round(tr.timings_ms.prefill, 1), round(tr.timings_ms.total, 1), f"{f:.3g} {fu}",
+                     f"{b:.3g} {bu}"])
+    return rows
+
+
+def compare_caption(method: str, tr: PruneTrace) -> str:
+    return (f"{METHOD_LABELS.get(method, method)}: “{tr.answer.strip()}” · {tr.cost.equal_tokens:.0f} eq. tokens"
+            f" · prefill {tr.timings_ms.prefill:.0f} ms")
+
+
+def final_layer(trace: PruneTrace) -> int:
+    return max(0, num_layers(trace) - 1)
+
+
+def default_layer(trace: PruneTrace) -> int:
+    """The first layer after the last pruning step: where the full effect of pruning is visible."""
+    if not trace.stages:
+        return 0
+    return min(final_layer(trace), max(0, trace.stages[-1].after_layer + 1))
+
+
+def empty_figure(message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, font={"size": 14, "color": "#64748b"})
+    fig.update_layout(height=200, xaxis={"visible": False}, yaxis={"visible": False}, **_layout_base())
+    return fig
+

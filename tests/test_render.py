@@ -1,0 +1,231 @@
+"""Renderers read a PruneTrace and return pictures / figures: checked on a hand-built, realistic trace."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+from PIL import Image
+
+from app import render
+from sparsevlm.trace import Cost, LayerRecord, MergedToken, PruneTrace, Rater, Stage, Timings
+
+ROWS = COLS = 24
+LV = ROWS * COLS
+
+
+def make_trace(image_size=(640, 480), input_region=(80.0, 0.0, 560.0, 480.0), n_layers=32) -> PruneTrace:
+    """SparseVLM-like trace on a 24x24 grid: three stages after layers 2, 6, 15, recycling at each."""
+    rng = np.random.default_rng(0)
+    all_p = list(range(LV))
+    stages = []
+    current = all_p
+    merged_prev: list[MergedToken] = []
+    plan = [(2, 300, 4), (6, 200, 3), (15, 110, 2)]
+    for after, keep_total, n_clusters in plan:
+        entering = current + [m.center for m in merged_prev]
+        scores = rng.random(len(entering)).tolist()
+        # keep the top-left block of the current set, deterministic for the tests
+        kept = sorted(current)[: keep_total - n_clusters]
+        deleted = [p for p in current if p not in kept]
+        cl = []
+        for k in range(n_clusters):
+            members = deleted[k * 6 : (k + 1) * 6]
+            cl.append(MergedToken(center=members[0], members=members))
+        stages.append(Stage(
+            after_layer=after, visual_in=len(entering), visual_out=len(kept) + len(cl),
+            deleted=len(entering) - len(kept), recycled=6 * n_clusters, clusters=n_clusters, rank=5, raters=6,
+            kept=kept, merged=cl, input_patches=entering, scores=scores,
+            formula=f"fixed budget 64: keep {keep_total} (incl. {n_clusters} recycled)"))
+        current, merged_prev = kept, cl
+    layers = []
+    n = LV
+    for layer in range(n_layers):
+        st = next((i for i, s in enumerate(stages) if s.after_layer == layer), None)
+        out = stages[st].visual_out if st is not None else n
+        layers.append(LayerRecord(layer=layer, visual_in=n, visual_out=out, stage=st))
+        n = out
+    toks = ["what", "colour", "is", "the", "circle", "?", "ASSISTANT", ":"]
+    sc = [0.05, 0.3, 0.02, 0.03, 0.4, 0.05, 0.1, 0.05]
+    mean = float(np.mean(sc))
+    raters = [Rater(index=i, token=t, score=s, rater=s > mean) for i, (t, s) in enumerate(zip(toks, sc))]
+    return PruneTrace(
+        method="sparsevlm", config={"method": "sparsevlm", "budget": 64, "count_mode": "fixed", "recycle": True},
+        model={"name": "hand-built", "num_layers": n_layers}, question="what colour is the circle?",
+        prompt="USER: <image>\nwhat colour is the circle? ASSISTANT:", answer="red",
+        image_size=image_size, input_region=input_region, grid=(ROWS, COLS), prefix_tokens=1, visual_tokens=LV,
+        text_tokens=len(toks), generated_tokens=1, raters=raters, stages=stages, layers=layers,
+        timings_ms=Timings(vision=20, raters=0.3, prune_overhead=1.5, prefill=80, decode_per_token=9,
+                           decode_tokens=2, total=100),
+        cost=Cost(equal_tokens=64.2, prefill_flops_dense=8e12, prefill_flops=1.5e12, prune_overhead_flops=1e9,
+                  kv_bytes_dense=320 * 2**20, kv_bytes=40 * 2**20, visual_kv_bytes_dense=288 * 2**20,
+                  visual_kv_bytes=30 * 2**20),
+    )
+
+
+def white(size=(640, 480)) -> Image.Image:
+    return Image.new("RGB", size, (255, 255, 255))
+
+
+def centre_px(trace, img, patch):
+    x0, y0, x1, y1 = render.patch_box(trace, patch, img.size)
+    return img.getpixel((int((x0 + x1) / 2), int((y0 + y1) / 2)))
+
+
+def test_patch_box_maps_through_center_crop():
+    tr = make_trace()
+    # 640x480 CLIP: shortest edge -> 336, centre crop: the square 80..560 of the original, 20 px per patch
+    assert render.patch_box(tr, 0) == pytest.approx((80, 0, 100, 20))
+    assert render.patch_box(tr, LV - 1) == pytest.approx((540, 460, 560, 480))
+    assert render.patch_box(tr, 25) == pytest.approx((100, 20, 120, 40))  # row 1, col 1
+
+
+def test_patch_box_maps_through_padding():
+    tr = make_trace(image_size=(640, 480), input_region=(0.0, -80.0, 640.0, 560.0))
+    x0, y0, x1, y1 = render.patch_box(tr, 0)
+    assert (x0, y0) == pytest.approx((0, -80)) and x1 - x0 == pytest.approx(640 / 24)
+
+
+def test_overlay_keeps_aspect_and_size():
+    tr = make_trace()
+    img = render.render_layer(white(), tr, 20)
+    assert img.size == (512, 384) and img.mode == "RGB"
+    tall = make_trace(image_size=(300, 600), input_region=(0.0, 150.0, 300.0, 450.0))
+    assert render.render_layer(white((300, 600)), tall, 0).size == (256, 512)
+
+
+def test_overlay_colours_at_known_patches():
+    tr = make_trace()
+    layer = 20  # after all three stages
+    img = render.render_layer(white(), tr, layer)
+    st = tr.stage_for_layer(layer)
+    kept = st.kept[0]
+    assert centre_px(tr, img, kept) == (255, 255, 255)
+    pruned = next(p for p in range(LV) if p not in st.represented())
+    dim = round(255 * render.PRUNED_DIM + 18)
+    assert all(abs(c - dim) <= 1 for c in centre_px(tr, img, pruned))
+    # a non-centre member of the first cluster: tinted with the first cluster colour
+    m = st.merged[0]
+    member = next(p for p in m.members if p != m.center)
+    got = np.array(centre_px(tr, img, member), dtype=float)
+    want = 255 * 0.45 + np.array(render.CLUSTER_COLOURS[0]) * 0.55
+    assert np.abs(got - want).max() <= 2
+    # and the second cluster in a different colour
+    m2 = st.merged[1]
+    member2 = next(p for p in m2.members if p != m2.center)
+    assert centre_px(tr, img, member2) != centre_px(tr, img, member)
+
+
+def test_cropped_margin_is_dark():
+    tr = make_trace()
+    img = render.render_layer(white(), tr, 0)
+    # x = 10 of 640 lies left of the centre crop (80..560): never seen by the model
+    r, g, b = img.getpixel((8, 100))
+    assert max(r, g, b) <= 80
+
+
+def test_layer_zero_shows_everything_kept():
+    tr = make_trace()
+    img = np.asarray(render.render_layer(white(), tr, 0))
+    inside = img[:, 70:440]  # display px of the crop (64..448) with a margin
+    assert (inside.mean(axis=2) > 200).mean() > 0.85  # only faint grid lines differ
+
+
+def test_states_and_counts_per_layer():
+    tr = make_trace()
+    assert (render.patch_states(tr, 2) == render.KEPT).all()  # layer 2 still sees all, prunes after itself
+    s3 = render.patch_states(tr, 3)
+    assert (s3 == render.KEPT).sum() == 296 and (s3 >= 0).sum() == 24
+    c = render.layer_counts(tr, 20)
+    assert c == {"tokens": 110, "kept": 108, "clusters": 2, "covered": 12}
+    assert "110" in render.layer_caption(tr, 20)
+    assert "first cut comes after layer 2" in render.layer_caption(tr, 0)
+
+
+def test_heatmap_colours_scores():
+    tr = make_trace()
+    img = render.render_heatmap(white(), tr, 3)
+    st = render.heatmap_stage(tr, 3)
+    vals = render.patch_scores(tr, st)
+    hi, lo = int(np.nanargmax(vals)), int(np.nanargmin(vals))
+    assert sum(centre_px(tr, img, hi)) > sum(centre_px(tr, img, lo)) + 150
+    assert render.render_view(white(), tr, 3, "heatmap").size == img.size
+
+
+def test_rater_highlights_follow_the_rule():
+    tr = make_trace()
+    hl = render.rater_highlights(tr)
+    assert [t for t, _ in hl][:2] == ["what", "colour"]
+    for (_, v), r in zip(hl, tr.raters):
+        assert -1 <= v <= 1
+        assert (v > 0) == r.rater
+    assert max(v for _, v in hl) == pytest.approx(1.0)
+    fig = render.raters_figure(tr)
+    assert isinstance(fig, go.Figure) and len(fig.data[0].y) == len(tr.raters)
+
+
+def test_counts_figure_marks_every_stage():
+    tr = make_trace()
+    fig = render.counts_figure(tr, budget=64)
+    text = " ".join(a.text for a in fig.layout.annotations)
+    for st in tr.stages:
+        assert f"{st.visual_in} → {st.visual_out}" in text
+    assert "rank(P) = 5" in text and "recycled 24 → 4 clusters" in text
+    assert "equal tokens" in text and "dense: 576" in text
+    assert "computed" in fig.layout.title.text
+    md = render.formulas_markdown(tr)
+    assert md.count("fixed budget 64") == 3 and "rank(P)" in md
+
+
+def test_latency_rows_label_everything():
+    tr = make_trace()
+    dense = make_trace()
+    dense.method, dense.stages = "dense", []
+    dense.timings_ms = Timings(vision=20, prefill=200, decode_per_token=12, decode_tokens=2, total=230)
+    dense.cost = Cost(equal_tokens=576, prefill_flops=8e12, prefill_flops_dense=8e12, kv_bytes=320 * 2**20,
+                      kv_bytes_dense=320 * 2**20, visual_kv_bytes=288 * 2**20, visual_kv_bytes_dense=288 * 2**20)
+    rows = render.latency_rows(tr, dense)
+    assert all(r[5] in ("measured", "computed") and r[4] for r in rows)
+    byname = {r[0]: r for r in rows}
+    assert byname["prefill = time to first token"][1:4] == [80.0, 200.0, "-60%"]
+    assert byname["prefill compute (incl. pruning overhead)"][4] == "TFLOPs"
+    assert byname["KV cache after prefill"][1:3] == [40.0, 320.0] and byname["KV cache after prefill"][4] == "MiB"
+    fig = render.latency_figure(tr, dense)
+    titles = [a.text for a in fig.layout.annotations]
+    assert any("measured" in t and "ms" in t for t in titles) and sum("computed" in t for t in titles) == 2
+
+
+def test_answer_markdown_agreement():
+    tr = make_trace()
+    dense = make_trace()
+    dense.answer = "Red."
+    assert "same answer" in render.answer_markdown(tr, dense)
+    dense.answer = "blue"
+    assert "differs" in render.answer_markdown(tr, dense)
+
+
+def test_animation_is_a_gif_with_one_frame_per_layer():
+    tr = make_trace(n_layers=8)
+    tr.stages = tr.stages[:2]
+    data = render.pruning_animation(white(), tr, max_side=128)
+    gif = Image.open(io.BytesIO(data))
+    assert gif.format == "GIF" and gif.n_frames == 8
+
+
+def test_trace_json_roundtrip_renders_the_same():
+    tr = make_trace()
+    back = PruneTrace.from_json(tr.to_json())
+    a = np.asarray(render.render_layer(white(), tr, 10))
+    b = np.asarray(render.render_layer(white(), back, 10))
+    assert (a == b).all()
+
+
+def test_compare_rows():
+    tr = make_trace()
+    dense = make_trace()
+    dense.method = "dense"
+    rows = render.compare_rows([("dense", dense, ""), ("sparsevlm", tr, ""), ("fastervlm", None, "needs [CLS]")])
+    assert rows[1][2] == "yes" and "needs [CLS]" in rows[2][1]
+    assert len(rows[0]) == len(render.COMPARE_HEADERS)
