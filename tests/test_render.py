@@ -10,7 +10,15 @@ import pytest
 from PIL import Image
 
 from app import render
-from sparsevlm.trace import Cost, LayerRecord, MergedToken, PruneTrace, Rater, Stage, Timings
+from sparsevlm.trace import (
+    Cost,
+    LayerRecord,
+    MergedToken,
+    PruneTrace,
+    Rater,
+    Stage,
+    Timings,
+)
 
 ROWS = COLS = 24
 LV = ROWS * COLS
@@ -84,7 +92,7 @@ def test_patch_box_maps_through_center_crop():
 
 def test_patch_box_maps_through_padding():
     tr = make_trace(image_size=(640, 480), input_region=(0.0, -80.0, 640.0, 560.0))
-    x0, y0, x1, y1 = render.patch_box(tr, 0)
+    x0, y0, x1, _ = render.patch_box(tr, 0)
     assert (x0, y0) == pytest.approx((0, -80)) and x1 - x0 == pytest.approx(640 / 24)
 
 
