@@ -21,7 +21,7 @@ from . import algorithm as A
 from . import schedule
 from .config import PruneConfig
 from .errors import ConfigError
-from .trace import LayerRecord, MergedToken, Rater, Stage
+from .trace import LayerRecord, MergedToken, Stage
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ class CallState:
     positions: torch.Tensor | None = None  # (1, n) position ids of the current sequence
     pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for the current sequence when cut
     raters: torch.Tensor | None = None  # text-relative rater indices
-    rater_records: list[Rater] = field(default_factory=list)
+    relevance: list[float] | None = None  # R over the text tokens
     layer_inputs: list[int] = field(default_factory=list)
     stages: list[Stage] = field(default_factory=list)
     captured: dict = field(default_factory=dict)  # (layer, "q"/"k"/"pe") -> tensor, this prefill only
@@ -235,7 +235,7 @@ class PruneHooks:
             st.raters = A.select_raters(relevance, self.config.rater_rule)
             _sync(self.device)
             st.raters_ms = (time.perf_counter() - t0) * 1e3
-            st.captured["relevance"] = relevance
+            st.relevance = relevance.tolist()
         if method in ("fastervlm", "random"):
             kwargs = self._prune_before_llm(emb, kwargs)
         return args, kwargs

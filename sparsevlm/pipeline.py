@@ -1,0 +1,180 @@
+"""One call: image + question -> processor -> generate under a prune config -> (answer, trace)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from . import cost as C
+from .config import PruneConfig
+from .errors import InputError
+from .hooks import PruneHooks
+from .loading import LoadedModel
+from .schedule import equal_tokens, equal_tokens_reference
+from .tokenizer import prompt_for
+from .trace import Cost, PruneTrace, Rater, Timings
+
+MAX_QUESTION_CHARS = 2000
+
+
+@dataclass
+class RunResult:
+    answer: str
+    trace: PruneTrace
+
+
+def build_prompt(processor, question: str) -> str:
+    """The model's own chat template when it has one, else the LLaVA-1.5 format."""
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return prompt_for(question)
+
+
+def input_region(image_processor, width: int, height: int) -> tuple[float, float, float, float]:
+    """The box of the original image (its pixels; may extend past the edges when padding) that the image
+    processor turns into the model's square input: resize-shortest-edge + center-crop, plain resize, or pad."""
+    size = getattr(image_processor, "size", None) or {}
+    if getattr(image_processor, "do_pad", False):  # LLaVA's expand-to-square, then resize
+        side = max(width, height)
+        x0, y0 = (width - side) / 2, (height - side) / 2
+        return (x0, y0, x0 + side, y0 + side)
+    if getattr(image_processor, "do_center_crop", False) and "shortest_edge" in size:
+        crop = image_processor.crop_size
+        scale = size["shortest_edge"] / min(width, height)
+        rw, rh = width * scale, height * scale
+        cw, ch = min(crop["width"], rw), min(crop["height"], rh)
+        x0, y0 = (rw - cw) / 2 / scale, (rh - ch) / 2 / scale
+        return (x0, y0, x0 + cw / scale, y0 + ch / scale)
+    return (0.0, 0.0, float(width), float(height))
+
+
+def check_question(question: str) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("the question is empty: type a question about the image")
+    question = " ".join(question.split())
+    if len(question) > MAX_QUESTION_CHARS:
+        raise InputError(f"the question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}")
+    return question
+
+
+def run(
+    lm: LoadedModel,
+    image: Image.Image,
+    question: str,
+    config: PruneConfig,
+    max_new_tokens: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> RunResult:
+    """Answer `question` about `image` with `config`'s pruning installed; the trace records every decision."""
+    question = check_question(question)
+    if not 1 <= int(max_new_tokens) <= 512:
+        raise InputError("max new tokens must lie between 1 and 512")
+    config.validate(lm.visual_tokens)
+    prompt = build_prompt(lm.processor, question)
+    inputs = lm.processor(images=image, text=prompt, return_tensors="pt").to(lm.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(lm.dtype)
+    n_prompt = inputs["input_ids"].shape[1]
+    if n_prompt + max_new_tokens > lm.context_length:
+        raise InputError(
+            f"the prompt is {n_prompt} tokens (image {lm.visual_tokens} + question) and {max_new_tokens} new tokens "
+            f"would not fit the model's context of {lm.context_length}: shorten the question"
+        )
+    gen = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample)}
+    if do_sample:
+        gen.update(temperature=float(temperature), top_p=float(top_p))
+        torch.manual_seed(seed)
+    hooks = PruneHooks(lm.model, config)
+    with torch.inference_mode(), hooks:
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize(lm.device)
+        t0 = time.perf_counter()
+        out = lm.model.generate(**inputs, **gen)
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize(lm.device)
+        total_ms = (time.perf_counter() - t0) * 1e3
+    new_ids = out[0, n_prompt:]
+    answer = lm.processor.decode(new_ids, skip_special_tokens=True).strip()
+    trace = build_trace(lm, hooks, config, question, prompt, inputs["input_ids"][0], image.size, answer,
+                        len(new_ids), total_ms)
+    return RunResult(answer, trace)
+
+
+def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, image_size, answer, n_new, total_ms):
+    st = hooks.state
+    text_ids = input_ids[st.prefix + st.visual_total :].tolist()
+    tokens = lm.processor.tokenizer.convert_ids_to_tokens(text_ids)
+    raters: list[Rater] = []
+    if st.relevance is not None:
+        chosen = set(st.raters.tolist())
+        raters = [Rater(i, tok, float(r), i in chosen) for i, (tok, r) in enumerate(zip(tokens, st.relevance))]
+    layers = hooks.layer_records()
+    shape = C.DecoderShape.from_config(lm.model.config)
+    fixed = st.prefix + st.text
+    per_layer = [fixed + r.visual_in for r in layers]
+    dense = [fixed + st.visual_total] * len(layers)
+    bpv = C.bytes_per_value(str(lm.dtype))
+    overhead = C.rater_flops(st.text, st.visual_total, shape) if st.relevance is not None else 0.0
+    for s in st.stages:
+        overhead += C.stage_overhead_flops(s.raters, fixed + s.visual_in, s.visual_in, s.recycled, s.clusters, shape)
+    counts = [s.visual_out for s in st.stages if s.after_layer >= 0]
+    prune_layers = tuple(s.after_layer for s in st.stages if s.after_layer >= 0)
+    visual_per_layer = [r.visual_in for r in layers]
+    cost = Cost(
+        equal_tokens=equal_tokens(visual_per_layer),
+        equal_tokens_reference=equal_tokens_reference(visual_per_layer[0], prune_layers, counts, len(layers))
+        if prune_layers else equal_tokens(visual_per_layer),
+        prefill_flops_dense=C.prefill_flops(dense, shape),
+        prefill_flops=C.prefill_flops(per_layer, shape) + overhead,
+        prune_overhead_flops=overhead,
+        kv_bytes_dense=C.kv_bytes(dense, shape, bpv),
+        kv_bytes=C.kv_bytes(per_layer, shape, bpv),
+        visual_kv_bytes_dense=C.kv_bytes([st.visual_total] * len(layers), shape, bpv),
+        visual_kv_bytes=C.kv_bytes(visual_per_layer, shape, bpv),
+        bytes_per_value=bpv,
+    )
+    fwd = st.forward_ms
+    prefill = (fwd[0] if fwd else 0.0) + (0.0 if st.vision_in_forward else st.vision_ms)
+    decode = fwd[1:]
+    timings = Timings(
+        vision=st.vision_ms,
+        raters=st.raters_ms,
+        prune_overhead=st.raters_ms + sum(s.overhead_ms for s in st.stages),
+        prefill=prefill,
+        decode_per_token=sum(decode) / len(decode) if decode else 0.0,
+        decode_tokens=len(decode),
+        total=total_ms,
+    )
+    rows, cols = lm.grid
+    notes = []
+    if hooks.schedule_note:
+        notes.append(hooks.schedule_note)
+    notes.append("equal tokens: mean over decoder layers of the visual tokens each layer processes as input; "
+                 "the reference code counts a pruning layer at its output count (equal_tokens_reference)")
+    return PruneTrace(
+        method=config.method,
+        config=config.to_dict(),
+        model=lm.describe(),
+        question=question,
+        prompt=prompt,
+        answer=answer,
+        image_size=tuple(image_size),
+        input_region=input_region(lm.processor.image_processor, *image_size),
+        grid=(rows, cols),
+        prefix_tokens=st.prefix,
+        visual_tokens=st.visual_total,
+        text_tokens=st.text,
+        generated_tokens=n_new,
+        raters=raters,
+        stages=st.stages,
+        layers=layers,
+        timings_ms=timings,
+        cost=cost,
+        notes=notes,
+    )
