@@ -384,7 +384,7 @@ def counts_figure(trace: PruneTrace, budget: float | None = None) -> go.Figure:
                       annotation_text=f"equal tokens (mean per layer) = {eq:.1f}"
                       + (f", budget {budget:g}" if budget else ""),
                       annotation_position="bottom right", annotation_font_color="rgb(194,65,12)")
-    for st in trace.stages:
+    for i, st in enumerate(trace.stages):
         x = st.after_layer + 0.5
         lines = [f"after layer {st.after_layer}" if st.after_layer >= 0 else "before the LLM",
                  f"{st.visual_in} → {st.visual_out}"]
@@ -394,8 +394,8 @@ def counts_figure(trace: PruneTrace, budget: float | None = None) -> go.Figure:
         if st.recycled or st.clusters:
             lines.append(f"recycled {st.recycled} → {st.clusters} clusters")
         fig.add_vline(x=x, line_color="rgba(239,68,60,0.5)", line_width=1)
-        fig.add_annotation(x=x, y=st.visual_in, text="<br>".join(lines), showarrow=True, arrowhead=2, ax=40,
-                           ay=-30, align="left", bgcolor="rgba(255,255,255,0.9)", bordercolor="rgb(239,68,60)",
+        fig.add_annotation(x=x, y=st.visual_in, text="<br>".join(lines), showarrow=True, arrowhead=2, ax=48,
+                           ay=-35 - 55 * (i % 2), align="left", xanchor="left", bgcolor="rgba(255,255,255,0.9)", bordercolor="rgb(239,68,60)",
                            font={"size": 11})
         fig.add_scatter(x=[x], y=[st.visual_out], mode="markers",
                         marker={"symbol": "x", "size": 10, "color": "rgb(239,68,60)"},
@@ -404,7 +404,7 @@ def counts_figure(trace: PruneTrace, budget: float | None = None) -> go.Figure:
         height=380, title={"text": f"Visual tokens per decoder layer ({_method(trace)}, computed from the trace)",
                            "x": 0.01},
         xaxis={"title": "decoder layer", "dtick": 1, "range": [-0.8, n_layers - 0.2]},
-        yaxis={"title": "visual tokens processed", "rangemode": "tozero"},
+        yaxis={"title": "visual tokens processed", "range": [0, trace.visual_tokens * 1.55]},
         legend={"orientation": "h", "y": -0.25}, **_layout_base())
     return fig
 
