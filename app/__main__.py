@@ -13,7 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "models" / "scenes-llava"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "assets" / "models" / "scenes-llava"
+DEFAULT_EXAMPLES = ROOT / "assets" / "examples" / "examples.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")), help="port (env PORT; default 7860)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: the loader's choice)")
+    p.add_argument("--examples", default=os.environ.get("SPARSEVLM_EXAMPLES", str(DEFAULT_EXAMPLES)),
+                   help="examples.json to offer as one-click examples (env SPARSEVLM_EXAMPLES)")
     p.add_argument("--queue-size", type=int, default=32, help="requests allowed to wait in the queue")
     return p.parse_args(argv)
 
@@ -48,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.getLogger("sparsevlm.app").info("loaded %s on %s (%s)", lm.name, lm.device, lm.dtype)
 
-    from .ui import build_app, launch_kwargs
+    from .ui import build_app, launch_kwargs, load_examples
 
-    demo = build_app(lm)
+    demo = build_app(lm, examples=load_examples(Path(args.examples)))
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True, footer_links=["api"],
                 ssr_mode=False, **launch_kwargs())

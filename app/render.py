@@ -113,7 +113,7 @@ def layer_counts(trace: PruneTrace, layer: int) -> dict:
 
 
 def num_layers(trace: PruneTrace) -> int:
-    return len(trace.layers) or int(trace.model.get("num_layers", trace.model.get("layers", 1)))
+    return len(trace.layers) or int(trace.model.get("decoder_layers", trace.model.get("num_layers", 1)))
 
 
 def layer_caption(trace: PruneTrace, layer: int) -> str:

@@ -112,8 +112,10 @@ class RunOutput:
     budget: int
 
 
-def _examples() -> list[dict]:
-    index = EXAMPLES_DIR / "examples.json"
+def load_examples(index: Path = EXAMPLES_DIR / "examples.json") -> list[dict]:
+    """[{image, question, answer, family}] from an examples.json; image paths relative to its folder."""
+    index = Path(index)
+    folder = index.parent
     if not index.is_file():
         return []
     try:
@@ -125,7 +127,7 @@ def _examples() -> list[dict]:
     for it in items:
         p = Path(it.get("image", ""))
         if not p.is_absolute():
-            p = EXAMPLES_DIR / p if (EXAMPLES_DIR / p).is_file() else ROOT / p
+            p = folder / p if (folder / p).is_file() else ROOT / p
         if p.is_file() and it.get("question"):
             out.append({**it, "image": str(p)})
     return out
@@ -161,11 +163,11 @@ def check_question(question: Any) -> str:
     return q
 
 
-def build_app(lm: Any, run_fn: Any = None) -> gr.Blocks:
+def build_app(lm: Any, examples: list[dict] | None = None, run_fn: Any = None) -> gr.Blocks:
     """The whole UI for one loaded model. run_fn defaults to sparsevlm.pipeline.run."""
     if run_fn is None:
         from sparsevlm.pipeline import run as run_fn
-    examples = _examples()
+    examples = load_examples() if examples is None else examples
     grid_tokens = int(getattr(lm, "visual_tokens", 0)) or None
 
     def execute(image_src: Any, question: Any, config: PruneConfig, max_new_tokens: Any, with_dense: bool,
@@ -285,8 +287,8 @@ def build_app(lm: Any, run_fn: Any = None) -> gr.Blocks:
                   f"{getattr(lm, 'num_layers', '?')} decoder layers · grid {getattr(lm, 'grid', ('?', '?'))[0]}×"
                   f"{getattr(lm, 'grid', ('?', '?'))[1]} = {grid_tokens} visual tokens · "
                   f"{getattr(lm, 'device', '?')} / {str(getattr(lm, 'dtype', '?')).replace('torch.', '')}")
-    budgets = [b for b in FIXED_BUDGETS if grid_tokens is None or b < grid_tokens] or [min(FIXED_BUDGETS)]
-    default_budget = 64 if 64 in budgets else budgets[-1]
+    budgets = list(FIXED_BUDGETS)
+    default_budget = 64
 
     with gr.Blocks(title="SparseVLM Explorer") as demo:
         state = gr.State(None)
@@ -309,7 +311,8 @@ def build_app(lm: Any, run_fn: Any = None) -> gr.Blocks:
                 method_in = gr.Radio(METHOD_CHOICES, value="sparsevlm", label="Pruning method",
                                      elem_id="sv-method")
                 budget_in = gr.Radio(budgets, value=default_budget, label="Budget: equal tokens",
-                                     info=f"mean visual tokens per decoder layer (dense = {grid_tokens})",
+                                     info=f"mean visual tokens per decoder layer (dense = {grid_tokens}); "
+                                     "adaptive modes under SparseVLM options",
                                      elem_id="sv-budget")
                 with gr.Accordion("SparseVLM options", open=False):
                     count_in = gr.Radio(COUNT_CHOICES, value="fixed", label="How many tokens to drop")
