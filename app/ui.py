@@ -303,8 +303,8 @@ def build_app(lm: Any, examples: list[dict] | None = None, run_fn: Any = None) -
                 run_btn = gr.Button("Run: prune and explain", variant="primary", elem_id="sv-run")
                 if examples:
                     ex = gr.Examples([[e["image"], e["question"]] for e in examples], inputs=[image_in, question_in],
-                                     label="Examples - one click runs it", examples_per_page=8,
-                                     example_labels=[e["question"] for e in examples], elem_id="sv-examples")
+                                     label="Examples - one click runs it", examples_per_page=6,
+                                     elem_id="sv-examples")
                 else:
                     ex = None
                     gr.Markdown("_No examples found in assets/examples/examples.json._")
