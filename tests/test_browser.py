@@ -1,0 +1,200 @@
+"""Real-browser tests: headless Chromium drives the real app on the tiny model.
+
+Load the page, click an example, wait for the run, and check the overlay, rater highlighting, count chart and
+latency table are on screen; bad input shows a message and the page keeps working. Screenshots go to
+tests/screenshots/ (gitignored) so a person can look at them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+selenium = pytest.importorskip("selenium")
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from test_app_api import AppServer, scene
+
+SHOTS = Path(__file__).resolve().parent / "screenshots"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(DRIVER).exists()),
+                                reason="needs chromium + chromedriver (bash scripts/setup-tests.sh)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = AppServer(tmp_path_factory.mktemp("browser-app"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    opts = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000", "--hide-scrollbars"):
+        opts.add_argument(arg)
+    opts.binary_location = CHROMIUM
+    drv = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    drv.set_page_load_timeout(60)
+    SHOTS.mkdir(exist_ok=True)
+    yield drv
+    drv.quit()
+
+
+def wait(drv, cond, timeout=120):
+    return WebDriverWait(drv, timeout, poll_frequency=0.25).until(cond)
+
+
+def shot(drv, name: str, full: bool = True) -> Path:
+    if full:
+        h = drv.execute_script("return document.documentElement.scrollHeight")
+        drv.set_window_size(1400, min(max(1000, h + 40), 6000))
+        time.sleep(0.6)
+    path = SHOTS / f"{name}.png"
+    drv.save_screenshot(str(path))
+    drv.set_window_size(1400, 1000)
+    return path
+
+
+def open_tab(drv, label: str) -> None:
+    for b in drv.find_elements(By.CSS_SELECTOR, "button[role=tab]"):
+        if label in b.text:
+            drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", b)
+            b.click()
+            return
+    raise AssertionError(f"no tab {label!r}")
+
+
+def overlay_src(drv) -> str:
+    imgs = drv.find_elements(By.CSS_SELECTOR, "#sv-overlay img")
+    return imgs[0].get_attribute("src") if imgs else ""
+
+
+def visible(el) -> bool:
+    return el.is_displayed() and el.size["width"] > 50 and el.size["height"] > 50
+
+
+def test_click_example_shows_every_view(server, browser):
+    drv = browser
+    drv.get(server.url)
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-examples"), 60)
+    assert "SparseVLM Explorer" in drv.page_source and "text raters" in drv.page_source
+    shot(drv, "01-start")
+    cells = drv.find_elements(By.CSS_SELECTOR, "#sv-examples button, #sv-examples tr.tr-body, #sv-examples td")
+    assert cells, "examples are not shown"
+    cells[0].click()
+
+    # the run finishes: overlay, answers with agreement badge, and the layer caption appear
+    wait(drv, lambda d: overlay_src(d) and "sv-badge" in d.find_element(By.ID, "sv-answer").get_attribute("innerHTML"))
+    wait(drv, lambda d: "visual tokens" in d.find_element(By.ID, "sv-caption").text)
+    ov = drv.find_element(By.CSS_SELECTOR, "#sv-overlay img")
+    wait(drv, lambda d: ov.get_attribute("naturalWidth") not in (None, "0"))
+    assert visible(ov)
+    nw, nh = int(ov.get_attribute("naturalWidth")), int(ov.get_attribute("naturalHeight"))
+    assert (nw, nh) == (512, 384)  # the example's own 4:3 aspect
+    answer = drv.find_element(By.ID, "sv-answer").text
+    assert "SPARSEVLM" in answer.upper() and "DENSE" in answer.upper()
+    shot(drv, "02-example-run")
+
+    # text raters: score-highlighted tokens, some of them raters (red)
+    open_tab(drv, "Text raters")
+    hl = wait(drv, lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, "#sv-raters .textspan, #sv-raters "
+                                                                           ".score-text, #sv-raters span") if e.text])
+    assert hl
+    colours = drv.execute_script(
+        "return Array.from(document.querySelectorAll('#sv-raters span')).map(e => getComputedStyle(e)"
+        ".backgroundColor).filter(c => c.startsWith('rgba(239, 68, 60') || c.startsWith('rgba(128, 90, 213'))")
+    assert any(c.startswith("rgba(239, 68, 60") for c in colours), "no rater highlighted in red"
+    assert any(c.startswith("rgba(128, 90, 213") for c in colours), "no non-rater highlighted"
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-raters-fig .main-svg"))
+    shot(drv, "03-raters")
+
+    # counts: the plotly step chart with rank(P) annotations
+    open_tab(drv, "Token counts")
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-counts .main-svg"))
+    chart = drv.find_element(By.CSS_SELECTOR, "#sv-counts")
+    wait(drv, lambda d: "rank(P)" in chart.text)
+    assert visible(chart) and "equal tokens" in chart.text
+    assert "fixed budget" in drv.find_element(By.ID, "sv-formulas").text
+    shot(drv, "04-counts")
+
+    # latency & cost: measured and computed rows with units
+    open_tab(drv, "Latency")
+    table = wait(drv, lambda d: d.find_element(By.ID, "sv-latency"))
+    wait(drv, lambda d: "measured" in table.text and "computed" in table.text)
+    assert "prefill" in table.text and "ms" in table.text
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-latency-fig .main-svg"))
+    shot(drv, "05-latency")
+
+
+def test_layer_slider_changes_the_overlay(server, browser):
+    drv = browser
+    if not overlay_src(drv):
+        test_click_example_shows_every_view(server, browser)
+    before = overlay_src(drv)
+    caption_before = drv.find_element(By.ID, "sv-caption").text
+    box = drv.find_element(By.CSS_SELECTOR, "#sv-layer input[type=number]")
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+    box.clear()
+    box.send_keys("0\n")
+    wait(drv, lambda d: d.find_element(By.ID, "sv-caption").text != caption_before, 60)
+    assert "layer 0" in drv.find_element(By.ID, "sv-caption").text
+    wait(drv, lambda d: overlay_src(d) != before, 30)
+    # the heatmap view
+    for label in drv.find_elements(By.CSS_SELECTOR, "#sv-view label"):
+        if "heatmap" in label.text.lower():
+            label.click()
+    wait(drv, lambda d: overlay_src(d) != before, 30)
+    shot(drv, "06-layer0-heatmap", full=False)
+
+
+def test_compare_tab(server, browser):
+    drv = browser
+    if not overlay_src(drv):
+        test_click_example_shows_every_view(server, browser)
+    open_tab(drv, "Compare")
+    btn = wait(drv, lambda d: d.find_element(By.ID, "sv-compare"))
+    btn.click()
+    wait(drv, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sv-compare-gallery img")) >= 4, 180)
+    table = drv.find_element(By.ID, "sv-compare-table")
+    wait(drv, lambda d: "FastV" in table.text and "Random" in table.text)
+    shot(drv, "07-compare")
+
+
+def test_bad_upload_shows_message_and_app_keeps_working(server, browser, tmp_path):
+    drv = browser
+    drv.get(server.url)
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-image input[type=file]"), 60)
+    # Looks like an image to the browser (the .png name), is not one: the server must say so.
+    bad = tmp_path / "not-really.png"
+    bad.write_text("this is not an image")
+    drv.find_element(By.CSS_SELECTOR, "#sv-image input[type=file]").send_keys(str(bad))
+    time.sleep(1.0)
+    q = drv.find_element(By.CSS_SELECTOR, "#sv-question textarea")
+    q.send_keys("what colour is the circle ?")
+    drv.find_element(By.ID, "sv-run").click()
+    wait(drv, lambda d: "not an image" in d.find_element(By.TAG_NAME, "body").text, 60)
+    shot(drv, "08-bad-upload", full=False)
+    # empty question with a good image: a message, then a good run still works
+    good = tmp_path / "good.png"
+    scene((500, 400)).save(good)
+    drv.get(server.url)
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-image input[type=file]"), 60)
+    drv.find_element(By.CSS_SELECTOR, "#sv-image input[type=file]").send_keys(str(good))
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-image img"), 30)
+    drv.find_element(By.ID, "sv-run").click()
+    wait(drv, lambda d: "empty" in d.find_element(By.TAG_NAME, "body").text, 60)
+    shot(drv, "09-empty-question", full=False)
+    drv.find_element(By.CSS_SELECTOR, "#sv-question textarea").send_keys("is there a square ?")
+    drv.find_element(By.ID, "sv-run").click()
+    wait(drv, lambda d: overlay_src(d) and "sv-badge" in d.find_element(By.ID, "sv-answer").get_attribute("innerHTML"))
+    assert server.alive()
