@@ -320,3 +320,12 @@ def test_concurrent_users_get_their_own_traces(server, files, tmp_path):
         downloads, _ = exports[key]
         trace = PruneTrace.from_json(Path(next(p for p in downloads if f"trace-{m}" in p)).read_text())
         assert trace.question == " ".join(q.split()) and trace.method == m
+
+
+# --- start-up ------------------------------------------------------------------------------------------------
+def test_missing_model_folder_fails_clearly(tmp_path):
+    env = {**os.environ, "SPARSEVLM_MODEL": str(tmp_path / "no-such-model")}
+    proc = subprocess.run([sys.executable, "-m", "app", "--port", str(free_port())], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
