@@ -39,6 +39,7 @@ CLUSTER_COLOURS: tuple[tuple[int, int, int], ...] = (
     (255, 255, 255),
 )
 PRUNED_DIM = 0.22  # brightness a pruned patch keeps
+CLUSTER_TINT = 0.42  # share of the cluster colour over a recycled patch (the picture stays readable)
 OUTSIDE_DIM = 0.10  # brightness of image parts the model never saw (cropped away by the processor)
 KEPT_RGB = (34, 197, 94)
 PRUNED_RGB = (100, 116, 139)
@@ -201,7 +202,7 @@ def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: in
         colours = np.array(CLUSTER_COLOURS, dtype=np.float32)
         cid = np.where(cluster_px, pix_state % len(colours), 0)
         tint = colours[cid]
-        out[cluster_px] = arr[cluster_px] * 0.45 + tint[cluster_px] * 0.55
+        out[cluster_px] = arr[cluster_px] * (1 - CLUSTER_TINT) + tint[cluster_px] * CLUSTER_TINT
         ids = np.where(cluster_px, pix_state, -10)
         edge = _outline(ids, 2) & cluster_px
         out[edge] = tint[edge]

@@ -118,7 +118,7 @@ def test_overlay_colours_at_known_patches():
     m = st.merged[0]
     member = next(p for p in m.members if p != m.center)
     got = np.array(centre_px(tr, img, member), dtype=float)
-    want = 255 * 0.45 + np.array(render.CLUSTER_COLOURS[0]) * 0.55
+    want = 255 * (1 - render.CLUSTER_TINT) + np.array(render.CLUSTER_COLOURS[0]) * render.CLUSTER_TINT
     assert np.abs(got - want).max() <= 2
     # and the second cluster in a different colour
     m2 = st.merged[1]
