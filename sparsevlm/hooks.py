@@ -93,6 +93,7 @@ class PruneHooks:
         self.has_cls = model.config.vision_feature_select_strategy == "default"
         self._handles: list = []
         self._in_forward = False
+        self._vision_before_forward = False
         self._t_forward = 0.0
         self.state = CallState()
         self._plan()
@@ -161,8 +162,8 @@ class PruneHooks:
         self.remove()
 
     # --- timing and call boundaries ----------------------------------------------------------------------------
-    # A call starts with the vision tower: generate() encodes the image before its first forward, a plain
-    # forward() encodes it inside. Either way a fresh CallState begins there.
+    # A call starts with the image: generate() encodes it before its first forward (the vision hook starts the
+    # CallState), a plain forward() encodes it inside (the LLaVA pre-hook starts it).
     def _on_forward_start(self, module, args, kwargs):
         _sync(self.device)
         self._in_forward = True
@@ -176,7 +177,9 @@ class PruneHooks:
         self.state.captured.clear()
 
     def _on_vision_start(self, module, args):
-        self.state = CallState(vision_in_forward=self._in_forward)
+        if not self._in_forward:  # generate() encodes the image before its first forward: a new call
+            self.state = CallState()
+            self._vision_before_forward = True
         _sync(self.device)
         self.state.t_vision = time.perf_counter()
 
@@ -205,6 +208,9 @@ class PruneHooks:
             where = (input_ids[0] == self.image_token_id).nonzero().flatten()
             if len(where) != self.grid_tokens:
                 raise ConfigError(f"expected {self.grid_tokens} image tokens in the prompt, found {len(where)}")
+            if not self._vision_before_forward:  # a plain forward(): the call starts here
+                self.state = CallState(vision_in_forward=True)
+            self._vision_before_forward = False
             st = self.state
             st.prefix, st.visual_total = int(where[0]), len(where)
             st.text = input_ids.shape[1] - st.prefix - st.visual_total
@@ -288,10 +294,14 @@ class PruneHooks:
                 if st.pos_emb is not None:
                     kwargs["position_embeddings"] = st.pos_emb
                     kwargs["position_ids"] = st.positions
-                    kwargs["attention_mask"] = None
+                    kwargs["attention_mask"] = self._causal_mask(st.positions.shape[1], module)
                 if i in self.prune_layers:
                     st.captured[(i, "pe")] = kwargs["position_embeddings"]
                 return args, kwargs
+            if self.prune_layers and i > self.prune_layers[0]:
+                # One new token attends to every cached key; this layer's cache is shorter than layer 0's,
+                # so the model-wide mask (sized for layer 0) must not be used here.
+                kwargs["attention_mask"] = None
             if st.compacted:
                 # Decoding after compaction: each layer continues its own compact positions.
                 cache = kwargs.get("past_key_values")
@@ -301,9 +311,17 @@ class PruneHooks:
                 kwargs["position_embeddings"] = self.lm.rotary_emb(hs, pos)
                 kwargs["position_ids"] = pos
                 return args, kwargs
-            return None
+            return args, kwargs
 
         return hook
+
+    def _causal_mask(self, n: int, layer) -> torch.Tensor | None:
+        """None lets SDPA / FlashAttention take their causal path; eager attention needs the mask spelled out."""
+        if layer.self_attn.config._attn_implementation != "eager":
+            return None
+        dtype = next(layer.parameters()).dtype
+        mask = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=self.device).triu(1)
+        return mask[None, None]
 
     def _make_prune(self, i: int):
         def hook(module, args, output):

@@ -1,0 +1,202 @@
+"""Model-level equivalence tests of the hooks on real tiny LLaVA models of both architectures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparsevlm.config import PruneConfig
+from sparsevlm.errors import ConfigError
+from sparsevlm.hooks import PruneHooks
+from sparsevlm.loading import from_objects
+from sparsevlm.pipeline import build_prompt, run
+from sparsevlm.testing import tiny_llava
+
+ARCHS = ["llama", "qwen2"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def tiny(request):
+    model, processor = tiny_llava(request.param, layers=8, image_size=112)
+    return request.param, model, processor
+
+
+def _image(seed=0, size=(150, 110)):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _inputs(processor, question="what colour is the shape ?", seed=0):
+    return processor(images=_image(seed), text=build_prompt(processor, question), return_tensors="pt")
+
+
+@torch.no_grad()
+def test_dense_hooks_leave_logits_identical(tiny):
+    _, model, processor = tiny
+    inputs = _inputs(processor)
+    ref = model(**inputs).logits
+    with PruneHooks(model, PruneConfig(method="dense")) as hooks:
+        got = model(**inputs).logits
+    assert hooks.state.layer_inputs == [64] * 8  # the hooks did run
+    assert torch.allclose(ref, got, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prune_layers", [(1, 2, 4), (3,)])
+def test_rater_rows_equal_eager_attention(tiny, prune_layers):
+    arch, _, processor = tiny
+    model, _ = tiny_llava(arch, layers=8, image_size=112)
+    model.set_attn_implementation("eager")
+    assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads  # GQA
+    inputs = _inputs(processor)
+    cfg = PruneConfig(method="sparsevlm", budget=40, prune_layers=prune_layers, recycle=False)
+    with PruneHooks(model, cfg, keep_debug=True) as hooks:
+        out = model(**inputs, output_attentions=True)
+    st = hooks.state
+    assert set(st.rows_attention) == set(prune_layers)
+    for layer in prune_layers:
+        stage = next(s for s in st.stages if s.after_layer == layer)
+        text_start = st.prefix + stage.visual_in
+        rows = st.raters + text_start
+        eager = out.attentions[layer][0].float().mean(dim=0)[rows]  # (r, n) head mean
+        assert eager.shape == st.rows_attention[layer].shape
+        assert torch.allclose(st.rows_attention[layer], eager, atol=1e-5, rtol=0)
+
+
+def _masked_oracle_hooks(model, hidden_from: dict[int, list[int]]):
+    """The oracle: the FULL sequence, with tokens hidden as keys from every layer after their pruning layer."""
+    handles = []
+    for i, layer in enumerate(model.model.language_model.layers):
+        hidden = hidden_from.get(i)
+        if hidden is None:
+            continue
+
+        def pre(module, args, kwargs, hidden=hidden, i=i):
+            hs = args[0] if args else kwargs["hidden_states"]
+            q = hs.shape[1]
+            cache = kwargs.get("past_key_values")
+            past = cache.get_seq_length(i) if cache is not None else 0
+            kv = past + q
+            allowed = torch.arange(kv)[None, :] <= (past + torch.arange(q))[:, None]
+            allowed[:, hidden] = False
+            allowed[torch.arange(q), past + torch.arange(q)] = True  # a hidden token still sees itself
+            kwargs["attention_mask"] = allowed[None, None]
+            return args, kwargs
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    return handles
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["sparsevlm", "fastv"])
+def test_keep_positions_pruning_equals_masked_full_sequence(tiny, method):
+    _, model, processor = tiny
+    inputs = _inputs(processor)
+    cfg = PruneConfig(method=method, budget=32, recycle=False, positions="keep")
+    gen = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with PruneHooks(model, cfg) as hooks:
+        pruned = model.generate(**inputs, **gen)
+    st = hooks.state
+    assert st.stages and all(s.visual_out < s.visual_in for s in st.stages)
+    # Which absolute positions each later layer must not see.
+    hidden_from, removed = {}, set()
+    for i in range(len(model.model.language_model.layers)):
+        if removed:
+            hidden_from[i] = sorted(removed)
+        stage = next((s for s in st.stages if s.after_layer == i), None)
+        if stage is not None:
+            removed |= {st.prefix + j for j in range(st.visual_total)} - {st.prefix + j for j in stage.kept}
+    handles = _masked_oracle_hooks(model, hidden_from)
+    try:
+        oracle = model.generate(**inputs, **gen)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(pruned.sequences, oracle.sequences)
+    for a, b in zip(pruned.logits, oracle.logits):
+        assert torch.allclose(a, b, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["sparsevlm", "fastv", "fastervlm", "random"])
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+def test_every_method_generates_greedy_and_sampling(tiny, method, positions):
+    arch, model, processor = tiny
+    lm = from_objects(model, processor)
+    cfg = PruneConfig(method=method, budget=32, positions=positions)
+    if method == "fastervlm" and arch == "qwen2":
+        with pytest.raises(ConfigError, match=r"\[CLS\]"):
+            run(lm, _image(), "what colour is the shape?", cfg, max_new_tokens=3)
+        return
+    greedy = run(lm, _image(), "what colour is the shape?", cfg, max_new_tokens=4)
+    sampled = run(lm, _image(), "what colour is the shape?", cfg, max_new_tokens=4, do_sample=True, seed=1)
+    for r in (greedy, sampled):
+        t = r.trace
+        assert t.generated_tokens >= 1
+        assert abs(t.cost.equal_tokens - 32) <= 1.0
+        assert t.cost.prefill_flops < t.cost.prefill_flops_dense
+        assert t.cost.kv_bytes < t.cost.kv_bytes_dense
+        assert [rec.visual_in for rec in t.layers][0] == (64 if method in ("sparsevlm", "fastv") else 32)
+        assert t.timings_ms.prefill > 0 and t.timings_ms.total >= t.timings_ms.prefill
+
+
+@torch.no_grad()
+def test_recycled_tokens_record_cluster_membership(tiny):
+    _, model, processor = tiny
+    lm = from_objects(model, processor)
+    t = run(lm, _image(), "what colour is the shape?", PruneConfig(budget=32), max_new_tokens=2).trace
+    first = t.stages[0]
+    assert first.clusters >= 1 and first.merged
+    assert first.visual_out == len(first.kept) + len(first.merged) == first.visual_in - first.deleted + first.clusters
+    members = [p for m in first.merged for p in m.members]
+    assert len(members) == len(set(members)) == first.recycled  # each recycled patch in exactly one cluster
+    assert not set(members) & set(first.kept)  # recycled tokens were deleted, not kept
+    assert all(m.center in m.members for m in first.merged)
+    assert t.raters and any(r.rater for r in t.raters) and len(t.raters) == t.text_tokens
+
+
+@torch.no_grad()
+def test_calls_do_not_leak_state_and_removal_restores_model(tiny):
+    arch, model, processor = tiny
+    inputs = _inputs(processor)
+    vanilla = model(**inputs).logits
+    model.generate(**inputs, max_new_tokens=2)  # transformers installs its own output-capturing hooks lazily
+
+    def installed_hooks():
+        return {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+    before = installed_hooks()
+    lm = from_objects(model, processor)
+    cfg = PruneConfig(budget=32)
+    a1 = run(lm, _image(1), "what colour is the shape?", cfg, max_new_tokens=4)
+    b1 = run(lm, _image(2), "how many circle are there?", cfg, max_new_tokens=4)
+    fresh_model, fresh_processor = tiny_llava(arch, layers=8, image_size=112)
+    fresh = from_objects(fresh_model, fresh_processor)
+    b2 = run(fresh, _image(2), "how many circle are there?", cfg, max_new_tokens=4)
+    assert b1.answer == b2.answer
+    def decisions(t):  # everything but the measured overhead time
+        return [{k: v for k, v in s.__dict__.items() if k != "overhead_ms"} for s in t.stages]
+
+    assert decisions(b1.trace) == decisions(b2.trace)
+    assert [r.__dict__ for r in b1.trace.raters] == [r.__dict__ for r in b2.trace.raters]
+    assert decisions(a1.trace) != decisions(b1.trace)
+    assert installed_hooks() == before
+    assert torch.equal(model(**inputs).logits, vanilla)
+
+
+@torch.no_grad()
+def test_batch_larger_than_one_is_a_clear_error(tiny):
+    _, model, processor = tiny
+    prompt = build_prompt(processor, "what colour is the shape ?")
+    inputs = processor(images=[_image(0), _image(1)], text=[prompt, prompt], return_tensors="pt")
+    with PruneHooks(model, PruneConfig(budget=32)), pytest.raises(ConfigError, match="batch size 2"):
+        model(**inputs)
+
+
+def test_budget_above_grid_and_unreachable_budgets_are_clear_errors(tiny):
+    _, model, _ = tiny
+    with pytest.raises(ConfigError, match="larger than the image grid"):
+        PruneHooks(model, PruneConfig(budget=65))
+    with pytest.raises(ConfigError, match="below what pruning after layer"):
+        PruneHooks(model, PruneConfig(method="fastv", budget=8))
