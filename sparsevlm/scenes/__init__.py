@@ -1,0 +1,1 @@
+"""Procedurally generated scenes, questions and the embedded scenes-llava model trained on them."""

@@ -1,0 +1,85 @@
+"""Dense accuracy of a scenes model on the fixed held-out set, per question family.
+
+    python -m sparsevlm.scenes.evaluate --model assets/models/scenes-llava --n 3000
+
+Plain greedy `model.generate` on the single-turn LLaVA prompt, batched with left padding; an answer counts when
+the generated text (special tokens dropped) equals the one-word answer exactly. Prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from ..tokenizer import prompt_for
+from .generator import FAMILIES, HELDOUT_SEED, heldout_sample, render
+
+
+def load(model_dir: str | Path) -> tuple[LlavaForConditionalGeneration, object]:
+    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
+    return model, processor
+
+
+@torch.no_grad()
+def answer(model, processor, images, questions: list[str], max_new_tokens: int = 3) -> list[str]:
+    """Greedy answers to single-turn questions (one picture each), batched with left padding."""
+    enc = processor(images=images, text=[prompt_for(q) for q in questions], return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, enc["input_ids"].shape[1] :]
+    return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def evaluate(model, processor, n: int, seed: int = HELDOUT_SEED, batch_size: int = 16, log_every: int = 0) -> dict:
+    correct = {f: 0 for f in FAMILIES}
+    total = {f: 0 for f in FAMILIES}
+    t0 = time.time()
+    for start in range(0, n, batch_size):
+        items = [heldout_sample(i, seed) for i in range(start, min(n, start + batch_size))]
+        preds = answer(model, processor, [render(sc) for sc, _ in items], [s.question for _, s in items])
+        for (_, s), p in zip(items, preds, strict=True):
+            correct[s.family] += int(p == s.answer)
+            total[s.family] += 1
+        if log_every and (start // batch_size) % log_every == 0:
+            done = sum(total.values())
+            print(f"  {done}/{n}  acc {sum(correct.values()) / done:.3f}  {time.time() - t0:.0f}s", flush=True)
+    result = {f: {"correct": correct[f], "total": total[f], "accuracy": correct[f] / total[f]} for f in FAMILIES if total[f]}
+    result["overall"] = {
+        "correct": sum(correct.values()),
+        "total": sum(total.values()),
+        "accuracy": sum(correct.values()) / max(1, sum(total.values())),
+    }
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="assets/models/scenes-llava")
+    p.add_argument("--n", type=int, default=3000, help="held-out questions (families round-robin)")
+    p.add_argument("--seed", type=int, default=HELDOUT_SEED)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--json", default=None, help="also write the result to this file")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = load(args.model)
+    result = evaluate(model, processor, args.n, args.seed, args.batch_size, log_every=10)
+    print(f"{'family':<10} {'correct':>8} {'total':>6} {'accuracy':>9}")
+    for name in (*FAMILIES, "overall"):
+        if name in result:
+            r = result[name]
+            print(f"{name:<10} {r['correct']:>8} {r['total']:>6} {r['accuracy']:>9.3f}")
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
