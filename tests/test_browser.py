@@ -155,6 +155,9 @@ def test_layer_slider_changes_the_overlay(server, browser):
             label.click()
     wait(drv, lambda d: overlay_src(d) != before, 30)
     shot(drv, "06-layer0-heatmap", full=False)
+    # play walks the decoder from layer 0 to the last layer
+    drv.find_element(By.ID, "sv-play").click()
+    wait(drv, lambda d: "layer 7" in d.find_element(By.ID, "sv-caption").text, 90)
 
 
 def test_compare_tab(server, browser):
