@@ -163,6 +163,17 @@ def check_question(question: Any) -> str:
     return q
 
 
+def reachable_budget(lm: Any) -> float | None:
+    """The smallest equal-token budget SparseVLM's default schedule can reach on this model (None if unknown)."""
+    try:
+        from sparsevlm.schedule import min_equal_tokens, sparsevlm_layers
+
+        depth = int(lm.num_layers)
+        return min_equal_tokens(int(lm.visual_tokens), sparsevlm_layers(PruneConfig(), depth)[0], depth)
+    except (ImportError, AttributeError, TypeError, ValueError, IndexError):
+        return None
+
+
 def build_app(lm: Any, examples: list[dict] | None = None, run_fn: Any = None) -> gr.Blocks:
     """The whole UI for one loaded model. run_fn defaults to sparsevlm.pipeline.run."""
     if run_fn is None:
@@ -288,7 +299,13 @@ def build_app(lm: Any, examples: list[dict] | None = None, run_fn: Any = None) -
                   f"{getattr(lm, 'grid', ('?', '?'))[1]} = {grid_tokens} visual tokens · "
                   f"{getattr(lm, 'device', '?')} / {str(getattr(lm, 'dtype', '?')).replace('torch.', '')}")
     budgets = list(FIXED_BUDGETS)
-    default_budget = 64
+    reachable = reachable_budget(lm)
+    # Default to the papers' headline budget when this model's depth can reach it, else the smallest one it can.
+    fitting = [b for b in budgets if reachable is None or b >= reachable]
+    default_budget = 64 if 64 in fitting else (min(fitting) if fitting else max(budgets))
+    budget_info = f"mean visual tokens per decoder layer (dense = {grid_tokens})"
+    if reachable is not None and reachable > min(budgets):
+        budget_info += f"; this model's depth cannot go below {reachable:.0f}"
 
     with gr.Blocks(title="SparseVLM Explorer") as demo:
         state = gr.State(None)
@@ -311,8 +328,7 @@ def build_app(lm: Any, examples: list[dict] | None = None, run_fn: Any = None) -
                 method_in = gr.Radio(METHOD_CHOICES, value="sparsevlm", label="Pruning method",
                                      elem_id="sv-method")
                 budget_in = gr.Radio(budgets, value=default_budget, label="Budget: equal tokens",
-                                     info=f"mean visual tokens per decoder layer (dense = {grid_tokens}); "
-                                     "adaptive modes under SparseVLM options",
+                                     info=budget_info + "; adaptive modes under SparseVLM options",
                                      elem_id="sv-budget")
                 with gr.Accordion("SparseVLM options", open=False):
                     count_in = gr.Radio(COUNT_CHOICES, value="fixed", label="How many tokens to drop")
