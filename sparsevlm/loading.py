@@ -98,7 +98,9 @@ def _resolve(path_or_id: str) -> str:
 def load_model(path_or_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Model + processor, on CUDA when present, with SDPA attention."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # keeps stderr to our own one-line messages
     folder = _resolve(path_or_id)
     dev, dt = pick_device_dtype(device, dtype)
     try:

@@ -147,6 +147,7 @@ def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, imag
         raters=st.raters_ms,
         prune_overhead=st.raters_ms + sum(s.overhead_ms for s in st.stages),
         prefill=prefill,
+        llm_prefill=(fwd[0] if fwd else 0.0) - (st.vision_ms if st.vision_in_forward else 0.0),
         decode_per_token=sum(decode) / len(decode) if decode else 0.0,
         decode_tokens=len(decode),
         total=total_ms,

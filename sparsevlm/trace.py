@@ -70,7 +70,8 @@ class Timings:
     vision: float = 0.0  # vision tower + projector
     raters: float = 0.0
     prune_overhead: float = 0.0  # sum over stages, part of prefill
-    prefill: float = 0.0  # first forward: vision + LLM prefill + pruning (time to first token)
+    prefill: float = 0.0  # vision + LLM prefill + pruning: time to first token
+    llm_prefill: float = 0.0  # the decoder's prefill alone (pruning overhead included, vision excluded)
     decode_per_token: float = 0.0
     decode_tokens: int = 0
     total: float = 0.0
@@ -197,6 +198,7 @@ class PruneTrace:
                 "vision": t.vision,
                 "raters": t.raters,
                 "prefill": t.prefill,
+                "llm_prefill": t.llm_prefill,
                 "prune_overhead": t.prune_overhead,
                 "decode_per_token": t.decode_per_token,
                 "decode_tokens": t.decode_tokens,

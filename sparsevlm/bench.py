@@ -1,0 +1,122 @@
+"""Prefill latency benchmark: every method measured side by side in one run on one random-weight model.
+
+A random-weight LLaVA with LLaVA-1.5-7B's depth (32 layers) and grid (576 visual tokens), at a width that runs
+on the machine at hand (or the full 7B width on a GPU). Weights do not matter for timing; shapes do.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import PruneConfig
+from .loading import from_objects
+from .pipeline import run
+from .testing import tiny_llava
+
+QUESTION = "is there a red circle left of the blue square in the image ? answer with one word ."
+
+WIDTHS = {
+    # name: (hidden, heads, kv_heads, intermediate)
+    "cpu": (512, 8, 8, 1376),
+    "7b": (4096, 32, 32, 11008),
+}
+
+CASES = [
+    ("dense", 576),
+    ("sparsevlm", 192),
+    ("sparsevlm", 128),
+    ("sparsevlm", 64),
+    ("fastv", 64),
+    ("fastervlm", 64),
+]
+
+
+def build(width: str, device: str, dtype: torch.dtype):
+    hidden, heads, kv, inter = WIDTHS[width]
+    model, processor = tiny_llava(
+        "llama", image_size=336, patch_size=14, hidden=hidden, layers=32, heads=heads, kv_heads=kv,
+        intermediate=inter, vision_hidden=64, vision_layers=2, dtype=dtype,
+    )
+    model = model.to(device)
+    return from_objects(model, processor, name=f"random LLaVA 32 layers x {hidden} ({width})")
+
+
+def bench(width: str = "cpu", runs: int = 5, warmup: int = 2, device: str | None = None) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    lm = build(width, device, dtype)
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (336, 448, 3), dtype=np.uint8))
+    samples: dict[tuple[str, int], list] = {case: [] for case in CASES}
+    for _ in range(warmup):
+        for method, budget in CASES:
+            run(lm, image, QUESTION, PruneConfig(method=method, budget=budget), max_new_tokens=1)
+    # Interleave the methods so drift in machine load hits them all alike.
+    for _ in range(runs):
+        for method, budget in CASES:
+            t = run(lm, image, QUESTION, PruneConfig(method=method, budget=budget), max_new_tokens=1).trace
+            samples[(method, budget)].append(t)
+    rows = []
+    dense_ms = statistics.median(t.timings_ms.llm_prefill for t in samples[("dense", 576)])
+    dense_flops = samples[("dense", 576)][0].cost.prefill_flops
+    for (method, budget), traces in samples.items():
+        ms = statistics.median(t.timings_ms.llm_prefill for t in traces)
+        overhead = statistics.median(t.timings_ms.prune_overhead for t in traces)
+        t0 = traces[0]
+        time_ratio = ms / dense_ms
+        flops_ratio = t0.cost.prefill_flops / dense_flops
+        rows.append({
+            "method": method,
+            "budget": budget if method != "dense" else None,
+            "equal_tokens": round(t0.cost.equal_tokens, 2),
+            "prefill_ms_median": round(ms, 2),
+            "prefill_ms_runs": [round(t.timings_ms.llm_prefill, 2) for t in traces],
+            "time_ratio": round(time_ratio, 4),
+            "flops_ratio": round(flops_ratio, 4),
+            "time_over_flops": round(time_ratio / flops_ratio, 3),
+            "overhead_ms": round(overhead, 3),
+            "overhead_share_of_dense": round(overhead / dense_ms, 5),
+        })
+    sv64 = next(r for r in rows if r["method"] == "sparsevlm" and r["budget"] == 64)
+    return {
+        "model": lm.name,
+        "device": str(lm.device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "runs": runs,
+        "warmup": warmup,
+        "measured": "median LLM prefill (first forward, pruning included, vision excluded), wall clock"
+        + (", CUDA-synchronized" if device == "cuda" else ""),
+        "rows": rows,
+        "targets": {
+            "sparsevlm64_time_ratio_within_1.25x_flops_ratio": sv64["time_over_flops"] <= 1.25,
+            "sparsevlm64_overhead_le_5pct_dense": sv64["overhead_share_of_dense"] <= 0.05,
+        },
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"model: {result['model']}  device: {result['device']} {result['dtype']}  threads: {result['threads']}  "
+        f"runs: {result['runs']} (after {result['warmup']} warm-up)",
+        f"measured: {result['measured']}",
+        "",
+        "| method | budget | equal tokens | prefill ms (median) | time ratio | FLOPs ratio | time/FLOPs | "
+        "overhead ms | overhead / dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['budget'] or '-'} | {r['equal_tokens']} | {r['prefill_ms_median']:.1f} | "
+            f"{r['time_ratio']:.3f} | {r['flops_ratio']:.3f} | {r['time_over_flops']:.2f} | "
+            f"{r['overhead_ms']:.2f} | {100 * r['overhead_share_of_dense']:.2f}% |"
+        )
+    lines.append("")
+    for k, v in result["targets"].items():
+        lines.append(f"target {k}: {'met' if v else 'NOT met'}")
+    return "\n".join(lines)

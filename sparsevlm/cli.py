@@ -1,0 +1,159 @@
+"""Command line: `python -m sparsevlm {run,cost,bench,eval}`. Bad arguments exit non-zero with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import COUNT_MODES, METHODS, PruneConfig
+from .errors import SparseVLMError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m sparsevlm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="answer a question about an image with pruning, print the trace summary")
+    r.add_argument("--model", default=None, help="local folder or hub id (default: the embedded model)")
+    r.add_argument("--image", required=True)
+    r.add_argument("--question", required=True)
+    r.add_argument("--method", default="sparsevlm", choices=METHODS)
+    r.add_argument("--budget", type=_positive_int, default=64, help="equal visual tokens (192/128/96/64)")
+    r.add_argument("--mode", default="fixed", choices=COUNT_MODES, help="SparseVLM count mode")
+    r.add_argument("--lam", type=float, default=1.0, help="lambda of paper eq. 8 (--mode paper)")
+    r.add_argument("--scale", type=float, default=13.5, help="reference-code scale (--mode code)")
+    r.add_argument("--bias", type=float, default=0.0, help="reference-code bias (--mode code)")
+    r.add_argument("--no-recycle", action="store_true", help="turn token recycling off")
+    r.add_argument("--merge", default="mean", choices=("mean", "sum"))
+    r.add_argument("--positions", default="keep", choices=("keep", "compact"))
+    r.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    r.add_argument("--device", default=None)
+    r.add_argument("--dtype", default=None)
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--trace-out", default=None, help="write the full trace JSON to this file")
+
+    c = sub.add_parser("cost", help="analytic FLOPs and KV-cache calculator (no weights needed)")
+    c.add_argument("--preset", default="llava-1.5-7b", help="llava-1.5-7b, llava-1.5-13b, ... or a config.json")
+    c.add_argument("--visual-tokens", type=_positive_int, default=576)
+    c.add_argument("--text-tokens", type=_positive_int, default=34)
+    c.add_argument("--prefix-tokens", type=int, default=0)
+    c.add_argument("--pruned-to", type=_positive_int, default=None, help="visual tokens in every layer after pruning")
+    c.add_argument("--bytes", type=int, default=2, help="bytes per cached value (2 = fp16)")
+    c.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="prefill latency of every method, side by side")
+    b.add_argument("--width", default=None, choices=("cpu", "7b"), help="default: 7b on CUDA, cpu otherwise")
+    b.add_argument("--runs", type=_positive_int, default=5)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("eval", help="accuracy and evidence recall of every method on generated scenes")
+    e.add_argument("--model", default=None)
+    e.add_argument("--n", type=_positive_int, default=300, help="questions")
+    e.add_argument("--seed", type=int, default=12345)
+    e.add_argument("--methods", default=None, help="comma-separated subset of the benchmark's configurations")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--out", default=None, help="folder for benchmark.md, benchmark.json and the figure")
+    return p
+
+
+def cmd_run(a) -> int:
+    from .images import load_image
+    from .loading import DEFAULT_MODEL, load_model
+    from .pipeline import check_question, run
+
+    image = load_image(a.image)
+    check_question(a.question)
+    cfg = PruneConfig(
+        method=a.method, budget=a.budget, count_mode=a.mode, lam=a.lam, scale=a.scale, bias=a.bias,
+        recycle=not a.no_recycle, merge=a.merge, positions=a.positions,
+    ).validate()
+    lm = load_model(a.model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
+    result = run(lm, image, a.question, cfg, max_new_tokens=a.max_new_tokens, do_sample=a.sample)
+    t = result.trace
+    if a.trace_out:
+        with open(a.trace_out, "w") as f:
+            f.write(t.to_json(indent=1))
+    if a.json:
+        print(json.dumps(t.summary()))
+        return 0
+    s = t.summary()
+    print(f"answer: {t.answer}")
+    print(f"method: {t.method} (budget {a.budget}), equal tokens {s['equal_tokens']:.1f} "
+          f"(reference counting {s['equal_tokens_reference']:.1f})")
+    if t.raters:
+        print("raters: " + " ".join(f"[{r.token} {r.score:.3f}]" if r.rater else r.token for r in t.raters))
+    for st in t.stages:
+        where = "before the LLM" if st.after_layer < 0 else f"after layer {st.after_layer}"
+        print(f"  {where}: {st.visual_in} -> {st.visual_out} visual tokens, rank(P)={st.rank}, deleted "
+              f"{st.deleted}, recycled {st.recycled} into {st.clusters} clusters | {st.formula}")
+    tm, c = t.timings_ms, t.cost
+    print(f"measured: vision {tm.vision:.1f} ms, prefill {tm.prefill:.1f} ms (LLM {tm.llm_prefill:.1f} ms), pruning "
+          f"overhead {tm.prune_overhead:.2f} ms, decode {tm.decode_per_token:.1f} ms/token, total {tm.total:.1f} ms")
+    print(f"computed: prefill {c.prefill_flops / 1e9:.2f} GFLOPs (dense {c.prefill_flops_dense / 1e9:.2f}), KV cache "
+          f"{c.kv_bytes / 2**20:.2f} MiB (dense {c.kv_bytes_dense / 2**20:.2f})")
+    return 0
+
+
+def cmd_cost(a) -> int:
+    from .cost import calculator, resolve_shape
+
+    out = calculator(resolve_shape(a.preset), a.visual_tokens, a.text_tokens, a.prefix_tokens, a.pruned_to, a.bytes)
+    out["preset"] = a.preset
+    if a.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{a.preset}: {out['decoder']}")
+    print(f"prefill with {a.visual_tokens} visual + {a.text_tokens} text tokens: {out['prefill_flops'] / 1e12:.3f} TFLOPs")
+    print(f"KV cache: {out['kv_bytes'] / 2**20:.1f} MiB, of which visual {out['visual_kv_bytes'] / 2**20:.1f} MiB")
+    if a.pruned_to:
+        print(f"pruned to {a.pruned_to}: {out['pruned_prefill_flops'] / 1e12:.3f} TFLOPs, visual KV "
+              f"{out['pruned_visual_kv_bytes'] / 2**20:.1f} MiB")
+    print(f"({out['attention_counting']})")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    import torch
+
+    from .bench import bench, format_table
+
+    width = a.width or ("7b" if torch.cuda.is_available() else "cpu")
+    result = bench(width=width, runs=a.runs, warmup=a.warmup)
+    print(json.dumps(result) if a.json else format_table(result))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import main as eval_main
+
+    return eval_main(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "cost": cmd_cost, "bench": cmd_bench, "eval": cmd_eval}[a.command](a)
+    except SparseVLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
