@@ -60,7 +60,8 @@ def test_llava_15_architecture(loaded):
     assert tuple(enc["pixel_values"].shape[-2:]) == (336, 336)
     with torch.no_grad():
         feats = model.get_image_features(pixel_values=enc["pixel_values"])
-    feats = feats[0] if isinstance(feats, (list, tuple)) else getattr(feats, "pooler_output", feats)
+    feats = getattr(feats, "pooler_output", feats)
+    feats = feats[0] if isinstance(feats, (list, tuple)) else feats  # one entry per image
     assert feats.reshape(-1, cfg.text_config.hidden_size).shape[0] == 576
 
 

@@ -27,7 +27,7 @@ def load(model_dir: str | Path) -> tuple[LlavaForConditionalGeneration, object]:
 
 
 @torch.no_grad()
-def answer(model, processor, images, questions: list[str], max_new_tokens: int = 3) -> list[str]:
+def answer(model, processor, images, questions: list[str], max_new_tokens: int = 2) -> list[str]:
     """Greedy answers to single-turn questions (one picture each), batched with left padding."""
     enc = processor(images=images, text=[prompt_for(q) for q in questions], return_tensors="pt", padding=True)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
