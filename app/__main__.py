@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Hugging Face hub id or local model folder (env SPARSEVLM_MODEL; default: the embedded "
                         "assets/models/scenes-llava)")
     p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="interface to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")), help="port (env PORT; default 7860)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")),
+                   help="port (env PORT; default 7860)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: the loader's choice)")
     p.add_argument("--examples", default=os.environ.get("SPARSEVLM_EXAMPLES", str(DEFAULT_EXAMPLES)),

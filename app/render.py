@@ -396,7 +396,8 @@ def counts_figure(trace: PruneTrace, budget: float | None = None) -> go.Figure:
             lines.append(f"recycled {st.recycled} → {st.clusters} clusters")
         fig.add_vline(x=x, line_color="rgba(239,68,60,0.5)", line_width=1)
         fig.add_annotation(x=x, y=st.visual_in, text="<br>".join(lines), showarrow=True, arrowhead=2, ax=48,
-                           ay=-35 - 55 * (i % 2), align="left", xanchor="left", bgcolor="rgba(255,255,255,0.9)", bordercolor="rgb(239,68,60)",
+                           ay=-35 - 55 * (i % 2), align="left", xanchor="left", bgcolor="rgba(255,255,255,0.9)",
+                           bordercolor="rgb(239,68,60)",
                            font={"size": 11})
         fig.add_scatter(x=[x], y=[st.visual_out], mode="markers",
                         marker={"symbol": "x", "size": 10, "color": "rgb(239,68,60)"},

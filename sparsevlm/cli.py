@@ -122,7 +122,8 @@ def cmd_cost(a) -> int:
         print(json.dumps(out))
         return 0
     print(f"{a.preset}: {out['decoder']}")
-    print(f"prefill with {a.visual_tokens} visual + {a.text_tokens} text tokens: {out['prefill_flops'] / 1e12:.3f} TFLOPs")
+    tflops = out["prefill_flops"] / 1e12
+    print(f"prefill with {a.visual_tokens} visual + {a.text_tokens} text tokens: {tflops:.3f} TFLOPs")
     print(f"KV cache: {out['kv_bytes'] / 2**20:.1f} MiB, of which visual {out['visual_kv_bytes'] / 2**20:.1f} MiB")
     if a.pruned_to:
         print(f"pruned to {a.pruned_to}: {out['pruned_prefill_flops'] / 1e12:.3f} TFLOPs, visual KV "

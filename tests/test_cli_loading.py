@@ -97,7 +97,8 @@ def test_cli_cost_anchors():
         (["run", "--image", "IMG", "--question", "q", "--method", "magic"], "invalid choice"),
         (["run", "--image", "IMG", "--question", "q", "--budget", "0"], "at least 1"),
         (["run", "--image", "IMG", "--question", "   "], "question is empty"),
-        (["run", "--image", "IMG", "--question", "q", "--budget", "500", "--model", "MODEL"], "larger than the image grid"),
+        (["run", "--image", "IMG", "--question", "q", "--budget", "500", "--model", "MODEL"],
+         "larger than the image grid"),
         (["cost", "--preset", "gpt-9"], "unknown preset"),
     ],
 )
