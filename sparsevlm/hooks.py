@@ -454,7 +454,7 @@ class PruneHooks:
                 kept=[t.center for t in new_tokens if t.members is None],
                 merged=[MergedToken(t.center, t.members) for t in new_tokens if t.members is not None],
                 input_patches=[t.center for t in before],
-                scores=[float(s) for s in scores.float().cpu()],
+                scores=scores.float().cpu().tolist(),
                 formula=formula,
                 overhead_ms=overhead_ms,
             )
