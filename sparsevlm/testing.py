@@ -48,55 +48,37 @@ def tiny_llava(
     """A random-weight LLaVA and its processor. Grid = (image_size // patch_size)^2 visual tokens."""
     tokenizer = build_tokenizer(TEST_WORDS)
     vocab = len(tokenizer)
+    vision_kw = dict(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text_kw = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
     if arch == "llama":
-        vision = CLIPVisionConfig(
-            hidden_size=vision_hidden,
-            intermediate_size=vision_hidden * 4,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch_size,
-            projection_dim=vision_hidden,
-        )
-        text = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=2048,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
-        )
+        vision = CLIPVisionConfig(**vision_kw, projection_dim=vision_hidden)
+        text = LlamaConfig(**text_kw)
         select, feature_layer, extra = "default", -2, 1
         image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
         )
     elif arch == "qwen2":
-        vision = SiglipVisionConfig(
-            hidden_size=vision_hidden,
-            intermediate_size=vision_hidden * 4,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch_size,
-        )
-        text = Qwen2Config(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=2048,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
-        )
+        vision = SiglipVisionConfig(**vision_kw)
+        text = Qwen2Config(**text_kw)
         select, feature_layer, extra = "full", -1, 0
         image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
     else:
