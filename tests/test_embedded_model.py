@@ -1,4 +1,4 @@
-"""The shipped scenes-llava model: loads offline, has the LLaVA-1.5 shape, fits the size cap, answers held-out questions."""
+"""The shipped scenes-llava model: loads offline, LLaVA-1.5 shape, fits the size cap, answers held-out questions."""
 
 from __future__ import annotations
 
