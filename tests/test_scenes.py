@@ -103,7 +103,7 @@ def test_evidence_cells_show_the_objects(heldout):
 
 
 def test_count_evidence_covers_each_counted_object(heldout):
-    for scene, s in heldout:
+    for _, s in heldout:
         if s.family == "count" and s.answer != "zero":
             assert len(s.evidence) >= 5  # at least one object's worth of cells
         if s.family == "count" and s.answer == "zero":

@@ -48,7 +48,9 @@ def evaluate(model, processor, n: int, seed: int = HELDOUT_SEED, batch_size: int
         if log_every and (start // batch_size) % log_every == 0:
             done = sum(total.values())
             print(f"  {done}/{n}  acc {sum(correct.values()) / done:.3f}  {time.time() - t0:.0f}s", flush=True)
-    result = {f: {"correct": correct[f], "total": total[f], "accuracy": correct[f] / total[f]} for f in FAMILIES if total[f]}
+    result = {
+        f: {"correct": correct[f], "total": total[f], "accuracy": correct[f] / total[f]} for f in FAMILIES if total[f]
+    }
     result["overall"] = {
         "correct": sum(correct.values()),
         "total": sum(total.values()),

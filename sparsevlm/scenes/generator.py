@@ -101,7 +101,10 @@ def answer_words() -> list[str]:
 
 def vocabulary() -> list[str]:
     """Every word a question or an answer uses (the tokenizer adds specials and the chat template's words)."""
-    question_words = ["what", "colour", "is", "the", "shape", "object", "objects", "how", "many", "are", "there", "which", "row", "column", "in", "left", "of", "above", "is", "there", "a", "written", "on", "label", "?", "small", "big"]
+    question_words = [
+        "what", "colour", "is", "the", "shape", "object", "objects", "how", "many", "are", "there", "which", "row",
+        "column", "in", "left", "of", "above", "is", "there", "a", "written", "on", "label", "?", "small", "big",
+    ]  # fmt: skip - the order fixes the token ids of the shipped model
     return list(dict.fromkeys([*question_words, *PLURALS.values(), *answer_words()]))
 
 
