@@ -67,7 +67,6 @@ class CallState:
     raters_ms: float = 0.0
     t_vision: float = 0.0
     vision_in_forward: bool = False  # plain forward(): vision time is inside the first forward's time
-    fastervlm_scores: torch.Tensor | None = None
 
 
 class PruneHooks:
@@ -364,27 +363,24 @@ class PruneHooks:
         stage_no = len(st.stages)
 
         recycle = c.recycle and c.method == "sparsevlm"
+        # `direct`: visual tokens kept as they are; recycled clusters come on top of them.
         if c.method == "fastv":
-            total = min(self.single_keep, v)
-            formula = f"FastV: keep top {total} of {v} by last-token attention after layer {i}"
+            direct = min(self.single_keep, v)
+            formula = f"FastV: keep top {direct} of {v} by last-token attention after layer {i}"
         elif c.count_mode == "fixed":
             total = min(self.fixed_totals[stage_no], v)
+            direct = A.direct_keep_for_total(v, total, recycle, c.tau, c.theta)
             formula = f"fixed budget {c.budget}: keep {total} of {v} (incl. recycled); {self.schedule_note}"
         elif c.count_mode == "paper":
             deleted = A.paper_deleted_count(v, rank, c.lam)
-            total = v - deleted + A.recycle_sizes(deleted, c.tau, c.theta)[1] * recycle
+            direct = v - deleted
             formula = f"N = floor(lambda x (Lv - rank(P))) = floor({c.lam:g} x ({v} - {rank})) = {deleted} deleted"
         else:
-            kept = A.code_kept_count(v, rank, c.scale, c.bias)
-            total = kept + A.recycle_sizes(v - kept, c.tau, c.theta)[1] * recycle
+            direct = A.code_kept_count(v, rank, c.scale, c.bias)
             formula = (
                 f"kept = min(int(rank(P) x scale + bias), Lv - 1) = min(int({rank} x {c.scale:g} + {c.bias:g}), "
-                f"{v - 1}) = {kept}"
+                f"{v - 1}) = {direct}"
             )
-        if c.count_mode in ("paper", "code") and c.method == "sparsevlm":
-            direct = v - A.paper_deleted_count(v, rank, c.lam) if c.count_mode == "paper" else kept
-        else:
-            direct = A.direct_keep_for_total(v, total, recycle, c.tau, c.theta)
         if direct >= v:  # nothing to delete: the layer is skipped (paper: N = 0)
             _sync(self.device)
             self._record_stage(i, scores, torch.arange(v), [], rank, len(rows), formula + " (skipped)",

@@ -200,3 +200,19 @@ def test_budget_above_grid_and_unreachable_budgets_are_clear_errors(tiny):
         PruneHooks(model, PruneConfig(budget=65))
     with pytest.raises(ConfigError, match="below what pruning after layer"):
         PruneHooks(model, PruneConfig(method="fastv", budget=8))
+
+
+@torch.no_grad()
+def test_adaptive_count_modes_follow_their_formulas(tiny):
+    _, model, processor = tiny
+    lm = from_objects(model, processor)
+    paper = run(lm, _image(), "what colour is the shape?",
+                PruneConfig(count_mode="paper", lam=0.5, recycle=False), max_new_tokens=2).trace
+    assert paper.stages
+    for s in paper.stages:  # eq. 8: N = floor(lambda (Lv - rank))
+        assert s.deleted == int(0.5 * (s.visual_in - s.rank)) and s.visual_out == s.visual_in - s.deleted
+    code = run(lm, _image(), "what colour is the shape?",
+               PruneConfig(count_mode="code", scale=3.0, bias=2.0, recycle=True), max_new_tokens=2).trace
+    for s in code.stages:  # kept = min(int(rank * scale + bias), Lv - 1), recycled clusters on top
+        kept = min(int(s.rank * 3.0 + 2.0), s.visual_in - 1)
+        assert s.visual_out == kept + s.clusters and s.deleted == s.visual_in - kept
