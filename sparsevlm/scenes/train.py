@@ -198,6 +198,19 @@ def export(ckpt_dir: Path, dest: Path) -> None:
     print(f"exported step {state['step']} to {dest}")
 
 
+def exported_state(folder: Path) -> dict:
+    """A resumable state from an exported model folder (no optimizer or aux-head state: those start fresh).
+
+    For a machine without checkpoints/: the exported weights are committed, the checkpoint is not.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    info = json.loads((folder / "training_state.json").read_text())
+    model = LlavaForConditionalGeneration.from_pretrained(str(folder), local_files_only=True)
+    return {"model": model.state_dict(), "step": info["step"], "train_seconds": info["train_seconds"],
+            "size": info["size"]}
+
+
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -205,6 +218,8 @@ def train(args: argparse.Namespace) -> None:
     ckpt_path = out / "checkpoint.pt"
     tokenizer = scenes_tokenizer()
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    if state is None and args.init_from:
+        state = exported_state(Path(args.init_from))
     size = ModelSize(**state["size"]) if state else ModelSize(
         vision_hidden=args.vision_hidden,
         vision_layers=args.vision_layers,
@@ -229,10 +244,12 @@ def train(args: argparse.Namespace) -> None:
     step, train_seconds = 0, 0.0
     if state:
         model.load_state_dict(state["model"])
-        aux.load_state_dict(state["aux"])
-        opt.load_state_dict(state["optim"])
+        if "optim" in state:
+            aux.load_state_dict(state["aux"])
+            opt.load_state_dict(state["optim"])
         step, train_seconds = state["step"], state["train_seconds"]
-        print(f"resumed from step {step} ({train_seconds / 60:.1f} min trained)")
+        how = "checkpoint" if "optim" in state else f"exported weights in {args.init_from} (fresh optimizer, aux heads)"
+        print(f"resumed from step {step} ({train_seconds / 60:.1f} min trained) from {how}")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters, size {size.to_dict()}")
     batcher = Batcher(tokenizer, args.turns)
@@ -318,6 +335,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="checkpoints/scenes-llava", help="checkpoint + log folder (resumed from)")
     p.add_argument("--export", default=None, help="export the checkpoint in --out to this folder and exit")
+    p.add_argument("--init-from", default=None,
+                   help="with no checkpoint in --out, start from this exported model folder (e.g. the shipped one)")
     p.add_argument("--steps", type=int, default=0, help="steps to run in this invocation (0: until stopped)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--turns", type=int, default=20, help="question/answer turns per picture")
