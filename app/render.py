@@ -521,27 +521,20 @@ def latency_figure(pruned: PruneTrace, dense: PruneTrace | None) -> go.Figure:
                     legendgroup=label, row=1, col=1, texttemplate="%{y:.0f}", textposition="outside",
                     hovertemplate="%{x}: %{y:.1f} ms (measured)<extra>" + label + "</extra>")
     del tp
-    flops = [(lbl, tr.cost.prefill_flops, c) for lbl, tr, c in runs]
-    if dense is None:
-        flops.append(("dense", pruned.cost.prefill_flops_dense, "rgb(148,163,184)"))
-    v, unit = _flops(max(f for _, f, _ in flops) or 1)
-    sc = (max(f for _, f, _ in flops) or 1) / (v or 1)
-    for lbl, f, c in flops:
-        fig.add_bar(x=[lbl], y=[f / sc], marker_color=c, showlegend=False, row=1, col=2,
-                    texttemplate="%{y:.3g}", textposition="outside",
-                    hovertemplate="%{y:.4g} " + unit + " (computed)<extra></extra>")
-    fig.update_yaxes(title_text=unit, row=1, col=2)
-    kv = [(lbl, tr.cost.kv_bytes, c) for lbl, tr, c in runs]
-    if dense is None:
-        kv.append(("dense", pruned.cost.kv_bytes_dense, "rgb(148,163,184)"))
-    v, kunit = _bytes(max(b for _, b, _ in kv) or 1)
-    ksc = (max(b for _, b, _ in kv) or 1) / (v or 1)
-    for lbl, b, c in kv:
-        fig.add_bar(x=[lbl], y=[b / ksc], marker_color=c, showlegend=False, row=1, col=3,
-                    texttemplate="%{y:.3g}", textposition="outside",
-                    hovertemplate="%{y:.4g} " + kunit + " (computed)<extra></extra>")
+    for col, field, dense_field, fmt in ((2, "prefill_flops", "prefill_flops_dense", _flops),
+                                         (3, "kv_bytes", "kv_bytes_dense", _bytes)):
+        bars = [(lbl, getattr(tr.cost, field), c) for lbl, tr, c in runs]
+        if dense is None:
+            bars.append(("dense", getattr(pruned.cost, dense_field), "rgb(148,163,184)"))
+        top = max(b for _, b, _ in bars) or 1
+        v, unit = fmt(top)
+        scale = top / (v or 1)
+        for lbl, b, c in bars:
+            fig.add_bar(x=[lbl], y=[b / scale], marker_color=c, showlegend=False, row=1, col=col,
+                        texttemplate="%{y:.3g}", textposition="outside",
+                        hovertemplate="%{y:.4g} " + unit + " (computed)<extra></extra>")
+        fig.update_yaxes(title_text=unit, row=1, col=col)
     fig.update_yaxes(title_text="ms", row=1, col=1)
-    fig.update_yaxes(title_text=kunit, row=1, col=3)
     fig.update_layout(height=340, barmode="group", legend={"orientation": "h", "y": -0.18}, **_layout_base())
     fig.update_yaxes(rangemode="tozero")
     for ax in ("yaxis", "yaxis2", "yaxis3"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from .errors import ConfigError
 
@@ -51,7 +51,6 @@ class PruneConfig:
     # FastV: prune after layer K (default: 2 of 32, scaled to depth).
     fastv_layer: int | None = None
     seed: int = 0  # random baseline and clustering tie-break noise
-    extra: dict = field(default_factory=dict)
 
     def validate(self, grid_tokens: int | None = None) -> PruneConfig:
         if self.method not in METHODS:

@@ -127,11 +127,6 @@ class PruneTrace:
                 last = s
         return last
 
-    def represented_after(self, layer: int) -> set[int]:
-        """Patches represented in the visual tokens that decoder layer `layer` processes."""
-        s = self.stage_for_layer(layer)
-        return set(range(self.visual_tokens)) if s is None else s.represented()
-
     def layer_table(self) -> list[dict]:
         """Per decoder layer, the counts the CLI prints (null where the layer does not prune)."""
         rows = []
