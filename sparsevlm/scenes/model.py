@@ -84,10 +84,27 @@ def build_model(size: ModelSize, tokenizer: PreTrainedTokenizerFast, seed: int =
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    scale_residual_init(model, text.initializer_range)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+@torch.no_grad()
+def scale_residual_init(model: LlavaForConditionalGeneration, std: float) -> None:
+    """GPT-2-style init: the decoder's residual-branch outputs (o_proj, down_proj) start at std / sqrt(2 * layers).
+
+    With the default init every one of 32 narrow layers adds a random vector about ten times the size of a token
+    embedding to the residual stream, burying the question words and the visual evidence under the layers' own
+    output; in our runs that left the decoder on the answer prior. Scaled, the stream starts close to the
+    embeddings and the signal passes through the depth.
+    """
+    layers = model.model.language_model.layers
+    scaled = std / (2 * len(layers)) ** 0.5
+    for layer in layers:
+        layer.self_attn.o_proj.weight.normal_(0.0, scaled)
+        layer.mlp.down_proj.weight.normal_(0.0, scaled)
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:

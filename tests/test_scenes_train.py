@@ -1,0 +1,131 @@
+"""The training script's pieces: background-token dropping, progressive stacking, the schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsevlm.scenes.generator import FAMILIES, covered_patches, training_scene
+from sparsevlm.scenes.model import ModelSize, build_model, scenes_tokenizer
+from sparsevlm.scenes.train import (
+    N_VISUAL,
+    REFERENT_WORDS,
+    Batcher,
+    ReferentHead,
+    background_keep_at,
+    decoder_logits,
+    grow_decoder,
+    kept_rows,
+    max_objects_at,
+    referent_vector,
+)
+
+WEIGHTS = {f: 1.0 for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return scenes_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def small(tok):
+    return build_model(ModelSize(layers=2, hidden=64, intermediate=128, vision_layers=2), tok, seed=3).eval()
+
+
+def test_keeping_every_visual_token_is_the_plain_llava_forward(tok, small):
+    b = Batcher(tok, 3)
+    ids, _, px, labels, fams, _, keep = b.batch([11, 12], 6, WEIGHTS, background_keep=1.0)
+    assert keep.all()
+    with torch.no_grad():
+        ref = small(input_ids=ids, pixel_values=px).logits
+        got, lab, fam = decoder_logits(small, ids, px, keep, labels, fams, b.pad)
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert torch.equal(lab, labels) and torch.equal(fam, fams)
+
+
+def test_dropping_keeps_every_object_token_and_every_answer(tok, small):
+    b = Batcher(tok, 4)
+    seeds = [21, 22, 23]
+    ids, _, px, labels, fams, _, keep = b.batch(seeds, 12, WEIGHTS, background_keep=0.1)
+    for row, seed in zip(keep, seeds):
+        scene, _ = training_scene(seed, 4, 12, WEIGHTS)
+        items = list(range(len(scene.objects))) + ([-1] if scene.label is not None else [])
+        fg = covered_patches(scene, items)
+        assert row[fg].all()  # every token an object touches stays
+        assert row.sum() < len(fg) + 0.3 * (N_VISUAL - len(fg))  # most background goes
+    with torch.no_grad():
+        logits, lab, fam = decoder_logits(small, ids, px, keep, labels, fams, b.pad)
+    assert logits.shape[1] < ids.shape[1]
+    # The supervised answers survive in order; the same answers, same families.
+    for b_ in range(len(seeds)):
+        assert lab[b_][lab[b_] != -100].tolist() == labels[b_][labels[b_] != -100].tolist()
+        assert fam[b_][fam[b_] != -1].tolist() == fams[b_][fams[b_] != -1].tolist()
+
+
+def test_dropped_tokens_change_what_the_answer_sees(tok, small):
+    """Dropping tokens is a real change of the input (the test above is not vacuous)."""
+    b = Batcher(tok, 2)
+    ids, _, px, labels, fams, _, keep = b.batch([31], 12, WEIGHTS, background_keep=0.0)
+    with torch.no_grad():
+        full, lab_f, _ = decoder_logits(small, ids, px, torch.ones_like(keep), labels, fams, b.pad)
+        part, lab_p, _ = decoder_logits(small, ids, px, keep, labels, fams, b.pad)
+    a_full = full[0, :-1][lab_f[0, 1:] != -100]
+    a_part = part[0, :-1][lab_p[0, 1:] != -100]
+    assert a_full.shape == a_part.shape
+    assert not torch.allclose(a_full, a_part, atol=1e-4)
+
+
+def test_grown_decoder_repeats_layers_and_starts_close_to_the_shallow_model(tok, small):
+    state = small.state_dict()
+    grown_state = grow_decoder(state, 2, 8)
+    grown = build_model(ModelSize(layers=8, hidden=64, intermediate=128, vision_layers=2), tok).eval()
+    grown.load_state_dict(grown_state)  # strict: every key present, no extra
+    p = "model.language_model.layers."
+    for j in range(8):
+        src = j // 4
+        assert torch.equal(grown_state[f"{p}{j}.self_attn.q_proj.weight"], state[f"{p}{src}.self_attn.q_proj.weight"])
+        assert torch.allclose(grown_state[f"{p}{j}.mlp.down_proj.weight"], state[f"{p}{src}.mlp.down_proj.weight"] / 4)
+    b = Batcher(tok, 2)
+    ids, _, px, *_ = b.batch([41], 4, WEIGHTS)
+    with torch.no_grad():
+        a = small(input_ids=ids, pixel_values=px).logits.softmax(-1)
+        g = grown(input_ids=ids, pixel_values=px).logits.softmax(-1)
+    assert (a - g).abs().max() < 0.05
+    with pytest.raises(ValueError, match="multiple"):
+        grow_decoder(state, 2, 7)
+
+
+def test_schedules():
+    assert background_keep_at(0, 0.05, 100) == pytest.approx(0.05)
+    assert background_keep_at(50, 0.05, 100) == pytest.approx(0.525)
+    assert background_keep_at(100, 0.05, 100) == 1.0
+    assert background_keep_at(10_000, 0.05, 100) == 1.0
+    assert background_keep_at(0, 1.0, 100) == 1.0
+    assert max_objects_at(0, 1, 40) == 1
+    assert max_objects_at(10_000, 1, 40) == 12
+
+
+def test_referent_words_come_from_the_question_text():
+    v = dict(zip(REFERENT_WORDS, referent_vector("is the small red circle left of the blue square ?"), strict=True))
+    assert {w for w, x in v.items() if x} == {"small", "red", "circle", "blue", "square"}
+    v = dict(zip(REFERENT_WORDS, referent_vector("how many crosses are there ?"), strict=True))
+    assert {w for w, x in v.items() if x} == {"crosses"}
+
+
+def test_referent_head_reads_the_position_that_predicts_the_answer(tok, small):
+    """Through background dropping, the head reads the hidden state of the token right before each answer."""
+    b = Batcher(tok, 3)
+    ids, _, px, labels, fams, _, keep = b.batch([51, 52], 12, WEIGHTS, background_keep=0.1)
+    refs, ref_mask = b.last_refs
+    rows = kept_rows(ids, keep, small.config.image_token_id)
+    head = ReferentHead(small, 64, layer=1)
+    with torch.no_grad():
+        decoder_logits(small, ids, px, keep, labels, fams, b.pad)
+    assert head.hidden is not None
+    loss = head.loss(refs, ref_mask, rows)
+    assert torch.isfinite(loss)
+    for bi, t in zip(*ref_mask.nonzero(as_tuple=True), strict=True):
+        assert labels[bi, t + 1] != -100 and labels[bi, t] == -100  # the next token is the answer word
+        short = int(torch.searchsorted(rows[bi], t))
+        assert rows[bi][short] == t and ids[bi, rows[bi][short]] == ids[bi, t]
