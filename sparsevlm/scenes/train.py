@@ -26,13 +26,13 @@ import torch.nn.functional as F
 
 from .generator import (
     COLOURS,
-    covered_patches,
     FAMILIES,
     GRID,
     LABEL_CHARS,
     MAX_OBJECTS,
     PLURALS,
     SHAPES,
+    covered_patches,
     heldout_set,
     patch_targets,
     render,
