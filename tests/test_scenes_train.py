@@ -15,6 +15,7 @@ from sparsevlm.scenes.train import (
     background_keep_at,
     decoder_logits,
     grow_decoder,
+    grown_positions,
     kept_rows,
     max_objects_at,
     referent_vector,
@@ -76,24 +77,34 @@ def test_dropped_tokens_change_what_the_answer_sees(tok, small):
     assert not torch.allclose(a_full, a_part, atol=1e-4)
 
 
-def test_grown_decoder_repeats_layers_and_starts_close_to_the_shallow_model(tok, small):
-    state = small.state_dict()
-    grown_state = grow_decoder(state, 2, 8)
-    grown = build_model(ModelSize(layers=8, hidden=64, intermediate=128, vision_layers=2), tok).eval()
+def test_grown_decoder_computes_exactly_what_the_shallow_one_did(tok):
+    shallow = build_model(ModelSize(layers=4, hidden=64, intermediate=128, vision_layers=2), tok, seed=4).eval()
+    state = shallow.state_dict()
+    size = ModelSize(layers=32, hidden=64, intermediate=128, vision_layers=2)
+    fresh = build_model(size, tok, seed=9).state_dict()
+    grown_state = grow_decoder(state, 4, 32, fresh)
+    grown = build_model(size, tok).eval()
     grown.load_state_dict(grown_state)  # strict: every key present, no extra
-    p = "model.language_model.layers."
-    for j in range(8):
-        src = j // 4
-        assert torch.equal(grown_state[f"{p}{j}.self_attn.q_proj.weight"], state[f"{p}{src}.self_attn.q_proj.weight"])
-        assert torch.allclose(grown_state[f"{p}{j}.mlp.down_proj.weight"], state[f"{p}{src}.mlp.down_proj.weight"] / 4)
     b = Batcher(tok, 2)
     ids, _, px, *_ = b.batch([41], 4, WEIGHTS)
     with torch.no_grad():
-        a = small(input_ids=ids, pixel_values=px).logits.softmax(-1)
-        g = grown(input_ids=ids, pixel_values=px).logits.softmax(-1)
-    assert (a - g).abs().max() < 0.05
-    with pytest.raises(ValueError, match="multiple"):
-        grow_decoder(state, 2, 7)
+        a = shallow(input_ids=ids, pixel_values=px).logits
+        g = grown(input_ids=ids, pixel_values=px).logits
+    assert torch.allclose(a, g, atol=1e-5)
+    # ... and the new layers are real layers: fresh attention, zero output only on the residual branch.
+    p = "model.language_model.layers."
+    new = [j for j in range(32) if j not in grown_positions(4, 32)]
+    q = f"{p}{new[0]}.self_attn.q_proj.weight"
+    assert torch.equal(grown_state[q], fresh[q])
+    assert not grown_state[f"{p}{new[0]}.self_attn.o_proj.weight"].any()
+
+
+def test_grown_positions_hold_the_layers_pruning_reads():
+    pos = grown_positions(8, 32)
+    assert len(pos) == 8 and pos == sorted(set(pos)) and pos[0] == 0 and pos[-1] < 32
+    assert {2, 6, 15} <= set(pos)
+    with pytest.raises(ValueError):
+        grown_positions(2, 32)  # too few to cover layers 0, 2, 6 and 15
 
 
 def test_schedules():

@@ -342,26 +342,52 @@ def initial_state(path: Path) -> dict:
             "prior_seconds": info["train_seconds"] + info.get("prior_seconds", 0.0)}
 
 
-def grow_decoder(state: dict, layers: int, new_layers: int) -> dict:
-    """Progressive stacking: a `new_layers`-deep decoder state from a `layers`-deep one.
+def grown_positions(layers: int, new_layers: int) -> list[int]:
+    """Where the trained layers go in the deeper decoder: spread out, and on the layers the pruning methods read
+    (the scaled SparseVLM layers and FastV's), so their attention is trained attention."""
+    from ..config import REFERENCE_PRUNE_LAYERS_32
+    from ..schedule import scaled_layers
 
-    Each layer is repeated k = new_layers / layers times in a row, its residual-branch outputs (o_proj,
-    down_proj) scaled by 1/k, so the k copies add about what the one layer added: the grown model starts close to
-    the trained shallow one (its accuracy is measured right after growing) and every layer starts with a trained
-    attention pattern, which a pruning demo reads.
+    must = sorted(set(scaled_layers(REFERENCE_PRUNE_LAYERS_32, new_layers)) | set(scaled_layers((2,), new_layers)))
+    if layers < len(set(must) | {0}):
+        raise ValueError(f"{layers} trained layers cannot cover the pruning layers {must} and layer 0")
+    spread = [round(i * (new_layers - 1) / (layers - 1)) for i in range(layers)]
+    for m in must:  # move the nearest evenly spread position (never layer 0) onto each pruning layer
+        if m in spread:
+            continue
+        free = [i for i, p in enumerate(spread) if p != 0 and p not in must]
+        spread[min(free, key=lambda i: abs(spread[i] - m))] = m
+    return sorted(spread)
+
+
+def grow_decoder(state: dict, layers: int, new_layers: int, fresh: dict) -> dict:
+    """Block expansion (as in LLaMA Pro, Wu et al. 2024): a `new_layers`-deep decoder from a `layers`-deep one.
+
+    The trained layers keep their weights at `grown_positions`; every other layer comes from `fresh` (a newly
+    initialised model's state) with its residual-branch outputs (o_proj, down_proj) set to zero, so it adds
+    nothing: the grown model computes exactly what the shallow one did (tested), and fine-tuning then puts the
+    new layers to work. Stacking copies instead (each layer repeated, outputs scaled down) was tried and
+    measured at 22% held-out right after growing, against 58% for the 8-layer model it came from.
     """
-    if new_layers % layers:
-        raise ValueError(f"cannot grow {layers} decoder layers to {new_layers}: not a multiple")
-    k = new_layers // layers
+    if new_layers < layers:
+        raise ValueError(f"cannot grow {layers} decoder layers to {new_layers}")
+    positions = grown_positions(layers, new_layers)
     prefix = "model.language_model.layers."
     out = {key: v for key, v in state.items() if not key.startswith(prefix)}
-    for key, v in state.items():
+    source = {p: i for i, p in enumerate(positions)}
+    for key, v in fresh.items():
         if not key.startswith(prefix):
             continue
-        i, rest = key[len(prefix):].split(".", 1)
-        for c in range(k):
-            w = v / k if rest in ("self_attn.o_proj.weight", "mlp.down_proj.weight") else v
-            out[f"{prefix}{int(i) * k + c}.{rest}"] = w.clone()
+        j, rest = key[len(prefix):].split(".", 1)
+        j = int(j)
+        if j >= new_layers:
+            continue
+        if j in source:
+            out[key] = state[f"{prefix}{source[j]}.{rest}"].clone()
+        elif rest in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            out[key] = torch.zeros_like(v)
+        else:
+            out[key] = v.clone()
     return out
 
 
@@ -387,8 +413,12 @@ def train(args: argparse.Namespace) -> None:
         init["size"] = {**init["size"], "layers": args.layers}
         init["model"] = {k: v for k, v in init["model"].items() if "language_model.layers." not in k}
     elif init and args.grow:
-        init["model"] = grow_decoder(init["model"], init["size"]["layers"], args.layers)
-        init["size"] = {**init["size"], "layers": args.layers}
+        grown_size = ModelSize(**{**init["size"], "layers": args.layers})
+        fresh = build_model(grown_size, tokenizer, seed=args.seed + 1).state_dict()
+        init["model"] = grow_decoder(init["model"], init["size"]["layers"], args.layers, fresh)
+        print(f"grown from {init['size']['layers']} decoder layers, kept at "
+              f"{grown_positions(init['size']['layers'], args.layers)}")
+        init["size"] = grown_size.to_dict()
     size = ModelSize(**given["size"]) if given else ModelSize(
         vision_hidden=args.vision_hidden,
         vision_layers=args.vision_layers,
@@ -558,7 +588,7 @@ def main() -> None:
                    help="with --init-from: keep the vision tower, projector, embeddings and head, start --layers "
                    "fresh decoder layers")
     p.add_argument("--grow", action="store_true",
-                   help="with --init-from a shallower model: repeat each decoder layer to reach --layers (stacking)")
+                   help="with --init-from a shallower model: grow it to --layers by block expansion (see grow_decoder)")
     p.add_argument("--vision-only", action="store_true",
                    help="train only the vision tower, on the per-patch heads (a pretraining phase)")
     p.add_argument("--referent-weight", type=float, default=0.0,
