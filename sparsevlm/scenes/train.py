@@ -452,7 +452,9 @@ def train(args: argparse.Namespace) -> None:
     max_obj, level_start = args.curriculum_start, 0  # the mastery curriculum's level and when it began
     if state:
         model.load_state_dict(state["model"])
-        aux.load_state_dict(state["aux"])
+        aux.load_state_dict(state["aux"], strict=False)
+        if ref_head is not None and state.get("referent_head") is not None:
+            ref_head.load_state_dict(state["referent_head"])
         opt.load_state_dict(state["optim"])
         step, train_seconds = state["step"], state["train_seconds"]
         prior_seconds = state.get("prior_seconds", 0.0)
@@ -473,6 +475,11 @@ def train(args: argparse.Namespace) -> None:
     batcher = Batcher(tokenizer, args.turns)
     all_weights = {f: 1.0 for f in FAMILIES}
     all_weights.update({"count": 1.5, "relation": 1.5, "read": 2.0})
+    for item in filter(None, args.family_weights.split(",")):
+        name, value = item.split("=")
+        if name not in all_weights:
+            raise SystemExit(f"--family-weights: unknown family {name!r} (families: {', '.join(FAMILIES)})")
+        all_weights[name] = float(value)
     # The first --early-steps ask only the families that are a plain look-up (find the object, read one
     # attribute): with every family from the start the decoder settles on each family's answer prior and the
     # look-up is slow to appear (measured: colour stayed at chance for 400 steps); alone it forms in ~60 steps.
@@ -489,6 +496,7 @@ def train(args: argparse.Namespace) -> None:
             {
                 "model": model.state_dict(),
                 "aux": aux.state_dict(),
+                "referent_head": ref_head.state_dict() if ref_head is not None else None,
                 "optim": opt.state_dict(),
                 "step": step,
                 "train_seconds": train_seconds,
@@ -611,6 +619,9 @@ def main() -> None:
                    help="steps per extra object (with --mastery: the most steps spent at one object count)")
     p.add_argument("--mastery", type=float, default=None,
                    help="add an object once colour and shape training accuracy (over --log-every steps) reach this")
+    p.add_argument("--family-weights", default="",
+                   help="relative question frequencies, e.g. position=2.5,relation=2 (defaults: count 1.5, "
+                   "relation 1.5, read 2, others 1)")
     p.add_argument("--early-families", default="colour,shape,read",
                    help="families asked during the first --early-steps (comma-separated)")
     p.add_argument("--early-steps", type=int, default=300)
