@@ -1,12 +1,20 @@
 """Train scenes-llava from scratch on generated scenes; resumable, seeded, logs curves to JSONL.
 
-    python -m sparsevlm.scenes.train --out checkpoints/scenes-llava            # train (resumes if a checkpoint exists)
-    python -m sparsevlm.scenes.train --out checkpoints/scenes-llava --export assets/models/scenes-llava
+    python -m sparsevlm.scenes.train --out DIR [options]      # train (resumes from DIR/checkpoint.pt)
+    python -m sparsevlm.scenes.train --out DIR --export assets/models/scenes-llava
+
+The shipped model's recipe, phase by phase (each phase starts from the last one's checkpoint.pt with --init-from;
+exact commands in the model card, assets/models/scenes-llava/README.md):
+
+1. vision tower on per-patch heads alone (--vision-only);
+2. an 8-layer decoder on the frozen tower (--reinit-decoder --layers 8 --freeze-vision --referent-weight 1
+   --mastery 0.9), pure-background visual tokens dropped early (--background-keep-start / --background-full-at);
+3. grown to 32 layers by block expansion and fine-tuned on full pictures (--grow --layers 32).
 
 Each sequence holds one picture and many question/answer turns (the LLaVA multi-turn chat format); the loss is
 on answer tokens (and the end-of-turn token) only, so each picture's 576 visual tokens pay for many answers.
-Scenes grow from few objects to many as training goes (curriculum). The data stream is a pure function of
-(seed, step), so a resumed run sees the same data an uninterrupted run would.
+The data stream is a pure function of (seed, step), so a resumed run sees the same data an uninterrupted run
+would (the mastery curriculum's level is saved in the checkpoint).
 """
 
 from __future__ import annotations
