@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..config import REFERENCE_PRUNE_LAYERS_32
+from ..schedule import scaled_layers
 from .generator import (
     COLOURS,
     FAMILIES,
@@ -353,9 +355,6 @@ def initial_state(path: Path) -> dict:
 def grown_positions(layers: int, new_layers: int) -> list[int]:
     """Where the trained layers go in the deeper decoder: spread out, and on the layers the pruning methods read
     (the scaled SparseVLM layers and FastV's), so their attention is trained attention."""
-    from ..config import REFERENCE_PRUNE_LAYERS_32
-    from ..schedule import scaled_layers
-
     must = sorted(set(scaled_layers(REFERENCE_PRUNE_LAYERS_32, new_layers)) | set(scaled_layers((2,), new_layers)))
     if layers < len(set(must) | {0}):
         raise ValueError(f"{layers} trained layers cannot cover the pruning layers {must} and layer 0")
@@ -496,7 +495,7 @@ def train(args: argparse.Namespace) -> None:
     heldout = heldout_set(args.heldout_n) if args.heldout_every else []
     log = open(out / "log.jsonl", "a")  # noqa: SIM115 - open for the whole run
     last_ckpt = time.time()
-    window = {"loss": 0.0, "aux": 0.0, "n": 0, "stats": {}, "t": 0.0}
+    window = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "n": 0, "stats": {}, "t": 0.0}
 
     def save() -> None:
         tmp = out / "checkpoint.pt.tmp"
@@ -538,11 +537,11 @@ def train(args: argparse.Namespace) -> None:
         else:
             loss, stats = answer_loss(model, ids, mask, pixels, labels, fams, batcher.eos, keep, batcher.pad)
         aux_loss = aux.loss(targets) if not args.freeze_vision else torch.zeros(())
+        ref_loss = torch.zeros(())
         if ref_head is not None and not args.vision_only:
             ref_loss = ref_head.loss(*batcher.last_refs, kept_rows(ids, keep, model.config.image_token_id))
-            aux_loss = aux_loss + args.referent_weight / args.aux_weight * ref_loss
         opt.zero_grad(set_to_none=True)
-        (loss + args.aux_weight * aux_loss).backward()
+        (loss + args.aux_weight * aux_loss + args.referent_weight * ref_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         step += 1
@@ -550,6 +549,7 @@ def train(args: argparse.Namespace) -> None:
         train_seconds += dt
         window["loss"] += float(loss.detach())
         window["aux"] += float(aux_loss.detach())
+        window["ref"] += float(ref_loss.detach())
         window["n"] += 1
         window["t"] += dt
         for f, (c, n) in stats.items():
@@ -560,6 +560,7 @@ def train(args: argparse.Namespace) -> None:
                 "step": step,
                 "loss": window["loss"] / window["n"],
                 "aux_loss": window["aux"] / window["n"],
+                "referent_loss": window["ref"] / window["n"],
                 "train_acc": {f: round(c / n, 4) for f, (c, n) in window["stats"].items()},
                 "s_per_step": window["t"] / window["n"],
                 "lr": lr,
@@ -578,7 +579,7 @@ def train(args: argparse.Namespace) -> None:
                 mastered = looked_up and min(looked_up) >= args.mastery
                 if mastered or step - level_start >= args.curriculum_every:
                     max_obj, level_start = max_obj + 1, step
-            window = {"loss": 0.0, "aux": 0.0, "n": 0, "stats": {}, "t": 0.0}
+            window = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "n": 0, "stats": {}, "t": 0.0}
         if args.heldout_every and step % args.heldout_every == 0:
             t1 = time.time()
             acc = heldout_accuracy(model, batcher, heldout)
