@@ -120,3 +120,21 @@ def test_answers_are_single_words_in_the_vocabulary(heldout):
         assert s.answer in answer_words()
         ids = tok(s.question, add_special_tokens=False)["input_ids"]
         assert unk not in ids, s.question
+
+
+def test_evaluation_splits_position_and_relation_by_what_they_ask():
+    from sparsevlm.scenes.evaluate import question_kind
+    from sparsevlm.scenes.generator import COLUMNS, ROWS, heldout_sample
+
+    kinds = set()
+    for i in range(4, 200, 7):  # position questions (family index 4 of 7, round-robin)
+        _, s = heldout_sample(i)
+        assert s.family == "position"
+        kind = question_kind(s.question, s.family)
+        kinds.add(kind)
+        assert s.answer in (ROWS if kind == "row" else COLUMNS)
+    for i in range(5, 200, 7):
+        _, s = heldout_sample(i)
+        kinds.add(question_kind(s.question, s.family))
+    assert kinds == {"row", "column", "left of", "above"}
+    assert question_kind("what colour is the circle ?", "colour") is None

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsevlm.scenes.generator import FAMILIES, covered_patches, training_scene
+from sparsevlm.scenes.generator import FAMILIES, Sample, covered_patches, make_scene, training_scene
 from sparsevlm.scenes.model import ModelSize, build_model, scenes_tokenizer
 from sparsevlm.scenes.train import (
     N_VISUAL,
     REFERENT_WORDS,
     Batcher,
+    GridHeads,
     ReferentHead,
+    WhereHead,
     background_keep_at,
     decoder_logits,
     grow_decoder,
@@ -19,6 +21,7 @@ from sparsevlm.scenes.train import (
     kept_rows,
     max_objects_at,
     referent_vector,
+    where_targets,
 )
 
 WEIGHTS = {f: 1.0 for f in FAMILIES}
@@ -140,3 +143,56 @@ def test_referent_head_reads_the_position_that_predicts_the_answer(tok, small):
         assert labels[bi, t + 1] != -100 and labels[bi, t] == -100  # the next token is the answer word
         short = int(torch.searchsorted(rows[bi], t))
         assert rows[bi][short] == t and ids[bi, rows[bi][short]] == ids[bi, t]
+
+
+def test_where_targets_are_the_named_objects_slots_in_question_order():
+    scene = make_scene(7, 6, with_label=False)
+    a, b = scene.objects[0], scene.objects[3]
+    rel = Sample(f"is the {b.name} above the {a.name} ?", "no", "relation", [])
+    assert where_targets(scene, rel) == [b.slot_row, b.slot_col, a.slot_row, a.slot_col]
+    pos = Sample(f"which column is the {a.name} in ?", "left", "position", [])
+    assert where_targets(scene, pos) == [a.slot_row, a.slot_col, -100, -100]
+    assert where_targets(scene, Sample(f"is there a {a.name} ?", "yes", "exist", [])) == [-100] * 4
+
+
+def test_where_head_supervises_only_position_and_relation_answers(tok, small):
+    b = Batcher(tok, 6)
+    weights = {**WEIGHTS, "position": 3.0, "relation": 3.0}
+    ids, _, px, labels, fams, _, keep = b.batch([61, 62, 63], 12, weights, background_keep=0.2)
+    where, (_, ref_mask) = b.last_where, b.last_refs
+    marked = where[..., 0] != -100
+    assert marked.any() and (marked <= ref_mask).all()  # only at positions that predict an answer
+    for bi, t in zip(*marked.nonzero(as_tuple=True), strict=True):
+        assert FAMILIES[int(fams[bi, t + 1])] in ("position", "relation")
+        assert ((where[bi, t] >= 0) & (where[bi, t] < 6) | (where[bi, t] == -100)).all()
+    rel = fams == FAMILIES.index("relation")
+    for bi, t in zip(*ref_mask.nonzero(as_tuple=True), strict=True):
+        assert bool(rel[bi, t + 1]) == bool(where[bi, t, 2] != -100)  # a second object exactly for relation
+    head = WhereHead(small, 64, layer=1)
+    with torch.no_grad():
+        decoder_logits(small, ids, px, keep, labels, fams, b.pad)
+    loss = head.loss(where, kept_rows(ids, keep, small.config.image_token_id))
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_grid_heads_read_the_visual_tokens_the_decoder_gets_with_their_own_cells(tok, small):
+    b = Batcher(tok, 2)
+    ids, _, px, labels, fams, _, keep = b.batch([71, 72], 12, WEIGHTS)
+    heads = GridHeads(small, 64)
+    with torch.no_grad():
+        decoder_logits(small, ids, px, keep, labels, fams, b.pad)
+        feats = heads.features
+        expected = small.model.get_image_features(
+            pixel_values=px,
+            vision_feature_layer=small.config.vision_feature_layer,
+            vision_feature_select_strategy=small.config.vision_feature_select_strategy,
+        ).pooler_output
+        assert torch.equal(feats, torch.stack(list(expected)))
+        # a head that reads a token's own cell perfectly gets (near) zero loss: the targets are the cells
+        heads.features = torch.eye(N_VISUAL)[None].repeat(2, 1, 1) * 50
+        for k, head in enumerate(heads.heads):
+            head.weight = torch.nn.Parameter(torch.zeros(24, N_VISUAL))
+            head.bias = torch.nn.Parameter(torch.zeros(24))
+            cell = torch.arange(N_VISUAL)
+            head.weight[(cell // 24) if k == 0 else (cell % 24), cell] = 1.0
+        assert heads.loss() < 1e-6

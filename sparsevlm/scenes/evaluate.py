@@ -35,9 +35,19 @@ def answer(model, processor, images, questions: list[str], max_new_tokens: int =
     return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
+def question_kind(question: str, family: str) -> str | None:
+    """The sub-kind of a position or relation question (row / column, left of / above), None otherwise."""
+    if family == "position":
+        return "row" if " row " in question else "column"
+    if family == "relation":
+        return "left of" if " left of " in question else "above"
+    return None
+
+
 def evaluate(model, processor, n: int, seed: int = HELDOUT_SEED, batch_size: int = 16, log_every: int = 0) -> dict:
     correct = {f: 0 for f in FAMILIES}
     total = {f: 0 for f in FAMILIES}
+    detail: dict[str, list[int]] = {}
     t0 = time.time()
     for start in range(0, n, batch_size):
         items = [heldout_sample(i, seed) for i in range(start, min(n, start + batch_size))]
@@ -45,6 +55,10 @@ def evaluate(model, processor, n: int, seed: int = HELDOUT_SEED, batch_size: int
         for (_, s), p in zip(items, preds, strict=True):
             correct[s.family] += int(p == s.answer)
             total[s.family] += 1
+            if kind := question_kind(s.question, s.family):
+                d = detail.setdefault(f"{s.family}: {kind}", [0, 0])
+                d[0] += int(p == s.answer)
+                d[1] += 1
         if log_every and (start // batch_size) % log_every == 0:
             done = sum(total.values())
             print(f"  {done}/{n}  acc {sum(correct.values()) / done:.3f}  {time.time() - t0:.0f}s", flush=True)
@@ -56,6 +70,7 @@ def evaluate(model, processor, n: int, seed: int = HELDOUT_SEED, batch_size: int
         "total": sum(total.values()),
         "accuracy": sum(correct.values()) / max(1, sum(total.values())),
     }
+    result["detail"] = {k: {"correct": c, "total": t, "accuracy": c / t} for k, (c, t) in sorted(detail.items())}
     result["seconds"] = round(time.time() - t0, 1)
     return result
 
@@ -78,6 +93,8 @@ def main() -> None:
         if name in result:
             r = result[name]
             print(f"{name:<10} {r['correct']:>8} {r['total']:>6} {r['accuracy']:>9.3f}")
+    for name, r in result["detail"].items():
+        print(f"  {name:<18} {r['correct']:>6} {r['total']:>6} {r['accuracy']:>9.3f}")
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
