@@ -19,6 +19,7 @@ from sparsevlm.scenes.train import (
     grow_decoder,
     grown_positions,
     kept_rows,
+    learning_rate,
     max_objects_at,
     referent_vector,
     where_targets,
@@ -108,6 +109,15 @@ def test_grown_positions_hold_the_layers_pruning_reads():
     assert {2, 6, 15} <= set(pos)
     with pytest.raises(ValueError):
         grown_positions(2, 32)  # too few to cover layers 0, 2, 6 and 15
+
+
+def test_learning_rate_warms_up_then_decays_over_the_invocation():
+    assert learning_rate(0, 1e-3, 10) == pytest.approx(1e-4)
+    assert learning_rate(500, 1e-3, 10) == pytest.approx(1e-3)
+    # resumed at step 100 for 11 steps, decaying to 1e-4: full rate at 100, end rate at 110
+    assert learning_rate(100, 1e-3, 10, start=100, steps=11, end=1e-4) == pytest.approx(1e-3)
+    assert learning_rate(105, 1e-3, 10, start=100, steps=11, end=1e-4) == pytest.approx(5.5e-4)
+    assert learning_rate(110, 1e-3, 10, start=100, steps=11, end=1e-4) == pytest.approx(1e-4)
 
 
 def test_schedules():

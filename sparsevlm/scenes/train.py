@@ -483,6 +483,15 @@ def grow_decoder(state: dict, layers: int, new_layers: int, fresh: dict) -> dict
     return out
 
 
+def learning_rate(step: int, lr: float, warmup: int, start: int = 0, steps: int = 0, end: float | None = None):
+    """Linear warm-up over the first `warmup` steps; with `end`, then a linear decay to `end` over the `steps`
+    steps this invocation runs from `start` (a resumed invocation decays over its own steps)."""
+    rate = lr * min(1.0, (step + 1) / warmup)
+    if end is not None:
+        rate += (end - rate) * (step - start) / max(1, steps - 1)
+    return rate
+
+
 def background_keep_at(step: int, start: float, full_at: int) -> float:
     """Share of pure-background visual tokens the decoder sees at `step`: grows linearly to 1 at `full_at`."""
     if full_at <= 0 or start >= 1.0:
@@ -621,10 +630,13 @@ def train(args: argparse.Namespace) -> None:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # finish the step, save, exit
 
+    start_step = step
     end_step = step + args.steps if args.steps else math.inf
+    if args.lr_end is not None and not args.steps:
+        raise SystemExit("--lr-end needs --steps (the decay runs over this invocation's steps)")
     while step < end_step and not stop:
         t0 = time.time()
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = learning_rate(step, args.lr, args.warmup, start_step, args.steps, args.lr_end)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         if args.mastery is None:
@@ -736,6 +748,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--turns", type=int, default=20, help="question/answer turns per picture")
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr-end", type=float, default=None,
+                   help="decay the learning rate linearly to this over the --steps of this invocation")
     p.add_argument("--projector-lr-scale", type=float, default=2.0)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--clip", type=float, default=1.0)
