@@ -9,7 +9,9 @@ exact commands in the model card, assets/models/scenes-llava/README.md):
 1. vision tower on per-patch heads alone (--vision-only);
 2. an 8-layer decoder on the frozen tower (--reinit-decoder --layers 8 --freeze-vision --referent-weight 1
    --mastery 0.9), pure-background visual tokens dropped early (--background-keep-start / --background-full-at);
-3. grown to 32 layers by block expansion and fine-tuned on full pictures (--grow --layers 32).
+3. the same decoder continued with the where and grid heads (--where-weight 1 --grid-weight 0.5), weighted
+   toward position and relation questions;
+4. grown to 32 layers by block expansion and fine-tuned on full pictures (--grow --layers 32).
 
 Each sequence holds one picture and many question/answer turns (the LLaVA multi-turn chat format); the loss is
 on answer tokens (and the end-of-turn token) only, so each picture's 576 visual tokens pay for many answers.
@@ -176,10 +178,11 @@ class WhereHead(torch.nn.Module):
     6x6 layout) of the object(s) the question names.
 
     Why: both families need the decoder to fetch where a named object is and carry it to the answer position;
-    the answer alone (three words, or yes/no) is a weak signal for that, and both families sat near chance for
-    thousands of steps (measured: position 61%, relation 52% after the full recipe) while the look-up of colour
-    and shape, which uses the same attention, was at 99%. Like the referent head it reads nothing about patches
-    or attention weights: its targets are the named objects' slots. Dropped at export.
+    the answer alone (three words, or yes/no) is a weak signal for that. Measured: after 3335 steps of the
+    recipe without it, position stood at 61% and relation at 52% (chance) held-out, while the look-up of colour
+    and shape, which needs the same attention, was at 99%. With it (and `GridHeads`), both reached 100% on 700
+    held-out questions at 8 layers. Like the referent head it reads nothing about patches or attention weights:
+    its targets are the named objects' slots. Dropped at export.
     """
 
     def __init__(self, model, hidden: int, layer: int, slots: int = 6):
