@@ -744,7 +744,8 @@ def main() -> None:
                    "names; 0: off)")
     p.add_argument("--where-layer", type=int, default=3, help="decoder layer whose output the where head reads")
     p.add_argument("--grid-weight", type=float, default=0.0,
-                   help="weight of the grid heads on the projector's output (each visual token's row and column; 0: off)")
+                   help="weight of the grid heads on the projector's output (each visual token's row and column; "
+                   "0: off)")
     p.add_argument("--freeze-vision", action="store_true",
                    help="keep the vision tower fixed (LLaVA-1.5 freezes CLIP); the per-patch heads are then unused")
     p.add_argument("--steps", type=int, default=0, help="steps to run in this invocation (0: until stopped)")
