@@ -172,7 +172,28 @@ def where_targets(scene, sample) -> list[int]:
     return out
 
 
-class WhereHead(torch.nn.Module):
+class DecoderProbe(torch.nn.Module):
+    """A linear head on the output of decoder layer `layer`, read at chosen positions of the full sequences
+    (training only; dropped at export)."""
+
+    def __init__(self, model, hidden: int, layer: int, outputs: int):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, outputs)
+        self.hidden = None
+        model.model.language_model.layers[layer].register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.hidden = output[0] if isinstance(output, tuple) else output
+
+    def read(self, b: torch.Tensor, t: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+        """Head outputs at full-sequence positions (b, t); `rows` (from `kept_rows`) says where each full position
+        sits in the shortened sequences the decoder saw."""
+        hidden, self.hidden = self.hidden, None
+        short = torch.stack([torch.searchsorted(rows[i], j) for i, j in zip(b.tolist(), t)]) if len(b) else t
+        return self.head(hidden[b, short])
+
+
+class WhereHead(DecoderProbe):
     """Auxiliary training head on the decoder: at the position that predicts the answer to a position or
     relation question, the hidden state after decoder layer `layer` must say the slot row and column (of the
     6x6 layout) of the object(s) the question names.
@@ -186,27 +207,19 @@ class WhereHead(torch.nn.Module):
     """
 
     def __init__(self, model, hidden: int, layer: int, slots: int = 6):
-        super().__init__()
+        super().__init__(model, hidden, layer, 4 * slots)
         self.slots = slots
-        self.head = torch.nn.Linear(hidden, 4 * slots)
-        self.hidden = None
-        model.model.language_model.layers[layer].register_forward_hook(self._keep)
-
-    def _keep(self, module, inputs, output):
-        self.hidden = output[0] if isinstance(output, tuple) else output
 
     def loss(self, where: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
-        """`where` [batch, full length, 4] indexes the full sequences (see `ReferentHead.loss` for `rows`)."""
+        """`where` [batch, full length, 4] indexes the full sequences (see `where_targets`)."""
         b, t = (where[..., 0] != -100).nonzero(as_tuple=True)
-        hidden, self.hidden = self.hidden, None
+        logits = self.read(b, t, rows).reshape(-1, 4, self.slots)
         if not len(b):
-            return hidden.sum() * 0.0
-        short = torch.stack([torch.searchsorted(rows[i], j) for i, j in zip(b.tolist(), t)])
-        logits = self.head(hidden[b, short]).reshape(-1, 4, self.slots)
+            return logits.sum() * 0.0
         return F.cross_entropy(logits.flatten(0, 1), where[b, t].flatten(), ignore_index=-100)
 
 
-class ReferentHead(torch.nn.Module):
+class ReferentHead(DecoderProbe):
     """Auxiliary training head on the decoder: at the position that predicts an answer, the hidden state after
     decoder layer `layer` must say which colour, shape and size words the question named.
 
@@ -219,22 +232,12 @@ class ReferentHead(torch.nn.Module):
     """
 
     def __init__(self, model, hidden: int, layer: int):
-        super().__init__()
-        self.head = torch.nn.Linear(hidden, len(REFERENT_WORDS))
-        self.hidden = None
-        model.model.language_model.layers[layer].register_forward_hook(self._keep)
-
-    def _keep(self, module, inputs, output):
-        self.hidden = output[0] if isinstance(output, tuple) else output
+        super().__init__(model, hidden, layer, len(REFERENT_WORDS))
 
     def loss(self, refs: torch.Tensor, ref_mask: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
-        """`refs`/`ref_mask` index the full sequences; `rows` (from `kept_rows`) says where each full position
-        sits in the shortened sequences the decoder saw."""
+        """`refs`/`ref_mask` index the full sequences."""
         b, t = ref_mask.nonzero(as_tuple=True)
-        short = torch.stack([torch.searchsorted(rows[i], j) for i, j in zip(b.tolist(), t)]) if len(b) else t
-        h = self.hidden[b, short]
-        self.hidden = None
-        return F.binary_cross_entropy_with_logits(self.head(h), refs[b, t])
+        return F.binary_cross_entropy_with_logits(self.read(b, t, rows), refs[b, t])
 
 
 class PatchHeads(torch.nn.Module):
