@@ -1,4 +1,4 @@
-"""The training script's pieces: background-token dropping, progressive stacking, the schedules."""
+"""The training script's pieces: background-token dropping, growing the decoder, the auxiliary heads, the schedules."""
 
 from __future__ import annotations
 
