@@ -82,7 +82,8 @@ class Conversations:
         return self._cache[text]
 
     def context_words(self, scene) -> tuple[list[int], list[int]]:
-        """The scene's compact words at the positions its objects' visual tokens will have."""
+        """The scene's compact words, one token per word, at the positions its items' visual tokens will have
+        (from 2 + the raster index of the item's first patch)."""
         ids, pos = [], []
         nxt = 2
         for i in world.reading_order(scene):
@@ -94,19 +95,41 @@ class Conversations:
             nxt = p + len(words)
         return ids, pos
 
-    def build(self, scene, turns: list[tuple[str, str, int]], visual: bool, lm_weight: float = 0.0):
+    def context_fused(self, scene, spread: int) -> tuple[list[tuple[int, ...]], list[int]]:
+        """The scene as pooled words: each item is ONE input vector, the mean of its words' embeddings (size,
+        colour, shape, row, column), repeated at up to `spread` of the positions its visual tokens will have
+        (evenly over the patches it covers). This is the text-only form closest to a picture - one vector per
+        patch carrying everything about the thing there - so the decoder learns to read such vectors before
+        the projector has to produce them."""
+        out = []
+        for i in world.items(scene):
+            group = tuple(self.ids(" ".join(world.item_words(scene, i))))
+            cells = world.covered_patches(scene, [i])
+            picks = sorted({cells[int(round(k))] for k in np.linspace(0, len(cells) - 1, min(spread, len(cells)))})
+            out += [(2 + c, group) for c in picks]
+        out.sort()
+        return [g for _, g in out], [p for p, _ in out]
+
+    def build(self, scene, turns: list[tuple[str, str, int]], visual: bool, lm_weight: float = 0.0,
+              fused: int = 0):
         """One conversation: `turns` are (question, answer, family index). The first turn carries the picture
-        (576 <image> tokens) or, without `visual`, the scene's compact words in their place."""
-        ids, pos, labels, fams, weights = [], [], [], [], []
+        (576 <image> tokens) or, without `visual`, the scene in words in their place: one token per word, or
+        with `fused` > 0 pooled words (`context_fused`). Returns (ids, positions, labels, families, weights,
+        groups): groups[k] is the tuple of token ids whose embeddings are averaged at position k."""
+        ids, pos, labels, fams, weights, groups = [], [], [], [], [], []
 
         def add(tokens, positions, supervised_family=None, w=0.0):
-            # Token k is predicted from token k-1: the label sits on the previous position.
+            # Token k is predicted from token k-1: the label sits on the previous position. A pooled token
+            # (a tuple of ids) is never a target.
             for t, p in zip(tokens, positions, strict=True):
+                g = t if isinstance(t, tuple) else (t,)
                 if ids:
-                    labels[-1] = t if (supervised_family is not None or w > 0) else -100
+                    target = (supervised_family is not None or w > 0) and len(g) == 1
+                    labels[-1] = g[0] if target else -100
                     fams[-1] = supervised_family if supervised_family is not None else -1
-                    weights[-1] = 1.0 if supervised_family is not None else w
-                ids.append(t)
+                    weights[-1] = (1.0 if supervised_family is not None else w) if target else 0.0
+                ids.append(g[0])
+                groups.append(g)
                 pos.append(p)
                 labels.append(-100)
                 fams.append(-1)
@@ -118,7 +141,7 @@ class Conversations:
             add([self.image_id] * N_VISUAL, list(range(2, 2 + N_VISUAL)))
             nxt = QUESTION_POS
         else:
-            cids, cpos = self.context_words(scene)
+            cids, cpos = self.context_fused(scene, fused) if fused else self.context_words(scene)
             add(cids, cpos, w=lm_weight)
             nxt = max(QUESTION_POS, cpos[-1] + 1 if cpos else 0)
         for t, (q, a, fam) in enumerate(turns):
@@ -129,7 +152,7 @@ class Conversations:
             ai = [*self.ids(a), self.eos]
             add(ai, list(range(nxt, nxt + len(ai))), supervised_family=fam)
             nxt += len(ai)
-        return ids, pos, labels, fams, weights
+        return ids, pos, labels, fams, weights, groups
 
     def collate(self, seqs):
         length = max(len(s[0]) for s in seqs)
@@ -139,15 +162,19 @@ class Conversations:
         labels = torch.full((b, length), -100, dtype=torch.long)
         fams = torch.full((b, length), -1, dtype=torch.long)
         weights = torch.zeros((b, length))
-        for k, (i, p, lab, f, w) in enumerate(seqs):
+        groups = torch.full((b, length, 5), -1, dtype=torch.long)
+        for k, (i, p, lab, f, w, g) in enumerate(seqs):
             n = len(i)
+            for t, grp in enumerate(g):
+                groups[k, t, : len(grp)] = torch.tensor(grp)
             ids[k, :n] = torch.tensor(i)
             pos[k, :n] = torch.tensor(p)
             pos[k, n:] = p[-1] + 1 + torch.arange(length - n)
             labels[k, :n] = torch.tensor(lab)
             fams[k, :n] = torch.tensor(f)
             weights[k, :n] = torch.tensor(w)
-        return ids, pos, labels, fams, weights
+        groups[:, :, 0] = torch.where(groups[:, :, 0] < 0, ids, groups[:, :, 0])
+        return ids, pos, labels, fams, weights, groups
 
 
 def caption_turn(scene, rng: np.random.Generator) -> tuple[str, str, int]:
@@ -182,9 +209,13 @@ def weighted_loss(logits, labels, fams, weights):
     return loss, stats
 
 
-def text_forward(model, ids, pos):
+def text_forward(model, groups, pos):
+    """The decoder on text: each position's input is the mean embedding of its group of token ids."""
     lm = model.model.language_model
-    hidden = lm(inputs_embeds=model.get_input_embeddings()(ids), position_ids=pos).last_hidden_state
+    present = (groups >= 0).float()
+    emb = model.get_input_embeddings()(groups.clamp_min(0)) * present[..., None]
+    emb = emb.sum(2) / present.sum(2, keepdim=True)
+    hidden = lm(inputs_embeds=emb, position_ids=pos).last_hidden_state
     return model.lm_head(hidden)
 
 
@@ -288,7 +319,9 @@ def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
             scene, turns = scene_turns(s, args.turns, max_obj, caption_p, weights)
         scenes.append(scene)
         if args.phase != "vision":
-            seqs.append(conv.build(scene, turns, visual=args.phase != "text", lm_weight=args.lm_weight))
+            fused = args.fused_spread if np.random.default_rng([s, 27]).random() < args.fused_p else 0
+            seqs.append(conv.build(scene, turns, visual=args.phase != "text", lm_weight=args.lm_weight,
+                                   fused=fused))
     return seeds, scenes, (conv.collate(seqs) if seqs else None)
 
 
@@ -358,14 +391,14 @@ def train(args: argparse.Namespace) -> None:
         aux = torch.zeros(())
         stats: dict = {}
         if args.phase == "text":
-            ids, pos, labels, fams, w = batch
-            loss, stats = weighted_loss(text_forward(model, ids, pos), labels, fams, w)
+            ids, pos, labels, fams, w, groups = batch
+            loss, stats = weighted_loss(text_forward(model, groups, pos), labels, fams, w)
         elif args.phase == "vision":
             model.model.vision_tower(pixel_values=pixel_values([world.render(s) for s in scenes]))
             targets = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes])
             loss = patch_heads.loss(targets)
         else:
-            ids, pos, labels, fams, w = batch
+            ids, pos, labels, fams, w, _ = batch
             share = background_keep_at(step, args.background_keep_start, args.background_full_at)
             keep = torch.stack([keep_mask(sc, s, share) for sc, s in zip(scenes, seeds, strict=True)])
             px = pixel_values([world.render(s) for s in scenes])
@@ -442,6 +475,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--turns", type=int, default=8, help="question/answer turns per conversation")
     p.add_argument("--caption-p", type=float, default=0.3, help="share of conversations with a caption turn")
+    p.add_argument("--fused-p", type=float, default=0.5,
+                   help="text phase: share of conversations whose scene is given as pooled words (context_fused)")
+    p.add_argument("--fused-spread", type=int, default=4,
+                   help="text phase: positions each pooled item is repeated at (over the patches it covers)")
     p.add_argument("--lm-weight", type=float, default=0.1,
                    help="loss weight of the non-answer text tokens (language modelling); answers weigh 1")
     p.add_argument("--lr", type=float, default=1e-3)
