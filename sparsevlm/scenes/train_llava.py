@@ -348,9 +348,9 @@ def train(args: argparse.Namespace) -> None:
     for heads in (patch_heads, grid_heads):
         if heads is not None:
             others += list(heads.parameters())
-    groups = [g for g in ({"params": others, "lr_scale": 1.0},
+    param_groups = [g for g in ({"params": others, "lr_scale": 1.0},
                           {"params": projector, "lr_scale": args.projector_lr_scale}) if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     step, train_seconds = 0, 0.0
     if saved is not None:
         opt.load_state_dict(saved["optim"])
@@ -359,7 +359,7 @@ def train(args: argparse.Namespace) -> None:
             if heads is not None and saved.get(key) is not None:
                 heads.load_state_dict(saved[key])
         print(f"resumed {args.phase} at step {step} ({train_seconds / 60:.1f} min) from {ckpt_path}", flush=True)
-    n_train = sum(p.numel() for g in groups for p in g["params"])
+    n_train = sum(p.numel() for g in param_groups for p in g["params"])
     print(f"phase {args.phase}: {n_train / 1e6:.2f}M trainable parameters, size {size.to_dict()}, "
           f"vocabulary {len(tokenizer)}", flush=True)
     if step >= args.until:
@@ -391,8 +391,8 @@ def train(args: argparse.Namespace) -> None:
         aux = torch.zeros(())
         stats: dict = {}
         if args.phase == "text":
-            ids, pos, labels, fams, w, groups = batch
-            loss, stats = weighted_loss(text_forward(model, groups, pos), labels, fams, w)
+            ids, pos, labels, fams, w, pooled = batch
+            loss, stats = weighted_loss(text_forward(model, pooled, pos), labels, fams, w)
         elif args.phase == "vision":
             model.model.vision_tower(pixel_values=pixel_values([world.render(s) for s in scenes]))
             targets = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes])
@@ -415,7 +415,7 @@ def train(args: argparse.Namespace) -> None:
         total = loss + args.grid_weight * aux
         opt.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.clip)
+        torch.nn.utils.clip_grad_norm_([p for g in param_groups for p in g["params"]], args.clip)
         opt.step()
         step += 1
         dt = time.time() - t0
