@@ -256,3 +256,16 @@ def test_each_phase_trains_what_llava_trains(tok):
     assert learning("vision") == {"vision"}
     assert learning("align") == {"projector"}  # stage 1: decoder and embeddings frozen
     assert learning("instruct") == {"decoder", "embeddings", "head", "projector"}  # stage 2: CLIP stays frozen
+
+
+def test_evaluation_reads_each_world_with_its_own_held_out_seed():
+    from sparsevlm.scenes.evaluate import DEFAULT_SEEDS, WORLDS, heldout_item, question_kind
+
+    assert len(set(DEFAULT_SEEDS.values())) == len(WORLDS)
+    for w in WORLDS:
+        items = [heldout_item(i, DEFAULT_SEEDS[w], w) for i in range(7)]
+        assert [s.family for _, s in items] == list(FAMILIES)
+        assert all(img.size == (336, 336) for img, _ in items)
+    kinds = {question_kind(s.question, s.family) for i in range(5, 400, 7)
+             for _, s in [world.heldout_sample(i)]}
+    assert kinds == {"left of", "right of", "above", "below", "under"}
