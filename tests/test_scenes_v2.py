@@ -269,3 +269,23 @@ def test_evaluation_reads_each_world_with_its_own_held_out_seed():
     kinds = {question_kind(s.question, s.family) for i in range(5, 400, 7)
              for _, s in [world.heldout_sample(i)]}
     assert kinds == {"left of", "right of", "above", "below", "under"}
+
+
+def test_referent_probe_targets_what_the_question_names_at_the_answer_position(tok):
+    from sparsevlm.scenes.train_llava import REFERENT_WORDS, Conversations, referent_vector
+
+    v = referent_vector("How many red crosses are in the image?", FAMILIES.index("count"))
+    named = {w for w, x in zip(REFERENT_WORDS, v, strict=False) if x}
+    assert named == {"red", "cross"} and v[len(REFERENT_WORDS) + FAMILIES.index("count")] == 1.0
+    assert {w for w, x in zip(REFERENT_WORDS, referent_vector("what is on the card?", 6), strict=False) if x} == {
+        "label"}
+    conv = Conversations(tok)
+    scene = world.make_scene(4, 3, with_label=True)
+    turns = [("what is written on the label?", scene.label.lower(), FAMILIES.index("read")),
+             (f"what colour is the {scene.objects[0].shape}?", scene.objects[0].colour, 0)]
+    ids, _, labels, _, _, _ = conv.build(scene, turns, visual=True)
+    at = sorted(conv.last_refs)
+    assert [labels[t] for t in at] == [conv.ids(a)[0] for _, a, _ in turns]  # they predict the answer words
+    assert [tok.convert_ids_to_tokens(ids[t]) for t in at] == [":", ":"]
+    batch = conv.collate([(ids, *conv.build(scene, turns, visual=True)[1:])], [conv.last_refs])
+    assert batch[-1].sum() == 2

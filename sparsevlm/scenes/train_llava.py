@@ -51,13 +51,59 @@ from ..tokenizer import build_tokenizer
 from . import world
 from .generator import FAMILIES
 from .model import ModelSize, build_model, build_processor, pixel_values
-from .train import GridHeads, PatchHeads, background_keep_at, decoder_logits, grow_decoder, grown_positions
+from .train import (
+    DecoderProbe,
+    GridHeads,
+    PatchHeads,
+    background_keep_at,
+    decoder_logits,
+    grow_decoder,
+    grown_positions,
+    kept_rows,
+)
 
 N_VISUAL = world.GRID * world.GRID
 QUESTION_POS = 2 + N_VISUAL  # "USER", ":" then 576 visual tokens
 CAPTION = len(FAMILIES)  # family index of caption tokens in the stats
 STAT_NAMES = (*FAMILIES, "caption")
 SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "models" / "scenes-llava"
+
+
+REFERENT_WORDS = (*world.COLOURS, *world.SHAPES, *world.SIZE_CLASSES, "label")
+REFERENT_SIZE = len(REFERENT_WORDS) + len(FAMILIES)
+
+
+def referent_vector(question: str, family: int) -> list[float]:
+    """What a question names, read from its text alone: its colour / shape / size words (plurals count as the
+    shape; "card" as the label) as a multi-hot vector, then its family one-hot."""
+    words = set(question.lower().replace("?", " ").split())
+    words |= {s for s in world.SHAPES if world.PLURALS[s] in words}
+    if "card" in words:
+        words.add("label")
+    out = [1.0 if w in words else 0.0 for w in REFERENT_WORDS] + [0.0] * len(FAMILIES)
+    if 0 <= family < len(FAMILIES):
+        out[len(REFERENT_WORDS) + family] = 1.0
+    return out
+
+
+class ReferentProbe(DecoderProbe):
+    """Auxiliary head (training only, dropped at export): at the position that predicts an answer, the output of
+    decoder layer `layer` must say which colour / shape / size words (or the label) the question named and its
+    family - from the question's text alone.
+
+    Why: a question's answer position is ":" after "ASSISTANT", several tokens after the words that say what
+    to look up. Measured in the text phase without it (step 1695, single-turn, <= 3 objects): reading the label
+    0.0 (always "8"), existence below chance - while copying the scene into a caption, where the current token
+    itself is the look-up key, was at 0.8. The first embedded model met the same wall with pictures (see
+    train.ReferentHead). It reads no picture, no evidence patches and no attention weights.
+    """
+
+    def __init__(self, model, hidden: int, layer: int):
+        super().__init__(model, hidden, layer, REFERENT_SIZE)
+
+    def loss(self, refs: torch.Tensor, mask: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+        b, t = mask.nonzero(as_tuple=True)
+        return F.binary_cross_entropy_with_logits(self.read(b, t, rows), refs[b, t])
 
 
 def v2_tokenizer():
@@ -117,6 +163,7 @@ class Conversations:
         with `fused` > 0 pooled words (`context_fused`). Returns (ids, positions, labels, families, weights,
         groups): groups[k] is the tuple of token ids whose embeddings are averaged at position k."""
         ids, pos, labels, fams, weights, groups = [], [], [], [], [], []
+        refs: dict[int, list[float]] = {}  # index of the position that predicts an answer -> referent_vector
 
         def add(tokens, positions, supervised_family=None, w=0.0):
             # Token k is predicted from token k-1: the label sits on the previous position. A pooled token
@@ -150,11 +197,15 @@ class Conversations:
             add(qi, list(range(nxt, nxt + len(qi))), w=lm_weight)
             nxt += len(qi)
             ai = [*self.ids(a), self.eos]
+            refs[len(ids) - 1] = referent_vector(q, fam)
             add(ai, list(range(nxt, nxt + len(ai))), supervised_family=fam)
             nxt += len(ai)
+        self.last_refs = refs  # read by collate (kept out of the tuple the tests unpack)
         return ids, pos, labels, fams, weights, groups
 
-    def collate(self, seqs):
+    def collate(self, seqs, refs: list[dict[int, list[float]]] | None = None):
+        """Batch tensors; with `refs` (one `last_refs` per sequence) also the referent targets and their mask,
+        appended to the tuple."""
         length = max(len(s[0]) for s in seqs)
         b = len(seqs)
         ids = torch.full((b, length), self.pad, dtype=torch.long)
@@ -174,7 +225,15 @@ class Conversations:
             fams[k, :n] = torch.tensor(f)
             weights[k, :n] = torch.tensor(w)
         groups[:, :, 0] = torch.where(groups[:, :, 0] < 0, ids, groups[:, :, 0])
-        return ids, pos, labels, fams, weights, groups
+        if refs is None:
+            return ids, pos, labels, fams, weights, groups
+        ref = torch.zeros((b, length, REFERENT_SIZE))
+        ref_mask = torch.zeros((b, length), dtype=torch.bool)
+        for k, r in enumerate(refs):
+            for t, vec in r.items():
+                ref[k, t] = torch.tensor(vec)
+                ref_mask[k, t] = True
+        return ids, pos, labels, fams, weights, groups, ref, ref_mask
 
 
 def caption_turn(scene, rng: np.random.Generator) -> tuple[str, str, int]:
@@ -309,7 +368,7 @@ def family_weights(spec: str) -> dict[str, float]:
 def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
     """The step's batch: a pure function of (seed, step)."""
     seeds = [args.seed * 1_000_000 + step * args.batch + b for b in range(args.batch)]
-    seqs, scenes = [], []
+    seqs, scenes, refs = [], [], []
     caption_p = {"text": args.caption_p, "align": 1.0, "instruct": args.caption_p}.get(args.phase, 0.0)
     for s in seeds:
         if args.phase == "align":
@@ -322,7 +381,8 @@ def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
             fused = args.fused_spread if np.random.default_rng([s, 27]).random() < args.fused_p else 0
             seqs.append(conv.build(scene, turns, visual=args.phase != "text", lm_weight=args.lm_weight,
                                    fused=fused))
-    return seeds, scenes, (conv.collate(seqs) if seqs else None)
+            refs.append(conv.last_refs)
+    return seeds, scenes, (conv.collate(seqs, refs) if seqs else None)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -343,6 +403,9 @@ def train(args: argparse.Namespace) -> None:
     trainable(model, args.phase)
     patch_heads = PatchHeads(model, size.vision_hidden) if args.phase == "vision" else None
     grid_heads = GridHeads(model, size.hidden) if args.phase in ("align", "instruct") and args.grid_weight > 0 else None
+    ref_probe = None
+    if args.phase in ("text", "instruct") and args.referent_weight > 0:
+        ref_probe = ReferentProbe(model, size.hidden, args.referent_layer)
     projector = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" in n]
     others = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" not in n]
     for heads in (patch_heads, grid_heads):
@@ -351,14 +414,22 @@ def train(args: argparse.Namespace) -> None:
     param_groups = [g for g in ({"params": others, "lr_scale": 1.0},
                           {"params": projector, "lr_scale": args.projector_lr_scale}) if g["params"]]
     opt = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    # The referent probe has a group of its own, last, so a run that adds it resumes a checkpoint saved without.
+    probe_group = {"params": list(ref_probe.parameters()), "lr_scale": 1.0} if ref_probe is not None else None
     step, train_seconds = 0, 0.0
+    if probe_group is not None and (saved is None or len(saved["optim"]["param_groups"]) > len(param_groups)):
+        opt.add_param_group(probe_group)
+        probe_group = None
     if saved is not None:
         opt.load_state_dict(saved["optim"])
+        if probe_group is not None:
+            opt.add_param_group(probe_group)
         step, train_seconds = saved["step"], saved["train_seconds"]
-        for key, heads in (("patch_heads", patch_heads), ("grid_heads", grid_heads)):
+        for key, heads in (("patch_heads", patch_heads), ("grid_heads", grid_heads), ("referent_probe", ref_probe)):
             if heads is not None and saved.get(key) is not None:
                 heads.load_state_dict(saved[key])
         print(f"resumed {args.phase} at step {step} ({train_seconds / 60:.1f} min) from {ckpt_path}", flush=True)
+    param_groups = opt.param_groups
     n_train = sum(p.numel() for g in param_groups for p in g["params"])
     print(f"phase {args.phase}: {n_train / 1e6:.2f}M trainable parameters, size {size.to_dict()}, "
           f"vocabulary {len(tokenizer)}", flush=True)
@@ -374,13 +445,14 @@ def train(args: argparse.Namespace) -> None:
                     "train_seconds": train_seconds, "prior_seconds": prior, "size": size.to_dict(),
                     "phase": args.phase, "args": vars(args),
                     "patch_heads": patch_heads.state_dict() if patch_heads is not None else None,
-                    "grid_heads": grid_heads.state_dict() if grid_heads is not None else None}, tmp)
+                    "grid_heads": grid_heads.state_dict() if grid_heads is not None else None,
+                    "referent_probe": ref_probe.state_dict() if ref_probe is not None else None}, tmp)
         os.replace(tmp, ckpt_path)
 
     stop: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # finish the step, save, exit
     last_ckpt = time.time()
-    window: dict = {"loss": 0.0, "aux": 0.0, "n": 0, "t": 0.0, "stats": {}}
+    window: dict = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "n": 0, "t": 0.0, "stats": {}}
     while step < args.until and not stop:
         t0 = time.time()
         lr = lr_at(step, args)
@@ -388,31 +460,34 @@ def train(args: argparse.Namespace) -> None:
             g["lr"] = lr * g["lr_scale"]
         max_obj = min(world.MAX_OBJECTS, args.curriculum_start + step // max(1, args.curriculum_every))
         seeds, scenes, batch = make_batch(args, conv, step, max_obj, weights)
-        aux = torch.zeros(())
+        aux, ref_loss = torch.zeros(()), torch.zeros(())
         stats: dict = {}
         if args.phase == "text":
-            ids, pos, labels, fams, w, pooled = batch
+            ids, pos, labels, fams, w, pooled, ref, ref_mask = batch
             loss, stats = weighted_loss(text_forward(model, pooled, pos), labels, fams, w)
+            if ref_probe is not None:
+                ref_loss = ref_probe.loss(ref, ref_mask, [torch.arange(ids.shape[1])] * ids.shape[0])
         elif args.phase == "vision":
             model.model.vision_tower(pixel_values=pixel_values([world.render(s) for s in scenes]))
             targets = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes])
             loss = patch_heads.loss(targets)
         else:
-            ids, pos, labels, fams, w, _ = batch
+            ids, pos, labels, fams, w, _, ref, ref_mask = batch
             share = background_keep_at(step, args.background_keep_start, args.background_full_at)
             keep = torch.stack([keep_mask(sc, s, share) for sc, s in zip(scenes, seeds, strict=True)])
             px = pixel_values([world.render(s) for s in scenes])
             # decoder_logits shortens the sequences to the kept tokens; weights follow the same rows.
             logits, lab, fam = decoder_logits(model, ids, px, keep, labels, fams, conv.pad)
             wl = torch.zeros_like(lab, dtype=torch.float)
-            from .train import kept_rows
-
-            for k, r in enumerate(kept_rows(ids, keep, model.config.image_token_id)):
+            rows = kept_rows(ids, keep, model.config.image_token_id)
+            for k, r in enumerate(rows):
                 wl[k, : len(r)] = w[k, r]
             loss, stats = weighted_loss(logits, lab, fam, wl)
             if grid_heads is not None:
                 aux = grid_heads.loss()
-        total = loss + args.grid_weight * aux
+            if ref_probe is not None:
+                ref_loss = ref_probe.loss(ref, ref_mask, rows)
+        total = loss + args.grid_weight * aux + args.referent_weight * ref_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for g in param_groups for p in g["params"]], args.clip)
@@ -422,6 +497,7 @@ def train(args: argparse.Namespace) -> None:
         train_seconds += dt
         window["loss"] += float(loss.detach())
         window["aux"] += float(aux.detach())
+        window["ref"] += float(ref_loss.detach())
         window["n"] += 1
         window["t"] += dt
         for f, (c, n) in stats.items():
@@ -429,14 +505,14 @@ def train(args: argparse.Namespace) -> None:
             window["stats"][f] = (a + c, b + n)
         if step % args.log_every == 0:
             rec = {"phase": args.phase, "step": step, "loss": window["loss"] / window["n"],
-                   "aux_loss": window["aux"] / window["n"],
+                   "aux_loss": window["aux"] / window["n"], "referent_loss": window["ref"] / window["n"],
                    "train_acc": {f: round(c / n, 4) for f, (c, n) in window["stats"].items()},
                    "s_per_step": round(window["t"] / window["n"], 3), "lr": lr, "max_objects": max_obj,
                    "train_minutes": round(train_seconds / 60, 2), "time": time.strftime("%H:%M:%S")}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(json.dumps(rec), flush=True)
-            window = {"loss": 0.0, "aux": 0.0, "n": 0, "t": 0.0, "stats": {}}
+            window = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "n": 0, "t": 0.0, "stats": {}}
         if time.time() - last_ckpt > args.ckpt_minutes * 60:
             save()
             last_ckpt = time.time()
@@ -488,6 +564,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--grid-weight", type=float, default=0.5, help="grid heads on the projector output (0: off)")
+    p.add_argument("--referent-weight", type=float, default=0.0,
+                   help="text / instruct: weight of the referent probe (what the question names, at the answer "
+                   "position; 0: off)")
+    p.add_argument("--referent-layer", type=int, default=1, help="decoder layer the referent probe reads")
     p.add_argument("--family-weights", default="", help="e.g. count=2,relation=2")
     p.add_argument("--curriculum-start", type=int, default=12, help="most objects in a scene at step 0")
     p.add_argument("--curriculum-every", type=int, default=100, help="steps per extra object")
