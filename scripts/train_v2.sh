@@ -10,10 +10,10 @@ T="python -m sparsevlm.scenes.train_llava --threads ${THREADS:-1}"
 C=checkpoints
 # (a) language pretraining: decoder (8 layers x 128) on text alone; half the scenes as one word per token, half
 # as pooled words (one vector per item, at its patches' positions); 2 objects at most at first, 12 from step 600.
-TEXT_STEPS=${TEXT_STEPS:-3400}
+TEXT_STEPS=${TEXT_STEPS:-6000}
 $T --phase text --out $C/v2-text --until $TEXT_STEPS --batch 16 --turns 6 --caption-p 0.3 \
    --fused-p 0.5 --fused-spread 4 --curriculum-start 2 --curriculum-every 60 --lr 1e-3 --warmup 50 \
-   --decay-from $((TEXT_STEPS - 800)) --lr-end 1e-4 --referent-weight 1 --seed 1
+   --decay-from $((TEXT_STEPS - 800)) --lr-end 1e-4 --referent-weight 1 --family-weights read=3 --seed 1
 # vision tower: per-patch heads on v2 pictures, from the shipped tower (then frozen).
 $T --phase vision --out $C/v2-vision --init-from $C/v2-text/checkpoint.pt --until ${VISION_STEPS:-300} \
    --batch 8 --lr 5e-4 --warmup 20 --seed 2
