@@ -88,6 +88,7 @@ def cmd_run(a) -> int:
         recycle=not a.no_recycle, merge=a.merge, positions=a.positions,
     ).validate()
     lm = load_model(a.model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
+    cfg.validate(lm.visual_tokens)  # a bad budget is the one error line, before the word notice
     unknown = unknown_words(a.question, lm.processor.tokenizer)
     if unknown:  # before the run (on stderr, so --json stays one object): why an answer may be off
         print(unknown_words_notice(unknown), file=sys.stderr, flush=True)
