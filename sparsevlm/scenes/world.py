@@ -9,7 +9,7 @@ What is wider than v1:
   52-70 px, big 82-112 px = 6-8 patches), so a size word is never ambiguous; any pixel position (not slots),
   non-overlapping boxes; the largest class allowed shrinks as the object count grows so 12 objects fit;
 - backgrounds: plain, gradient, noisy or textured (stripes / checks), light or dark, slightly tinted;
-- colour jitter of +-25 per channel and a brightness factor; a label card of 42-56 px anywhere;
+- colour jitter of +-15 per channel and a brightness factor of 0.9-1.05; a label card of 42-56 px anywhere;
 - questions in several phrasings ("what color is ...", "what is the colour of the ...", "?" with or without a
   space, a capital first letter) - the tokenizer lower-cases and splits punctuation, so they all reach the model;
 - `describe(scene)`: the scene in words (size, colour, shape, position of every object in reading order), the
@@ -194,8 +194,10 @@ def make_scene(seed: int, n_objects: int, with_label: bool) -> Scene2:
         boxes.append(box)
         colour = list(COLOURS)[int(pair) // len(SHAPES)]
         base_rgb = np.array(COLOURS[colour], dtype=np.float64)
-        scale = rng.uniform(0.85, 1.1)
-        fill = tuple(int(v) for v in np.clip(base_rgb * scale + rng.integers(-25, 26, size=3), 0, 255))
+        # Jitter kept small enough that the darkest yellow stays apart from the brightest orange (green channel
+        # >= 169 against <= 157), so every colour word is right to the eye.
+        scale = rng.uniform(0.9, 1.05)
+        fill = tuple(int(v) for v in np.clip(base_rgb * scale + rng.integers(-15, 16, size=3), 0, 255))
         objects.append(Object2(SHAPES[int(pair) % len(SHAPES)], colour, side, x0, y0, fill))
     scene = Scene2(seed=seed, objects=objects, background=background, dark=dark, base=base)
     if label_box is not None:
