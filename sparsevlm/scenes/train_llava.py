@@ -520,6 +520,30 @@ def train(args: argparse.Namespace) -> None:
     print(f"phase {args.phase}: saved step {step} to {ckpt_path}", flush=True)
 
 
+PROBE_SEED = 9_500_000  # text-probe conversations: no training stream reaches these seeds
+
+
+@torch.no_grad()
+def probe_text(model, conv: Conversations, n: int, max_objects: int, fused: int) -> dict[str, float]:
+    """Single-turn accuracy of the answer word on `n` fresh text conversations (the scene as words, or pooled
+    with `fused`), teacher-forced, per family: what the decoder can answer from text alone, with no earlier
+    turn to copy from."""
+    seqs = []
+    for s in range(n):
+        scene, turns = scene_turns(PROBE_SEED + s, 1, max_objects, 0.0)
+        seqs.append(conv.build(scene, turns, visual=False, fused=fused))
+    ids, pos, labels, fams, _, groups = conv.collate(seqs)
+    pred = text_forward(model, groups, pos).argmax(-1)
+    sel = (labels != -100) & (labels != conv.eos)
+    out = {}
+    for k, name in enumerate(STAT_NAMES):
+        m = sel & (fams == k)
+        if m.any():
+            out[name] = round(float((pred[m] == labels[m]).float().mean()), 3)
+    out["overall"] = round(float((pred[sel] == labels[sel]).float().mean()), 3)
+    return out
+
+
 def export(ckpt_dir: Path, dest: Path) -> None:
     """Write a checkpoint as a from_pretrained-loadable model + processor (safetensors) at `dest`."""
     state = torch.load(ckpt_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
@@ -585,8 +609,22 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--probe-text", type=int, default=0,
+                   help="print probe_text of the checkpoint in --out on this many conversations per setting and exit")
     args = p.parse_args()
-    if args.export:
+    if args.probe_text:
+        torch.set_num_threads(args.threads)
+        st = torch.load(Path(args.out) / "checkpoint.pt", map_location="cpu", weights_only=False)
+        tokenizer = v2_tokenizer()
+        model = build_model(ModelSize(**st["size"]), tokenizer)
+        model.load_state_dict(st["model"])
+        model.eval()
+        conv = Conversations(tokenizer)
+        for fused, objects in ((0, 2), (0, 12), (args.fused_spread, 2), (args.fused_spread, 12)):
+            res = probe_text(model, conv, args.probe_text, objects, fused)
+            print(json.dumps({"step": st["step"], "context": "pooled" if fused else "words",
+                              "max_objects": objects, "n": args.probe_text, **res}), flush=True)
+    elif args.export:
         export(Path(args.out), Path(args.export))
     elif math.isfinite(args.until):
         train(args)
