@@ -509,7 +509,7 @@ def markdown(summary: dict, model: str, command: str) -> str:
     for t in TOKEN_TYPES:
         cells = [_pm(ev["by_layer"][str(layer)][t]["recall"], pct=False) for layer in s["layers"]]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    lines.append(f"| random | " + " | ".join(f"{ev['random']:.3f}" for _ in s["layers"]) + " |")
+    lines.append("| random | " + " | ".join(f"{ev['random']:.3f}" for _ in s["layers"]) + " |")
     nw = s["nearest_word"]
     lines += [
         "",
