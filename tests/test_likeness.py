@@ -161,3 +161,30 @@ def test_a_model_on_another_grid_is_refused_clearly():
     model, processor = tiny_llava("llama")  # 8x8 grid: the scenes' evidence is on 24x24
     with pytest.raises(SparseVLMError, match="24x24 grid"):
         L.Measurer(model, processor)
+
+
+# --- aggregation ---------------------------------------------------------------------------------------------------
+def _record(i, tokens, raters, recall_last):
+    return L.QuestionRecord(
+        index=i, family="colour", question=" ".join(tokens), answer="red", predicted="red" if i else "blue",
+        tokens=tokens, classes=[L.classify_word(t) for t in tokens], relevance=[0.0] * len(tokens),
+        raters=raters, evidence=4, recall={2: {"last": recall_last, "raters": 0.5}},
+    )
+
+
+def test_summary_counts_rater_classes_and_words():
+    toks = ["what", "colour", "is", "the", "circle", "?", "assistant", ":"]
+    records = [_record(0, toks, [1, 4, 5], 1.0), _record(1, toks, [2, 5], 0.5)]
+    s = L.summarize(records, (2,), 32, 64, 576)
+    classes = s["raters"]["classes"]
+    assert classes["content"]["share_of_raters"][0] == pytest.approx(2 / 5)
+    assert classes["function"]["share_of_raters"][0] == pytest.approx(1 / 5)
+    assert classes["template"]["share_of_raters"][0] == pytest.approx(2 / 5)
+    assert classes["content"]["share_of_text"][0] == pytest.approx(2 / 8)
+    assert s["raters"]["content_share_of_question_word_raters"][0] == pytest.approx(2 / 3)
+    top = {w["word"]: w for w in s["raters"]["top_words"]}
+    assert top["?"]["times_rater"] == 2 and top["?"]["rater_rate"] == 1.0
+    assert top["colour"]["rater_rate"] == 0.5
+    assert "what" in s["raters"]["never_rater"]
+    assert s["evidence_recall"]["by_layer"]["2"]["last"]["recall"][0] == pytest.approx(0.75)
+    assert s["dense_first_token_accuracy"][0] == pytest.approx(0.5)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -373,7 +374,11 @@ def summarize(records: list[QuestionRecord], layers: tuple[int, ...], depth: int
             word_rater[w] += int(i in r.raters)
     total_raters = int(n_raters.sum())
     top = sorted(word_rater, key=lambda w: (-word_rater[w], w))
+    question_raters = n_raters - raters_cls["template"]
     out["raters"] = {
+        # Figure 3 of the paper shades only the question's words: the same share without the template's tokens.
+        "content_share_of_question_word_raters": ratio_with_error(raters_cls["content"], question_raters),
+        "content_share_of_question_words": ratio_with_error(text_cls["content"], n_text - text_cls["template"]),
         "per_question_mean": float(n_raters.mean()) if len(records) else float("nan"),
         "text_tokens_per_question_mean": float(n_text.mean()) if len(records) else float("nan"),
         "classes": classes,
@@ -467,7 +472,8 @@ def markdown(summary: dict, model: str, command: str) -> str:
         f"# LLaVA-likeness of `{model}`",
         "",
         f"Measured by `{command}` ({s['questions']} held-out questions, seed {s['seed']}, families round-robin; "
-        f"{s['seconds']:.0f} s wall, {s['threads']} torch thread(s)). "
+        f"{s['seconds']:.0f} s wall, {s['threads']} torch thread(s), PYTHONHASHSEED {s['python_hash_seed']}: the "
+        "generator's exist-no questions depend on it). "
         "± is a 95% interval half-width with questions as the sampling unit. Dense first-token accuracy on these "
         f"questions: {_pm(s['dense_first_token_accuracy'])}.",
         "",
@@ -482,6 +488,12 @@ def markdown(summary: dict, model: str, command: str) -> str:
     ]
     for c, v in r["classes"].items():
         lines.append(f"| {c} | {_pm(v['share_of_raters'])} | {_pm(v['share_of_text'])} | {_pm(v['rater_rate'])} |")
+    lines += [
+        "",
+        "Without the template's tokens (`?`, `assistant`, `:`; the paper's Figure 3 shades only the question's "
+        f"words): content words are {_pm(r['content_share_of_question_word_raters'])} of the raters, against "
+        f"{_pm(r['content_share_of_question_words'])} of the question's words.",
+    ]
     lines += ["", "Content share of raters by question family: " + ", ".join(
         f"{f} {_pm(v)}" for f, v in r["content_share_by_family"].items()) + ".", ""]
     lines += ["| rater word | class | share of raters | rater when present |", "|---|---|---|---|"]
@@ -517,7 +529,8 @@ def markdown(summary: dict, model: str, command: str) -> str:
         "",
         f"Cosine between the projector output of each evidence patch and every input word embedding "
         f"({nw['vocabulary_words']} words; special tokens excluded). Core patches: the object covers >= "
-        f"{int(CORE_FRACTION * 100)}% of the patch.",
+        f"{int(CORE_FRACTION * 100)}% of the patch. Chance (patches pointing at words uniformly): "
+        f"{100 / nw['vocabulary_words']:.1f}% for one given word, median rank {(nw['vocabulary_words'] + 1) / 2:g}.",
         "",
         "| patches | n (questions) | nearest = object's colour word | nearest = object's shape word | either | "
         "any colour word | any shape word | median rank of colour / shape word |",
@@ -556,6 +569,21 @@ def _json_safe(x):
     return x
 
 
+def to_json(summary: dict, records: list[QuestionRecord]) -> str:
+    """The summary indented, then one line per question (patch words as [patch, core, nearest, colour rank,
+    shape rank]), so the file stays small enough to commit."""
+    rows = []
+    for r in records:
+        d = dict(r.__dict__)
+        if r.patch_words:
+            d["object"] = [r.patch_words[0]["colour"], r.patch_words[0]["shape"]]
+        d["patch_words"] = [[p["patch"], p["core"], p["nearest"], p["colour_rank"], p["shape_rank"]]
+                            for p in r.patch_words]
+        rows.append(json.dumps(_json_safe(d), allow_nan=False, separators=(",", ":")))
+    head = json.dumps(_json_safe(summary), indent=1, allow_nan=False)
+    return '{"summary": ' + head + ',\n"records": [\n' + ",\n".join(rows) + "\n]}\n"
+
+
 def run(model_path: str, n: int, seed: int = HELDOUT_SEED, k: int = TOP_K, log_every: int = 0) -> tuple[dict, list]:
     """Load the model, measure `n` held-out questions, and summarize. Returns (summary, per-question records)."""
     from ..loading import load_model
@@ -571,6 +599,9 @@ def run(model_path: str, n: int, seed: int = HELDOUT_SEED, k: int = TOP_K, log_e
     depth = loaded.model.config.text_config.num_hidden_layers
     summary = summarize(records, m.layers, depth, k, m.visual)
     summary["nearest_word"]["vocabulary_words"] = len(m.word_ids)
+    # The generator builds some "is there ...? no" questions from Python sets of words, whose order follows the
+    # string hash seed: the held-out set is reproducible only with PYTHONHASHSEED fixed.
+    summary["python_hash_seed"] = os.environ.get("PYTHONHASHSEED", "random")
     summary.update(model=model_path, seed=seed, visual=m.visual, seconds=round(time.time() - t0, 1),
                    threads=torch.get_num_threads(), attention_rows="recomputed from q/k (SDPA model), not eager")
     return summary, records
@@ -604,8 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(summary, args.model, command)
     print(md)
     if args.json:
-        data = {"summary": summary, "records": [r.__dict__ for r in records]}
-        Path(args.json).write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False) + "\n")
+        Path(args.json).write_text(to_json(summary, records))
     if args.md:
         Path(args.md).write_text(md)
     return 0
