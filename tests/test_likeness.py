@@ -132,7 +132,7 @@ def test_ratio_error_is_the_binomial_error_for_one_token_per_question():
 # --- the CLI -------------------------------------------------------------------------------------------------------
 def test_cli_runs_on_a_few_questions(tmp_path, capsys):
     out_json, out_md = tmp_path / "l.json", tmp_path / "l.md"
-    rc = L.main(["--model", str(MODEL), "--n", "7", "--json", str(out_json), "--md", str(out_md)])
+    rc = L.main(["--model", str(MODEL), "--n", "7", "--json", str(out_json), "--md", str(out_md), "--records"])
     assert rc == 0
     data = json.loads(out_json.read_text())
     s = data["summary"]

@@ -1,6 +1,7 @@
 """How LLaVA-like a model is where the pruning methods look: raters, attention to evidence, word-aligned patches.
 
-    python -m sparsevlm.scenes.likeness --model assets/models/scenes-llava --n 210 --json out.json --md out.md
+    PYTHONHASHSEED=0 python -m sparsevlm.scenes.likeness --model assets/models/scenes-llava --n 1050 \
+        --json out.json --md out.md [--records]
 
 SparseVLM assumes what the paper's Figure 3 shows on LLaVA-1.5: the text tokens whose embeddings the projected
 patches resemble (the raters, SPEC section 1) are content words (`Tylenol`, `sticker`, `fridge`), and their
@@ -569,9 +570,11 @@ def _json_safe(x):
     return x
 
 
-def to_json(summary: dict, records: list[QuestionRecord]) -> str:
-    """The summary indented, then one line per question (patch words as [patch, core, nearest, colour rank,
-    shape rank]), so the file stays small enough to commit."""
+def to_json(summary: dict, records: list[QuestionRecord] | None = None) -> str:
+    """The summary indented, then (if given) one line per question, patch words as [patch, core, nearest,
+    colour rank, shape rank]."""
+    if records is None:
+        return json.dumps({"summary": _json_safe(summary)}, indent=1, allow_nan=False) + "\n"
     rows = []
     for r in records:
         d = dict(r.__dict__)
@@ -617,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=HELDOUT_SEED)
     p.add_argument("--top-k", type=int, default=TOP_K, help="visual tokens counted for evidence recall")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--json", default=None, help="write the summary and per-question records here")
+    p.add_argument("--json", default=None, help="write the summary (and with --records, per question) here")
+    p.add_argument("--records", action="store_true", help="add every question's measurements to the JSON (~1 kB each)")
     p.add_argument("--md", default=None, help="write the markdown report here")
     args = p.parse_args(argv)
     if args.n < 1:
@@ -635,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(summary, args.model, command)
     print(md)
     if args.json:
-        Path(args.json).write_text(to_json(summary, records))
+        Path(args.json).write_text(to_json(summary, records if args.records else None))
     if args.md:
         Path(args.md).write_text(md)
     return 0
