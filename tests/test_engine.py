@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -131,10 +133,16 @@ def test_every_method_generates_greedy_and_sampling(tiny, method, positions):
         return
     greedy = run(lm, _image(), "what colour is the shape?", cfg, max_new_tokens=4)
     sampled = run(lm, _image(), "what colour is the shape?", cfg, max_new_tokens=4, do_sample=True, seed=1)
+    flops = run(lm, _image(), "what colour is the shape?", replace(cfg, accounting="flops"), max_new_tokens=2)
+    assert abs(flops.trace.cost.equal_tokens - 32) <= 1.0  # flops accounting: input-counted equal tokens
+    assert flops.trace.cost.budget_counting == "input" and flops.trace.cost.budget_met
+    paper_counting = {"sparsevlm": "output", "fastv": "kept"}.get(method, "input")
     for r in (greedy, sampled):
         t = r.trace
         assert t.generated_tokens >= 1
-        assert abs(t.cost.equal_tokens - 32) <= 1.0
+        assert t.cost.accounting == "paper" and t.cost.budget_counting == paper_counting
+        assert t.cost.budget_met and abs(t.cost.budget_figure - 32) <= 1.0
+        assert t.config["positions"] == positions
         assert t.cost.prefill_flops < t.cost.prefill_flops_dense
         assert t.cost.kv_bytes < t.cost.kv_bytes_dense
         assert [rec.visual_in for rec in t.layers][0] == (64 if method in ("sparsevlm", "fastv") else 32)
@@ -198,8 +206,12 @@ def test_budget_above_grid_and_unreachable_budgets_are_clear_errors(tiny):
     _, model, _ = tiny
     with pytest.raises(ConfigError, match="larger than the image grid"):
         PruneHooks(model, PruneConfig(budget=65))
-    with pytest.raises(ConfigError, match="below what pruning after layer"):
-        PruneHooks(model, PruneConfig(method="fastv", budget=8))
+    for method in ("fastv", "sparsevlm"):  # flops accounting: a budget the depth cannot reach is an error
+        with pytest.raises(ConfigError, match="below what pruning after layer"):
+            PruneHooks(model, PruneConfig(method=method, budget=8, accounting="flops"))
+    # paper accounting: every budget <= the grid runs (FastV keeps 8; SparseVLM runs its smallest schedule)
+    assert PruneHooks(model, PruneConfig(method="fastv", budget=8)).plan.counts.budget_met
+    assert not PruneHooks(model, PruneConfig(method="sparsevlm", budget=8)).plan.counts.budget_met
 
 
 @torch.no_grad()
