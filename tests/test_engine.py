@@ -228,3 +228,48 @@ def test_adaptive_count_modes_follow_their_formulas(tiny):
     for s in code.stages:  # kept = min(int(rank * scale + bias), Lv - 1), recycled clusters on top
         kept = min(int(s.rank * 3.0 + 2.0), s.visual_in - 1)
         assert s.visual_out == kept + s.clusters and s.deleted == s.visual_in - kept
+
+
+@torch.no_grad()
+def test_fastv_k_counts_layers_as_fastv_does():
+    """FastV K = 2 (the default on 32 layers): layers 0-1 see every visual token, the last token's head-mean
+    attention row IN LAYER 1 ranks them, and layers 2.. see the top k (reference: `layer_idx == FASTV_k - 1`)."""
+    model, processor = tiny_llava("llama", layers=32, image_size=112)
+    model.set_attn_implementation("eager")
+    inputs = _inputs(processor)
+    with PruneHooks(model, PruneConfig(method="fastv", budget=16)) as hooks:
+        out = model(**inputs, output_attentions=True)
+    rec = hooks.record()
+    assert [s.after_layer for s in rec.stages] == [1]
+    assert rec.layer_inputs[:3] == [64, 64, 16] and set(rec.layer_inputs[2:]) == {16}  # paper: 16 kept after K-1
+    last_row = out.attentions[1][0].float().mean(dim=0)[-1, rec.prefix : rec.prefix + 64]
+    assert torch.allclose(torch.tensor(rec.stages[0].scores), last_row, atol=1e-6, rtol=0)
+    assert rec.stages[0].kept == sorted(torch.topk(last_row, 16).indices.tolist())
+    with PruneHooks(model, PruneConfig(method="fastv", budget=16, fastv_k=5)) as hooks:
+        model(**inputs)
+    assert [s.after_layer for s in hooks.record().stages] == [4]
+
+
+def _image_token_happy(model, processor):
+    """The same model with an lm_head bias that makes it generate the image token's id at every step."""
+    image_id = model.config.image_token_id
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    head.weight.data.copy_(model.lm_head.weight.data)
+    head.bias.data.zero_()
+    head.bias.data[image_id] = 100.0
+    model.lm_head = head
+    return model
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["sparsevlm", "fastv", "random"])
+def test_generating_the_image_token_is_a_decode_step_not_a_new_prefill(method):
+    model, processor = tiny_llava("llama", layers=8, image_size=112)
+    model = _image_token_happy(model, processor)
+    inputs = _inputs(processor)
+    with PruneHooks(model, PruneConfig(method=method, budget=32)) as hooks:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    assert new.tolist() == [model.config.image_token_id] * 3  # the case the bug needs
+    rec = hooks.record()
+    assert len(rec.forward_ms) == 3 and rec.stages  # one prefill that pruned, two decode steps
