@@ -152,12 +152,15 @@ def sparsevlm_fixed(cfg: PruneConfig, visual: int, depth: int) -> Counts:
     shape = (shape + [shape[-1]] * len(layers))[: len(layers)]
 
     def direct_for(alpha: float) -> list[int]:
-        # Every stage deletes at least one token (the reference caps its counts at V_cur - 1).
-        out, prev = [], visual
+        # Direct counts strictly decrease, and every stage leaves fewer tokens than it received (recycled
+        # clusters included; the reference caps its counts at V_cur - 1).
+        out, prev, cur = [], visual, visual
         for s in shape:
-            c = max(1, min(prev - 1, round(alpha * s)))
+            c = max(1, min(prev - 1, cur - 1, round(alpha * s)))
+            while c > 1 and totals_with_clusters(cur, [c], recycle, cfg.tau, cfg.theta)[0] >= cur:
+                c -= 1
             out.append(c)
-            prev = c
+            prev, cur = c, totals_with_clusters(cur, [c], recycle, cfg.tau, cfg.theta)[0]
         return out
 
     def figure(direct: list[int]) -> float:
