@@ -13,15 +13,10 @@ import numpy as np
 import plotly.graph_objects as go
 from PIL import Image, ImageDraw, ImageFont
 
+from sparsevlm.methods import METHOD_LABELS as REGISTERED_LABELS
 from sparsevlm.trace import PruneTrace, Stage
 
-METHOD_LABELS = {
-    "sparsevlm": "SparseVLM",
-    "fastv": "FastV",
-    "fastervlm": "FasterVLM",
-    "random": "Random",
-    "dense": "Dense (no pruning)",
-}
+METHOD_LABELS = dict(REGISTERED_LABELS)  # one place for labels: the engine's method registry
 
 # Cluster outlines: a qualitative palette that stays readable on top of photos.
 CLUSTER_COLOURS: tuple[tuple[int, int, int], ...] = (

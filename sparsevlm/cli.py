@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from .config import COUNT_MODES, METHODS, PruneConfig
+from .config import ACCOUNTINGS, COUNT_MODES, PruneConfig
 from .errors import SparseVLMError
+from .methods import METHODS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,14 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image", required=True)
     r.add_argument("--question", required=True)
     r.add_argument("--method", default="sparsevlm", choices=METHODS)
-    r.add_argument("--budget", type=_positive_int, default=64, help="equal visual tokens (192/128/96/64)")
+    r.add_argument("--budget", type=_positive_int, default=64, help="visual tokens (192/128/96/64)")
+    r.add_argument("--accounting", default="paper", choices=ACCOUNTINGS,
+                   help="paper: each method's published setting and counting; flops: every method at the same "
+                        "input-counted equal tokens (same prefill cost)")
     r.add_argument("--mode", default="fixed", choices=COUNT_MODES, help="SparseVLM count mode")
     r.add_argument("--lam", type=float, default=1.0, help="lambda of paper eq. 8 (--mode paper)")
     r.add_argument("--scale", type=float, default=13.5, help="reference-code scale (--mode code)")
     r.add_argument("--bias", type=float, default=0.0, help="reference-code bias (--mode code)")
     r.add_argument("--no-recycle", action="store_true", help="turn token recycling off")
     r.add_argument("--merge", default="mean", choices=("mean", "sum"))
-    r.add_argument("--positions", default="keep", choices=("keep", "compact"))
+    r.add_argument("--positions", default=None, choices=("keep", "compact"),
+                   help="position ids of survivors (default: the method's own)")
+    r.add_argument("--fastv-k", type=_positive_int, default=None, help="FastV's K (default 2 of 32, scaled)")
     r.add_argument("--max-new-tokens", type=_positive_int, default=16)
     r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     r.add_argument("--device", default=None)
@@ -63,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--width", default=None, choices=("cpu", "7b"), help="default: 7b on CUDA, cpu otherwise")
     b.add_argument("--runs", type=_positive_int, default=5)
     b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--accounting", default="both", choices=(*ACCOUNTINGS, "both"))
     b.add_argument("--json", action="store_true")
 
     e = sub.add_parser("eval", help="accuracy and evidence recall of every method on generated scenes")
@@ -70,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=_positive_int, default=300, help="questions")
     e.add_argument("--seed", type=int, default=12345)
     e.add_argument("--methods", default=None, help="comma-separated subset of the benchmark's configurations")
+    e.add_argument("--accounting", default="both", choices=(*ACCOUNTINGS, "both"))
     e.add_argument("--json", action="store_true")
     e.add_argument("--out", default=None, help="folder for benchmark.md, benchmark.json and the figure")
     return p
@@ -83,7 +91,8 @@ def cmd_run(a) -> int:
     image = load_image(a.image)
     check_question(a.question)
     cfg = PruneConfig(
-        method=a.method, budget=a.budget, count_mode=a.mode, lam=a.lam, scale=a.scale, bias=a.bias,
+        method=a.method, budget=a.budget, accounting=a.accounting, fastv_k=a.fastv_k, count_mode=a.mode,
+        lam=a.lam, scale=a.scale, bias=a.bias,
         recycle=not a.no_recycle, merge=a.merge, positions=a.positions,
     ).validate()
     lm = load_model(a.model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
@@ -97,8 +106,10 @@ def cmd_run(a) -> int:
         return 0
     s = t.summary()
     print(f"answer: {t.answer}")
-    print(f"method: {t.method} (budget {a.budget}), equal tokens {s['equal_tokens']:.1f} "
-          f"(reference counting {s['equal_tokens_reference']:.1f})")
+    met = {True: "met", False: "NOT met", None: "no budget"}[s["budget_met"]]
+    print(f"method: {t.method} (budget {a.budget}, {s['accounting']} accounting: {met} by {s['budget_counting']} "
+          f"counting), equal tokens {s['equal_tokens_input']:.1f} counted at layer inputs, "
+          f"{s['equal_tokens_output']:.1f} counted at pruning layers' outputs")
     if t.raters:
         print("raters: " + " ".join(f"[{r.token} {r.score:.3f}]" if r.rater else r.token for r in t.raters))
     for st in t.stages:
@@ -138,7 +149,8 @@ def cmd_bench(a) -> int:
     from .bench import bench, format_table
 
     width = a.width or ("7b" if torch.cuda.is_available() else "cpu")
-    result = bench(width=width, runs=a.runs, warmup=a.warmup)
+    accountings = ACCOUNTINGS if a.accounting == "both" else (a.accounting,)
+    result = bench(width=width, runs=a.runs, warmup=a.warmup, accountings=accountings)
     print(json.dumps(result) if a.json else format_table(result))
     return 0
 

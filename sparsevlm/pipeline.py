@@ -11,9 +11,9 @@ from PIL import Image
 from . import cost as C
 from .config import PruneConfig
 from .errors import InputError
-from .hooks import PruneHooks
+from .hooks import CallRecord, PruneHooks
 from .loading import LoadedModel
-from .schedule import equal_tokens, equal_tokens_reference
+from .schedule import BUDGET_TOLERANCE, equal_tokens, equal_tokens_reference
 from .tokenizer import prompt_for
 from .trace import Cost, PruneTrace, Rater, Timings
 
@@ -101,20 +101,39 @@ def run(
         total_ms = (time.perf_counter() - t0) * 1e3
     new_ids = out[0, n_prompt:]
     answer = lm.processor.decode(new_ids, skip_special_tokens=True).strip()
-    trace = build_trace(lm, hooks, config, question, prompt, inputs["input_ids"][0], image.size, answer,
+    trace = build_trace(lm, hooks.record(), config, question, prompt, inputs["input_ids"][0], image.size, answer,
                         len(new_ids), total_ms)
     return RunResult(answer, trace)
 
 
-def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, image_size, answer, n_new, total_ms):
-    st = hooks.state
+def budget_figures(record: CallRecord, config: PruneConfig) -> dict:
+    """Both equal-token figures of a call (from its measured layer counts) and the one its accounting meets."""
+    visual = list(record.layer_inputs) or [record.visual_total]
+    depth = len(visual)
+    after = [s for s in record.stages if s.after_layer >= 0]
+    fin = equal_tokens(visual)
+    fout = equal_tokens_reference(visual[0], tuple(s.after_layer for s in after), [s.visual_out for s in after],
+                                  depth) if after else fin
+    out = {"equal_tokens": fin, "equal_tokens_reference": fout, "accounting": config.accounting, "budget": None,
+           "budget_counting": "", "budget_figure": None, "budget_met": None}
+    if record.counts is not None:
+        counting = record.counts.budget_counting
+        figure = {"input": fin, "output": fout, "kept": float(record.stages[-1].visual_out) if record.stages
+                  else float(visual[-1])}[counting]
+        out.update(budget=config.budget, budget_counting=counting, budget_figure=figure,
+                   budget_met=abs(figure - config.budget) <= BUDGET_TOLERANCE)
+    return out
+
+
+def build_trace(lm, record: CallRecord, config, question, prompt, input_ids, image_size, answer, n_new, total_ms):
+    st = record
     text_ids = input_ids[st.prefix + st.visual_total :].tolist()
     tokens = lm.processor.tokenizer.convert_ids_to_tokens(text_ids)
     raters: list[Rater] = []
     if st.relevance is not None:
-        chosen = set(st.raters.tolist())
+        chosen = set(st.raters or [])
         raters = [Rater(i, tok, float(r), i in chosen) for i, (tok, r) in enumerate(zip(tokens, st.relevance))]
-    layers = hooks.layer_records()
+    layers = record.layer_records()
     shape = C.DecoderShape.from_config(lm.model.config)
     fixed = st.prefix + st.text
     per_layer = [fixed + r.visual_in for r in layers]
@@ -123,13 +142,9 @@ def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, imag
     overhead = C.rater_flops(st.text, st.visual_total, shape) if st.relevance is not None else 0.0
     for s in st.stages:
         overhead += C.stage_overhead_flops(s.raters, fixed + s.visual_in, s.visual_in, s.recycled, s.clusters, shape)
-    counts = [s.visual_out for s in st.stages if s.after_layer >= 0]
-    prune_layers = tuple(s.after_layer for s in st.stages if s.after_layer >= 0)
     visual_per_layer = [r.visual_in for r in layers]
     cost = Cost(
-        equal_tokens=equal_tokens(visual_per_layer),
-        equal_tokens_reference=equal_tokens_reference(visual_per_layer[0], prune_layers, counts, len(layers))
-        if prune_layers else equal_tokens(visual_per_layer),
+        **budget_figures(record, config),
         prefill_flops_dense=C.prefill_flops(dense, shape),
         prefill_flops=C.prefill_flops(per_layer, shape) + overhead,
         prune_overhead_flops=overhead,
@@ -154,13 +169,17 @@ def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, imag
     )
     rows, cols = lm.grid
     notes = []
-    if hooks.schedule_note:
-        notes.append(hooks.schedule_note)
-    notes.append("equal tokens: mean over decoder layers of the visual tokens each layer processes as input; "
-                 "the reference code counts a pruning layer at its output count (equal_tokens_reference)")
+    if record.note:
+        notes.append(record.note)
+    notes.append("equal tokens: mean over decoder layers of the visual tokens each layer processes, counted at each "
+                 "layer's input (equal_tokens; what FLOPs follow) and with a pruning layer counted at its output "
+                 "(equal_tokens_reference; the reference code's figure)")
+    if cost.budget_met is False:
+        notes.append(f"budget {config.budget} not met: {cost.budget_counting}-counted figure "
+                     f"{cost.budget_figure:.1f}")
     return PruneTrace(
         method=config.method,
-        config=config.to_dict(),
+        config={**config.to_dict(), "positions": record.positions},  # the positions mode that ran
         model=lm.describe(),
         question=question,
         prompt=prompt,

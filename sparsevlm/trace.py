@@ -83,6 +83,11 @@ class Cost:
 
     equal_tokens: float = 0.0  # mean over decoder layers of visual tokens each layer processes (input count)
     equal_tokens_reference: float = 0.0  # same, counting a pruning layer at its output count (reference code)
+    accounting: str = "paper"  # how the budget was met: paper (published settings) | flops (equal input count)
+    budget: int | None = None  # the configured budget (None: dense or adaptive counts)
+    budget_counting: str = ""  # the figure the accounting met the budget in: input | output | kept
+    budget_figure: float | None = None  # that figure, measured from the run's layer counts
+    budget_met: bool | None = None  # budget_figure within one token of the budget
     prefill_flops_dense: float = 0.0
     prefill_flops: float = 0.0  # includes the pruning overhead
     prune_overhead_flops: float = 0.0
@@ -185,6 +190,13 @@ class PruneTrace:
             "model": self.model,
             "equal_tokens": c.equal_tokens,
             "equal_tokens_reference": c.equal_tokens_reference,
+            "equal_tokens_input": c.equal_tokens,
+            "equal_tokens_output": c.equal_tokens_reference,
+            "accounting": c.accounting,
+            "budget": c.budget,
+            "budget_counting": c.budget_counting,
+            "budget_figure": c.budget_figure,
+            "budget_met": c.budget_met,
             "visual_tokens": self.visual_tokens,
             "text_tokens": self.text_tokens,
             "layers": self.layer_table(),
