@@ -34,22 +34,32 @@ def build_prompt(processor, question: str) -> str:
     return prompt_for(question)
 
 
-def input_region(image_processor, width: int, height: int) -> tuple[float, float, float, float]:
+def input_region(image_processor, width: int, height: int, covered: float = 1.0) -> tuple[float, float, float, float]:
     """The box of the original image (its pixels; may extend past the edges when padding) that the image
-    processor turns into the model's square input: resize-shortest-edge + center-crop, plain resize, or pad."""
+    processor turns into the model's square input: resize-shortest-edge + center-crop, plain resize, or pad.
+
+    covered: the share of the square input the patch grid tiles (grid * patch / image size). SigLIP-384 with
+    14-pixel patches tiles 27 * 14 = 378 of 384 pixels; its last 6 rows and columns reach no patch."""
     size = getattr(image_processor, "size", None) or {}
     if getattr(image_processor, "do_pad", False):  # LLaVA's expand-to-square, then resize
         side = max(width, height)
         x0, y0 = (width - side) / 2, (height - side) / 2
-        return (x0, y0, x0 + side, y0 + side)
-    if getattr(image_processor, "do_center_crop", False) and "shortest_edge" in size:
+        x1, y1 = x0 + side, y0 + side
+    elif getattr(image_processor, "do_center_crop", False) and "shortest_edge" in size:
         crop = image_processor.crop_size
         scale = size["shortest_edge"] / min(width, height)
         rw, rh = width * scale, height * scale
         cw, ch = min(crop["width"], rw), min(crop["height"], rh)
         x0, y0 = (rw - cw) / 2 / scale, (rh - ch) / 2 / scale
-        return (x0, y0, x0 + cw / scale, y0 + ch / scale)
-    return (0.0, 0.0, float(width), float(height))
+        x1, y1 = x0 + cw / scale, y0 + ch / scale
+    else:
+        x0, y0, x1, y1 = 0.0, 0.0, float(width), float(height)
+    return (x0, y0, x0 + (x1 - x0) * covered, y0 + (y1 - y0) * covered)
+
+
+def _grid_coverage(lm: LoadedModel) -> float:
+    v = lm.model.config.vision_config
+    return (v.image_size // v.patch_size) * v.patch_size / v.image_size
 
 
 def check_question(question: str) -> str:
@@ -166,7 +176,7 @@ def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, imag
         prompt=prompt,
         answer=answer,
         image_size=tuple(image_size),
-        input_region=input_region(lm.processor.image_processor, *image_size),
+        input_region=input_region(lm.processor.image_processor, *image_size, covered=_grid_coverage(lm)),
         grid=(rows, cols),
         prefix_tokens=st.prefix,
         visual_tokens=st.visual_total,
