@@ -15,7 +15,7 @@ from .hooks import PruneHooks
 from .loading import LoadedModel
 from .schedule import equal_tokens, equal_tokens_reference
 from .tokenizer import prompt_for
-from .trace import Cost, PruneTrace, Rater, Timings
+from .trace import Cost, Memory, PruneTrace, Rater, Timings
 
 MAX_QUESTION_CHARS = 2000
 
@@ -24,6 +24,32 @@ MAX_QUESTION_CHARS = 2000
 class RunResult:
     answer: str
     trace: PruneTrace
+
+
+def kv_cache_bytes(cache) -> tuple[int, list[int]]:
+    """Bytes held by a transformers Cache's key/value tensors, and the cached positions of each layer."""
+    total, per_layer = 0, []
+    for layer in getattr(cache, "layers", []):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or values is None:
+            per_layer.append(0)
+            continue
+        total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+        per_layer.append(int(keys.shape[-2]) if keys.dim() >= 2 and keys.numel() else 0)
+    return int(total), per_layer
+
+
+class _CacheProbe:
+    """A forward hook on the model that reads the KV cache object after every forward: the first reading is the
+    prefill's cache, the last one the cache generate() ends with."""
+
+    def __init__(self):
+        self.readings: list[tuple[int, list[int]]] = []
+
+    def __call__(self, module, args, output):
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None:
+            self.readings.append(kv_cache_bytes(cache))
 
 
 def build_prompt(processor, question: str) -> str:
@@ -101,22 +127,37 @@ def run(
         gen.update(temperature=float(temperature), top_p=float(top_p))
         torch.manual_seed(seed)
     hooks = PruneHooks(lm.model, config)
-    with torch.inference_mode(), hooks:
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize(lm.device)
-        t0 = time.perf_counter()
-        out = lm.model.generate(**inputs, **gen)
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize(lm.device)
-        total_ms = (time.perf_counter() - t0) * 1e3
+    probe = _CacheProbe()
+    on_cuda = lm.device.type == "cuda"
+    handle = lm.model.register_forward_hook(probe)
+    try:
+        with torch.inference_mode(), hooks:
+            if on_cuda:
+                torch.cuda.synchronize(lm.device)
+                torch.cuda.reset_peak_memory_stats(lm.device)
+            t0 = time.perf_counter()
+            out = lm.model.generate(**inputs, **gen)
+            if on_cuda:
+                torch.cuda.synchronize(lm.device)
+            total_ms = (time.perf_counter() - t0) * 1e3
+    finally:
+        handle.remove()
     new_ids = out[0, n_prompt:]
     answer = lm.processor.decode(new_ids, skip_special_tokens=True).strip()
+    memory = Memory(
+        kv_bytes_prefill=probe.readings[0][0] if probe.readings else None,
+        kv_bytes_final=probe.readings[-1][0] if probe.readings else None,
+        kv_tokens_per_layer=probe.readings[0][1] if probe.readings else [],
+        peak_gpu_bytes=int(torch.cuda.max_memory_allocated(lm.device)) if on_cuda else None,
+        peak_gpu_note="" if on_cuda else f"n/a: the model runs on {lm.device.type}, not a CUDA GPU",
+    )
     trace = build_trace(lm, hooks, config, question, prompt, inputs["input_ids"][0], image.size, answer,
-                        len(new_ids), total_ms)
+                        len(new_ids), total_ms, memory)
     return RunResult(answer, trace)
 
 
-def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, image_size, answer, n_new, total_ms):
+def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, image_size, answer, n_new, total_ms,
+                memory: Memory | None = None):
     st = hooks.state
     text_ids = input_ids[st.prefix + st.visual_total :].tolist()
     tokens = lm.processor.tokenizer.convert_ids_to_tokens(text_ids)
@@ -188,4 +229,5 @@ def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, imag
         timings_ms=timings,
         cost=cost,
         notes=notes,
+        memory=memory or Memory(),
     )

@@ -176,12 +176,16 @@ def preset_llava(
     vision_intermediate: int = 64,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    reduce: bool = True,
+    device: str | torch.device | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A preset's exact configuration - depth, grid, vision feature layer and select strategy, image processor,
     chat template, image token, vocabulary, RoPE, tied embeddings - at a reduced width, with random weights.
 
     Only widths change: hidden sizes, FFN sizes and head counts, keeping the decoder's query-to-KV-head ratio
     (MHA stays MHA, TinyLlama's 8:1 GQA stays 8:1). Depths (decoder and vision tower) are the real ones.
+    reduce=False keeps the published widths too (the 7B benchmark); the weights are then created directly in
+    `dtype` on `device`, so a 7B model never passes through 28 GB of fp32 host memory.
     """
     from .presets import PRESETS
 
@@ -191,18 +195,25 @@ def preset_llava(
     data = preset.data
     cfg = preset.config
     t, v = cfg["text_config"], cfg["vision_config"]
-    text = AutoConfig.for_model(t["model_type"], **{k: x for k, x in t.items() if k != "model_type"})
-    ratio = text.num_attention_heads // (text.num_key_value_heads or text.num_attention_heads)
-    t.update(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
-             num_key_value_heads=max(1, heads // ratio))
-    t.pop("head_dim", None)  # derived from the new width
-    v.update(hidden_size=vision_hidden, intermediate_size=vision_intermediate, num_attention_heads=vision_heads)
-    if "projection_dim" in v:
-        v["projection_dim"] = vision_hidden
+    if reduce:
+        text = AutoConfig.for_model(t["model_type"], **{k: x for k, x in t.items() if k != "model_type"})
+        ratio = text.num_attention_heads // (text.num_key_value_heads or text.num_attention_heads)
+        t.update(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                 num_key_value_heads=max(1, heads // ratio))
+        t.pop("head_dim", None)  # derived from the new width
+        v.update(hidden_size=vision_hidden, intermediate_size=vision_intermediate, num_attention_heads=vision_heads)
+        if "projection_dim" in v:
+            v["projection_dim"] = vision_hidden
     config = LlavaConfig.from_dict(cfg)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device or "cpu"):
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
     gen = data.get("generation_config") or {}
     for k, x in gen.items():
         setattr(model.generation_config, k, x)
