@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bytes", type=int, default=2, help="bytes per cached value (2 = fp16)")
     c.add_argument("--json", action="store_true")
 
+    m = sub.add_parser("models", help="the model presets: grid, depth, parameters, memory, methods, hardware")
+    m.add_argument("--json", action="store_true")
+
     b = sub.add_parser("bench", help="prefill latency of every method, side by side")
     b.add_argument("--width", default=None, choices=("cpu", "7b"), help="default: 7b on CUDA, cpu otherwise")
     b.add_argument("--runs", type=_positive_int, default=5)
@@ -121,6 +124,11 @@ def cmd_run(a) -> int:
           f"overhead {tm.prune_overhead:.2f} ms, decode {tm.decode_per_token:.1f} ms/token, total {tm.total:.1f} ms")
     print(f"computed: prefill {c.prefill_flops / 1e9:.2f} GFLOPs (dense {c.prefill_flops_dense / 1e9:.2f}), KV cache "
           f"{c.kv_bytes / 2**20:.2f} MiB (dense {c.kv_bytes_dense / 2**20:.2f})")
+    m = t.memory
+    if m.kv_bytes_prefill is not None:
+        peak = f"{m.peak_gpu_bytes / 2**20:.1f} MiB" if m.peak_gpu_bytes is not None else m.peak_gpu_note
+        print(f"measured: KV cache {m.kv_bytes_prefill / 2**20:.2f} MiB after prefill, {m.kv_bytes_final / 2**20:.2f} "
+              f"MiB after decoding; peak GPU memory {peak}")
     return 0
 
 
@@ -140,6 +148,19 @@ def cmd_cost(a) -> int:
         print(f"pruned to {a.pruned_to}: {out['pruned_prefill_flops'] / 1e12:.3f} TFLOPs, visual KV "
               f"{out['pruned_visual_kv_bytes'] / 2**20:.1f} MiB")
     print(f"({out['attention_counting']})")
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .loading import available_local_models
+    from .presets import format_models, models_table
+
+    rows = models_table()
+    if a.json:
+        print(json.dumps({"presets": rows, "available_locally": available_local_models()}))
+        return 0
+    print(format_models(rows))
+    print("available locally (no network needed): " + ", ".join(available_local_models()))
     return 0
 
 
@@ -164,7 +185,8 @@ def cmd_eval(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "cost": cmd_cost, "bench": cmd_bench, "eval": cmd_eval}[a.command](a)
+        commands = {"run": cmd_run, "cost": cmd_cost, "models": cmd_models, "bench": cmd_bench, "eval": cmd_eval}
+        return commands[a.command](a)
     except SparseVLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
