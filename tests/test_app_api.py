@@ -166,22 +166,21 @@ def _bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
-def explain(client: Client, image, question="what colour is the circle ?", method="sparsevlm", budget=64,
-            count_mode="fixed", lam=1.0, scale=13.5, bias=0.0, recycle=True, max_new_tokens=4, view="tokens"):
+def explain(client: Client, image, question="what colour is the circle ?", max_new_tokens=4, **kw):
+    """/explain by parameter name; what is left out takes the page's defaults."""
     img = handle_file(str(image)) if image is not None else None
-    return client.predict(img, question, method, budget, count_mode, lam, scale, bias, recycle, max_new_tokens, view,
-                          api_name="/explain")
+    return client.predict(image=img, question=question, max_new_tokens=max_new_tokens, api_name="/explain", **kw)
 
 
 # --- the happy path ------------------------------------------------------------------------------------------
 def test_api_lists_named_endpoints(client):
     names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
-    assert {"/explain", "/compare", "/export", "/layer_view"} <= names
+    assert {"/run", "/compare", "/explain", "/compare_view", "/export", "/layer_view"} <= names
 
 
 def test_explain_returns_every_view(client, files):
     out = explain(client, files["rgb.png"])
-    answer, raters, rater_note, raters_fig, overlay, slider, caption, counts, formulas, latency, lat_fig, summary = out
+    answer, raters, rater_note, raters_fig, overlay, slider, caption, counts, formulas, latency, lat_fig, record = out
     assert "SparseVLM" in answer and "Dense" in answer and ("same answer" in answer or "differs" in answer)
     assert raters and all(-1 <= r["class_or_confidence"] <= 1 for r in raters)
     assert any(r["class_or_confidence"] > 0 for r in raters) and "raters" in rater_note
@@ -196,21 +195,22 @@ def test_explain_returns_every_view(client, files):
     assert kinds == {"measured", "computed"}
     assert all(row[4] for row in latency["data"])  # every row has a unit
     assert "measured" in lat_fig["plot"] and "computed" in lat_fig["plot"]
-    assert summary["pruned"]["method"] == "sparsevlm" and summary["dense"]["method"] == "dense"
-    assert summary["pruned"]["equal_tokens"] == pytest.approx(64, abs=2)
+    assert record["trace"]["method"] == "sparsevlm" and record["dense_trace"]["method"] == "dense"
+    assert record["trace"]["cost"]["equal_tokens"] == pytest.approx(64, abs=2)
+    assert record["answer"] == record["trace"]["answer"] and record["dense_answer"] == record["dense_trace"]["answer"]
 
 
 @pytest.mark.parametrize("method", ["fastv", "fastervlm", "random", "dense"])
 def test_every_method_runs(client, files, method):
     out = explain(client, files["rgb.png"], method=method, max_new_tokens=2)
-    assert out[-1]["pruned"]["method"] == method
+    assert out[-1]["trace"]["method"] == method
 
 
 def test_adaptive_modes(client, files):
     out = explain(client, files["rgb.png"], count_mode="paper", lam=0.5)
     assert "eq. 8" in out[8] or "λ" in out[8] or "lambda" in out[8].lower()
     out = explain(client, files["rgb.png"], count_mode="code", scale=2.0, bias=1.0, recycle=False)
-    assert out[-1]["pruned"]["config"]["recycle"] is False
+    assert out[-1]["trace"]["config"]["recycle"] is False
 
 
 def test_layer_view_and_export_use_the_session(server, files):
@@ -218,21 +218,114 @@ def test_layer_view_and_export_use_the_session(server, files):
     explain(c, files["rgb.png"])
     overlay, caption = c.predict(0, "heatmap", api_name="/layer_view")
     assert Image.open(overlay).size == (512, 384) and "layer 0" in caption
-    downloads, gif = c.predict(api_name="/export")
+    downloads, gif, mp4 = c.predict(api_name="/export")
     names = [Path(p).name for p in downloads]
-    assert any(n.startswith("trace-sparsevlm") for n in names)
+    assert any(n.startswith("trace-sparsevlm") for n in names) and any(n.endswith(".mp4") for n in names)
     trace = PruneTrace.from_json(Path(next(p for p in downloads if "trace-sparsevlm" in p)).read_text())
     assert trace.method == "sparsevlm" and trace.stages
     anim = Image.open(gif)
     assert anim.format == "GIF" and anim.n_frames == 8
+    video = mp4["video"] if isinstance(mp4, dict) else mp4
+    meta, frames = decode_video(video)
+    assert meta["codec"].startswith("h264") and len(frames) == 8  # one frame per decoder layer
 
 
-def test_compare_runs_every_method(client, files):
-    gallery, table = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
-                                    api_name="/compare")
+def decode_video(path) -> tuple[dict, list]:
+    """Decode a video back with ffmpeg: its metadata and every frame as an array."""
+    import imageio_ffmpeg
+    import numpy as np
+
+    gen = imageio_ffmpeg.read_frames(str(path))
+    meta = next(gen)
+    w, h = meta["size"]
+    frames = [np.frombuffer(f, dtype=np.uint8).reshape(h, w, 3) for f in gen]
+    return meta, frames
+
+
+def test_compare_view_runs_every_method(client, files):
+    gallery, table, data = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
+                                          api_name="/compare_view")
     methods = [row[0] for row in table["data"]]
     assert len(methods) == 5 and methods[0].startswith("Dense")
     assert len(gallery) == 5 and all("eq. tokens" in g["caption"] for g in gallery)
+    assert [d["method"] for d in data] == ["dense", "sparsevlm", "fastv", "fastervlm", "random"]
+
+
+# --- the data API: /run and /compare ------------------------------------------------------------------------
+def run_api(client: Client, image, question="what colour is the circle ?", **kw) -> dict:
+    img = handle_file(str(image)) if image is not None else None
+    return client.predict(image=img, question=question, api_name="/run", **kw)
+
+
+DETERMINISTIC = ("method", "config", "model", "question", "prompt", "answer", "image_size", "input_region", "grid",
+                 "prefix_tokens", "visual_tokens", "text_tokens", "generated_tokens", "raters", "layers", "cost",
+                 "notes")
+
+
+def test_run_returns_the_cli_trace(client, server, files, tmp_path):
+    """/run's trace is the object `python -m sparsevlm run --trace-out` writes, for the same input."""
+    out = tmp_path / "cli-trace.json"
+    question = "what colour is the circle ?"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsevlm", "run", "--model", str(server.model_dir), "--image", str(files["rgb.png"]),
+         "--question", question, "--method", "sparsevlm", "--budget", "64", "--max-new-tokens", "4", "--json",
+         "--trace-out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    cli = json.loads(out.read_text())
+    record = run_api(client, files["rgb.png"], question, method="sparsevlm", budget=64, max_new_tokens=4)
+    assert set(record) == {"answer", "dense_answer", "agrees_with_dense", "trace", "dense_trace"}
+    api = record["trace"]
+    assert set(api) == set(cli)
+    for key in DETERMINISTIC:  # timings are measured, so they differ run to run
+        assert api[key] == pytest.approx(cli[key]) if key == "cost" else api[key] == cli[key], key
+    assert len(api["stages"]) == len(cli["stages"]) > 0
+    for a, b in zip(api["stages"], cli["stages"]):
+        a.pop("overhead_ms"), b.pop("overhead_ms")
+        assert a.pop("scores") == pytest.approx(b.pop("scores"), rel=1e-4, abs=1e-7)
+        assert a == b
+    assert record["answer"] == cli["answer"] == json.loads(proc.stdout)["answer"]
+    assert record["dense_trace"]["method"] == "dense" and record["dense_answer"] == record["dense_trace"]["answer"]
+
+
+def test_run_defaults_come_from_the_page(client, files):
+    record = run_api(client, files["rgb.png"], max_new_tokens=2)
+    cfg = record["trace"]["config"]
+    from sparsevlm.config import PruneConfig
+
+    d = PruneConfig()
+    assert (cfg["method"], cfg["count_mode"], cfg["lam"], cfg["scale"], cfg["recycle"]) == (
+        d.method, d.count_mode, d.lam, d.scale, d.recycle)
+    assert record["trace"]["generated_tokens"] <= 2
+
+
+def test_compare_returns_data_per_method(client, files):
+    data = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
+                          api_name="/compare")
+    assert [d["method"] for d in data] == ["dense", "sparsevlm", "fastv", "fastervlm", "random"]
+    for d in data:
+        assert d["available"] and d["error"] is None
+        assert d["summary"]["method"] == d["method"] and d["answer"] == d["summary"]["answer"]
+        assert d["summary"]["timings_ms"]["prefill"] > 0 and "equal_tokens" in d["summary"]
+    assert data[0]["agrees_with_dense"] is True
+    assert data[1]["summary"]["equal_tokens"] == pytest.approx(64, abs=2)
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"question": "  "}, "empty"),
+        ({"image": "text.png"}, "not an image"),
+        ({"budget": 192}, "larger than the image grid"),
+        ({"method": "tome"}, "tome"),
+        ({"max_new_tokens": 100000}, "greater than maximum value 64"),
+    ],
+)
+def test_run_bad_input_is_a_clear_error(client, server, files, kw, needle):
+    image = files[kw.pop("image", "rgb.png")]
+    with pytest.raises(AppError, match=needle) as err:
+        run_api(client, image, **kw)
+    assert "Traceback" not in str(err.value)
+    assert server.alive()
 
 
 # --- bad inputs: a clear message, and the server stays up --------------------------------------------------
@@ -266,7 +359,7 @@ def test_unusual_modes_are_converted(client, files, name):
 def test_exif_rotation_is_honoured(client, files):
     out = explain(client, files["exif.jpg"], max_new_tokens=1)
     assert Image.open(out[4]).size == (384, 512)  # stored 640x480, displayed rotated to 480x640
-    assert out[-1]["pruned"]["model"]  # a real run happened
+    assert out[-1]["trace"]["model"]  # a real run happened
 
 
 @pytest.mark.parametrize("question,needle", [("", "empty"), ("   \n\t ", "empty")])
@@ -315,9 +408,9 @@ def test_concurrent_users_get_their_own_traces(server, files, tmp_path):
         t.join(300)
     assert set(results) == set(jobs)
     for key, (q, m) in jobs.items():
-        summary = results[key][-1]["pruned"]
-        assert summary["method"] == m
-        downloads, _ = exports[key]
+        record = results[key][-1]
+        assert record["trace"]["method"] == m and record["trace"]["question"] == " ".join(q.split())
+        downloads, _, _ = exports[key]
         trace = PruneTrace.from_json(Path(next(p for p in downloads if f"trace-{m}" in p)).read_text())
         assert trace.question == " ".join(q.split()) and trace.method == m
 
