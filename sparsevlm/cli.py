@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bytes", type=int, default=2, help="bytes per cached value (2 = fp16)")
     c.add_argument("--json", action="store_true")
 
+    m = sub.add_parser("models", help="the model presets: grid, depth, parameters, memory, methods, hardware")
+    m.add_argument("--json", action="store_true")
+
     b = sub.add_parser("bench", help="prefill latency of every method, side by side")
     b.add_argument("--width", default=None, choices=("cpu", "7b"), help="default: 7b on CUDA, cpu otherwise")
     b.add_argument("--runs", type=_positive_int, default=5)
@@ -132,6 +135,19 @@ def cmd_cost(a) -> int:
     return 0
 
 
+def cmd_models(a) -> int:
+    from .loading import available_local_models
+    from .presets import format_models, models_table
+
+    rows = models_table()
+    if a.json:
+        print(json.dumps({"presets": rows, "available_locally": available_local_models()}))
+        return 0
+    print(format_models(rows))
+    print("available locally (no network needed): " + ", ".join(available_local_models()))
+    return 0
+
+
 def cmd_bench(a) -> int:
     import torch
 
@@ -152,7 +168,8 @@ def cmd_eval(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "cost": cmd_cost, "bench": cmd_bench, "eval": cmd_eval}[a.command](a)
+        commands = {"run": cmd_run, "cost": cmd_cost, "models": cmd_models, "bench": cmd_bench, "eval": cmd_eval}
+        return commands[a.command](a)
     except SparseVLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
