@@ -7,6 +7,7 @@ and in the browser session's gr.State, never in module globals, so concurrent us
 from __future__ import annotations
 
 import hashlib
+import html
 import inspect
 import json
 import logging
@@ -25,7 +26,9 @@ from sparsevlm import config as engine_config
 from sparsevlm.config import COUNT_MODES, FIXED_BUDGETS, METHODS, PruneConfig
 from sparsevlm.errors import InputError, SparseVLMError
 from sparsevlm.images import load_image
+from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, model_bytes
 from sparsevlm.pipeline import check_question, run
+from sparsevlm.presets import PRESETS
 from sparsevlm.trace import PruneTrace
 
 from . import render
@@ -273,14 +276,55 @@ def reachable_budget(lm: Any) -> float | None:
         return None
 
 
-def build_app(lm: Any, examples: list[dict] | None = None) -> gr.Blocks:
-    """The whole UI for one loaded model."""
+def budget_choice(lm: LoadedModel, **layout: Any) -> gr.Radio:
+    """The budget radio for a model: the papers' 64 when its depth can reach it, else the smallest it can."""
+    budgets = list(FIXED_BUDGETS)
+    reachable = reachable_budget(lm)
+    fitting = [b for b in budgets if reachable is None or b >= reachable]
+    value = 64 if 64 in fitting else (min(fitting) if fitting else max(budgets))
+    info = f"mean visual tokens per decoder layer (dense = {lm.visual_tokens})"
+    if reachable is not None and reachable > min(budgets):
+        info += f"; this model's depth cannot go below {reachable:.0f}"
+    return gr.Radio(budgets, value=value, info=info + "; adaptive modes under SparseVLM options", **layout)
+
+
+def model_line(lm: LoadedModel, note: str = "") -> str:
+    rows, cols = lm.grid
+    gib = model_bytes(lm.model) / 2**30
+    line = (f"Model: <b>{html.escape(lm.name)}</b> · {lm.arch} · {lm.num_layers} decoder layers · grid {rows}×{cols} "
+            f"= {lm.visual_tokens} visual tokens{'' if lm.has_cls else ' (no [CLS]: FasterVLM cannot run)'} · "
+            f"{lm.device} / {str(lm.dtype).replace('torch.', '')} · weights {gib:.2f} GiB (measured from the "
+            "loaded tensors)")
+    return f"<div class='sv-model'>{line}{note}</div>"
+
+
+def model_choices(default: str) -> list[str]:
+    """The picker's list: the presets, then models that load without a network; any other id can be typed."""
+    names = [default, *PRESETS]
+    try:
+        names += available_local_models()
+    except Exception:  # noqa: BLE001 - an unreadable cache folder must not stop the page
+        log.warning("could not list the local models", exc_info=True)
+    return list(dict.fromkeys(names))
+
+
+def build_app(models: ModelCache, default_model: str, examples: list[dict] | None = None) -> gr.Blocks:
+    """The whole UI. `models` holds the loaded models; each browser session picks one (default_model first)."""
     examples = load_examples() if examples is None else examples
     evidence_of = example_evidence(examples)
-    grid_tokens = int(getattr(lm, "visual_tokens", 0)) or None
+    first, _ = models.get(default_model)
 
-    def execute(image_src: Any, question: Any, config: PruneConfig, max_new_tokens: Any, with_dense: bool,
-                progress: gr.Progress | None = None) -> RunOutput:
+    def use_model(name: Any, progress: gr.Progress | None = None) -> LoadedModel:
+        """The session's model: loaded once, re-loaded only if memory pressure unloaded it meanwhile."""
+        report = (lambda f, msg: progress(f, desc=msg)) if progress is not None else None
+        lm, unloaded = models.get(str(name or default_model), progress=report)
+        if unloaded:
+            gr.Info(f"Unloaded {', '.join(unloaded)} to make room for {lm.name}.")
+        return lm
+
+    def execute(model: Any, image_src: Any, question: Any, config: PruneConfig, max_new_tokens: Any,
+                with_dense: bool, progress: gr.Progress | None = None) -> RunOutput:
+        lm = use_model(model, progress)
         q = check_question(question)
         image = image_src if isinstance(image_src, Image.Image) else load_image(image_src)
         n_new = DEFAULT_NEW_TOKENS if max_new_tokens in (None, "") else _whole(max_new_tokens, "max new tokens")
@@ -299,19 +343,19 @@ def build_app(lm: Any, examples: list[dict] | None = None) -> gr.Blocks:
 
     # --- event handlers (all state arrives as arguments and leaves as return values) -------------------------
     def run_json(image, question, method, budget, accounting, count_mode, lam, scale, bias, recycle,
-                 max_new_tokens, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+                 max_new_tokens, model, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
         """Answer with pruning and dense; return both answers and both traces as JSON."""
         try:
             cfg = build_config(method, budget, accounting, count_mode, lam, scale, bias, recycle)
-            return run_record(execute(image, question, cfg, max_new_tokens, True, progress))
+            return run_record(execute(model, image, question, cfg, max_new_tokens, True, progress))
         except Exception as exc:
             raise _user_error(exc) from exc
 
     def explain(image, question, method, budget, accounting, count_mode, lam, scale, bias, recycle,
-                max_new_tokens, view, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+                max_new_tokens, view, model, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
         try:
             cfg = build_config(method, budget, accounting, count_mode, lam, scale, bias, recycle)
-            out = execute(image, question, cfg, max_new_tokens, True, progress)
+            out = execute(model, image, question, cfg, max_new_tokens, True, progress)
             progress(0.9, desc="drawing")
             drawn = draw_views(out, view)
         except Exception as exc:
@@ -340,7 +384,8 @@ def build_app(lm: Any, examples: list[dict] | None = None) -> gr.Blocks:
         return (gr.Timer(active=True), nxt, render.render_view(st["image"], tr, nxt, view, evidence=st.get("evidence")),
                 render.layer_caption(tr, nxt))
 
-    def compare_runs(image_src, question, budget, max_new_tokens, progress):
+    def compare_runs(image_src, question, budget, max_new_tokens, model, progress):
+        use_model(model, progress)
         check_question(question)
         image = load_image(image_src)
         results: list[tuple[str, PruneTrace | None, str]] = []
@@ -348,29 +393,46 @@ def build_app(lm: Any, examples: list[dict] | None = None) -> gr.Blocks:
             progress(i / len(COMPARE_METHODS), desc=f"running {render.method_label(method)}")
             cfg = build_config(method, budget)
             try:
-                tr = execute(image, question, cfg, max_new_tokens, False).pruned
+                tr = execute(model, image, question, cfg, max_new_tokens, False).pruned
             except SparseVLMError as exc:  # e.g. FasterVLM on a vision tower without [CLS]
                 results.append((method, None, str(exc)))
                 continue
             results.append((method, tr, ""))
         return image, results
 
-    def compare_json(image, question, budget, max_new_tokens, progress=gr.Progress()):  # noqa: B008
+    def compare_json(image, question, budget, max_new_tokens, model, progress=gr.Progress()):  # noqa: B008
         """Every method at one budget: per method its answer, agreement with dense and trace summary."""
         try:
-            return compare_record(compare_runs(image, question, budget, max_new_tokens, progress)[1])
+            return compare_record(compare_runs(image, question, budget, max_new_tokens, model, progress)[1])
         except Exception as exc:
             raise _user_error(exc) from exc
 
-    def compare_view(image, question, budget, max_new_tokens, progress=gr.Progress()):  # noqa: B008
+    def compare_view(image, question, budget, max_new_tokens, model, progress=gr.Progress()):  # noqa: B008
         try:
-            img, results = compare_runs(image, question, budget, max_new_tokens, progress)
+            img, results = compare_runs(image, question, budget, max_new_tokens, model, progress)
             gallery = [(render.render_layer(img, tr, render.final_layer(tr), max_side=384),
                         render.compare_caption(m, tr)) for m, tr, _ in results if tr is not None]
             table = pd.DataFrame(render.compare_rows(results), columns=render.COMPARE_HEADERS)
             return gallery, table, compare_record(results)
         except Exception as exc:
             raise _user_error(exc) from exc
+
+    def load_model(name, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+        """Switch this session to a model (a preset, a hub id or a local folder), loading it if needed."""
+        try:
+            key = str(name or "").strip()
+            already = key in models.loaded()
+            t0 = time.perf_counter()
+            report = lambda f, msg: progress(f, desc=msg)  # noqa: E731
+            lm, unloaded = models.get(key, progress=report)
+        except Exception as exc:
+            raise _user_error(exc) from exc
+        took = "already in memory" if already else f"loaded in {time.perf_counter() - t0:.1f} s (measured)"
+        note = f"<br>{html.escape(lm.name)}: {took}"
+        if unloaded:
+            note += f"; unloaded {html.escape(', '.join(unloaded))} to stay within the model memory budget"
+            gr.Info(f"Unloaded {', '.join(unloaded)} to make room for {lm.name}.")
+        return key, model_line(lm, note), budget_choice(lm)
 
     def export(st):
         tr = session_trace(st)
@@ -391,23 +453,16 @@ def build_app(lm: Any, examples: list[dict] | None = None) -> gr.Blocks:
         return files, str(gif_path), str(mp4_path)
 
     # --- layout --------------------------------------------------------------------------------------------
-    model_line = (f"Model: <b>{getattr(lm, 'name', '?')}</b> · {getattr(lm, 'arch', '?')} · "
-                  f"{getattr(lm, 'num_layers', '?')} decoder layers · grid {getattr(lm, 'grid', ('?', '?'))[0]}×"
-                  f"{getattr(lm, 'grid', ('?', '?'))[1]} = {grid_tokens} visual tokens · "
-                  f"{getattr(lm, 'device', '?')} / {str(getattr(lm, 'dtype', '?')).replace('torch.', '')}")
-    budgets = list(FIXED_BUDGETS)
-    reachable = reachable_budget(lm)
-    # Default to the papers' headline budget when this model's depth can reach it, else the smallest one it can.
-    fitting = [b for b in budgets if reachable is None or b >= reachable]
-    default_budget = 64 if 64 in fitting else (min(fitting) if fitting else max(budgets))
-    budget_info = f"mean visual tokens per decoder layer (dense = {grid_tokens})"
-    if reachable is not None and reachable > min(budgets):
-        budget_info += f"; this model's depth cannot go below {reachable:.0f}"
-
     with gr.Blocks(title="SparseVLM Explorer") as demo:
         state = gr.State(None)
+        model_state = gr.State(default_model)  # the session's model (a key of `models`)
         gr.HTML(INTRO)
-        gr.HTML(f"<div class='sv-model'>{model_line}</div>")
+        with gr.Row(equal_height=True):
+            model_in = gr.Dropdown(model_choices(default_model), value=default_model, allow_custom_value=True,
+                                   label="Model: a preset, a Hugging Face hub id or a local folder", scale=5,
+                                   elem_id="sv-model-picker")
+            load_btn = gr.Button("Load model", scale=1, min_width=120, elem_id="sv-load")
+        model_out = gr.HTML(model_line(first), elem_id="sv-model")
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=320):
                 image_in = raw_image_input(label="Image", height=300, elem_id="sv-image",
@@ -424,9 +479,7 @@ def build_app(lm: Any, examples: list[dict] | None = None) -> gr.Blocks:
                     gr.Markdown("_No examples found in assets/examples/examples.json._")
                 method_in = gr.Radio(METHOD_CHOICES, value=DEFAULTS.method, label="Pruning method",
                                      elem_id="sv-method")
-                budget_in = gr.Radio(budgets, value=default_budget, label="Budget: equal tokens",
-                                     info=budget_info + "; adaptive modes under SparseVLM options",
-                                     elem_id="sv-budget")
+                budget_in = budget_choice(first, label="Budget: equal tokens", elem_id="sv-budget")
                 accounting_in = gr.Radio(list(ACCOUNTINGS) or [""], value=getattr(DEFAULTS, "accounting", ""),
                                          label="Accounting: how a budget is counted", visible=HAS_ACCOUNTING,
                                          info="paper: the published settings (a pruning layer counts at its "
@@ -504,19 +557,22 @@ def build_app(lm: Any, examples: list[dict] | None = None) -> gr.Blocks:
                  "formulas": formulas_out, "latency": latency_out, "latency_fig": latency_fig, "record": record_out}
         run_inputs = [image_in, question_in, method_in, budget_in, accounting_in, count_in, lam_in, scale_in, bias_in,
                       recycle_in, max_new_in]
+        explain_inputs = [*run_inputs, view_in, model_state]
         explain_outputs = [*views.values(), state]
-        run_btn.click(explain, [*run_inputs, view_in], explain_outputs, api_name="explain", concurrency_id="model")
-        question_in.submit(explain, [*run_inputs, view_in], explain_outputs, api_visibility="private",
+        run_btn.click(explain, explain_inputs, explain_outputs, api_name="explain", concurrency_id="model")
+        question_in.submit(explain, explain_inputs, explain_outputs, api_visibility="private",
                            concurrency_id="model")
         if ex is not None:
-            ex.load_input_event.then(explain, [*run_inputs, view_in], explain_outputs, api_visibility="private",
+            ex.load_input_event.then(explain, explain_inputs, explain_outputs, api_visibility="private",
                                      concurrency_id="model")
+        load_btn.click(load_model, [model_in], [model_state, model_out, budget_in], api_name="load_model",
+                       concurrency_id="model")
         # The data endpoints for programs: no button on the page runs them (the page draws its views from the
         # same record via /explain), so hidden triggers carry them.
         run_api = gr.Button(visible=False)
-        run_api.click(run_json, run_inputs, [record_out], api_name="run", concurrency_id="model")
+        run_api.click(run_json, [*run_inputs, model_state], [record_out], api_name="run", concurrency_id="model")
         compare_api = gr.Button(visible=False)
-        compare_inputs = [image_in, question_in, budget_in, max_new_in]
+        compare_inputs = [image_in, question_in, budget_in, max_new_in, model_state]
         compare_api.click(compare_json, compare_inputs, [compare_out], api_name="compare", concurrency_id="model")
         layer_in.input(show_layer, [state, layer_in, view_in], [overlay_out, caption_out], api_name="layer_view",
                        show_progress="hidden", concurrency_limit=4)
