@@ -528,6 +528,11 @@ def _bytes(v: float) -> tuple[float, str]:
     return v, "B"
 
 
+def format_bytes(v: float) -> str:
+    n, unit = _bytes(v)
+    return f"{n:.3g} {unit}"
+
+
 def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
     """[quantity, pruned, dense, change, unit, how it was obtained] rows."""
     tp, td = pruned.timings_ms, dense.timings_ms if dense else None

@@ -290,11 +290,11 @@ def budget_choice(lm: LoadedModel, **layout: Any) -> gr.Radio:
 
 def model_line(lm: LoadedModel, note: str = "") -> str:
     rows, cols = lm.grid
-    gib = model_bytes(lm.model) / 2**30
+    weights = render.format_bytes(model_bytes(lm.model))
     line = (f"Model: <b>{html.escape(lm.name)}</b> · {lm.arch} · {lm.num_layers} decoder layers · grid {rows}×{cols} "
             f"= {lm.visual_tokens} visual tokens{'' if lm.has_cls else ' (no [CLS]: FasterVLM cannot run)'} · "
-            f"{lm.device} / {str(lm.dtype).replace('torch.', '')} · weights {gib:.2f} GiB (measured from the "
-            "loaded tensors)")
+            f"{lm.device} / {str(lm.dtype).replace('torch.', '')} · weights {weights} (measured from the loaded "
+            "tensors)")
     return f"<div class='sv-model'>{line}{note}</div>"
 
 

@@ -48,15 +48,24 @@ def scene(size=(640, 480), colour=(220, 40, 40)) -> Image.Image:
     return img
 
 
-def make_assets(root: Path) -> tuple[Path, Path]:
-    """A saved tiny LLaVA folder and an examples.json with PNGs, as the app's --model / --examples."""
+def save_tiny(folder: Path, arch: str) -> int:
+    """A tiny LLaVA saved as a model folder; returns the bytes its weights take."""
+    from sparsevlm.loading import model_bytes
     from sparsevlm.testing import tiny_llava
 
-    model_dir = root / "tiny-llava"
-    model, processor = tiny_llava("llama", image_size=TINY_IMAGE)
+    model, processor = tiny_llava(arch, image_size=TINY_IMAGE)
     model.config.text_config.max_position_embeddings = CONTEXT
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model_bytes(model)
+
+
+def make_assets(root: Path) -> tuple[Path, Path, Path, int]:
+    """Two saved tiny LLaVA folders (CLIP+Llama, the default; SigLIP+Qwen2, for the picker), an examples.json
+    with PNGs, and a model memory budget that holds one of the two models but not both."""
+    model_dir = root / "models" / "tiny-llava"
+    second_dir = root / "models" / "tiny-qwen"
+    budget = int(1.5 * max(save_tiny(model_dir, "llama"), save_tiny(second_dir, "qwen2")))
     ex_dir = root / "examples"
     ex_dir.mkdir()
     items = []
@@ -65,21 +74,23 @@ def make_assets(root: Path) -> tuple[Path, Path]:
         scene(size).save(ex_dir / name)
         items.append({"image": name, "question": q, "answer": "red", "family": "colour"})
     (ex_dir / "examples.json").write_text(json.dumps(items))
-    return model_dir, ex_dir / "examples.json"
+    return model_dir, second_dir, ex_dir / "examples.json", budget
 
 
 class AppServer:
     """`python -m app` in a subprocess on a free port; stopped by its own pid."""
 
     def __init__(self, root: Path):
-        self.model_dir, self.examples = make_assets(root)
+        self.model_dir, self.second_model_dir, self.examples, budget = make_assets(root)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = root / "server.log"
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        # The hub is offline (as on the Space); the tiny models are the "models available locally".
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+               "SPARSEVLM_MODELS_DIR": str(self.model_dir.parent)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app", "--model", str(self.model_dir), "--examples", str(self.examples),
-             "--port", str(self.port)],
+             "--port", str(self.port), "--model-memory-gib", str(budget / 2**30)],
             cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -381,6 +392,37 @@ def test_question_longer_than_context(client, server, files):
 def test_budget_above_grid(client, server, files):
     with pytest.raises(AppError, match="larger than the image grid"):
         explain(client, files["rgb.png"], budget=192)
+    assert server.alive()
+
+
+# --- the model picker -----------------------------------------------------------------------------------------
+def test_picker_loads_a_second_model_and_switches_back(server, files):
+    c = Client(server.url, verbose=False)
+    other = Client(server.url, verbose=False)  # a second user who never switches
+    second = str(server.second_model_dir)
+    line, budget = c.predict(second, api_name="/load_model")
+    assert "tiny-qwen" in line and "llava-qwen2" in line and "no [CLS]" in line
+    assert "loaded in" in line and "unloaded tiny-llava" in line  # only one of the two fits the memory budget
+    assert budget in (192, 128, 96, 64) or budget.get("value") in (192, 128, 96, 64)
+    record = run_api(c, files["rgb.png"], max_new_tokens=2)
+    assert record["trace"]["model"]["name"] == "tiny-qwen" and record["trace"]["model"]["architecture"] == "llava-qwen2"
+    line, _ = c.predict(second, api_name="/load_model")
+    assert "already in memory" in line  # loaded once
+    # the other session still runs the default model (it is loaded again, and says nothing to this one)
+    assert run_api(other, files["rgb.png"], max_new_tokens=1)["trace"]["model"]["name"] == "tiny-llava"
+    line, _ = c.predict(str(server.model_dir), api_name="/load_model")
+    assert "tiny-llava" in line and "llava-llama" in line
+    assert run_api(c, files["rgb.png"], max_new_tokens=1)["trace"]["model"]["name"] == "tiny-llava"
+    assert server.alive()
+
+
+@pytest.mark.parametrize("name,needle", [("nobody/no-such-llava", "offline"), ("/no/such/folder", "does not exist"),
+                                         ("", "no model")])
+def test_picker_unknown_or_offline_model_names_the_local_ones(client, server, name, needle):
+    with pytest.raises(AppError, match=needle) as err:
+        client.predict(name, api_name="/load_model")
+    msg = str(err.value)
+    assert "available locally" in msg and str(server.second_model_dir) in msg and "Traceback" not in msg
     assert server.alive()
 
 

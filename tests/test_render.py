@@ -259,7 +259,7 @@ def test_cluster_outline_lies_on_the_cluster_boundary():
     img = np.asarray(render.render_layer(white((480, 480)), tr, 1, max_side=480)).astype(int)
     colour = np.array(render.CLUSTER_COLOURS[0])
     x0, y0, x1, y1 = _box_px(tr, 200, (480, 480))  # 20x20 px
-    on = np.argwhere((np.abs(img - colour).max(axis=2) <= 1))
+    on = np.argwhere(np.abs(img - colour).max(axis=2) <= 1)
     assert len(on) > 40
     # every outline pixel lies within 2 px of the patch's edges, none deep inside it or far away
     ys, xs = on[:, 0], on[:, 1]
