@@ -276,6 +276,18 @@ def reachable_budget(lm: Any) -> float | None:
         return None
 
 
+def model_runs(lm: LoadedModel, image: Image.Image, question: str, config: PruneConfig, max_new_tokens: int,
+               with_dense: bool) -> tuple[PruneTrace, PruneTrace | None]:
+    """All the model (GPU) work of one request: the pruned run, and the dense run to compare with (the same
+    trace when the method is dense). Plain data in and out, so a ZeroGPU wrapper can run it in its worker."""
+    pruned = run(lm, image, question, config, max_new_tokens=max_new_tokens).trace
+    if config.method == "dense":
+        return pruned, pruned
+    if not with_dense:
+        return pruned, None
+    return pruned, run(lm, image, question, PruneConfig(method="dense"), max_new_tokens=max_new_tokens).trace
+
+
 def budget_choice(lm: LoadedModel, **layout: Any) -> gr.Radio:
     """The budget radio for a model: the papers' 64 when its depth can reach it, else the smallest it can."""
     budgets = list(FIXED_BUDGETS)
@@ -329,15 +341,9 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
         image = image_src if isinstance(image_src, Image.Image) else load_image(image_src)
         n_new = DEFAULT_NEW_TOKENS if max_new_tokens in (None, "") else _whole(max_new_tokens, "max new tokens")
         if progress is not None:
-            progress(0.1, desc=f"running {render.method_label(config.method)}")
-        pruned = run(lm, image, q, config, max_new_tokens=n_new).trace
-        dense = None
-        if with_dense and config.method != "dense":
-            if progress is not None:
-                progress(0.55, desc="running dense for comparison")
-            dense = run(lm, image, q, PruneConfig(method="dense"), max_new_tokens=n_new).trace
-        elif config.method == "dense":
-            dense = pruned
+            progress(0.1, desc=f"running {render.method_label(config.method)}"
+                     + (" and dense for comparison" if with_dense and config.method != "dense" else ""))
+        pruned, dense = model_runs(lm, image, q, config, n_new, with_dense)
         return RunOutput(image=image, pruned=pruned, dense=dense, budget=config.budget,
                          evidence=evidence_of.get((image_key(image), q)))
 
