@@ -468,7 +468,7 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                                    label="Model: a preset, a Hugging Face hub id or a local folder", scale=5,
                                    elem_id="sv-model-picker")
             load_btn = gr.Button("Load model", scale=1, min_width=120, elem_id="sv-load")
-        model_out = gr.HTML(model_line(first), elem_id="sv-model")
+        model_out = gr.HTML(model_line(first), label="Model", elem_id="sv-model")
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=320):
                 image_in = raw_image_input(label="Image", height=300, elem_id="sv-image",
@@ -513,8 +513,8 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                     play_btn = gr.Button("▶ Play", scale=1, min_width=80, elem_id="sv-play")
                 view_in = gr.Radio([("Kept / pruned / recycled tokens", "tokens"),
                                     ("Significance heatmap", "heatmap")], value="tokens", show_label=False,
-                                   elem_id="sv-view")
-                caption_out = gr.Markdown(elem_id="sv-caption")
+                                   label="View", elem_id="sv-view")
+                caption_out = gr.Markdown(label="Layer caption", elem_id="sv-caption")
                 gr.HTML(render.legend_html())
         with gr.Tabs():
             with gr.Tab("① Text raters", id="raters"):
@@ -524,11 +524,11 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                             elem_classes="sv-help")
                 raters_out = gr.HighlightedText(label="Text raters (red = rater, stronger = higher R)",
                                                 show_legend=True, elem_id="sv-raters")
-                raters_note = gr.Markdown()
+                raters_note = gr.Markdown(label="Rater note")
                 raters_fig = gr.Plot(label="R per token (computed)", elem_id="sv-raters-fig")
             with gr.Tab("② Token counts", id="counts"):
                 counts_fig = gr.Plot(label="Visual tokens per layer (computed)", elem_id="sv-counts")
-                formulas_out = gr.Markdown(elem_id="sv-formulas")
+                formulas_out = gr.Markdown(label="Count rules", elem_id="sv-formulas")
             with gr.Tab("③ Latency & cost", id="latency"):
                 gr.Markdown("**Measured**: wall-clock on this machine for this request. **Computed**: analytic "
                             "FLOPs and KV-cache bytes from the model shape and the token counts.",
@@ -543,6 +543,7 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                 compare_gallery = gr.Gallery(label="Last-layer tokens per method", columns=5, height=300,
                                              elem_id="sv-compare-gallery", object_fit="contain")
                 compare_table = gr.Dataframe(headers=render.COMPARE_HEADERS, interactive=False, wrap=True,
+                                             label="Per method",
                                              elem_id="sv-compare-table")
             with gr.Tab("⑤ Export", id="export"):
                 export_btn = gr.Button("Export trace JSON + pruning animation (GIF, MP4)", elem_id="sv-export")

@@ -19,6 +19,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -72,7 +73,8 @@ def make_assets(root: Path) -> tuple[Path, Path, Path, int]:
     for name, size, q in (("circle.png", (640, 480), "what colour is the circle ?"),
                           ("tall.png", (360, 600), "is there a square ?")):
         scene(size).save(ex_dir / name)
-        items.append({"image": name, "question": q, "answer": "red", "family": "colour"})
+        # the evidence of a generated scene: here the crop's top-left 2x2 patches
+        items.append({"image": name, "question": q, "answer": "red", "family": "colour", "evidence": [0, 1, 12, 13]})
     (ex_dir / "examples.json").write_text(json.dumps(items))
     return model_dir, second_dir, ex_dir / "examples.json", budget
 
@@ -148,7 +150,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save("rgba.png", rgba)
     save("palette.png", base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16))
     save("cmyk.jpg", base.convert("CMYK"), "JPEG")
-    save("gray16.png", Image.fromarray(__import__("numpy").asarray(base.convert("L"), dtype="uint16") * 200))
+    save("gray16.png", Image.fromarray(np.asarray(base.convert("L"), dtype="uint16") * 200))
     exif = Image.Exif()
     exif[0x0112] = 6
     save("exif.jpg", base, "JPEG", exif=exif.tobytes())
@@ -212,6 +214,18 @@ def test_explain_returns_every_view(client, files):
 
 
 @pytest.mark.parametrize("method", ["fastv", "fastervlm", "random", "dense"])
+def test_example_evidence_is_outlined(server, client):
+    """A bundled example that knows its evidence patches gets them outlined in white; another question does not."""
+    example = json.loads(server.examples.read_text())[0]
+    image = server.examples.parent / example["image"]  # 640x480: displayed 512x384, crop x 64..448, 32 px patches
+    with_ev = np.asarray(Image.open(explain(client, image, example["question"], max_new_tokens=1)[4]).convert("RGB"))
+    without = np.asarray(Image.open(explain(client, image, "is there a square ?", max_new_tokens=1)[4]).convert("RGB"))
+    left_edge = (slice(8, 56), slice(63, 66))  # the 2x2 block's left side, x = 64
+    white = (255, 255, 255)
+    assert (with_ev[left_edge] == white).all(axis=-1).mean() > 0.5
+    assert (without[left_edge] == white).all(axis=-1).mean() < 0.1
+
+
 def test_every_method_runs(client, files, method):
     out = explain(client, files["rgb.png"], method=method, max_new_tokens=2)
     assert out[-1]["trace"]["method"] == method
@@ -244,7 +258,6 @@ def test_layer_view_and_export_use_the_session(server, files):
 def decode_video(path) -> tuple[dict, list]:
     """Decode a video back with ffmpeg: its metadata and every frame as an array."""
     import imageio_ffmpeg
-    import numpy as np
 
     gen = imageio_ffmpeg.read_frames(str(path))
     meta = next(gen)
