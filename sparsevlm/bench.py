@@ -14,16 +14,16 @@ import torch
 from PIL import Image
 
 from .config import PruneConfig
+from .errors import ConfigError
 from .loading import from_objects
 from .pipeline import run
-from .testing import tiny_llava
+from .testing import preset_llava, tiny_llava
 
 QUESTION = "is there a red circle left of the blue square in the image ? answer with one word ."
 
 WIDTHS = {
     # name: (hidden, heads, kv_heads, intermediate)
     "cpu": (512, 8, 8, 1376),
-    "7b": (4096, 32, 32, 11008),
 }
 
 CASES = [
@@ -37,6 +37,10 @@ CASES = [
 
 
 def build(width: str, device: str, dtype: torch.dtype):
+    if width == "7b":
+        # LLaVA-1.5-7B's full published shape (CLIP-L/336 tower, 7.06B parameters), random weights made on `device`.
+        model, processor = preset_llava("llava-hf/llava-1.5-7b-hf", reduce=False, dtype=dtype, device=device)
+        return from_objects(model, processor, name="random LLaVA-1.5-7B (full shape, 7.06B parameters)")
     hidden, heads, kv, inter = WIDTHS[width]
     model, processor = tiny_llava(
         "llama", image_size=336, patch_size=14, hidden=hidden, layers=32, heads=heads, kv_heads=kv,
@@ -48,6 +52,9 @@ def build(width: str, device: str, dtype: torch.dtype):
 
 def bench(width: str = "cpu", runs: int = 5, warmup: int = 2, device: str | None = None) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if width == "7b" and not str(device).startswith("cuda"):
+        raise ConfigError("--width 7b builds LLaVA-1.5-7B's full shape (13.2 GiB in fp16) and needs a CUDA GPU; "
+                          "on a CPU use --width cpu")
     dtype = torch.float16 if device == "cuda" else torch.float32
     lm = build(width, device, dtype)
     image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (336, 448, 3), dtype=np.uint8))

@@ -113,6 +113,11 @@ def cmd_run(a) -> int:
           f"overhead {tm.prune_overhead:.2f} ms, decode {tm.decode_per_token:.1f} ms/token, total {tm.total:.1f} ms")
     print(f"computed: prefill {c.prefill_flops / 1e9:.2f} GFLOPs (dense {c.prefill_flops_dense / 1e9:.2f}), KV cache "
           f"{c.kv_bytes / 2**20:.2f} MiB (dense {c.kv_bytes_dense / 2**20:.2f})")
+    m = t.memory
+    if m.kv_bytes_prefill is not None:
+        peak = f"{m.peak_gpu_bytes / 2**20:.1f} MiB" if m.peak_gpu_bytes is not None else m.peak_gpu_note
+        print(f"measured: KV cache {m.kv_bytes_prefill / 2**20:.2f} MiB after prefill, {m.kv_bytes_final / 2**20:.2f} "
+              f"MiB after decoding; peak GPU memory {peak}")
     return 0
 
 

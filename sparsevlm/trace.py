@@ -95,6 +95,17 @@ class Cost:
 
 
 @dataclass
+class Memory:
+    """MEASURED memory, next to Cost's computed figures: read from the KV cache object and the CUDA allocator."""
+
+    kv_bytes_prefill: int | None = None  # the cache's K/V tensors right after the prefill (compare Cost.kv_bytes)
+    kv_bytes_final: int | None = None  # after generate: the prefill's entries plus those of the decoded tokens
+    kv_tokens_per_layer: list[int] = field(default_factory=list)  # cached positions per layer after the prefill
+    peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated over the call; None when not on CUDA
+    peak_gpu_note: str = ""  # says why peak_gpu_bytes is missing (CPU: n/a)
+
+
+@dataclass
 class PruneTrace:
     method: str
     config: dict
@@ -117,6 +128,7 @@ class PruneTrace:
     timings_ms: Timings = field(default_factory=Timings)
     cost: Cost = field(default_factory=Cost)
     notes: list[str] = field(default_factory=list)
+    memory: Memory = field(default_factory=Memory)
 
     # --- derived views -------------------------------------------------------------------------------------
     def stage_for_layer(self, layer: int) -> Stage | None:
@@ -165,6 +177,7 @@ class PruneTrace:
         d["layers"] = [LayerRecord(**r) for r in d.get("layers", [])]
         d["timings_ms"] = Timings(**d.get("timings_ms", {}))
         d["cost"] = Cost(**d.get("cost", {}))
+        d["memory"] = Memory(**d.get("memory", {}))
         for k in ("image_size", "input_region", "grid"):
             if k in d:
                 d[k] = tuple(d[k])
@@ -208,6 +221,12 @@ class PruneTrace:
                 "visual_kv_bytes_dense": c.visual_kv_bytes_dense,
                 "visual_kv_bytes": c.visual_kv_bytes,
                 "attention_counting": c.attention_counting,
+            },
+            "memory_measured": {
+                "kv_bytes_prefill": self.memory.kv_bytes_prefill,
+                "kv_bytes_final": self.memory.kv_bytes_final,
+                "peak_gpu_bytes": self.memory.peak_gpu_bytes,
+                "peak_gpu_note": self.memory.peak_gpu_note,
             },
             "notes": self.notes,
         }
