@@ -25,6 +25,7 @@ from PIL import Image
 from sparsevlm import config as engine_config
 from sparsevlm.config import COUNT_MODES, FIXED_BUDGETS, METHODS, PruneConfig
 from sparsevlm.errors import InputError, SparseVLMError
+from sparsevlm.gpu import gpu
 from sparsevlm.images import load_image
 from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, model_bytes
 from sparsevlm.pipeline import check_question, run
@@ -276,10 +277,11 @@ def reachable_budget(lm: Any) -> float | None:
         return None
 
 
+@gpu(duration=120)  # ZeroGPU lends the GPU only while this runs; a no-op without the `spaces` package
 def model_runs(lm: LoadedModel, image: Image.Image, question: str, config: PruneConfig, max_new_tokens: int,
                with_dense: bool) -> tuple[PruneTrace, PruneTrace | None]:
     """All the model (GPU) work of one request: the pruned run, and the dense run to compare with (the same
-    trace when the method is dense). Plain data in and out, so a ZeroGPU wrapper can run it in its worker."""
+    trace when the method is dense). Plain data in and out, so ZeroGPU can run it in its worker."""
     pruned = run(lm, image, question, config, max_new_tokens=max_new_tokens).trace
     if config.method == "dense":
         return pruned, pruned
