@@ -213,7 +213,6 @@ def test_explain_returns_every_view(client, files):
     assert record["answer"] == record["trace"]["answer"] and record["dense_answer"] == record["dense_trace"]["answer"]
 
 
-@pytest.mark.parametrize("method", ["fastv", "fastervlm", "random", "dense"])
 def test_example_evidence_is_outlined(server, client):
     """A bundled example that knows its evidence patches gets them outlined in white; another question does not."""
     example = json.loads(server.examples.read_text())[0]
@@ -226,6 +225,7 @@ def test_example_evidence_is_outlined(server, client):
     assert (without[left_edge] == white).all(axis=-1).mean() < 0.1
 
 
+@pytest.mark.parametrize("method", ["fastv", "fastervlm", "random", "dense"])
 def test_every_method_runs(client, files, method):
     out = explain(client, files["rgb.png"], method=method, max_new_tokens=2)
     assert out[-1]["trace"]["method"] == method
