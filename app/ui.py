@@ -29,7 +29,7 @@ from sparsevlm.gpu import gpu
 from sparsevlm.images import load_image
 from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, model_bytes
 from sparsevlm.pipeline import check_question, run
-from sparsevlm.presets import PRESETS
+from sparsevlm.presets import CLS_ONLY_METHODS, PRESETS
 from sparsevlm.trace import PruneTrace
 
 from . import render
@@ -305,8 +305,9 @@ def budget_choice(lm: LoadedModel, **layout: Any) -> gr.Radio:
 def model_line(lm: LoadedModel, note: str = "") -> str:
     rows, cols = lm.grid
     weights = render.format_bytes(model_bytes(lm.model))
+    cls_only = ", ".join(render.method_label(m) for m in sorted(CLS_ONLY_METHODS))
     line = (f"Model: <b>{html.escape(lm.name)}</b> · {lm.arch} · {lm.num_layers} decoder layers · grid {rows}×{cols} "
-            f"= {lm.visual_tokens} visual tokens{'' if lm.has_cls else ' (no [CLS]: FasterVLM cannot run)'} · "
+            f"= {lm.visual_tokens} visual tokens{'' if lm.has_cls else f' (no [CLS]: {cls_only} cannot run)'} · "
             f"{lm.device} / {str(lm.dtype).replace('torch.', '')} · weights {weights} (measured from the loaded "
             "tensors)")
     return f"<div class='sv-model'>{line}{note}</div>"
