@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import plotly.graph_objects as go
 from PIL import Image, ImageDraw, ImageFont
@@ -16,7 +17,29 @@ from PIL import Image, ImageDraw, ImageFont
 from sparsevlm.methods import METHOD_LABELS as REGISTERED_LABELS
 from sparsevlm.trace import PruneTrace, Stage
 
-METHOD_LABELS = dict(REGISTERED_LABELS)  # one place for labels: the engine's method registry
+# What ranks the visual tokens, per method; the labels themselves come from the engine's registry (one place).
+RANKS_BY: dict[str, str] = {
+    "sparsevlm": "text-guided",
+    "sparsevlm-v2": "text-guided, gravity-corrected",
+    "fastv": "last-token attention",
+    "fastervlm": "[CLS] attention",
+    "visionzip": "[CLS] attention + merging",
+    "divprune": "diversity",
+    "pyramiddrop": "last-instruction attention",
+    "dart": "duplication",
+    "random": "no ranking",
+}
+# The one table of method labels: name -> (label, what ranks the visual tokens).
+METHOD_TABLE: dict[str, tuple[str, str]] = {
+    name: (label, RANKS_BY.get(name, "")) for name, label in REGISTERED_LABELS.items()
+}
+
+
+def method_label(method: str, long: bool = False) -> str:
+    """Short label ("FastV"), or with what ranks the tokens ("FastV (last-token attention)")."""
+    label, how = METHOD_TABLE.get(method, (method, ""))
+    return f"{label} ({how})" if long and how else label
+
 
 # Cluster outlines: a qualitative palette that stays readable on top of photos.
 CLUSTER_COLOURS: tuple[tuple[int, int, int], ...] = (
@@ -36,9 +59,7 @@ CLUSTER_COLOURS: tuple[tuple[int, int, int], ...] = (
 PRUNED_DIM = 0.22  # brightness a pruned patch keeps
 CLUSTER_TINT = 0.42  # share of the cluster colour over a recycled patch (the picture stays readable)
 OUTSIDE_DIM = 0.10  # brightness of image parts the model never saw (cropped away by the processor)
-KEPT_RGB = (34, 197, 94)
-PRUNED_RGB = (100, 116, 139)
-ACCENT_RGB = (99, 102, 241)
+EVIDENCE_RGB = (255, 255, 255)  # evidence outlines: white over a dark rim, apart from every cluster colour
 DISPLAY_SIDE = 512
 
 # Patch states in a label grid.
@@ -139,27 +160,22 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def _fit(image: Image.Image, trace: PruneTrace, max_side: int) -> np.ndarray:
+    """The upload as an RGB uint8 array at display size."""
     if trace.image_size == (0, 0):
         raise ValueError("the trace records no image size")
     if image.size != tuple(trace.image_size):
         # The app passes the very image it ran on; anything else is re-fitted to the recorded size.
         image = image.resize(tuple(trace.image_size), Image.BILINEAR)
     size = display_size(image.size, max_side)
-    return np.asarray(image.convert("RGB").resize(size, Image.LANCZOS), dtype=np.float32)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB").resize(size, Image.LANCZOS), dtype=np.uint8))
 
 
-def _outline(mask_ids: np.ndarray, thickness: int = 2) -> np.ndarray:
-    """Pixels on the boundary between different ids (ids < -2 are treated as background)."""
-    edge = np.zeros(mask_ids.shape, dtype=bool)
-    edge[:, 1:] |= mask_ids[:, 1:] != mask_ids[:, :-1]
-    edge[1:, :] |= mask_ids[1:, :] != mask_ids[:-1, :]
-    grown = edge.copy()
-    for _ in range(max(0, thickness - 1)):
-        g = grown.copy()
-        g[:, 1:] |= grown[:, :-1]
-        g[1:, :] |= grown[:-1, :]
-        grown = g
-    return grown
+def _patch_edges(pmap: np.ndarray) -> np.ndarray:
+    """1-px lines where neighbouring pixels belong to different patches (the faint token grid)."""
+    edge = np.zeros(pmap.shape, dtype=bool)
+    edge[:, 1:] |= pmap[:, 1:] != pmap[:, :-1]
+    edge[1:, :] |= pmap[1:, :] != pmap[:-1, :]
+    return edge
 
 
 def _hatch(shape: tuple[int, int], period: int = 10) -> np.ndarray:
@@ -167,11 +183,41 @@ def _hatch(shape: tuple[int, int], period: int = 10) -> np.ndarray:
     return ((xx + yy) % period) < 2
 
 
-def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: int = DISPLAY_SIDE) -> Image.Image:
+def _blend(base: np.ndarray, over: np.ndarray, alpha: float, where: np.ndarray) -> np.ndarray:
+    """base with `over` blended in at `alpha`, only where the mask is set."""
+    mixed = cv2.addWeighted(base, 1.0 - alpha, over, alpha, 0.0)
+    return np.where(where[..., None], mixed, base)
+
+
+def _dim(arr: np.ndarray, factor: float, lift: float = 0.0) -> np.ndarray:
+    return cv2.convertScaleAbs(arr, alpha=factor, beta=lift)
+
+
+def draw_outline(out: np.ndarray, mask: np.ndarray, rgb: tuple[int, int, int], thickness: int = 2,
+                 rim: bool = False) -> np.ndarray:
+    """Draw the contours of a region (a boolean pixel mask) in place; holes get their own contour."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    if rim:  # a dark rim keeps a light outline readable on bright pictures
+        cv2.drawContours(out, contours, -1, (0, 0, 0), thickness + 2, cv2.LINE_8)
+    cv2.drawContours(out, contours, -1, tuple(int(c) for c in rgb), thickness, cv2.LINE_8)
+    return out
+
+
+def _evidence_mask(pmap: np.ndarray, evidence: Sequence[int] | None) -> np.ndarray | None:
+    if not evidence:
+        return None
+    mask = np.isin(pmap, np.asarray(list(evidence), dtype=np.int64)) & (pmap >= 0)
+    return mask if mask.any() else None
+
+
+def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: int = DISPLAY_SIDE,
+                 evidence: Sequence[int] | None = None) -> Image.Image:
     """The upload in its own aspect as decoder layer `layer` sees it.
 
     Kept patches are clear, pruned ones dimmed, each recycled cluster tinted and outlined in its own colour (its
-    center marked with a dot); parts of the picture the processor cropped away are hatched.
+    center marked with a dot); parts of the picture the processor cropped away are hatched. `evidence` (patch
+    indices, e.g. a generated scene's ground truth; default: the trace's own `evidence` if it has one) is
+    outlined in white.
     """
     arr = _fit(image, trace, max_side)
     h, w = arr.shape[:2]
@@ -180,47 +226,36 @@ def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: in
     states = patch_states(trace, layer)
     pix_state = np.where(inside, states[np.clip(pmap, 0, None)], -3)
 
-    out = arr.copy()
-    pruned = pix_state == PRUNED
-    out[pruned] = arr[pruned] * PRUNED_DIM + 18
+    out = np.where((pix_state == PRUNED)[..., None], _dim(arr, PRUNED_DIM, 18), arr)
     outside = pix_state == -3
-    out[outside] = arr[outside] * OUTSIDE_DIM
+    out[outside] = _dim(arr, OUTSIDE_DIM)[outside]
     out[outside & _hatch((h, w))] = 70
 
     # faint patch grid on the visible tokens, so "a token is a square" reads at a glance
-    grid_edges = _outline(np.where(inside, pmap, -3), 1) & (pix_state == KEPT)
-    out[grid_edges] = out[grid_edges] * 0.75 + 255 * 0.25
+    grid = _patch_edges(np.where(inside, pmap, -3)) & (pix_state == KEPT)
+    out = _blend(out, np.full_like(out, 255), 0.25, grid)
 
     stage = trace.stage_for_layer(layer)
     if stage is not None and stage.merged:
         cluster_px = pix_state >= 0
-        colours = np.array(CLUSTER_COLOURS, dtype=np.float32)
-        cid = np.where(cluster_px, pix_state % len(colours), 0)
-        tint = colours[cid]
-        out[cluster_px] = arr[cluster_px] * (1 - CLUSTER_TINT) + tint[cluster_px] * CLUSTER_TINT
-        ids = np.where(cluster_px, pix_state, -10)
-        edge = _outline(ids, 2) & cluster_px
-        out[edge] = tint[edge]
-    img = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
-    if stage is not None and stage.merged:
-        draw = ImageDraw.Draw(img)
+        colours = np.array(CLUSTER_COLOURS, dtype=np.uint8)
+        tint = colours[np.where(cluster_px, pix_state % len(colours), 0)]
+        out = _blend(out, tint, CLUSTER_TINT, cluster_px)
+        out = np.ascontiguousarray(out)
+        for k in range(len(stage.merged)):
+            mask = pix_state == k
+            if mask.any():
+                draw_outline(out, mask, CLUSTER_COLOURS[k % len(CLUSTER_COLOURS)], 2)
         for k, m in enumerate(stage.merged):
             x0, y0, x1, y1 = patch_box(trace, m.center, (w, h))
-            cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, max(2.5, (x1 - x0) / 5)
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=CLUSTER_COLOURS[k % len(CLUSTER_COLOURS)],
-                         outline=(0, 0, 0))
-    return img
-
-
-def _colormap(v: np.ndarray) -> np.ndarray:
-    """A perceptual dark-purple -> orange -> yellow ramp (inferno-like) for v in [0, 1]."""
-    anchors = np.array(
-        [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39],
-         [252, 255, 164]], dtype=np.float32)
-    x = np.clip(v, 0, 1) * (len(anchors) - 1)
-    i = np.clip(np.floor(x).astype(int), 0, len(anchors) - 2)
-    f = (x - i)[..., None]
-    return anchors[i] * (1 - f) + anchors[i + 1] * f
+            centre = (round((x0 + x1) / 2), round((y0 + y1) / 2))
+            r = max(3, round((x1 - x0) / 5))
+            cv2.circle(out, centre, r, CLUSTER_COLOURS[k % len(CLUSTER_COLOURS)], -1, cv2.LINE_AA)
+            cv2.circle(out, centre, r, (0, 0, 0), 1, cv2.LINE_AA)
+    ev = _evidence_mask(pmap, evidence if evidence is not None else getattr(trace, "evidence", None))
+    if ev is not None:
+        out = draw_outline(np.ascontiguousarray(out), ev, EVIDENCE_RGB, 2, rim=True)
+    return Image.fromarray(out)
 
 
 def heatmap_stage(trace: PruneTrace, layer: int) -> Stage | None:
@@ -238,37 +273,49 @@ def patch_scores(trace: PruneTrace, stage: Stage) -> np.ndarray:
     return vals
 
 
-def render_heatmap(image: Image.Image, trace: PruneTrace, layer: int, max_side: int = DISPLAY_SIDE) -> Image.Image:
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (any shape) -> RGB uint8 through OpenCV's perceptual inferno map."""
+    grey = np.clip(np.nan_to_num(values) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    bgr = cv2.applyColorMap(grey.reshape(1, -1), cv2.COLORMAP_INFERNO)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).reshape(*values.shape, 3)
+
+
+def render_heatmap(image: Image.Image, trace: PruneTrace, layer: int, max_side: int = DISPLAY_SIDE,
+                   evidence: Sequence[int] | None = None) -> Image.Image:
     """Significance scores (mean attention the text raters pay each visual token) over the image."""
     arr = _fit(image, trace, max_side)
     h, w = arr.shape[:2]
     stage = heatmap_stage(trace, layer)
     pmap = patch_index_map(trace, (w, h))
     inside = pmap >= 0
-    out = arr * OUTSIDE_DIM
+    out = _dim(arr, OUTSIDE_DIM)
     if stage is None or not stage.scores:
-        out[inside] = arr[inside] * PRUNED_DIM + 18
-        return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+        out[inside] = _dim(arr, PRUNED_DIM, 18)[inside]
+        return Image.fromarray(out)
     vals = patch_scores(trace, stage)
     finite = vals[np.isfinite(vals)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    # sqrt spreads the many small attention shares over more of the colour ramp
     norm = np.sqrt(np.clip((vals - lo) / (hi - lo), 0, 1)) if hi > lo else np.ones_like(vals)
     pv = np.where(inside, norm[np.clip(pmap, 0, None)], np.nan)
     scored = np.isfinite(pv)
-    out[inside & ~scored] = arr[inside & ~scored] * PRUNED_DIM + 18
-    out[scored] = arr[scored] * 0.35 + _colormap(pv[scored]) * 0.65
+    out[inside & ~scored] = _dim(arr, PRUNED_DIM, 18)[inside & ~scored]
+    out = _blend(out, colormap(pv), 0.65, scored)
     out[~inside & _hatch((h, w))] = 70
-    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    ev = _evidence_mask(pmap, evidence if evidence is not None else getattr(trace, "evidence", None))
+    if ev is not None:
+        out = draw_outline(np.ascontiguousarray(out), ev, EVIDENCE_RGB, 2, rim=True)
+    return Image.fromarray(out)
 
 
 def render_view(image: Image.Image, trace: PruneTrace, layer: int, view: str = "tokens",
-                max_side: int = DISPLAY_SIDE) -> Image.Image:
+                max_side: int = DISPLAY_SIDE, evidence: Sequence[int] | None = None) -> Image.Image:
     if view == "heatmap":
-        return render_heatmap(image, trace, layer, max_side)
-    return render_layer(image, trace, layer, max_side)
+        return render_heatmap(image, trace, layer, max_side, evidence)
+    return render_layer(image, trace, layer, max_side, evidence)
 
 
-def legend_html(trace: PruneTrace | None = None) -> str:
+def legend_html() -> str:
     def sw(rgb: tuple[int, int, int], text: str, border: str = "none") -> str:
         return (f'<span class="sv-swatch"><i style="background:rgb{rgb};border:{border}"></i>{text}</span>')
 
@@ -277,6 +324,7 @@ def legend_html(trace: PruneTrace | None = None) -> str:
         sw((40, 40, 46), "pruned token (dimmed)"),
         sw(CLUSTER_COLOURS[0], "recycled cluster: deleted patches merged into one token (dot = its center)"),
         sw((70, 70, 70), "cropped away by the processor (never seen)"),
+        sw((40, 40, 46), "evidence (examples): the patches the answer depends on", "2px solid #fff"),
     ]
     return '<div class="sv-legend">' + "".join(items) + "</div>"
 
@@ -290,18 +338,49 @@ def caption_strip(img: Image.Image, text: str, height: int = 34) -> Image.Image:
     return out
 
 
-def pruning_animation(image: Image.Image, trace: PruneTrace, max_side: int = 384,
-                      frame_ms: int = 700) -> bytes:
-    """An animated GIF: one frame per decoder layer, captioned with the token count."""
+def animation_frames(image: Image.Image, trace: PruneTrace, max_side: int = 384,
+                     evidence: Sequence[int] | None = None) -> list[Image.Image]:
+    """One captioned picture per decoder layer: what it sees and how many visual tokens that is."""
     frames = []
     for layer in range(num_layers(trace)):
         c = layer_counts(trace, layer)
-        pic = render_layer(image, trace, layer, max_side)
+        pic = render_layer(image, trace, layer, max_side, evidence)
         frames.append(caption_strip(pic, f"layer {layer}: {c['tokens']}/{trace.visual_tokens} visual tokens"))
+    return frames
+
+
+def pruning_animation(image: Image.Image, trace: PruneTrace, max_side: int = 384, frame_ms: int = 700,
+                      evidence: Sequence[int] | None = None) -> bytes:
+    """An animated GIF: one frame per decoder layer, captioned with the token count."""
+    frames = animation_frames(image, trace, max_side, evidence)
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0,
                    optimize=False, disposal=1)
     return buf.getvalue()
+
+
+def pruning_video(image: Image.Image, trace: PruneTrace, path: str, max_side: int = 384, fps: float = 1.5,
+                  evidence: Sequence[int] | None = None) -> str:
+    """An MP4 that browsers play: H.264 in yuv420p with the index up front, one frame per decoder layer."""
+    import imageio_ffmpeg
+
+    frames = animation_frames(image, trace, max_side, evidence)
+    w, h = frames[0].size
+    # H.264 4:2:0 needs even sides; 16 avoids encoder padding artefacts. Pad with the caption strip's colour.
+    W, H = -(-w // 16) * 16, -(-h // 16) * 16  # noqa: N806 - frame sides
+    writer = imageio_ffmpeg.write_frames(
+        path, (W, H), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p", macro_block_size=1,
+        quality=None, bitrate=None, output_params=["-crf", "20", "-movflags", "+faststart", "-an"],
+        ffmpeg_log_level="error")
+    writer.send(None)
+    try:
+        for f in frames:
+            canvas = np.full((H, W, 3), (17, 24, 39), dtype=np.uint8)
+            canvas[:h, :w] = np.asarray(f, dtype=np.uint8)
+            writer.send(np.ascontiguousarray(canvas))
+    finally:
+        writer.close()
+    return path
 
 
 # --- text raters ---------------------------------------------------------------------------------------------
@@ -407,7 +486,7 @@ def counts_figure(trace: PruneTrace, budget: float | None = None) -> go.Figure:
 
 
 def _method(trace: PruneTrace) -> str:
-    return METHOD_LABELS.get(trace.method, trace.method)
+    return method_label(trace.method)
 
 
 def formulas_markdown(trace: PruneTrace) -> str:
@@ -455,6 +534,11 @@ def _bytes(v: float) -> tuple[float, str]:
         if abs(v) >= scale:
             return v / scale, unit
     return v, "B"
+
+
+def format_bytes(v: float) -> str:
+    n, unit = _bytes(v)
+    return f"{n:.3g} {unit}"
 
 
 def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
@@ -576,7 +660,7 @@ def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]]) -> list[
     dense = next((t for m, t, _ in results if m == "dense" and t is not None), None)
     rows = []
     for method, tr, err in results:
-        label = METHOD_LABELS.get(method, method)
+        label = method_label(method)
         if tr is None:
             rows.append([label, f"not available: {err}", "", "", "", "", "", ""])
             continue
@@ -590,7 +674,7 @@ def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]]) -> list[
 
 
 def compare_caption(method: str, tr: PruneTrace) -> str:
-    return (f"{METHOD_LABELS.get(method, method)}: “{tr.answer.strip()}” · {tr.cost.equal_tokens:.0f} eq. tokens"
+    return (f"{method_label(method)}: “{tr.answer.strip()}” · {tr.cost.equal_tokens:.0f} eq. tokens"
             f" · prefill {tr.timings_ms.prefill:.0f} ms")
 
 
@@ -603,11 +687,3 @@ def default_layer(trace: PruneTrace) -> int:
     if not trace.stages:
         return 0
     return min(final_layer(trace), max(0, trace.stages[-1].after_layer + 1))
-
-
-def empty_figure(message: str) -> go.Figure:
-    fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, font={"size": 14, "color": "#64748b"})
-    fig.update_layout(height=200, xaxis={"visible": False}, yaxis={"visible": False}, **_layout_base())
-    return fig
-

@@ -19,6 +19,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -48,38 +49,50 @@ def scene(size=(640, 480), colour=(220, 40, 40)) -> Image.Image:
     return img
 
 
-def make_assets(root: Path) -> tuple[Path, Path]:
-    """A saved tiny LLaVA folder and an examples.json with PNGs, as the app's --model / --examples."""
+def save_tiny(folder: Path, arch: str) -> int:
+    """A tiny LLaVA saved as a model folder; returns the bytes its weights take."""
+    from sparsevlm.loading import model_bytes
     from sparsevlm.testing import tiny_llava
 
-    model_dir = root / "tiny-llava"
-    model, processor = tiny_llava("llama", image_size=TINY_IMAGE)
+    model, processor = tiny_llava(arch, image_size=TINY_IMAGE)
     model.config.text_config.max_position_embeddings = CONTEXT
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model_bytes(model)
+
+
+def make_assets(root: Path) -> tuple[Path, Path, Path, int]:
+    """Two saved tiny LLaVA folders (CLIP+Llama, the default; SigLIP+Qwen2, for the picker), an examples.json
+    with PNGs, and a model memory budget that holds one of the two models but not both."""
+    model_dir = root / "models" / "tiny-llava"
+    second_dir = root / "models" / "tiny-qwen"
+    budget = int(1.5 * max(save_tiny(model_dir, "llama"), save_tiny(second_dir, "qwen2")))
     ex_dir = root / "examples"
     ex_dir.mkdir()
     items = []
     for name, size, q in (("circle.png", (640, 480), "what colour is the circle ?"),
                           ("tall.png", (360, 600), "is there a square ?")):
         scene(size).save(ex_dir / name)
-        items.append({"image": name, "question": q, "answer": "red", "family": "colour"})
+        # the evidence of a generated scene: here the crop's top-left 2x2 patches
+        items.append({"image": name, "question": q, "answer": "red", "family": "colour", "evidence": [0, 1, 12, 13]})
     (ex_dir / "examples.json").write_text(json.dumps(items))
-    return model_dir, ex_dir / "examples.json"
+    return model_dir, second_dir, ex_dir / "examples.json", budget
 
 
 class AppServer:
     """`python -m app` in a subprocess on a free port; stopped by its own pid."""
 
     def __init__(self, root: Path):
-        self.model_dir, self.examples = make_assets(root)
+        self.model_dir, self.second_model_dir, self.examples, budget = make_assets(root)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = root / "server.log"
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        # The hub is offline (as on the Space); the tiny models are the "models available locally".
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+               "SPARSEVLM_MODELS_DIR": str(self.model_dir.parent)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app", "--model", str(self.model_dir), "--examples", str(self.examples),
-             "--port", str(self.port)],
+             "--port", str(self.port), "--model-memory-gib", str(budget / 2**30)],
             cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -137,7 +150,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save("rgba.png", rgba)
     save("palette.png", base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16))
     save("cmyk.jpg", base.convert("CMYK"), "JPEG")
-    save("gray16.png", Image.fromarray(__import__("numpy").asarray(base.convert("L"), dtype="uint16") * 200))
+    save("gray16.png", Image.fromarray(np.asarray(base.convert("L"), dtype="uint16") * 200))
     exif = Image.Exif()
     exif[0x0112] = 6
     save("exif.jpg", base, "JPEG", exif=exif.tobytes())
@@ -166,22 +179,21 @@ def _bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
-def explain(client: Client, image, question="what colour is the circle ?", method="sparsevlm", budget=64,
-            count_mode="fixed", lam=1.0, scale=13.5, bias=0.0, recycle=True, max_new_tokens=4, view="tokens"):
+def explain(client: Client, image, question="what colour is the circle ?", max_new_tokens=4, **kw):
+    """/explain by parameter name; what is left out takes the page's defaults."""
     img = handle_file(str(image)) if image is not None else None
-    return client.predict(img, question, method, budget, count_mode, lam, scale, bias, recycle, max_new_tokens, view,
-                          api_name="/explain")
+    return client.predict(image=img, question=question, max_new_tokens=max_new_tokens, api_name="/explain", **kw)
 
 
 # --- the happy path ------------------------------------------------------------------------------------------
 def test_api_lists_named_endpoints(client):
     names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
-    assert {"/explain", "/compare", "/export", "/layer_view"} <= names
+    assert {"/run", "/compare", "/explain", "/compare_view", "/export", "/layer_view"} <= names
 
 
 def test_explain_returns_every_view(client, files):
     out = explain(client, files["rgb.png"])
-    answer, raters, rater_note, raters_fig, overlay, slider, caption, counts, formulas, latency, lat_fig, summary = out
+    answer, raters, rater_note, raters_fig, overlay, slider, caption, counts, formulas, latency, lat_fig, record = out
     assert "SparseVLM" in answer and "Dense" in answer and ("same answer" in answer or "differs" in answer)
     assert raters and all(-1 <= r["class_or_confidence"] <= 1 for r in raters)
     assert any(r["class_or_confidence"] > 0 for r in raters) and "raters" in rater_note
@@ -196,24 +208,38 @@ def test_explain_returns_every_view(client, files):
     assert kinds == {"measured", "computed"}
     assert all(row[4] for row in latency["data"])  # every row has a unit
     assert "measured" in lat_fig["plot"] and "computed" in lat_fig["plot"]
-    assert summary["pruned"]["method"] == "sparsevlm" and summary["dense"]["method"] == "dense"
+    assert record["trace"]["method"] == "sparsevlm" and record["dense_trace"]["method"] == "dense"
     # paper accounting (the default): the reference's output counting meets the budget; both figures reported
-    assert summary["pruned"]["budget_figure"] == pytest.approx(64, abs=1) and summary["pruned"]["budget_met"]
-    assert summary["pruned"]["equal_tokens_output"] == summary["pruned"]["budget_figure"]
-    assert summary["pruned"]["equal_tokens_input"] > summary["pruned"]["equal_tokens_output"]
+    cost = record["trace"]["cost"]
+    assert cost["budget_figure"] == pytest.approx(64, abs=1) and cost["budget_met"]
+    assert cost["equal_tokens_reference"] == cost["budget_figure"]
+    assert cost["equal_tokens"] > cost["equal_tokens_reference"]
+    assert record["answer"] == record["trace"]["answer"] and record["dense_answer"] == record["dense_trace"]["answer"]
+
+
+def test_example_evidence_is_outlined(server, client):
+    """A bundled example that knows its evidence patches gets them outlined in white; another question does not."""
+    example = json.loads(server.examples.read_text())[0]
+    image = server.examples.parent / example["image"]  # 640x480: displayed 512x384, crop x 64..448, 32 px patches
+    with_ev = np.asarray(Image.open(explain(client, image, example["question"], max_new_tokens=1)[4]).convert("RGB"))
+    without = np.asarray(Image.open(explain(client, image, "is there a square ?", max_new_tokens=1)[4]).convert("RGB"))
+    left_edge = (slice(8, 56), slice(63, 66))  # the 2x2 block's left side, x = 64
+    white = (255, 255, 255)
+    assert (with_ev[left_edge] == white).all(axis=-1).mean() > 0.5
+    assert (without[left_edge] == white).all(axis=-1).mean() < 0.1
 
 
 @pytest.mark.parametrize("method", ["fastv", "fastervlm", "random", "dense"])
 def test_every_method_runs(client, files, method):
     out = explain(client, files["rgb.png"], method=method, max_new_tokens=2)
-    assert out[-1]["pruned"]["method"] == method
+    assert out[-1]["trace"]["method"] == method
 
 
 def test_adaptive_modes(client, files):
     out = explain(client, files["rgb.png"], count_mode="paper", lam=0.5)
     assert "eq. 8" in out[8] or "λ" in out[8] or "lambda" in out[8].lower()
     out = explain(client, files["rgb.png"], count_mode="code", scale=2.0, bias=1.0, recycle=False)
-    assert out[-1]["pruned"]["config"]["recycle"] is False
+    assert out[-1]["trace"]["config"]["recycle"] is False
 
 
 def test_layer_view_and_export_use_the_session(server, files):
@@ -221,21 +247,113 @@ def test_layer_view_and_export_use_the_session(server, files):
     explain(c, files["rgb.png"])
     overlay, caption = c.predict(0, "heatmap", api_name="/layer_view")
     assert Image.open(overlay).size == (512, 384) and "layer 0" in caption
-    downloads, gif = c.predict(api_name="/export")
+    downloads, gif, mp4 = c.predict(api_name="/export")
     names = [Path(p).name for p in downloads]
-    assert any(n.startswith("trace-sparsevlm") for n in names)
+    assert any(n.startswith("trace-sparsevlm") for n in names) and any(n.endswith(".mp4") for n in names)
     trace = PruneTrace.from_json(Path(next(p for p in downloads if "trace-sparsevlm" in p)).read_text())
     assert trace.method == "sparsevlm" and trace.stages
     anim = Image.open(gif)
     assert anim.format == "GIF" and anim.n_frames == 8
+    video = mp4["video"] if isinstance(mp4, dict) else mp4
+    meta, frames = decode_video(video)
+    assert meta["codec"].startswith("h264") and len(frames) == 8  # one frame per decoder layer
 
 
-def test_compare_runs_every_method(client, files):
-    gallery, table = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
-                                    api_name="/compare")
+def decode_video(path) -> tuple[dict, list]:
+    """Decode a video back with ffmpeg: its metadata and every frame as an array."""
+    import imageio_ffmpeg
+
+    gen = imageio_ffmpeg.read_frames(str(path))
+    meta = next(gen)
+    w, h = meta["size"]
+    frames = [np.frombuffer(f, dtype=np.uint8).reshape(h, w, 3) for f in gen]
+    return meta, frames
+
+
+def test_compare_view_runs_every_method(client, files):
+    gallery, table, data = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
+                                          api_name="/compare_view")
     methods = [row[0] for row in table["data"]]
     assert len(methods) == 5 and methods[0].startswith("Dense")
     assert len(gallery) == 5 and all("eq. tokens" in g["caption"] for g in gallery)
+    assert [d["method"] for d in data] == ["dense", "sparsevlm", "fastv", "fastervlm", "random"]
+
+
+# --- the data API: /run and /compare ------------------------------------------------------------------------
+def run_api(client: Client, image, question="what colour is the circle ?", **kw) -> dict:
+    img = handle_file(str(image)) if image is not None else None
+    return client.predict(image=img, question=question, api_name="/run", **kw)
+
+
+DETERMINISTIC = ("method", "config", "model", "question", "prompt", "answer", "image_size", "input_region", "grid",
+                 "prefix_tokens", "visual_tokens", "text_tokens", "generated_tokens", "raters", "layers", "cost",
+                 "notes")
+
+
+def test_run_returns_the_cli_trace(client, server, files, tmp_path):
+    """/run's trace is the object `python -m sparsevlm run --trace-out` writes, for the same input."""
+    out = tmp_path / "cli-trace.json"
+    question = "what colour is the circle ?"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsevlm", "run", "--model", str(server.model_dir), "--image", str(files["rgb.png"]),
+         "--question", question, "--method", "sparsevlm", "--budget", "64", "--max-new-tokens", "4", "--json",
+         "--trace-out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    cli = json.loads(out.read_text())
+    record = run_api(client, files["rgb.png"], question, method="sparsevlm", budget=64, max_new_tokens=4)
+    assert set(record) == {"answer", "dense_answer", "agrees_with_dense", "trace", "dense_trace"}
+    api = record["trace"]
+    assert set(api) == set(cli)
+    for key in DETERMINISTIC:  # timings are measured, so they differ run to run
+        assert api[key] == pytest.approx(cli[key]) if key == "cost" else api[key] == cli[key], key
+    assert len(api["stages"]) == len(cli["stages"]) > 0
+    for a, b in zip(api["stages"], cli["stages"]):
+        a.pop("overhead_ms"), b.pop("overhead_ms")
+        assert a.pop("scores") == pytest.approx(b.pop("scores"), rel=1e-4, abs=1e-7)
+        assert a == b
+    assert record["answer"] == cli["answer"] == json.loads(proc.stdout)["answer"]
+    assert record["dense_trace"]["method"] == "dense" and record["dense_answer"] == record["dense_trace"]["answer"]
+
+
+def test_run_defaults_come_from_the_page(client, files):
+    record = run_api(client, files["rgb.png"], max_new_tokens=2)
+    cfg = record["trace"]["config"]
+    from sparsevlm.config import PruneConfig
+
+    d = PruneConfig()
+    assert (cfg["method"], cfg["count_mode"], cfg["lam"], cfg["scale"], cfg["recycle"]) == (
+        d.method, d.count_mode, d.lam, d.scale, d.recycle)
+    assert record["trace"]["generated_tokens"] <= 2
+
+
+def test_compare_returns_data_per_method(client, files):
+    data = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
+                          api_name="/compare")
+    assert [d["method"] for d in data] == ["dense", "sparsevlm", "fastv", "fastervlm", "random"]
+    for d in data:
+        assert d["available"] and d["error"] is None
+        assert d["summary"]["method"] == d["method"] and d["answer"] == d["summary"]["answer"]
+        assert d["summary"]["timings_ms"]["prefill"] > 0 and "equal_tokens" in d["summary"]
+    assert data[0]["agrees_with_dense"] is True
+    assert data[1]["summary"]["equal_tokens"] == pytest.approx(64, abs=2)
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"question": "  "}, "empty"),
+        ({"image": "text.png"}, "not an image"),
+        ({"budget": 192}, "larger than the image grid"),
+        ({"method": "tome"}, "tome"),
+        ({"max_new_tokens": 100000}, "greater than maximum value 64"),
+    ],
+)
+def test_run_bad_input_is_a_clear_error(client, server, files, kw, needle):
+    image = files[kw.pop("image", "rgb.png")]
+    with pytest.raises(AppError, match=needle) as err:
+        run_api(client, image, **kw)
+    assert "Traceback" not in str(err.value)
+    assert server.alive()
 
 
 # --- bad inputs: a clear message, and the server stays up --------------------------------------------------
@@ -269,7 +387,7 @@ def test_unusual_modes_are_converted(client, files, name):
 def test_exif_rotation_is_honoured(client, files):
     out = explain(client, files["exif.jpg"], max_new_tokens=1)
     assert Image.open(out[4]).size == (384, 512)  # stored 640x480, displayed rotated to 480x640
-    assert out[-1]["pruned"]["model"]  # a real run happened
+    assert out[-1]["trace"]["model"]  # a real run happened
 
 
 @pytest.mark.parametrize("question,needle", [("", "empty"), ("   \n\t ", "empty")])
@@ -291,6 +409,37 @@ def test_question_longer_than_context(client, server, files):
 def test_budget_above_grid(client, server, files):
     with pytest.raises(AppError, match="larger than the image grid"):
         explain(client, files["rgb.png"], budget=192)
+    assert server.alive()
+
+
+# --- the model picker -----------------------------------------------------------------------------------------
+def test_picker_loads_a_second_model_and_switches_back(server, files):
+    c = Client(server.url, verbose=False)
+    other = Client(server.url, verbose=False)  # a second user who never switches
+    second = str(server.second_model_dir)
+    line, budget = c.predict(second, api_name="/load_model")
+    assert "tiny-qwen" in line and "llava-qwen2" in line and "no [CLS]" in line
+    assert "loaded in" in line and "unloaded tiny-llava" in line  # only one of the two fits the memory budget
+    assert budget in (192, 128, 96, 64) or budget.get("value") in (192, 128, 96, 64)
+    record = run_api(c, files["rgb.png"], max_new_tokens=2)
+    assert record["trace"]["model"]["name"] == "tiny-qwen" and record["trace"]["model"]["architecture"] == "llava-qwen2"
+    line, _ = c.predict(second, api_name="/load_model")
+    assert "already in memory" in line  # loaded once
+    # the other session still runs the default model (it is loaded again, and says nothing to this one)
+    assert run_api(other, files["rgb.png"], max_new_tokens=1)["trace"]["model"]["name"] == "tiny-llava"
+    line, _ = c.predict(str(server.model_dir), api_name="/load_model")
+    assert "tiny-llava" in line and "llava-llama" in line
+    assert run_api(c, files["rgb.png"], max_new_tokens=1)["trace"]["model"]["name"] == "tiny-llava"
+    assert server.alive()
+
+
+@pytest.mark.parametrize("name,needle", [("nobody/no-such-llava", "offline"), ("/no/such/folder", "does not exist"),
+                                         ("", "no model")])
+def test_picker_unknown_or_offline_model_names_the_local_ones(client, server, name, needle):
+    with pytest.raises(AppError, match=needle) as err:
+        client.predict(name, api_name="/load_model")
+    msg = str(err.value)
+    assert "available locally" in msg and str(server.second_model_dir) in msg and "Traceback" not in msg
     assert server.alive()
 
 
@@ -318,9 +467,9 @@ def test_concurrent_users_get_their_own_traces(server, files, tmp_path):
         t.join(300)
     assert set(results) == set(jobs)
     for key, (q, m) in jobs.items():
-        summary = results[key][-1]["pruned"]
-        assert summary["method"] == m
-        downloads, _ = exports[key]
+        record = results[key][-1]
+        assert record["trace"]["method"] == m and record["trace"]["question"] == " ".join(q.split())
+        downloads, _, _ = exports[key]
         trace = PruneTrace.from_json(Path(next(p for p in downloads if f"trace-{m}" in p)).read_text())
         assert trace.question == " ".join(q.split()) and trace.method == m
 

@@ -237,3 +237,91 @@ def test_compare_rows():
     rows = render.compare_rows([("dense", dense, ""), ("sparsevlm", tr, ""), ("fastervlm", None, "needs [CLS]")])
     assert rows[1][2] == "yes" and "needs [CLS]" in rows[2][1]
     assert len(rows[0]) == len(render.COMPARE_HEADERS)
+
+
+# --- OpenCV renderers and the MP4 ------------------------------------------------------------------------------
+def _box_px(tr, patch, size):
+    x0, y0, x1, y1 = render.patch_box(tr, patch, size)
+    return int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1))
+
+
+def single_cluster_trace() -> PruneTrace:
+    """One cut after layer 0 of a 24x24 grid: patch 200 alone forms a recycled cluster, 0..99 are kept."""
+    tr = make_trace(image_size=(480, 480), input_region=(0.0, 0.0, 480.0, 480.0), n_layers=4)
+    st = tr.stages[0]
+    st.after_layer, st.kept, st.merged = 0, list(range(100)), [MergedToken(center=200, members=[200])]
+    tr.stages = [st]
+    return tr
+
+
+def test_cluster_outline_lies_on_the_cluster_boundary():
+    tr = single_cluster_trace()
+    img = np.asarray(render.render_layer(white((480, 480)), tr, 1, max_side=480)).astype(int)
+    colour = np.array(render.CLUSTER_COLOURS[0])
+    x0, y0, x1, y1 = _box_px(tr, 200, (480, 480))  # 20x20 px
+    on = np.argwhere(np.abs(img - colour).max(axis=2) <= 1)
+    assert len(on) > 40
+    # every outline pixel lies within 2 px of the patch's edges, none deep inside it or far away
+    ys, xs = on[:, 0], on[:, 1]
+    near_x = (np.abs(xs - x0) <= 2) | (np.abs(xs - (x1 - 1)) <= 2)
+    near_y = (np.abs(ys - y0) <= 2) | (np.abs(ys - (y1 - 1)) <= 2)
+    inside = (xs >= x0 - 2) & (xs <= x1 + 1) & (ys >= y0 - 2) & (ys <= y1 + 1)
+    centre_dot = (np.abs(xs - (x0 + x1) / 2) <= 6) & (np.abs(ys - (y0 + y1) / 2) <= 6)
+    assert (inside & (near_x | near_y | centre_dot)).all()
+    # and the outline closes: each of the four sides is drawn at its middle
+    mid_x, mid_y = (x0 + x1) // 2, (y0 + y1) // 2
+    for y, x in ((y0, mid_x), (y1 - 1, mid_x), (mid_y, x0), (mid_y, x1 - 1)):
+        assert np.abs(img[y, x] - colour).max() <= 1, (y, x)
+
+
+def test_evidence_outline_surrounds_the_evidence_patches():
+    tr = single_cluster_trace()
+    evidence = [300, 301, 324, 325]  # a 2x2 block of patches: rows 12-13, cols 12-13, kept? no: pruned
+    plain = np.asarray(render.render_layer(white((480, 480)), tr, 1, max_side=480)).astype(int)
+    img = np.asarray(render.render_layer(white((480, 480)), tr, 1, max_side=480, evidence=evidence)).astype(int)
+    x0, y0, _, _ = _box_px(tr, 300, (480, 480))
+    _, _, x1, y1 = _box_px(tr, 325, (480, 480))
+    changed = np.argwhere(np.abs(img - plain).max(axis=2) > 0)
+    ys, xs = changed[:, 0], changed[:, 1]
+    # only a band around the 40x40 block's border changes (white line, dark rim)
+    assert ((xs >= x0 - 3) & (xs <= x1 + 2) & (ys >= y0 - 3) & (ys <= y1 + 2)).all()
+    assert not ((xs > x0 + 4) & (xs < x1 - 5) & (ys > y0 + 4) & (ys < y1 - 5)).any()
+    assert tuple(img[y0, (x0 + x1) // 2]) == render.EVIDENCE_RGB
+    # the same outline on the heatmap view
+    heat = np.asarray(render.render_heatmap(white((480, 480)), tr, 1, max_side=480, evidence=evidence))
+    assert tuple(heat[y0, (x0 + x1) // 2]) == render.EVIDENCE_RGB
+
+
+def test_colormap_is_opencv_inferno():
+    ramp = render.colormap(np.linspace(0, 1, 5))
+    assert ramp.shape == (5, 3) and ramp.dtype == np.uint8
+    assert ramp[0].sum() < 30 and ramp[-1][0] > 240 and ramp[-1][1] > 240  # near black -> pale yellow
+    luminance = ramp.astype(float) @ [0.299, 0.587, 0.114]
+    assert (np.diff(luminance) > 0).all()
+    grid = render.colormap(np.zeros((4, 6)))
+    assert grid.shape == (4, 6, 3)
+
+
+def test_mp4_is_h264_with_one_frame_per_layer(tmp_path):
+    import imageio_ffmpeg
+
+    tr = make_trace(n_layers=8)
+    tr.stages = tr.stages[:2]
+    path = render.pruning_video(white(), tr, str(tmp_path / "p.mp4"), max_side=128)
+    data = open(path, "rb").read()
+    # browsers stream it: the index (moov) comes before the media data (mdat)
+    assert data[4:8] == b"ftyp" and 0 < data.find(b"moov") < data.find(b"mdat")
+    gen = imageio_ffmpeg.read_frames(path)
+    meta = next(gen)
+    assert meta["codec"].startswith("h264") and "yuv420p" in meta["pix_fmt"]
+    w, h = meta["size"]
+    assert w % 2 == 0 and h % 2 == 0
+    frames = [np.frombuffer(f, dtype=np.uint8).reshape(h, w, 3) for f in gen]
+    assert len(frames) == 8
+    # the frames are the layers' pictures: layer 0 keeps everything (bright), layer 7 prunes most (dark)
+    gif = Image.open(io.BytesIO(render.pruning_animation(white(), tr, max_side=128)))
+    gif.seek(0)
+    first = np.asarray(gif.convert("RGB"), dtype=float)
+    fh, fw = first.shape[:2]
+    assert np.abs(frames[0][:fh, :fw].astype(float) - first).mean() < 8
+    assert frames[0][40:, :].mean() > frames[7][40:, :].mean() + 40
