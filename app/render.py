@@ -453,11 +453,11 @@ def counts_figure(trace: PruneTrace, budget: float | None = None) -> go.Figure:
                     hovertemplate="layer %{x}: %{y} visual tokens<extra></extra>", showlegend=False)
     fig.add_hline(y=trace.visual_tokens, line_dash="dot", line_color="#94a3b8",
                   annotation_text=f"dense: {trace.visual_tokens}", annotation_position="top right")
-    eq = trace.cost.equal_tokens
+    eq, eq_out = trace.cost.equal_tokens, trace.cost.equal_tokens_reference
     if eq:
         fig.add_hline(y=eq, line_dash="dash", line_color="rgb(234,88,12)",
-                      annotation_text=f"equal tokens (mean per layer) = {eq:.1f}"
-                      + (f", budget {budget:g}" if budget else ""),
+                      annotation_text=f"equal tokens, input-counted = {eq:.1f}; output-counted = {eq_out:.1f}"
+                      + (f"; {budget_line(trace)}" if budget else ""),
                       annotation_position="bottom right", annotation_font_color="rgb(194,65,12)")
     for i, st in enumerate(trace.stages):
         x = st.after_layer + 0.5
@@ -561,8 +561,11 @@ def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
     add("new tokens generated", tp.decode_tokens, td.decode_tokens if td else None, "tokens", "measured", 0)
     add("total", tp.total, td.total if td else None, "ms", "measured")
     cp, cd = pruned.cost, dense.cost if dense else None
-    add("equal tokens (mean visual tokens per layer)", cp.equal_tokens,
+    add("equal tokens, input-counted (mean visual tokens per layer; what FLOPs follow)", cp.equal_tokens,
         cd.equal_tokens if cd else float(pruned.visual_tokens), "tokens", "computed")
+    add("equal tokens, output-counted (a pruning layer at its output; the papers' figure)",
+        cp.equal_tokens_reference, cd.equal_tokens_reference if cd else float(pruned.visual_tokens), "tokens",
+        "computed")
     dense_flops = cd.prefill_flops if cd else cp.prefill_flops_dense
     v, unit = _flops(max(cp.prefill_flops, dense_flops))
     scale = max(cp.prefill_flops, dense_flops) / v if v else 1.0
@@ -576,6 +579,15 @@ def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
     add("KV cache after prefill", cp.kv_bytes / scale, dense_kv / scale, unit, "computed", 3)
     dense_vkv = cd.visual_kv_bytes if cd else cp.visual_kv_bytes_dense
     add("  of which visual tokens", cp.visual_kv_bytes / scale, dense_vkv / scale, unit, "computed", 3)
+    mp, md = pruned.memory, dense.memory if dense else None
+    if mp.kv_bytes_prefill is not None:
+        add("KV cache after prefill, read from the cache object", mp.kv_bytes_prefill / scale,
+            md.kv_bytes_prefill / scale if md and md.kv_bytes_prefill is not None else None, unit, "measured", 3)
+    if mp.peak_gpu_bytes is not None:
+        pv, punit = _bytes(max(mp.peak_gpu_bytes, md.peak_gpu_bytes or 0) if md else mp.peak_gpu_bytes)
+        pscale = (max(mp.peak_gpu_bytes, md.peak_gpu_bytes or 0) if md else mp.peak_gpu_bytes) / pv if pv else 1.0
+        add("peak GPU memory (CUDA allocator)", mp.peak_gpu_bytes / pscale,
+            md.peak_gpu_bytes / pscale if md and md.peak_gpu_bytes is not None else None, punit, "measured", 3)
     return rows
 
 
@@ -629,10 +641,9 @@ def answer_markdown(pruned: PruneTrace, dense: PruneTrace | None) -> str:
     agree = _normalise(a) == _normalise(d)
     badge = ('<span class="sv-badge sv-agree">✓ same answer as dense</span>' if agree else
              '<span class="sv-badge sv-differ">≠ differs from dense</span>')
-    eq = pruned.cost.equal_tokens
     return (
         f"<div class='sv-answers'><div class='sv-answer'><div class='sv-k'>{_method(pruned)} · "
-        f"{eq:.0f} equal tokens</div><div class='sv-v'>{_esc(a)}</div></div>"
+        f"{_esc(budget_line(pruned))}</div><div class='sv-v'>{_esc(a)}</div></div>"
         f"<div class='sv-answer sv-dense'><div class='sv-k'>Dense · {dense.visual_tokens} tokens</div>"
         f"<div class='sv-v'>{_esc(d)}</div></div></div>{badge}"
     )
@@ -651,8 +662,20 @@ def _esc(s: str) -> str:
 
 
 # --- compare ------------------------------------------------------------------------------------------------
-COMPARE_HEADERS = ["method", "answer", "agrees with dense", "equal tokens (computed)", "prefill ms (measured)",
+COMPARE_HEADERS = ["method", "answer", "agrees with dense", "equal tokens in / out (computed)", "budget",
+                   "prefill ms (measured)",
                    "total ms (measured)", "prefill compute (computed)", "KV cache (computed)"]
+
+
+def budget_line(trace: PruneTrace) -> str:
+    """Which accounting met the budget, in which counting: "budget 64, paper accounting: output-counted 64.8"."""
+    c = trace.cost
+    if c.budget is None or c.budget_figure is None:
+        return f"{c.equal_tokens:.0f} equal tokens (no budget: {'dense' if trace.method == 'dense' else 'adaptive'})"
+    counted = {"input": "input-counted", "output": "output-counted", "kept": "tokens kept"}.get(c.budget_counting,
+                                                                                               c.budget_counting)
+    met = "met" if c.budget_met else "NOT met"
+    return f"budget {c.budget} {met} by {c.accounting} accounting ({counted} {c.budget_figure:.1f})"
 
 
 def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]]) -> list[list]:
@@ -662,19 +685,21 @@ def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]]) -> list[
     for method, tr, err in results:
         label = method_label(method)
         if tr is None:
-            rows.append([label, f"not available: {err}", "", "", "", "", "", ""])
+            rows.append([label, f"not available: {err}", "", "", "", "", "", "", ""])
             continue
         f, fu = _flops(tr.cost.prefill_flops)
         b, bu = _bytes(tr.cost.kv_bytes)
         agree = "" if dense is None or method == "dense" else ("yes" if answers_agree(tr, dense) else "no")
-        rows.append([label, tr.answer.strip(), agree, round(tr.cost.equal_tokens, 1),
+        rows.append([label, tr.answer.strip(), agree,
+                     f"{tr.cost.equal_tokens:.1f} / {tr.cost.equal_tokens_reference:.1f}", budget_line(tr),
                      round(tr.timings_ms.prefill, 1), round(tr.timings_ms.total, 1), f"{f:.3g} {fu}",
                      f"{b:.3g} {bu}"])
     return rows
 
 
 def compare_caption(method: str, tr: PruneTrace) -> str:
-    return (f"{method_label(method)}: “{tr.answer.strip()}” · {tr.cost.equal_tokens:.0f} eq. tokens"
+    return (f"{method_label(method)}: “{tr.answer.strip()}” · {tr.cost.equal_tokens:.0f} / "
+            f"{tr.cost.equal_tokens_reference:.0f} eq. tokens (in / out)"
             f" · prefill {tr.timings_ms.prefill:.0f} ms")
 
 

@@ -27,6 +27,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from sparsevlm.methods import METHODS
 from sparsevlm.trace import PruneTrace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -274,9 +275,9 @@ def test_compare_view_runs_every_method(client, files):
     gallery, table, data = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
                                           api_name="/compare_view")
     methods = [row[0] for row in table["data"]]
-    assert len(methods) == 5 and methods[0].startswith("Dense")
-    assert len(gallery) == 5 and all("eq. tokens" in g["caption"] for g in gallery)
-    assert [d["method"] for d in data] == ["dense", "sparsevlm", "fastv", "fastervlm", "random"]
+    assert len(methods) == len(METHODS) and methods[0].startswith("Dense")
+    assert len(gallery) == len(METHODS) and all("eq. tokens" in g["caption"] for g in gallery)
+    assert [d["method"] for d in data] == ["dense", *(m for m in METHODS if m != "dense")]
 
 
 # --- the data API: /run and /compare ------------------------------------------------------------------------
@@ -329,13 +330,13 @@ def test_run_defaults_come_from_the_page(client, files):
 def test_compare_returns_data_per_method(client, files):
     data = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
                           api_name="/compare")
-    assert [d["method"] for d in data] == ["dense", "sparsevlm", "fastv", "fastervlm", "random"]
+    assert [d["method"] for d in data] == ["dense", *(m for m in METHODS if m != "dense")]
     for d in data:
         assert d["available"] and d["error"] is None
         assert d["summary"]["method"] == d["method"] and d["answer"] == d["summary"]["answer"]
         assert d["summary"]["timings_ms"]["prefill"] > 0 and "equal_tokens" in d["summary"]
     assert data[0]["agrees_with_dense"] is True
-    assert data[1]["summary"]["equal_tokens"] == pytest.approx(64, abs=2)
+    assert data[1]["summary"]["budget_figure"] == pytest.approx(64, abs=1) and data[1]["summary"]["budget_met"]
 
 
 @pytest.mark.parametrize(

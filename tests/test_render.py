@@ -239,6 +239,20 @@ def test_compare_rows():
     assert len(rows[0]) == len(render.COMPARE_HEADERS)
 
 
+def test_budget_line_names_the_accounting_and_counting_that_met_the_budget():
+    tr = make_trace()
+    c = tr.cost
+    c.equal_tokens, c.equal_tokens_reference = 82.4, 64.8
+    c.accounting, c.budget, c.budget_counting, c.budget_figure, c.budget_met = "paper", 64, "output", 64.8, True
+    assert render.budget_line(tr) == "budget 64 met by paper accounting (output-counted 64.8)"
+    c.accounting, c.budget_counting, c.budget_figure, c.budget_met = "flops", "input", 90.0, False
+    assert render.budget_line(tr) == "budget 64 NOT met by flops accounting (input-counted 90.0)"
+    row = render.compare_rows([("sparsevlm", tr, "")])[0]
+    assert row[3] == "82.4 / 64.8" and row[4] == render.budget_line(tr)
+    c.budget, c.budget_figure = None, None
+    assert "no budget" in render.budget_line(tr)
+
+
 # --- OpenCV renderers and the MP4 ------------------------------------------------------------------------------
 def _box_px(tr, patch, size):
     x0, y0, x1, y1 = render.patch_box(tr, patch, size)
