@@ -315,7 +315,13 @@ def estimate_bytes(target: Preset | Path | str, dtype: torch.dtype) -> int | Non
 
 
 def default_budget_bytes(device: torch.device) -> int:
-    """How much the cache may hold: 90% of the GPU's memory on CUDA; half the machine's available RAM on CPU."""
+    """How much the cache may hold: SPARSEVLM_MODEL_MEMORY_GIB when set (a Space variable); else 90% of the GPU's
+    memory on CUDA, half the machine's available RAM on CPU."""
+    if os.environ.get("SPARSEVLM_MODEL_MEMORY_GIB"):
+        try:
+            return int(float(os.environ["SPARSEVLM_MODEL_MEMORY_GIB"]) * 2**30)
+        except ValueError:
+            raise ModelLoadError("SPARSEVLM_MODEL_MEMORY_GIB must be a number of GiB, e.g. 40") from None
     if device.type == "cuda":
         return int(0.9 * torch.cuda.get_device_properties(device).total_memory)
     try:

@@ -133,3 +133,11 @@ def test_models_command_json():
     text = subprocess.run([sys.executable, "-m", "sparsevlm", "models"], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
     assert text.returncode == 0 and "| llava-hf/llava-1.5-13b-hf | llava-llama, 40 layers |" in text.stdout
+
+
+def test_memory_budget_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SPARSEVLM_MODEL_MEMORY_GIB", "1.5")
+    assert ModelCache().max_bytes == int(1.5 * 2**30)
+    monkeypatch.setenv("SPARSEVLM_MODEL_MEMORY_GIB", "lots")
+    with pytest.raises(ModelLoadError, match="SPARSEVLM_MODEL_MEMORY_GIB"):
+        ModelCache()
