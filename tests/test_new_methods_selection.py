@@ -324,3 +324,26 @@ def test_unreachable_budget_is_an_error_only_in_flops_accounting():
 def test_every_module_has_a_formula_and_name():
     for m in METHOD_MODULES:
         assert isinstance(m.FORMULA, str) and len(m.FORMULA) > 20 and m.NAME
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 2.0}])
+def test_gravity_prior_matches_transformers_llama_rotary_on_all_ones(rope_scaling):
+    # The reference's construction (modelling L241-251) with the installed transformers' own Llama RoPE.
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    kwargs = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, **(rope_scaling or {})}}
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, **kwargs)
+    rotary = LlamaRotaryEmbedding(cfg)
+    pos = torch.tensor([[0, 2, 5, 90, 91, 400]])
+    ones = torch.ones(1, 2, pos.shape[1], 32)
+    cos, sin = rotary(ones, pos)
+    q, k = apply_rotary_pos_emb(ones, ones, cos, sin)
+    expected = (q @ k.transpose(-1, -2))[0, 0] / math.sqrt(32)
+    got = sparsevlm_v2.gravity_prior(pos[0].float(), pos[0].float(), 32, inv_freq=rotary.inv_freq,
+                                     attention_scaling=rotary.attention_scaling)
+    assert torch.allclose(got, expected, atol=1e-4)
+    if rope_scaling is None:
+        assert torch.allclose(sparsevlm_v2.gravity_prior(pos[0].float(), pos[0].float(), 32), expected, atol=1e-4)
+    else:
+        assert not torch.allclose(sparsevlm_v2.gravity_prior(pos[0].float(), pos[0].float(), 32), expected, atol=1e-2)

@@ -67,16 +67,23 @@ def attention_rows_per_head(
 
 
 def gravity_prior(
-    row_positions: torch.Tensor, col_positions: torch.Tensor, head_dim: int, rope_theta: float = 10000.0
+    row_positions: torch.Tensor,
+    col_positions: torch.Tensor,
+    head_dim: int,
+    rope_theta: float = 10000.0,
+    inv_freq: torch.Tensor | None = None,
+    attention_scaling: float = 1.0,
 ) -> torch.Tensor:
-    """G[m, n] = RoPE(1)_m · RoPE(1)_n / sqrt(hd) = (2/sqrt(hd)) sum_i cos((p_m - p_n) theta_i) (SparseVLM+ 4.2).
+    """G[m, n] = RoPE(1)_m · RoPE(1)_n / sqrt(hd) = (2 s²/sqrt(hd)) sum_i cos((p_m - p_n) theta_i) (SparseVLM+ 4.2).
 
-    The reference builds it by rotating all-ones q/k with the model's rotary embedding (modelling L241-251);
-    this is its closed form for the default (unscaled) Llama RoPE. Returns (r, n) float32.
+    The reference builds it by rotating all-ones q/k with the layer's rotary embedding (modelling L241-251);
+    this is its closed form. theta_i = rope_theta^(-2i/hd) unless the model's rotary `inv_freq` (and its
+    `attention_scaling` s, which multiplies cos and sin) are given, as for scaled RoPE variants. Returns (r, n).
     """
-    theta = rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+    if inv_freq is None:
+        inv_freq = rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
     delta = row_positions.double()[:, None] - col_positions.double()[None, :]
-    g = torch.cos(delta[..., None] * theta).sum(-1) * (2.0 / math.sqrt(head_dim))
+    g = torch.cos(delta[..., None] * inv_freq.double()).sum(-1) * (2.0 * attention_scaling**2 / math.sqrt(head_dim))
     return g.float()
 
 
@@ -109,6 +116,7 @@ def select(
     head_dim: int,
     rope_theta: float = 10000.0,
     n_heads: int | None = None,
+    inv_freq: torch.Tensor | None = None,
 ) -> Selection:
     """One SparseVLM v2 pruning step at a pruning layer.
 
@@ -119,7 +127,7 @@ def select(
     prior_mean (rater-mean of G over the visual columns), keep.
     """
     cols = slice(visual_start, visual_start + v_cur)
-    prior = gravity_prior(row_positions, key_positions[cols], head_dim, rope_theta)  # (r, V)
+    prior = gravity_prior(row_positions, key_positions[cols], head_dim, rope_theta, inv_freq)  # (r, V)
     raw = attn_rows[:, :, cols].float()
     # The reference divides by G as is; G > 0 for |delta| < 1707 with hd=128, base 1e4 (METHODS 1(b)3).
     corrected = raw / prior[None]
@@ -144,6 +152,11 @@ def select(
 def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENCE_DEPTH,
          accounting: str = "paper") -> StagePlan:
     """Pruning layers (2/6/15 of 32 scaled to depth) and kept counts.
+
+    Output counting is what the code logs as "Equal Tokens" (num_token.append(v_token_num) after every layer,
+    modelling L359-371): (2*576 + 4*k1 + 9*k2 + 17*k3)/32 = 192.4 / 128.0 / 96.8 / 64.4 for the v2 lists. The
+    score.py comment "2*576 4*300 10*200 16*110" (and METHODS.md's 195.0 / 129.5 / 97.6 / 64.9) is off by one
+    layer at layer 15; the code wins.
 
     paper: the v2 lists verbatim at 32 layers x 576 tokens for 192/128/96/64; otherwise the nearest list, scaled
     by grid and by one factor so the reference's *output*-counted equal tokens hit the budget (clamped at 1 token
