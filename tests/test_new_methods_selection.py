@@ -347,3 +347,14 @@ def test_gravity_prior_matches_transformers_llama_rotary_on_all_ones(rope_scalin
         assert torch.allclose(sparsevlm_v2.gravity_prior(pos[0].float(), pos[0].float(), 32), expected, atol=1e-4)
     else:
         assert not torch.allclose(sparsevlm_v2.gravity_prior(pos[0].float(), pos[0].float(), 32), expected, atol=1e-2)
+
+
+def test_selection_record_is_plain_json():
+    import json
+
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    sel = divprune.select(x, 3)
+    rec = json.loads(json.dumps(sel.as_record()))
+    assert rec["kept"] == sel.kept.tolist() and rec["extras"]["order"] == sel.extras["order"]
+    res = visionzip.select(torch.rand(8), torch.randn(9, 3), torch.randn(9, 5), 3, 2)
+    assert json.loads(json.dumps(res.selection.as_record()))["groups"] == [[t, m] for t, m in res.selection.groups]

@@ -52,6 +52,21 @@ class Selection:
     groups: list[tuple[int, list[int]]] = field(default_factory=list)  # (target index, member indices)
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def as_record(self) -> dict[str, Any]:
+        """Plain lists/numbers (tensors converted) for a JSON trace."""
+        return {"kept": _plain(self.kept), "scores": _plain(self.scores), "groups": _plain(self.groups),
+                "extras": _plain(self.extras)}
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().tolist()
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
 
 def check_accounting(accounting: str) -> None:
     if accounting not in ACCOUNTINGS:
