@@ -205,6 +205,8 @@ def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: in
     if stage is not None and stage.merged:
         draw = ImageDraw.Draw(img)
         for k, m in enumerate(stage.merged):
+            if m.center < 0:  # a token at no patch (VisionZip's [CLS]): nothing to mark on the image
+                continue
             x0, y0, x1, y1 = patch_box(trace, m.center, (w, h))
             cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, max(2.5, (x1 - x0) / 5)
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=CLUSTER_COLOURS[k % len(CLUSTER_COLOURS)],

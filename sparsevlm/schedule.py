@@ -118,16 +118,29 @@ class Counts:
     totals: tuple[int, ...]  # visual tokens after each stage (direct + merged tokens added on top)
     equal_tokens_input: float
     equal_tokens_output: float
-    budget_counting: str  # which figure the accounting meets the budget in: input | output | kept
+    # which figure the accounting meets the budget in: input | output | kept (tokens after the last stage) |
+    # retained (kept minus `kept_extra`, the tokens a method keeps on top of its budget: DART's image pivots)
+    budget_counting: str
     budget_met: bool
     note: str
+    kept_extra: int = 0
 
 
-def _counts(layers, direct, totals, visual, depth, budget, counting, note) -> Counts:
+def budget_figure(counting: str, fin: float, fout: float, kept: float, kept_extra: int = 0) -> float:
+    """The figure a counting names: input- or output-counted equal tokens, the kept or the retained count."""
+    return {"input": fin, "output": fout, "kept": kept, "retained": kept - kept_extra}[counting]
+
+
+def make_counts(layers, direct, totals, visual: int, depth: int, budget: int, counting: str, note: str,
+                kept_extra: int = 0) -> Counts:
+    """A schedule's Counts with both equal-token figures computed here (the one place counting lives)."""
     fin, fout = figures(visual, tuple(layers), list(totals), depth)
-    figure = {"input": fin, "output": fout, "kept": float(totals[-1]) if totals else float(visual)}[counting]
+    figure = budget_figure(counting, fin, fout, float(totals[-1]) if totals else float(visual), kept_extra)
     return Counts(tuple(layers), tuple(direct), tuple(totals), fin, fout, counting,
-                  abs(figure - budget) <= BUDGET_TOLERANCE, note)
+                  abs(figure - budget) <= BUDGET_TOLERANCE, note, kept_extra)
+
+
+_counts = make_counts
 
 
 def sparsevlm_fixed(cfg: PruneConfig, visual: int, depth: int) -> Counts:

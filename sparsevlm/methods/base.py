@@ -99,10 +99,13 @@ class StageInput:
     seed: int
     # Head-mean post-softmax causal attention rows at layer `after_layer`: (r,) sequence indices -> (r, n).
     attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
-    # Same, at layer after_layer + 1 recomputed from `hidden` (its input): PyramidDrop-style ranking.
+    # Per head, without the head mean: (r,) sequence indices -> (H, r, n) (SparseVLM v2 selects heads).
+    head_attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Same as attention_rows, at layer after_layer + 1 recomputed from `hidden` (its input): PyramidDrop-style.
     next_attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
     keys: Callable[[], torch.Tensor] | None = None  # () -> (Hkv, n, hd) post-RoPE keys of layer after_layer
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None  # the decoder's final norm (DART)
+    rope_inv_freq: torch.Tensor | None = None  # (hd/2,) the decoder's rotary frequencies (SparseVLM v2's prior)
     vision: VisionInput | None = None
 
     @property
@@ -114,7 +117,7 @@ class StageInput:
 class MergedGroup:
     """A token the method adds after the kept ones: the merge of `members` (local indices)."""
 
-    center: int  # local index whose position id (and patch, for the overlay) the merged token takes
+    center: int  # local index whose position id (and patch, for the overlay) the merged token takes; -1: none
     members: list[int]
     embedding: torch.Tensor  # (D,) in the space of StageInput.hidden
 
@@ -129,6 +132,9 @@ class Selection:
     merged: list[MergedGroup] = field(default_factory=list)
     rank: int | None = None  # rank(P) where the method has a P
     rows: int = 0  # attention rows used (raters, the last token, ...)
+    # Tokens placed BEFORE the kept ones, centre -1 and no members (VisionZip's vision [CLS] token).
+    lead: list[MergedGroup] = field(default_factory=list)
+    extras: dict = field(default_factory=dict)  # method-specific trace data (plain values or tensors)
 
 
 class PruneMethod:

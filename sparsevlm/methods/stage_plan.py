@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..schedule import equal_tokens
+from ..schedule import Counts, equal_tokens, figures, make_counts
 
 ACCOUNTINGS = ("paper", "flops")
 
@@ -58,14 +58,18 @@ class Selection:
                 "extras": _plain(self.extras)}
 
 
-def _plain(x: Any) -> Any:
+def plain(x: Any) -> Any:
+    """Tensors, tuples and dict keys made JSON-plain (lists, numbers, string keys), recursively."""
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().tolist()
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {str(k): plain(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     return x
+
+
+_plain = plain
 
 
 def check_accounting(accounting: str) -> None:
@@ -101,6 +105,14 @@ def output_counted(per_layer: list[int], after_layers: tuple[int, ...], counts: 
     return equal_tokens(out)
 
 
+def to_counts(plan: StagePlan, direct: tuple[int, ...] | None = None, kept_extra: int = 0) -> Counts:
+    """The engine's Counts of a stage plan (figures recomputed by schedule.make_counts, the one place counting
+    lives). direct: tokens kept directly per stage when merged tokens come on top (VisionZip's contextual);
+    kept_extra: tokens kept on top of the budget by the method's rule (DART's image pivots, "retained" counting)."""
+    return make_counts(plan.after_layers, direct if direct is not None else plan.counts, plan.counts, plan.visual,
+                       plan.depth, plan.budget, plan.counting, plan.note, kept_extra)
+
+
 def make_plan(
     method: str,
     visual: int,
@@ -114,6 +126,7 @@ def make_plan(
     extras: dict[str, Any] | None = None,
 ) -> StagePlan:
     per_layer = per_layer_visual(visual, after_layers, counts, depth)
+    fin, fout = figures(visual, tuple(after_layers), list(counts), depth)  # schedule's counting
     return StagePlan(
         method=method,
         visual=visual,
@@ -121,8 +134,8 @@ def make_plan(
         after_layers=tuple(after_layers),
         counts=tuple(counts),
         per_layer=tuple(per_layer),
-        equal_tokens_input=equal_tokens(per_layer),
-        equal_tokens_output=output_counted(per_layer, after_layers, counts),
+        equal_tokens_input=fin,
+        equal_tokens_output=fout,
         budget=budget,
         accounting=accounting,
         counting=counting,
