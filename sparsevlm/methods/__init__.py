@@ -23,8 +23,12 @@ from .fastervlm import FasterVLM
 from .fastv import FastV
 from .random_subset import RandomSubset
 from .sparsevlm import SparseVLM
+from .sparsevlm_v2 import SparseVLMv2
 
-_REGISTRY: dict[str, PruneMethod] = {m.name: m for m in (Dense(), SparseVLM(), FastV(), FasterVLM(), RandomSubset())}
+_REGISTRY: dict[str, PruneMethod] = {m.name: m for m in (
+    Dense(), SparseVLM(), FastV(), FasterVLM(), RandomSubset(),
+    SparseVLMv2(),
+)}
 
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
 # Labels for UIs, in one place.

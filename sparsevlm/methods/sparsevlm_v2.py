@@ -12,8 +12,10 @@ import math
 import torch
 
 from ..algorithm import select_raters, text_relevance
-from ..config import FIXED_BUDGETS, REFERENCE_DEPTH, REFERENCE_GRID_TOKENS
+from ..config import FIXED_BUDGETS, REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
 from ..schedule import scaled_layers
+from .base import ModelGeometry, Plan, PrefillInput, PruneMethod, Raters, StageInput, StageSpec
+from .base import Selection as EngineSelection
 from .stage_plan import (
     Selection,
     StagePlan,
@@ -24,6 +26,7 @@ from .stage_plan import (
     make_plan,
     measure,
     sorted_topk,
+    to_counts,
 )
 
 FORMULA = (
@@ -190,3 +193,46 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
     counts = fit_scale(family, figure, budget, visual / max(min(shape), 1e-9) + 1.0, "closest")
     return make_plan(NAME, visual, depth, layers, tuple(counts), budget, accounting, counting,
                      f"v2 list for {shape_key} scaled so {counting}-counted equal tokens hit {budget}")
+
+
+# --- the registered method --------------------------------------------------------------------------------------
+class SparseVLMv2(PruneMethod):
+    """SparseVLM v2.0 in the engine: raters before the decoder; after layers 2/6/15 (scaled) the rater rows'
+    per-head attention at that layer (recomputed from its captured q/k, original position ids), divided by the
+    gravity prior, averaged over the priority heads; the top k of the v2 list kept; no recycling.
+
+    Closest-faithful deviations (said in the trace formula too): the reference softmaxes in fp16, this in fp32;
+    the priority-head count is 14 of 32 scaled to the model's heads (the reference hard-codes 14); the pruning
+    layers are the reference's 2/6/15 scaled to depth (cfg.prune_layers is a v1 option and is not used).
+    """
+
+    name = NAME
+    label = "SparseVLM v2 (SparseVLM+)"
+    default_positions = "keep"  # v2 keeps the survivors' original position ids (modelling L311-312)
+    paper_counting = ("reference v2 lists as kept counts after layers 2/6/15, no recycling; each pruning layer "
+                      "counted at its output (the code's logged Equal Tokens)")
+
+    def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
+        sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
+        counts = to_counts(sp)
+        stages = tuple(StageSpec(layer, k, attention=True) for layer, k in zip(sp.after_layers, sp.counts))
+        return Plan(stages, self.positions(cfg), counts=counts, note=counts.note)
+
+    def prepare(self, cfg: PruneConfig, inp: PrefillInput) -> Raters:
+        offsets, m = raters(inp.projector, inp.text_embeds)
+        inp.memo["raters"] = offsets
+        return Raters(m, offsets)
+
+    def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
+        rows = inp.memo["raters"].to(inp.hidden.device) + inp.text_start
+        attn = inp.head_attention_rows(rows)  # (H, r, n) post-softmax, per head
+        pos = inp.positions
+        head_dim = 2 * inp.rope_inv_freq.shape[0]
+        sel = select(attn, pos[rows], pos, inp.prefix, inp.visual, inp.spec.keep, head_dim,
+                     inv_freq=inp.rope_inv_freq)
+        k, heads = sel.extras["keep"], sel.extras["heads"].tolist()
+        formula = (f"{FORMULA} | after layer {inp.spec.after_layer}: {len(rows)} raters, priority heads "
+                   f"{sorted(heads)} ({len(heads)} of {attn.shape[0]}), keep {k} of {inp.visual} "
+                   f"(list {inp.spec.keep}), no recycling; softmax in fp32 (reference: fp16)")
+        extras = {**sel.extras, "rater_positions": pos[rows], "formula": FORMULA}
+        return EngineSelection(sel.kept, sel.scores, formula, rows=len(rows), extras=extras)
