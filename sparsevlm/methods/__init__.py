@@ -24,10 +24,11 @@ from .fastv import FastV
 from .random_subset import RandomSubset
 from .sparsevlm import SparseVLM
 from .sparsevlm_v2 import SparseVLMv2
+from .visionzip import VisionZip
 
 _REGISTRY: dict[str, PruneMethod] = {m.name: m for m in (
     Dense(), SparseVLM(), FastV(), FasterVLM(), RandomSubset(),
-    SparseVLMv2(),
+    SparseVLMv2(), VisionZip(),
 )}
 
 METHODS: tuple[str, ...] = tuple(_REGISTRY)

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS
+from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
 from ..errors import ConfigError
-from .stage_plan import Selection, StagePlan, check_accounting, check_budget, make_plan, sorted_topk
+from .base import MergedGroup, ModelGeometry, Plan, PruneMethod, StageInput, StageSpec
+from .base import Selection as EngineSelection
+from .stage_plan import Selection, StagePlan, check_accounting, check_budget, make_plan, sorted_topk, to_counts
 
 FORMULA = (
     "dominant: [CLS] + top-(D-1) of c_j = Σ_h A_h[CLS, j]; contextual: rest merged onto C evenly spaced targets "
@@ -133,3 +135,44 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
         note += " (27:5 split derived from the published 54+10)"
     return make_plan(NAME, visual, depth, (-1,), (budget,), budget, accounting, "input", note,
                      {"dominant": d, "contextual": c})
+
+
+# --- the registered method --------------------------------------------------------------------------------------
+class VisionZip(PruneMethod):
+    """VisionZip in the engine, before the LLM: the vision feature layer's [CLS] row (recomputed from its captured
+    q/k, summed over heads), its raw k_proj output (head mean) and its output hidden states give D dominant +
+    C contextual features, projected by the model's own projector; the LLM receives [CLS], the dominant patches
+    in raster order, then the contextual tokens, with contiguous positions (as llava_arch.py L213-241).
+
+    Dominant patch tokens are the projector outputs of their features (identical to projecting
+    hidden_states[-2][p+1]); [CLS] and the contextual tokens are projected here. Closest-faithful deviation:
+    the reference softmaxes the [CLS] row in fp16, this in fp32. [CLS] is required: SigLIP towers are refused.
+    """
+
+    name = NAME
+    label = "VisionZip"
+    default_positions = "compact"  # the image block becomes D + C contiguous tokens
+    paper_counting = "D dominant ([CLS] included) + C contextual tokens before the LLM: every layer sees D + C"
+    needs_cls = True
+
+    def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
+        require_cls(geo.has_cls)
+        sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
+        d = sp.extras["dominant"]
+        counts = to_counts(sp, direct=(d - 1,))  # D - 1 patches kept directly; [CLS] + C merged tokens on top
+        return Plan((StageSpec(-1, d - 1),), self.positions(cfg), vision_cls=True, counts=counts, note=counts.note)
+
+    def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
+        vis = inp.vision
+        d, c = split(cfg.budget)
+        scores = vis.cls_attention() * vis.heads  # head mean x heads = the reference's sum over heads
+        res = select(scores, head_mean_keys(vis.k, vis.heads), vis.hidden, d, c)
+        sel = res.selection
+        n_dom = len(sel.kept)
+        proj = vis.project(res.features[None].to(inp.hidden.dtype))[0].to(inp.hidden.dtype)
+        cls = [MergedGroup(-1, [], proj[0])]
+        contextual = [MergedGroup(t, [t, *m], proj[1 + n_dom + i]) for i, (t, m) in enumerate(sel.groups)]
+        formula = (f"{FORMULA} | D = {d} ([CLS] + {n_dom} patches), C = {len(contextual)}: the LLM sees "
+                   f"{1 + n_dom + len(contextual)} tokens; [CLS] softmax in fp32 (reference: fp16)")
+        extras = {**sel.extras, "targets": [t for t, _ in sel.groups], "formula": FORMULA}
+        return EngineSelection(sel.kept, scores, formula, merged=contextual, lead=cls, extras=extras)
