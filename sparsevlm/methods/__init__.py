@@ -19,6 +19,7 @@ from .base import (
     VisionInput,
 )
 from .dense import Dense
+from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .random_subset import RandomSubset
@@ -28,7 +29,7 @@ from .visionzip import VisionZip
 
 _REGISTRY: dict[str, PruneMethod] = {m.name: m for m in (
     Dense(), SparseVLM(), FastV(), FasterVLM(), RandomSubset(),
-    SparseVLMv2(), VisionZip(),
+    SparseVLMv2(), VisionZip(), DivPrune(),
 )}
 
 METHODS: tuple[str, ...] = tuple(_REGISTRY)

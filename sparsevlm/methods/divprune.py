@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS
-from .stage_plan import Selection, StagePlan, check_accounting, check_budget, make_plan
+from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
+from .base import ModelGeometry, Plan, PruneMethod, StageInput, StageSpec
+from .base import Selection as EngineSelection
+from .stage_plan import Selection, StagePlan, check_accounting, check_budget, make_plan, to_counts
 
 FORMULA = "S₀ = argmax_j min_{u≠j} d(u,j);  S_i = argmax_j min_{u∈S} d(u,j),  d = 1 − cos(x_u, x_j)"
 NAME = "divprune"
@@ -68,3 +70,30 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
     n = count_for_ratio(budget / visual, visual)
     return make_plan(NAME, visual, depth, (-1,), (n,), budget, accounting, "input",
                      f"SUBSET_RATIO = {budget}/{visual} -> {n} tokens")
+
+
+# --- the registered method --------------------------------------------------------------------------------------
+class DivPrune(PruneMethod):
+    """DivPrune in the engine, before the LLM (LAYER_INDEX=0): greedy max-min cosine selection on the projector
+    outputs of the image block, kept in raster order, contiguous positions (the official sequence is shortened
+    and position_ids stay None). Exact up to the reference's fp16 (here the model's dtype, distances in fp32)."""
+
+    name = NAME
+    label = "DivPrune"
+    default_positions = "compact"
+    paper_counting = "n = round(SUBSET_RATIO x 576) tokens kept before the LLM: every layer sees n"
+
+    def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
+        sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
+        counts = to_counts(sp)
+        return Plan((StageSpec(-1, sp.counts[0]),), self.positions(cfg), counts=counts, note=counts.note)
+
+    def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
+        x = inp.hidden[inp.prefix : inp.text_start]  # the projector outputs of the image block
+        sel = select(x, inp.spec.keep)
+        patches = inp.patches
+        order = [patches[j] for j in sel.extras["order"]]
+        formula = (f"{FORMULA} | keep {len(sel.kept)} of {inp.visual} (SUBSET_RATIO {inp.spec.keep}/{inp.visual}); "
+                   f"score = nearest-neighbour distance d_j")
+        extras = {"order": order, "gap": sel.extras["gap"], "formula": FORMULA}
+        return EngineSelection(sel.kept, sel.scores, formula, extras=extras)
