@@ -22,6 +22,7 @@ from .dense import Dense
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
+from .pyramiddrop import PyramidDrop
 from .random_subset import RandomSubset
 from .sparsevlm import SparseVLM
 from .sparsevlm_v2 import SparseVLMv2
@@ -29,7 +30,7 @@ from .visionzip import VisionZip
 
 _REGISTRY: dict[str, PruneMethod] = {m.name: m for m in (
     Dense(), SparseVLM(), FastV(), FasterVLM(), RandomSubset(),
-    SparseVLMv2(), VisionZip(), DivPrune(),
+    SparseVLMv2(), VisionZip(), DivPrune(), PyramidDrop(),
 )}
 
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
