@@ -18,6 +18,7 @@ from .base import (
     StageSpec,
     VisionInput,
 )
+from .dart import DART
 from .dense import Dense
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
@@ -30,7 +31,7 @@ from .visionzip import VisionZip
 
 _REGISTRY: dict[str, PruneMethod] = {m.name: m for m in (
     Dense(), SparseVLM(), FastV(), FasterVLM(), RandomSubset(),
-    SparseVLMv2(), VisionZip(), DivPrune(), PyramidDrop(),
+    SparseVLMv2(), VisionZip(), DivPrune(), PyramidDrop(), DART(),
 )}
 
 METHODS: tuple[str, ...] = tuple(_REGISTRY)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS
+from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
 from ..schedule import scaled_layers, single_stage_keep
+from .base import ModelGeometry, Plan, PruneMethod, StageInput, StageSpec
+from .base import Selection as EngineSelection
 from .stage_plan import (
     Selection,
     StagePlan,
@@ -21,6 +23,7 @@ from .stage_plan import (
     floor_or_error,
     make_plan,
     measure,
+    to_counts,
 )
 
 FORMULA = (
@@ -127,3 +130,50 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
         counting = "input"
     return make_plan(NAME, visual, depth, (after,), (kept,), budget, accounting, counting, note,
                      {"picks": picks, "pivot_image": PIVOT_IMAGE, "pivot_text": PIVOT_TEXT})
+
+
+# --- the registered method --------------------------------------------------------------------------------------
+class DART(PruneMethod):
+    """DART in the engine: after layer K - 1 (K = 2 of 32, scaled), layer K-1's post-RoPE keys (recomputed from its
+    captured k_proj output and rotary, exactly what its attention used) pick the pivots by L1 norm; the hidden
+    states entering layer K through the decoder's final norm give the cosines; original position ids kept.
+
+    Faithful: pivot counts, TOKEN_TOPK = MAX_NUM_TRUNCTION // 8 per pivot, greedy claims in CPython set order of the
+    absolute indices (the same order only with the same prompt layout, s = 35 in the official vicuna prompt).
+    Deviations: with GQA the keys are the kv heads' (the reference model has no GQA); in flops accounting the
+    picks are spread evenly over the pivots (the reference gives each exactly TOKEN_TOPK).
+    """
+
+    name = NAME
+    label = "DART"
+    default_positions = "keep"  # position_ids = keep_indexs (L359)
+    paper_counting = ("MAX_NUM_TRUNCTION = budget: 4 image pivots + 8 x (budget // 8) claimed tokens kept after "
+                      "layer K - 1; the budget counts the claimed tokens (retained = kept - 4 pivots)")
+
+    def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
+        sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
+        extra = min(PIVOT_IMAGE, geo.grid_tokens) if sp.counting == "retained" else 0
+        counts = to_counts(sp, kept_extra=extra)
+        return Plan((StageSpec(sp.after_layers[0], sp.counts[0], attention=True),), self.positions(cfg),
+                    counts=counts, note=counts.note)
+
+    def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
+        norms = key_norms(inp.keys())
+        hidden = inp.final_norm(inp.hidden[None])[0]
+        n_img = min(PIVOT_IMAGE, inp.visual)
+        picks = max(0, inp.spec.keep - n_img)
+        sel = select(norms, hidden, inp.prefix, inp.visual, picks)
+        ex, s, end = sel.extras, inp.prefix, inp.text_start
+        patches = inp.patches
+        pivots = []
+        for p in ex["order"]:  # the iteration order decides which pivot claims first
+            image = p < end
+            pivots.append({"kind": "image" if image else "text", "position": p,
+                           "patch": patches[p - s] if image else None, "text_index": None if image else p - end,
+                           "claimed": [patches[j] for j in ex["claims"][p]], "cosines": ex["claim_cosines"][p]})
+        k_layer = inp.spec.after_layer + 1
+        formula = (f"{FORMULA} | before layer {k_layer}: {n_img} image + {len(ex['text_pivots'])} text pivots claim "
+                   f"{picks} tokens; keep {len(sel.kept)} of {inp.visual}")
+        extras = {"pivots": pivots, "image_pivots": [patches[p - s] for p in ex["image_pivots"]],
+                  "text_pivots": [p - end for p in ex["text_pivots"]], "formula": FORMULA}
+        return EngineSelection(sel.kept, sel.scores, formula, rows=0, extras=extras)
