@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--width", default=None, choices=("cpu", "7b"), help="default: 7b on CUDA, cpu otherwise")
     b.add_argument("--runs", type=_positive_int, default=5)
     b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--accounting", default="both", choices=(*ACCOUNTINGS, "both"))
     b.add_argument("--json", action="store_true")
 
     e = sub.add_parser("eval", help="accuracy and evidence recall of every method on generated scenes")
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=_positive_int, default=300, help="questions")
     e.add_argument("--seed", type=int, default=12345)
     e.add_argument("--methods", default=None, help="comma-separated subset of the benchmark's configurations")
+    e.add_argument("--accounting", default="both", choices=(*ACCOUNTINGS, "both"))
     e.add_argument("--json", action="store_true")
     e.add_argument("--out", default=None, help="folder for benchmark.md, benchmark.json and the figure")
     return p
@@ -147,7 +149,8 @@ def cmd_bench(a) -> int:
     from .bench import bench, format_table
 
     width = a.width or ("7b" if torch.cuda.is_available() else "cpu")
-    result = bench(width=width, runs=a.runs, warmup=a.warmup)
+    accountings = ACCOUNTINGS if a.accounting == "both" else (a.accounting,)
+    result = bench(width=width, runs=a.runs, warmup=a.warmup, accountings=accountings)
     print(json.dumps(result) if a.json else format_table(result))
     return 0
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .config import PruneConfig
-from .hooks import PruneHooks
+from .config import ACCOUNTINGS, PruneConfig
+from .hooks import CallRecord, PruneHooks
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
-from .pipeline import build_prompt
-from .schedule import equal_tokens
+from .methods import METHODS
+from .pipeline import budget_figures, build_prompt
 
 BUDGETS = (192, 128, 96, 64)
 
@@ -27,46 +27,55 @@ BUDGETS = (192, 128, 96, 64)
 @dataclass(frozen=True)
 class Setting:
     label: str
+    method: str
     config: PruneConfig
 
 
-def settings() -> list[Setting]:
-    out = [Setting("dense", PruneConfig(method="dense"))]
-    for b in BUDGETS:
-        out.append(Setting(f"sparsevlm-{b}", PruneConfig(method="sparsevlm", budget=b)))
-    out.append(Setting("sparsevlm-paper-l1", PruneConfig(method="sparsevlm", count_mode="paper", lam=1.0)))
-    out.append(Setting("sparsevlm-code-9/6", PruneConfig(method="sparsevlm", count_mode="code", scale=9, bias=6)))
-    for method in ("fastv", "fastervlm", "random"):
-        for b in BUDGETS:
-            out.append(Setting(f"{method}-{b}", PruneConfig(method=method, budget=b)))
+def settings(accountings: tuple[str, ...] = ACCOUNTINGS) -> list[Setting]:
+    """Dense, then every registered method at every budget in each accounting, then SparseVLM's adaptive modes."""
+    out = [Setting("dense", "dense", PruneConfig(method="dense"))]
+    for accounting in accountings:
+        for method in METHODS:
+            if method == "dense":
+                continue
+            for b in BUDGETS:
+                out.append(Setting(f"{method}-{b}-{accounting}", method,
+                                   PruneConfig(method=method, budget=b, accounting=accounting)))
+    out.append(Setting("sparsevlm-paper-l1", "sparsevlm", PruneConfig(method="sparsevlm", count_mode="paper", lam=1.0)))
+    out.append(Setting("sparsevlm-code-9/6", "sparsevlm",
+                       PruneConfig(method="sparsevlm", count_mode="code", scale=9, bias=6)))
     return out
 
 
-def _recalls(hooks: PruneHooks, evidence: list[int], depth: int) -> tuple[float, float]:
-    """(recall after the last stage, recall averaged over decoder layers)."""
+def _recalls(record: CallRecord, evidence: list[int], depth: int) -> tuple[float, float, float]:
+    """(recall represented after the last stage, kept directly after it, represented averaged over layers)."""
     if not evidence:
-        return float("nan"), float("nan")
+        return float("nan"), float("nan"), float("nan")
     ev = set(evidence)
-    st = hooks.state
     sets = []
-    rep = set(range(st.visual_total))
-    stages = {s.after_layer: s for s in st.stages}
+    rep = set(range(record.visual_total))
+    direct = set(rep)
+    stages = {s.after_layer: s for s in record.stages}
     if -1 in stages:
-        rep = stages[-1].represented()
+        rep, direct = stages[-1].represented(), set(stages[-1].kept)
     for layer in range(depth):
         sets.append(len(ev & rep) / len(ev))
         if layer in stages:
-            rep = stages[layer].represented()
-    return len(ev & rep) / len(ev), sum(sets) / len(sets)
+            rep, direct = stages[layer].represented(), set(stages[layer].kept)
+    return len(ev & rep) / len(ev), len(ev & direct) / len(ev), sum(sets) / len(sets)
 
 
 @torch.inference_mode()
-def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None, log=print) -> dict:
+def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None, log=print,
+             accountings: tuple[str, ...] = ACCOUNTINGS) -> dict:
     from .scenes.generator import FAMILIES, heldout_sample, render
 
-    chosen = [s for s in settings() if labels is None or s.label in labels]
-    per = {s.label: {"correct": {f: 0 for f in FAMILIES}, "total": {f: 0 for f in FAMILIES}, "recall_last": [],
-                     "recall_layers": [], "equal_tokens": [], "errors": 0} for s in chosen}
+    chosen = [s for s in settings(accountings) if labels is None or s.label in labels]
+    per = {s.label: {"method": s.method, "accounting": s.config.accounting if s.method != "dense" else None,
+                     "budget": s.config.budget if s.method != "dense" else None,
+                     "correct": {f: 0 for f in FAMILIES}, "total": {f: 0 for f in FAMILIES}, "recall_last": [],
+                     "recall_direct": [], "recall_layers": [], "equal_tokens": [], "equal_tokens_output": [],
+                     "errors": 0} for s in chosen}
     hooks = {}
     for s in chosen:
         try:
@@ -92,11 +101,15 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
             pred = lm.processor.decode(out[0, n_prompt:], skip_special_tokens=True).strip().lower()
             rec["total"][sample.family] += 1
             rec["correct"][sample.family] += int(pred == sample.answer.lower())
-            last, layers = _recalls(h, sample.evidence, depth)
+            record = h.record()
+            last, direct, layers = _recalls(record, sample.evidence, depth)
             if sample.evidence:
                 rec["recall_last"].append(last)
+                rec["recall_direct"].append(direct)
                 rec["recall_layers"].append(layers)
-            rec["equal_tokens"].append(equal_tokens(h.state.layer_inputs))
+            figures = budget_figures(record, s.config)
+            rec["equal_tokens"].append(figures["equal_tokens"])
+            rec["equal_tokens_output"].append(figures["equal_tokens_reference"])
         if log and (i + 1) % max(1, n // 10) == 0:
             log(f"  {i + 1}/{n} questions, {time.time() - t0:.0f} s")
     return summarize(per, lm, n, seed, time.time() - t0)
@@ -117,11 +130,15 @@ def summarize(per: dict, lm: LoadedModel, n: int, seed: int, seconds: float) -> 
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
         rows.append({
             "setting": label,
-            "method": label.split("-")[0],
+            "method": rec["method"],
+            "accounting": rec["accounting"],
+            "budget": rec["budget"],
             "equal_tokens": mean(rec["equal_tokens"]),
+            "equal_tokens_output": mean(rec["equal_tokens_output"]),
             "accuracy": acc,
             "per_family": fam,
             "evidence_recall_last": mean(rec["recall_last"]),
+            "evidence_recall_direct": mean(rec["recall_direct"]),
             "evidence_recall_layers": mean(rec["recall_layers"]),
             "questions": total,
         })
@@ -130,15 +147,19 @@ def summarize(per: dict, lm: LoadedModel, n: int, seed: int, seconds: float) -> 
             r["retained"] = r["accuracy"] / dense_acc
     return {"model": lm.describe(), "questions": n, "seed": seed, "seconds": round(seconds, 1), "rows": rows,
             "measured": "exact-match accuracy of greedy answers on generated held-out scenes; evidence recall from "
-                        "the trace's kept / recycled patches"}
+                        "the trace's patches: represented (kept or inside a merged token) and kept directly",
+            "counting": "equal tokens = mean visual tokens per decoder layer counted at each layer's input (FLOPs); "
+                        "equal tokens out = a pruning layer counted at its output (the reference's figure); paper "
+                        "accounting = each method's published setting, flops = equal input-counted tokens"}
 
 
 def markdown(result: dict) -> str:
     rows = [r for r in result["rows"] if "accuracy" in r]
     fams = list(rows[0]["per_family"]) if rows else []
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
-    head = ["setting", "equal tokens", "accuracy %", "retained %", "evidence recall last %",
-            "evidence recall avg layers %", *fams]
+    head = ["setting", "equal tokens (in)", "equal tokens (out)", "accuracy %", "retained %",
+            "evidence represented last %", "evidence kept directly last %", "evidence represented avg layers %",
+            *fams]
     lines = [
         f"Model: {result['model']['name']} ({result['model']['architecture']}, {result['model']['decoder_layers']} "
         f"layers, {result['model']['visual_tokens']} visual tokens); {result['questions']} held-out questions "
@@ -148,8 +169,9 @@ def markdown(result: dict) -> str:
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        cells = [r["setting"], f"{r['equal_tokens']:.1f}", pct(r["accuracy"]), pct(r.get("retained")),
-                 pct(r["evidence_recall_last"]), pct(r["evidence_recall_layers"]),
+        cells = [r["setting"], f"{r['equal_tokens']:.1f}", f"{r['equal_tokens_output']:.1f}", pct(r["accuracy"]),
+                 pct(r.get("retained")), pct(r["evidence_recall_last"]), pct(r["evidence_recall_direct"]),
+                 pct(r["evidence_recall_layers"]),
                  *[pct(r["per_family"].get(f)) for f in fams]]
         lines.append("| " + " | ".join(cells) + " |")
     for r in result["rows"]:
@@ -164,8 +186,11 @@ def figure(result: dict):
 
     fig = go.Figure()
     rows = [r for r in result["rows"] if "accuracy" in r]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["equal_tokens"], 100 * r["accuracy"], r["setting"]) for r in rows if r["method"] == method)
+    for method in dict.fromkeys((r["method"], r.get("accounting")) for r in rows if r.get("budget") or
+                                r["method"] == "dense"):
+        pts = sorted((r["equal_tokens"], 100 * r["accuracy"], r["setting"]) for r in rows
+                     if (r["method"], r.get("accounting")) == method and (r.get("budget") or r["method"] == "dense"))
+        method = "dense" if method[0] == "dense" else f"{method[0]} ({method[1]})"
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], text=[p[2] for p in pts],
                                  mode="lines+markers" if method != "dense" else "markers", name=method))
     fig.update_layout(title="Accuracy vs equal visual tokens (measured)", xaxis_title="equal tokens (mean visual "
@@ -197,9 +222,12 @@ def png(result: dict, path: Path) -> None:
     d.text((w // 2 - 120, h - 25), "equal tokens (log scale)", fill="black")
     d.text((m, 20), "Accuracy vs equal visual tokens (measured)", fill="black")
     colours = {"dense": "black", "sparsevlm": "red", "fastv": "blue", "fastervlm": "green", "random": "gray"}
-    for k, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        pts = sorted((fx(r["equal_tokens"]), fy(r["accuracy"])) for r in rows if r["method"] == method)
-        c = colours.get(method, "purple")
+    rows = [r for r in rows if r.get("budget") or r["method"] == "dense"]  # the budget lines
+    for k, key in enumerate(dict.fromkeys((r["method"], r.get("accounting")) for r in rows)):
+        pts = sorted((fx(r["equal_tokens"]), fy(r["accuracy"])) for r in rows if (r["method"], r.get("accounting"))
+                     == key)
+        method = key[0] if key[0] == "dense" else f"{key[0]} ({key[1]})"
+        c = colours.get(key[0], "purple")
         if len(pts) > 1:
             d.line(pts, fill=c, width=2)
         for p in pts:
@@ -211,7 +239,8 @@ def png(result: dict, path: Path) -> None:
 def main(args) -> int:
     lm = load_model(args.model or DEFAULT_MODEL)
     labels = args.methods.split(",") if args.methods else None
-    result = evaluate(lm, args.n, args.seed, labels, log=None if args.json else print)
+    accountings = ACCOUNTINGS if getattr(args, "accounting", "both") == "both" else (args.accounting,)
+    result = evaluate(lm, args.n, args.seed, labels, log=None if args.json else print, accountings=accountings)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
