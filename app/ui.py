@@ -22,6 +22,7 @@ from PIL import Image
 from sparsevlm.config import FIXED_BUDGETS, PruneConfig
 from sparsevlm.errors import SparseVLMError
 from sparsevlm.images import load_image
+from sparsevlm.methods import METHODS
 from sparsevlm.trace import PruneTrace
 
 from . import render
@@ -31,14 +32,20 @@ log = logging.getLogger("sparsevlm.app")
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = ROOT / "assets" / "examples"
 
-METHOD_CHOICES = [
-    ("SparseVLM (text-guided)", "sparsevlm"),
-    ("FastV (last-token attention)", "fastv"),
-    ("FasterVLM ([CLS] attention)", "fastervlm"),
-    ("Random", "random"),
-    ("Dense (no pruning)", "dense"),
-]
-COMPARE_METHODS = ("dense", "sparsevlm", "fastv", "fastervlm", "random")
+# What each method ranks by, shown in the method picker; the list itself comes from the engine's registry.
+_METHOD_HINTS = {
+    "sparsevlm": "SparseVLM (text-guided)",
+    "fastv": "FastV (last-token attention)",
+    "fastervlm": "FasterVLM ([CLS] attention)",
+    "sparsevlm-v2": "SparseVLM v2 (gravity-corrected, priority heads)",
+    "visionzip": "VisionZip ([CLS] attention + merged context)",
+    "divprune": "DivPrune (most diverse tokens)",
+    "pyramiddrop": "PyramidDrop (last-token attention, in stages)",
+    "dart": "DART (drop duplicates of pivot tokens)",
+}
+METHOD_CHOICES = [(_METHOD_HINTS.get(m, render.METHOD_LABELS.get(m, m)), m) for m in METHODS if m != "dense"]
+METHOD_CHOICES.append(("Dense (no pruning)", "dense"))
+COMPARE_METHODS = METHODS  # dense first, then every registered method
 COUNT_CHOICES = [
     ("Fixed budget (equal tokens)", "fixed"),
     ("Adaptive - paper eq. 8 (λ)", "paper"),

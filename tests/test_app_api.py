@@ -26,6 +26,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from sparsevlm.methods import METHOD_LABELS, METHODS
 from sparsevlm.trace import PruneTrace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,8 +235,10 @@ def test_compare_runs_every_method(client, files):
     gallery, table = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
                                     api_name="/compare")
     methods = [row[0] for row in table["data"]]
-    assert len(methods) == 5 and methods[0].startswith("Dense")
-    assert len(gallery) == 5 and all("eq. tokens" in g["caption"] for g in gallery)
+    assert len(methods) == len(METHODS) and methods[0].startswith("Dense")  # the grid follows the registry
+    for name in ("sparsevlm-v2", "visionzip", "divprune", "pyramiddrop", "dart"):
+        assert METHOD_LABELS[name] in methods
+    assert len(gallery) == len(METHODS) and all("eq. tokens" in g["caption"] for g in gallery)
 
 
 # --- bad inputs: a clear message, and the server stays up --------------------------------------------------
