@@ -85,10 +85,21 @@ def equal_tokens_reference(visual: int, layers: tuple[int, ...], counts: list[in
     return equal_tokens(out)
 
 
+def _before_llm(visual: int, layers: tuple[int, ...], totals: list[int]) -> tuple[int, tuple[int, ...], list[int]]:
+    """A stage at layer -1 (before the LLM) sets what every decoder layer starts from."""
+    while layers and layers[0] < 0:
+        visual, layers, totals = totals[0], layers[1:], totals[1:]
+    return visual, tuple(layers), list(totals)
+
+
+def layer_counts(visual: int, layers: tuple[int, ...], totals: list[int], depth: int) -> list[int]:
+    """Visual tokens each decoder layer processes (input counting); layer -1 = before the LLM."""
+    return per_layer_inputs(*_before_llm(visual, tuple(layers), list(totals)), depth)
+
+
 def figures(visual: int, layers: tuple[int, ...], totals: list[int], depth: int) -> tuple[float, float]:
     """(input-counted, output-counted) equal tokens of a schedule. Layer -1 = before the LLM."""
-    if layers and layers[0] < 0:  # before the LLM every layer sees the kept set
-        visual, layers, totals = totals[0], layers[1:], totals[1:]
+    visual, layers, totals = _before_llm(visual, tuple(layers), list(totals))
     return (equal_tokens(per_layer_inputs(visual, layers, totals, depth)),
             equal_tokens_reference(visual, layers, totals, depth))
 

@@ -7,7 +7,8 @@ A method that acts "before layer K" (PyramidDrop, DART) acts after layer K - 1.
 
 Counting (SPEC section 7): *input* counting = mean over decoder layers of the visual tokens each layer processes
 (a pruning layer counts at its input; what FLOPs follow); *output* counting = the same with each pruning layer
-counted at its output. For a stage before the LLM both are the same.
+counted at its output. For a stage before the LLM both are the same. The figures are computed by schedule.py
+(`figures`, `layer_counts`, `make_counts`), the one place counting lives; `to_counts` hands a plan to the engine.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..schedule import Counts, equal_tokens, figures, make_counts
+from ..schedule import Counts, figures, layer_counts, make_counts
 
 ACCOUNTINGS = ("paper", "flops")
 
@@ -82,29 +83,6 @@ def check_budget(budget: int, visual: int) -> None:
         raise ConfigError(f"budget {budget} must lie in 1..{visual} (the visual tokens of the image)")
 
 
-def per_layer_visual(visual: int, after_layers: tuple[int, ...], counts: tuple[int, ...], depth: int) -> list[int]:
-    """Visual tokens each decoder layer processes; a stage at -1 acts before layer 0."""
-    out, cur, stage = [], visual, 0
-    while stage < len(after_layers) and after_layers[stage] < 0:
-        cur = counts[stage]
-        stage += 1
-    for i in range(depth):
-        out.append(cur)
-        if stage < len(after_layers) and after_layers[stage] == i:
-            cur = counts[stage]
-            stage += 1
-    return out
-
-
-def output_counted(per_layer: list[int], after_layers: tuple[int, ...], counts: tuple[int, ...]) -> float:
-    """Equal tokens with each pruning layer counted at its output (the SparseVLM reference's figure)."""
-    out = list(per_layer)
-    for layer, c in zip(after_layers, counts):
-        if layer >= 0:
-            out[layer] = c
-    return equal_tokens(out)
-
-
 def to_counts(plan: StagePlan, direct: tuple[int, ...] | None = None, kept_extra: int = 0) -> Counts:
     """The engine's Counts of a stage plan (figures recomputed by schedule.make_counts, the one place counting
     lives). direct: tokens kept directly per stage when merged tokens come on top (VisionZip's contextual);
@@ -125,8 +103,8 @@ def make_plan(
     note: str,
     extras: dict[str, Any] | None = None,
 ) -> StagePlan:
-    per_layer = per_layer_visual(visual, after_layers, counts, depth)
-    fin, fout = figures(visual, tuple(after_layers), list(counts), depth)  # schedule's counting
+    per_layer = layer_counts(visual, tuple(after_layers), list(counts), depth)  # schedule's counting
+    fin, fout = figures(visual, tuple(after_layers), list(counts), depth)
     return StagePlan(
         method=method,
         visual=visual,
@@ -145,13 +123,11 @@ def make_plan(
 
 
 def measure(counting: str, visual: int, after_layers: tuple[int, ...], depth: int) -> Callable[[list[int]], float]:
-    """The equal-token figure of a list of counts in the given counting (input | output)."""
+    """The equal-token figure of a list of counts in the given counting (input | output), as schedule.figures."""
 
     def f(counts: list[int]) -> float:
-        per_layer = per_layer_visual(visual, after_layers, tuple(counts), depth)
-        if counting == "output":
-            return output_counted(per_layer, after_layers, tuple(counts))
-        return equal_tokens(per_layer)
+        fin, fout = figures(visual, tuple(after_layers), list(counts), depth)
+        return fout if counting == "output" else fin
 
     return f
 
