@@ -133,7 +133,9 @@ class PyramidDrop(PruneMethod):
         sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
         counts = to_counts(sp)
         stages = tuple(StageSpec(layer, k) for layer, k in zip(sp.after_layers, sp.counts))
-        return Plan(stages, self.positions(cfg), counts=counts, note=counts.note)
+        note = (f"{counts.note}; stage layers and lambda^i ratios follow the author's advice for small budgets "
+                "(issue #29), not a shipped setting (shipped: before 8/16/24 keep 1/2, 1/4, 1/8 = mean 270)")
+        return Plan(stages, self.positions(cfg), counts=counts, note=note)
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
         n = inp.hidden.shape[0]

@@ -133,6 +133,8 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
     note = f"{d} dominant ([CLS] + {d - 1} patches) + {c} contextual"
     if budget not in SPLITS:
         note += " (27:5 split derived from the published 54+10)"
+    elif budget != 64:
+        note += " (LightCompress's split; the official repo shows only 54+10)"
     return make_plan(NAME, visual, depth, (-1,), (budget,), budget, accounting, "input", note,
                      {"dominant": d, "contextual": c})
 
