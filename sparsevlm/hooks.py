@@ -30,6 +30,7 @@ from .methods import (
     MergedGroup,
     ModelGeometry,
     PrefillInput,
+    PruneMethod,
     Selection,
     StageInput,
     StageSpec,
@@ -124,7 +125,8 @@ class PruneHooks:
     so consecutive calls never see each other's decisions. `hooks.record()` is the last call's plain record.
     """
 
-    def __init__(self, model, config: PruneConfig, keep_debug: bool = False):
+    def __init__(self, model, config: PruneConfig, keep_debug: bool = False, method: PruneMethod | None = None):
+        """`method` overrides the registry's `config.method` (an unregistered method: tests, experiments)."""
         self.model = model
         self.llava = model.model
         self.lm = self.llava.language_model
@@ -143,7 +145,7 @@ class PruneHooks:
             depth=self.depth, grid_tokens=self.grid_tokens, has_cls=self.has_cls,
             heads=tcfg.num_attention_heads, kv_heads=tcfg.num_key_value_heads or tcfg.num_attention_heads,
         )
-        self.method = get_method(self.config.method)
+        self.method = method if method is not None else get_method(self.config.method)
         self.plan = self.method.plan(self.config, self.geometry)
         self.stage_specs: dict[int, tuple[int, StageSpec]] = {s.after_layer: (k, s) for k, s in
                                                                enumerate(self.plan.stages)}
@@ -306,14 +308,13 @@ class PruneHooks:
         inp = StageInput(
             index=index, spec=spec, prefix=st.prefix, visual=len(st.tokens), text=st.text, hidden=hidden,
             positions=st.positions[0], patches=[t.center for t in st.tokens], projector=st.projector, memo=st.memo,
-            seed=self.config.seed, final_norm=self.lm.norm,
-            rope_inv_freq=getattr(self.lm.rotary_emb, "inv_freq", None),
+            seed=self.config.seed, final_norm=self.lm.norm, rotary=lambda pos: self._rotary(hidden, pos),
         )
         i = spec.after_layer
         if i >= 0:
             if spec.attention:
                 inp.attention_rows = lambda rows: self._rows_attention(i, rows)
-                inp.head_attention_rows = lambda rows: self._rows_attention(i, rows, head_mean=False)
+                inp.head_attention_rows = lambda rows: self._rows_attention(i, rows, per_head=True)
                 inp.keys = lambda: self._keys(i)
             if i + 1 < self.depth:
                 inp.next_attention_rows = lambda rows: self._next_rows_attention(i, hidden, rows)
@@ -415,15 +416,21 @@ class PruneHooks:
         qr = _rope(q[rows].view(len(rows), -1, hd).transpose(0, 1), cos[0, rows], sin[0, rows])
         return qr, kh
 
-    def _rows_attention(self, i: int, rows: torch.Tensor, head_mean: bool = True) -> torch.Tensor:
-        """(r, n) head-mean (or (H, r, n) per-head) causal attention of `rows` at layer i, from the captured q/k
-        projections."""
+    def _rows_attention(self, i: int, rows: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """(r, n) head-mean causal attention of `rows` at layer i (per head: (H, r, n)), from the captured q/k."""
         st = self.state
         qr, kh = self._heads(i, st.captured[(i, "q")][0], st.captured[(i, "k")][0], rows)
-        out = A.rows_attention(qr, kh, rows, self.layers[i].self_attn.scaling, head_mean)
+        heads = A.rows_attention_heads(qr, kh, rows, self.layers[i].self_attn.scaling)
+        if per_head:
+            return heads
+        out = heads.mean(dim=0)
         if self.keep_debug:
-            st.rows_attention[i if head_mean else (i, "heads")] = out
+            st.rows_attention[i] = out
         return out
+
+    def _rotary(self, hidden: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.lm.rotary_emb(hidden[None], pos.to(hidden.device)[None])
+        return cos[0], sin[0]
 
     def _keys(self, i: int) -> torch.Tensor:
         return self._heads(i, None, self.state.captured[(i, "k")][0], None)[1]

@@ -13,6 +13,7 @@ from sparsevlm.config import PruneConfig
 from sparsevlm.errors import ConfigError
 from sparsevlm.hooks import PruneHooks
 from sparsevlm.loading import from_objects
+from sparsevlm.methods import Plan, PruneMethod, Selection, StageSpec
 from sparsevlm.pipeline import build_prompt, run
 from sparsevlm.testing import tiny_llava
 
@@ -273,3 +274,46 @@ def test_generating_the_image_token_is_a_decode_step_not_a_new_prefill(method):
     assert new.tolist() == [model.config.image_token_id] * 3  # the case the bug needs
     rec = hooks.record()
     assert len(rec.forward_ms) == 3 and rec.stages  # one prefill that pruned, two decode steps
+
+
+class _Probe(PruneMethod):
+    """A method that records what the plumbing hands it and keeps every token (a skipped stage)."""
+
+    name = "probe"
+    label = "probe"
+
+    def plan(self, cfg, geo):
+        return Plan((StageSpec(2, None, attention=True),), "keep")
+
+    def select(self, cfg, inp):
+        last = torch.tensor([inp.hidden.shape[0] - 1])
+        inp.memo.update(rows=inp.attention_rows(last), heads=inp.head_attention_rows(last),
+                        next=inp.next_attention_rows(last), keys=inp.keys(), rotary=inp.rotary(inp.positions),
+                        norm=inp.final_norm(inp.hidden), projector=inp.projector, patches=inp.patches)
+        return Selection(torch.arange(inp.visual), torch.zeros(inp.visual), "probe")
+
+
+@torch.no_grad()
+def test_stage_input_matches_the_eager_model(tiny):
+    """What a method gets (attention rows, per head and at the next layer, post-RoPE keys, rotary, final norm)
+    equals what the eager model computes."""
+    arch, _, processor = tiny
+    model, _ = tiny_llava(arch, layers=8, image_size=112)
+    model.set_attn_implementation("eager")
+    inputs = _inputs(processor)
+    probe = _Probe()
+    with PruneHooks(model, PruneConfig(method="fastv", budget=32), method=probe) as hooks:
+        out = model(**inputs, output_attentions=True, output_hidden_states=True, use_cache=True)
+    memo = hooks.state.memo
+    eager2, eager3 = out.attentions[2][0].float(), out.attentions[3][0].float()
+    assert torch.allclose(memo["heads"][:, 0], eager2[:, -1], atol=1e-5, rtol=0)
+    assert torch.allclose(memo["rows"][0], eager2.mean(0)[-1], atol=1e-5, rtol=0)
+    assert torch.allclose(memo["next"][0], eager3.mean(0)[-1], atol=1e-5, rtol=0)
+    assert torch.allclose(memo["keys"], out.past_key_values.layers[2].keys[0].float(), atol=1e-5, rtol=0)
+    lm = model.model.language_model
+    assert torch.allclose(memo["norm"], lm.norm(out.hidden_states[3][0]), atol=1e-5, rtol=0)
+    n = out.hidden_states[0].shape[1]
+    cos, _ = lm.rotary_emb(out.hidden_states[0], torch.arange(n)[None])
+    assert torch.allclose(memo["rotary"][0], cos[0], atol=1e-6)
+    assert memo["patches"] == list(range(64)) and memo["projector"].shape[0] == 64
+    assert [s.formula for s in hooks.record().stages] == ["probe"]

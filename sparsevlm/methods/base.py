@@ -99,13 +99,14 @@ class StageInput:
     seed: int
     # Head-mean post-softmax causal attention rows at layer `after_layer`: (r,) sequence indices -> (r, n).
     attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
-    # Per head, without the head mean: (r,) sequence indices -> (H, r, n) (SparseVLM v2 selects heads).
+    # The same rows per head (SparseVLM v2's head selection): (r,) -> (H, r, n).
     head_attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
-    # Same as attention_rows, at layer after_layer + 1 recomputed from `hidden` (its input): PyramidDrop-style.
+    # Same, at layer after_layer + 1 recomputed from `hidden` (its input): PyramidDrop-style ranking.
     next_attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
     keys: Callable[[], torch.Tensor] | None = None  # () -> (Hkv, n, hd) post-RoPE keys of layer after_layer
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None  # the decoder's final norm (DART)
-    rope_inv_freq: torch.Tensor | None = None  # (hd/2,) the decoder's rotary frequencies (SparseVLM v2's prior)
+    # The decoder's rotary embedding: (m,) position ids -> (cos, sin), each (m, head_dim) (v2's gravity prior).
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     vision: VisionInput | None = None
 
     @property

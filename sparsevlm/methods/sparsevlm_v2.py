@@ -90,6 +90,19 @@ def gravity_prior(
     return g.float()
 
 
+def gravity_prior_rotated(cos_rows: torch.Tensor, sin_rows: torch.Tensor, cos_keys: torch.Tensor,
+                          sin_keys: torch.Tensor) -> torch.Tensor:
+    """G as the reference builds it (modelling L241-251): all-ones q/k rotated by the model's own rotary embedding
+    (cos/sin of the rows' and keys' position ids, (m, hd) each), G = q1 · k1ᵀ / sqrt(hd). Returns (r, n).
+
+    Equals `gravity_prior` for plain RoPE; taken from the model's rotary it also covers scaled variants."""
+    hd = cos_rows.shape[-1]
+    sign = torch.cat([-torch.ones(hd // 2), torch.ones(hd - hd // 2)]).to(cos_rows.device, torch.float64)
+    rows = cos_rows.double() + sign * sin_rows.double()  # ones * cos + rotate_half(ones) * sin
+    keys = cos_keys.double() + sign * sin_keys.double()
+    return (rows @ keys.T / math.sqrt(hd)).float()
+
+
 def priority_head_count(num_heads: int) -> int:
     """Heads kept by priority-head selection: 14 of 32 scaled to the head count (the reference hard-codes 14)."""
     return max(1, min(num_heads, round(PRIORITY_HEADS_32 * num_heads / REFERENCE_HEADS)))
@@ -120,6 +133,7 @@ def select(
     rope_theta: float = 10000.0,
     n_heads: int | None = None,
     inv_freq: torch.Tensor | None = None,
+    prior: torch.Tensor | None = None,
 ) -> Selection:
     """One SparseVLM v2 pruning step at a pruning layer.
 
@@ -130,7 +144,8 @@ def select(
     prior_mean (rater-mean of G over the visual columns), keep.
     """
     cols = slice(visual_start, visual_start + v_cur)
-    prior = gravity_prior(row_positions, key_positions[cols], head_dim, rope_theta, inv_freq)  # (r, V)
+    if prior is None:  # (r, V) closed form; the engine passes the one built from the model's rotary
+        prior = gravity_prior(row_positions, key_positions[cols], head_dim, rope_theta, inv_freq)
     raw = attn_rows[:, :, cols].float()
     # The reference divides by G as is; G > 0 for |delta| < 1707 with hd=128, base 1e4 (METHODS 1(b)3).
     corrected = raw / prior[None]
@@ -227,9 +242,10 @@ class SparseVLMv2(PruneMethod):
         rows = inp.memo["raters"].to(inp.hidden.device) + inp.text_start
         attn = inp.head_attention_rows(rows)  # (H, r, n) post-softmax, per head
         pos = inp.positions
-        head_dim = 2 * inp.rope_inv_freq.shape[0]
-        sel = select(attn, pos[rows], pos, inp.prefix, inp.visual, inp.spec.keep, head_dim,
-                     inv_freq=inp.rope_inv_freq)
+        cos_r, sin_r = inp.rotary(pos[rows])
+        cos_k, sin_k = inp.rotary(pos[inp.prefix : inp.text_start])
+        prior = gravity_prior_rotated(cos_r, sin_r, cos_k, sin_k)  # (r, V) at the original position ids
+        sel = select(attn, pos[rows], pos, inp.prefix, inp.visual, inp.spec.keep, cos_r.shape[-1], prior=prior)
         k, heads = sel.extras["keep"], sel.extras["heads"].tolist()
         formula = (f"{FORMULA} | after layer {inp.spec.after_layer}: {len(rows)} raters, priority heads "
                    f"{sorted(heads)} ({len(heads)} of {attn.shape[0]}), keep {k} of {inp.visual} "
