@@ -250,5 +250,13 @@ class SparseVLMv2(PruneMethod):
         formula = (f"{FORMULA} | after layer {inp.spec.after_layer}: {len(rows)} raters, priority heads "
                    f"{sorted(heads)} ({len(heads)} of {attn.shape[0]}), keep {k} of {inp.visual} "
                    f"(list {inp.spec.keep}), no recycling; softmax in fp32 (reference: fp16)")
-        extras = {**sel.extras, "rater_positions": pos[rows], "formula": FORMULA}
+        # G > 0 for |delta| < 1707 at head_dim 128 (LLaVA-1.5), but with few rotary frequencies (small head_dim) it
+        # crosses zero inside the prompt: dividing by it then flips or blows up the scores. Run as the reference
+        # does, and say so.
+        bad = int((prior <= 0.1).sum())
+        if bad:
+            formula += (f" | WARNING: gravity prior G <= 0.1 at {bad} of {prior.numel()} rater-visual pairs "
+                        f"(head_dim {cos_r.shape[-1]}): the correction is ill-conditioned on this model")
+        extras = {**sel.extras, "rater_positions": pos[rows], "prior_min": float(prior.min()),
+                  "prior_ill_conditioned": bad, "formula": FORMULA}
         return EngineSelection(sel.kept, sel.scores, formula, rows=len(rows), extras=extras)
