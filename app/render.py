@@ -247,6 +247,8 @@ def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: in
             if mask.any():
                 draw_outline(out, mask, CLUSTER_COLOURS[k % len(CLUSTER_COLOURS)], 2)
         for k, m in enumerate(stage.merged):
+            if m.center < 0:  # a token at no patch (VisionZip's [CLS]): nothing to mark on the image
+                continue
             x0, y0, x1, y1 = patch_box(trace, m.center, (w, h))
             centre = (round((x0 + x1) / 2), round((y0 + y1) / 2))
             r = max(3, round((x1 - x0) / 5))

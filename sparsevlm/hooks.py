@@ -27,6 +27,7 @@ from . import algorithm as A
 from .config import PruneConfig
 from .errors import ConfigError
 from .methods import (
+    MergedGroup,
     ModelGeometry,
     PrefillInput,
     PruneMethod,
@@ -36,6 +37,7 @@ from .methods import (
     VisionInput,
     get_method,
 )
+from .methods.stage_plan import plain
 from .schedule import Counts
 from .trace import LayerRecord, MergedToken, Stage
 
@@ -339,19 +341,22 @@ class PruneHooks:
         return kwargs
 
     def _cut(self, hidden: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
-        """The new sequence [prefix | kept visual | merged | text] and, for each token, its source index."""
+        """The new sequence [prefix | lead | kept visual | merged | text] and, for each token, its source index
+        (a lead token without a patch takes the first image slot's: its position id when positions are kept)."""
         st = self.state
         n, v = hidden.shape[1], len(st.tokens)
         dev = hidden.device
         keep = sel.keep.to(dev)
-        centers = torch.tensor([g.center for g in sel.merged], dtype=torch.long, device=dev)
-        src = torch.cat([torch.arange(st.prefix, device=dev), st.prefix + keep, st.prefix + centers,
+
+        def slots(groups: list[MergedGroup]) -> torch.Tensor:
+            return st.prefix + torch.tensor([max(g.center, 0) for g in groups], dtype=torch.long, device=dev)
+
+        src = torch.cat([torch.arange(st.prefix, device=dev), slots(sel.lead), st.prefix + keep, slots(sel.merged),
                          torch.arange(st.prefix + v, n, device=dev)])
-        new = hidden[:, src]
-        if sel.merged:
-            at = st.prefix + len(keep)
-            new = new.clone()
-            new[0, at : at + len(sel.merged)] = torch.stack([g.embedding for g in sel.merged]).to(new.dtype)
+        new = hidden[:, src]  # advanced indexing: a copy, so merged embeddings can be written into it
+        for at, groups in ((st.prefix, sel.lead), (st.prefix + len(sel.lead) + len(keep), sel.merged)):
+            if groups:
+                new[0, at : at + len(groups)] = torch.stack([g.embedding for g in groups]).to(new.dtype)
         return new, src
 
     # --- decoder layers ----------------------------------------------------------------------------------------
@@ -441,7 +446,8 @@ class PruneHooks:
         t0 = time.perf_counter()
         index, spec = self.stage_specs[i]
         sel = self.method.select(self.config, self._stage_input(index, spec, hidden[0]))
-        if len(sel.keep) == len(self.state.tokens) and not sel.merged:  # nothing deleted: the layer is skipped
+        # Nothing deleted: the layer is skipped.
+        if len(sel.keep) == len(self.state.tokens) and not sel.merged and not sel.lead:
             _sync(self.device)
             self._record_stage(i, sel, (time.perf_counter() - t0) * 1e3)
             return None
@@ -466,7 +472,7 @@ class PruneHooks:
         """Record a stage and update the current visual tokens: kept ones, then new merged ones."""
         st = self.state
         before = st.tokens
-        new_tokens = [before[j] for j in sel.keep.tolist()]
+        new_tokens = [_Token(-1, []) for _ in sel.lead] + [before[j] for j in sel.keep.tolist()]
         for g in sel.merged:
             members: list[int] = []
             for j in g.members:
@@ -490,6 +496,7 @@ class PruneHooks:
                 scores=sel.scores.float().cpu().tolist(),
                 formula=sel.formula,
                 overhead_ms=overhead_ms,
+                extras=plain(sel.extras),
             )
         )
 

@@ -13,7 +13,7 @@ from .config import PruneConfig
 from .errors import InputError
 from .hooks import CallRecord, PruneHooks
 from .loading import LoadedModel
-from .schedule import BUDGET_TOLERANCE, equal_tokens, equal_tokens_reference
+from .schedule import BUDGET_TOLERANCE, budget_figure, equal_tokens, equal_tokens_reference
 from .tokenizer import prompt_for
 from .trace import Cost, Memory, PruneTrace, Rater, Timings
 
@@ -168,8 +168,8 @@ def budget_figures(record: CallRecord, config: PruneConfig) -> dict:
            "budget_counting": "", "budget_figure": None, "budget_met": None}
     if record.counts is not None:
         counting = record.counts.budget_counting
-        figure = {"input": fin, "output": fout, "kept": float(record.stages[-1].visual_out) if record.stages
-                  else float(visual[-1])}[counting]
+        kept = float(record.stages[-1].visual_out) if record.stages else float(visual[-1])
+        figure = budget_figure(counting, fin, fout, kept, record.counts.kept_extra)
         out.update(budget=config.budget, budget_counting=counting, budget_figure=figure,
                    budget_met=abs(figure - config.budget) <= BUDGET_TOLERANCE)
     return out

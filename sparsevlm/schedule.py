@@ -85,10 +85,21 @@ def equal_tokens_reference(visual: int, layers: tuple[int, ...], counts: list[in
     return equal_tokens(out)
 
 
+def _before_llm(visual: int, layers: tuple[int, ...], totals: list[int]) -> tuple[int, tuple[int, ...], list[int]]:
+    """A stage at layer -1 (before the LLM) sets what every decoder layer starts from."""
+    while layers and layers[0] < 0:
+        visual, layers, totals = totals[0], layers[1:], totals[1:]
+    return visual, tuple(layers), list(totals)
+
+
+def layer_counts(visual: int, layers: tuple[int, ...], totals: list[int], depth: int) -> list[int]:
+    """Visual tokens each decoder layer processes (input counting); layer -1 = before the LLM."""
+    return per_layer_inputs(*_before_llm(visual, tuple(layers), list(totals)), depth)
+
+
 def figures(visual: int, layers: tuple[int, ...], totals: list[int], depth: int) -> tuple[float, float]:
     """(input-counted, output-counted) equal tokens of a schedule. Layer -1 = before the LLM."""
-    if layers and layers[0] < 0:  # before the LLM every layer sees the kept set
-        visual, layers, totals = totals[0], layers[1:], totals[1:]
+    visual, layers, totals = _before_llm(visual, tuple(layers), list(totals))
     return (equal_tokens(per_layer_inputs(visual, layers, totals, depth)),
             equal_tokens_reference(visual, layers, totals, depth))
 
@@ -118,16 +129,29 @@ class Counts:
     totals: tuple[int, ...]  # visual tokens after each stage (direct + merged tokens added on top)
     equal_tokens_input: float
     equal_tokens_output: float
-    budget_counting: str  # which figure the accounting meets the budget in: input | output | kept
+    # which figure the accounting meets the budget in: input | output | kept (tokens after the last stage) |
+    # retained (kept minus `kept_extra`, the tokens a method keeps on top of its budget: DART's image pivots)
+    budget_counting: str
     budget_met: bool
     note: str
+    kept_extra: int = 0
 
 
-def _counts(layers, direct, totals, visual, depth, budget, counting, note) -> Counts:
+def budget_figure(counting: str, fin: float, fout: float, kept: float, kept_extra: int = 0) -> float:
+    """The figure a counting names: input- or output-counted equal tokens, the kept or the retained count."""
+    return {"input": fin, "output": fout, "kept": kept, "retained": kept - kept_extra}[counting]
+
+
+def make_counts(layers, direct, totals, visual: int, depth: int, budget: int, counting: str, note: str,
+                kept_extra: int = 0) -> Counts:
+    """A schedule's Counts with both equal-token figures computed here (the one place counting lives)."""
     fin, fout = figures(visual, tuple(layers), list(totals), depth)
-    figure = {"input": fin, "output": fout, "kept": float(totals[-1]) if totals else float(visual)}[counting]
+    figure = budget_figure(counting, fin, fout, float(totals[-1]) if totals else float(visual), kept_extra)
     return Counts(tuple(layers), tuple(direct), tuple(totals), fin, fout, counting,
-                  abs(figure - budget) <= BUDGET_TOLERANCE, note)
+                  abs(figure - budget) <= BUDGET_TOLERANCE, note, kept_extra)
+
+
+_counts = make_counts
 
 
 def sparsevlm_fixed(cfg: PruneConfig, visual: int, depth: int) -> Counts:

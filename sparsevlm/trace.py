@@ -24,7 +24,8 @@ class Rater:
 class MergedToken:
     """A recycled token: the merge of a cluster of deleted tokens (SPEC section 4)."""
 
-    center: int  # original patch index of the cluster center (its position id is the center's)
+    center: int  # original patch index of the cluster center (its position id is the center's); -1: no patch
+    # (VisionZip's vision [CLS] token, members empty)
     members: list[int]  # original patch indices it represents (merged tokens re-merged are flattened)
 
 
@@ -46,6 +47,9 @@ class Stage:
     scores: list[float]  # significance of each entering token (aligned with input_patches)
     formula: str  # the count rule that ran, with its numbers filled in
     overhead_ms: float = 0.0  # measured time spent deciding and gathering (scores, rank, clustering)
+    # Method-specific plain data for the overlay: pivots and their claims (DART), selection order (DivPrune),
+    # uncorrected scores and priority heads (SparseVLM v2), [CLS] slot and member cosines (VisionZip), ...
+    extras: dict = field(default_factory=dict)
 
     def represented(self) -> set[int]:
         """Patches still represented after this stage: kept directly or inside a merged token."""

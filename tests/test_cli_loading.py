@@ -85,6 +85,24 @@ def test_cli_run_json(model_dir, image_file, method):
         assert out["equal_tokens"] == 64 and out["cost"]["prefill_flops"] == out["cost"]["prefill_flops_dense"]
 
 
+@pytest.mark.parametrize("method,counting,positions", [
+    ("sparsevlm-v2", "output", "keep"), ("visionzip", "input", "compact"), ("divprune", "input", "compact"),
+    ("pyramiddrop", "input", "compact"), ("dart", "retained", "keep"),
+])
+def test_cli_runs_the_newer_methods(model_dir, image_file, method, counting, positions):
+    arch, d = model_dir
+    r = cli("run", "--model", str(d), "--image", str(image_file), "--question", "what colour is the shape?",
+            "--method", method, "--budget", "32", "--max-new-tokens", "2", "--json")
+    if method == "visionzip" and arch == "qwen2":  # SigLIP: no [CLS] to rank by; one line, no traceback
+        assert r.returncode != 0 and "Traceback" not in r.stderr and "[CLS]" in r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["method"] == method and out["config"]["positions"] == positions
+    assert out["accounting"] == "paper" and out["budget_counting"] == counting and out["budget_met"]
+    assert {"equal_tokens_input", "equal_tokens_output"} <= set(out)
+
+
 def test_cli_run_flops_accounting(model_dir, image_file):
     _, d = model_dir
     r = cli("run", "--model", str(d), "--image", str(image_file), "--question", "what colour is the shape?",

@@ -18,13 +18,21 @@ from .base import (
     StageSpec,
     VisionInput,
 )
+from .dart import DART
 from .dense import Dense
+from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
+from .pyramiddrop import PyramidDrop
 from .random_subset import RandomSubset
 from .sparsevlm import SparseVLM
+from .sparsevlm_v2 import SparseVLMv2
+from .visionzip import VisionZip
 
-_REGISTRY: dict[str, PruneMethod] = {m.name: m for m in (Dense(), SparseVLM(), FastV(), FasterVLM(), RandomSubset())}
+_REGISTRY: dict[str, PruneMethod] = {m.name: m for m in (
+    Dense(), SparseVLM(), FastV(), FasterVLM(), RandomSubset(),
+    SparseVLMv2(), VisionZip(), DivPrune(), PyramidDrop(), DART(),
+)}
 
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
 # Labels for UIs, in one place.

@@ -118,7 +118,7 @@ class StageInput:
 class MergedGroup:
     """A token the method adds after the kept ones: the merge of `members` (local indices)."""
 
-    center: int  # local index whose position id (and patch, for the overlay) the merged token takes
+    center: int  # local index whose position id (and patch, for the overlay) the merged token takes; -1: none
     members: list[int]
     embedding: torch.Tensor  # (D,) in the space of StageInput.hidden
 
@@ -133,6 +133,9 @@ class Selection:
     merged: list[MergedGroup] = field(default_factory=list)
     rank: int | None = None  # rank(P) where the method has a P
     rows: int = 0  # attention rows used (raters, the last token, ...)
+    # Tokens placed BEFORE the kept ones, centre -1 and no members (VisionZip's vision [CLS] token).
+    lead: list[MergedGroup] = field(default_factory=list)
+    extras: dict = field(default_factory=dict)  # method-specific trace data (plain values or tensors)
 
 
 class PruneMethod:
