@@ -180,59 +180,85 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _curves(result: dict) -> dict[tuple[str, str], list[dict]]:
+    """(method, accounting) -> its fixed-budget rows by equal tokens; dense under ("dense", ""). The adaptive
+    SparseVLM settings (paper eq. 8, reference code) are single points, not part of a budget curve."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in result["rows"]:
+        if "accuracy" not in r:
+            continue
+        if r["method"] == "dense":
+            out.setdefault(("dense", ""), []).append(r)
+        elif r["setting"] == f"{r['method']}-{r['budget']}-{r['accounting']}":
+            out.setdefault((r["method"], r["accounting"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r["equal_tokens"]) for k, v in out.items()}
+
+
+# One colour per method, the same in both figures (matplotlib's tab10).
+METHOD_COLOURS = {"dense": "#000000", "sparsevlm": "#d62728", "sparsevlm-v2": "#ff7f0e", "fastv": "#1f77b4",
+                  "fastervlm": "#2ca02c", "visionzip": "#17becf", "divprune": "#9467bd", "pyramiddrop": "#8c564b",
+                  "dart": "#e377c2", "random": "#7f7f7f"}
+
+
 def figure(result: dict):
-    """Accuracy vs equal tokens, one line per method (FasterVLM paper, Fig. 2 style)."""
+    """Accuracy vs input-counted equal tokens, one line per method and accounting (FasterVLM paper, Fig. 2)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    rows = [r for r in result["rows"] if "accuracy" in r]
-    for method in dict.fromkeys((r["method"], r.get("accounting")) for r in rows if r.get("budget") or
-                                r["method"] == "dense"):
-        pts = sorted((r["equal_tokens"], 100 * r["accuracy"], r["setting"]) for r in rows
-                     if (r["method"], r.get("accounting")) == method and (r.get("budget") or r["method"] == "dense"))
-        method = "dense" if method[0] == "dense" else f"{method[0]} ({method[1]})"
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], text=[p[2] for p in pts],
-                                 mode="lines+markers" if method != "dense" else "markers", name=method))
-    fig.update_layout(title="Accuracy vs equal visual tokens (measured)", xaxis_title="equal tokens (mean visual "
-                      "tokens per decoder layer)", yaxis_title="exact-match accuracy (%)", xaxis_type="log",
-                      template="plotly_white", width=800, height=500)
+    for (method, accounting), rows in _curves(result).items():
+        name = method if method == "dense" else f"{method} ({accounting})"
+        fig.add_trace(go.Scatter(x=[r["equal_tokens"] for r in rows], y=[100 * r["accuracy"] for r in rows],
+                                 text=[r["setting"] for r in rows], name=name,
+                                 mode="lines+markers" if method != "dense" else "markers",
+                                 line={"color": METHOD_COLOURS.get(method), "dash": "dot" if accounting == "paper"
+                                       else "solid"}))
+    fig.update_layout(title="Accuracy vs equal visual tokens (measured); solid: flops accounting, dotted: paper",
+                      xaxis_title="equal tokens, input-counted (mean visual tokens each decoder layer processes)",
+                      yaxis_title="exact-match accuracy (%)", xaxis_type="log", template="plotly_white",
+                      width=900, height=540)
     return fig
 
 
 def png(result: dict, path: Path) -> None:
-    """A plain PIL rendering of the same figure (no browser or kaleido needed)."""
-    from PIL import Image, ImageDraw
-
-    w, h, m = 800, 500, 60
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    rows = [r for r in result["rows"] if "accuracy" in r]
+    """A plain PIL rendering (no browser or kaleido needed): one panel per accounting, a colour per method."""
     import math
 
-    xs = [math.log(max(r["equal_tokens"], 1)) for r in rows]
+    from PIL import Image, ImageDraw
+
+    curves = _curves(result)
+    accountings = sorted({a for _, a in curves if a}, key=lambda a: ("paper", "flops").index(a)
+                         if a in ("paper", "flops") else 9)
+    panel_w, h, m, legend_w = 420, 520, 55, 150
+    w = panel_w * max(1, len(accountings)) + legend_w
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    xs = [math.log(max(r["equal_tokens"], 1)) for rows in curves.values() for r in rows]
     x0, x1 = min(xs) - 0.1, max(xs) + 0.1
-    fx = lambda t: m + (math.log(max(t, 1)) - x0) / (x1 - x0) * (w - 2 * m)  # noqa: E731
     fy = lambda a: h - m - a * (h - 2 * m)  # noqa: E731
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    for a in (0, 0.25, 0.5, 0.75, 1.0):
-        d.text((10, fy(a) - 6), f"{int(a * 100)}%", fill="black")
-    for t in (64, 96, 128, 192, 576):
-        if x0 <= math.log(t) <= x1:
-            d.text((fx(t) - 8, h - m + 8), str(t), fill="black")
-    d.text((w // 2 - 120, h - 25), "equal tokens (log scale)", fill="black")
-    d.text((m, 20), "Accuracy vs equal visual tokens (measured)", fill="black")
-    colours = {"dense": "black", "sparsevlm": "red", "fastv": "blue", "fastervlm": "green", "random": "gray"}
-    rows = [r for r in rows if r.get("budget") or r["method"] == "dense"]  # the budget lines
-    for k, key in enumerate(dict.fromkeys((r["method"], r.get("accounting")) for r in rows)):
-        pts = sorted((fx(r["equal_tokens"]), fy(r["accuracy"])) for r in rows if (r["method"], r.get("accounting"))
-                     == key)
-        method = key[0] if key[0] == "dense" else f"{key[0]} ({key[1]})"
-        c = colours.get(key[0], "purple")
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        for p in pts:
-            d.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=c)
-        d.text((w - m - 110, m + 10 + 16 * k), f"- {method}", fill=c)
+    d.text((m, 12), "Accuracy vs equal visual tokens (measured); x: input-counted equal tokens, log scale",
+           fill="black")
+    for k, accounting in enumerate(accountings):
+        left, right = k * panel_w + m, (k + 1) * panel_w - 10
+        fx = lambda t, left=left, right=right: left + (math.log(max(t, 1)) - x0) / (x1 - x0) * (right - left)  # noqa: E731
+        d.rectangle([left, m, right, h - m], outline="black")
+        d.text((left + 5, m - 18), f"{accounting} accounting", fill="black")
+        for a in (0, 0.25, 0.5, 0.75, 1.0):
+            d.text((left - 38, fy(a) - 6), f"{int(a * 100)}%", fill="black")
+            d.line([(left, fy(a)), (right, fy(a))], fill="#e5e7eb")
+        for t in (64, 96, 128, 192, 576):
+            if x0 <= math.log(t) <= x1:
+                d.text((fx(t) - 8, h - m + 8), str(t), fill="black")
+        for (method, acc), rows in curves.items():
+            if acc not in (accounting, ""):
+                continue
+            c = METHOD_COLOURS.get(method, "purple")
+            pts = [(fx(r["equal_tokens"]), fy(r["accuracy"])) for r in rows]
+            if len(pts) > 1:
+                d.line(pts, fill=c, width=2)
+            for p in pts:
+                d.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=c)
+    for k, method in enumerate(dict.fromkeys(mth for mth, _ in curves)):
+        d.text((w - legend_w + 10, m + 10 + 18 * k), f"- {method}", fill=METHOD_COLOURS.get(method, "purple"))
     img.save(path)
 
 
