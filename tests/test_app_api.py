@@ -405,8 +405,18 @@ def test_studio_run_reports_ground_truth_and_evidence_recall(server, files):
     assert rec["kept"] == pytest.approx(want["kept"]) and rec["represented"] == pytest.approx(want["represented"])
     assert rec["merged_only"] == pytest.approx(want["represented"] - want["kept"])
     # the answer panel shows the true answer and the same figures
-    answer_html = explain(c, image, question, max_new_tokens=1)[0]
-    assert f"true answer <b>{truth['answer']}</b>" in answer_html and f"{rec['kept']:.0%} kept" in answer_html
+    out = explain(c, image, question, max_new_tokens=1)
+    assert f"true answer <b>{truth['answer']}</b>" in out[0] and f"{rec['kept']:.0%} kept" in out[0]
+    # the evidence is outlined in white on the overlay (512x512: 42.67 px per model patch); not on another question
+    white = (255, 255, 255)
+    with_ev = np.asarray(Image.open(out[4]).convert("RGB"))
+    other_question = explain(c, image, "what colour is the circle ?", max_new_tokens=1)
+    without = np.asarray(Image.open(other_question[4]).convert("RGB"))
+    r, col = divmod(expected[0], 12)
+    x0, y0 = round(col * 512 / 12), round(r * 512 / 12)
+    left_edge = (slice(y0 + 8, y0 + 34), slice(max(0, x0 - 1), x0 + 2))
+    assert (with_ev[left_edge] == white).all(axis=-1).any(axis=1).mean() > 0.5
+    assert (without[left_edge] == white).all(axis=-1).mean() < 0.1
     # an edited question or another picture is no longer the scene
     assert run_api(c, image, "what colour is the circle ?", max_new_tokens=1)["ground_truth"] is None
     assert run_api(c, files["rgb.png"], question, max_new_tokens=1)["ground_truth"] is None
