@@ -765,7 +765,9 @@ def truth_html(truth: dict | None, pruned: PruneTrace | None = None) -> str:
     if not truth:
         return ""
     line = (f"Generated scene (seed {truth['seed']}, {_esc(truth['family'])} question): true answer "
-            f"<b>{_esc(str(truth['answer']))}</b>; {len(truth['evidence'])} evidence patches, outlined in white")
+            f"<b>{_esc(str(truth['answer']))}</b>; {len(truth['evidence'])} evidence patches"
+            + (f" of its {truth['grid'][0]}×{truth['grid'][1]} grid" if truth.get("grid") else "")
+            + ", outlined in white")
     if pruned is not None:
         rec = evidence_recall(pruned, truth["evidence"])
         line += (f"<br>Evidence recall at the last layer (computed from the trace): {recall_text(rec)}"

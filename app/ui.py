@@ -274,6 +274,7 @@ def scene_truth(scene: dict | None, image: Image.Image, question: str, grid: tup
         return None
     truth = {k: scene[k] for k in ("seed", "family", "answer")}
     truth["evidence"] = render.regrid_patches(scene["evidence"], tuple(scene["grid"]), tuple(grid))
+    truth["grid"] = list(grid)  # the model's
     return truth
 
 
