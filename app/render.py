@@ -753,6 +753,20 @@ def evidence_recall(trace: PruneTrace, evidence: Sequence[int] | None) -> dict |
             "represented": len(represented) / n}
 
 
+def evidence_recall_per_stage(trace: PruneTrace, evidence: Sequence[int] | None) -> list[dict]:
+    """The same shares after every pruning step (what the layers after `after_layer` see): a method may drop the
+    evidence late, after the text has already read it."""
+    ev = set(int(p) for p in evidence or ())
+    if not ev:
+        return []
+    n = len(ev)
+    out = []
+    for st in trace.stages:
+        kept, represented = ev & set(st.kept), ev & st.represented()
+        out.append({"after_layer": st.after_layer, "kept": len(kept) / n, "represented": len(represented) / n})
+    return out
+
+
 def recall_text(recall: dict | None) -> str:
     if recall is None:
         return "no evidence patches"
@@ -772,6 +786,10 @@ def truth_html(truth: dict | None, pruned: PruneTrace | None = None) -> str:
         rec = evidence_recall(pruned, truth["evidence"])
         line += (f"<br>Evidence recall at the last layer (computed from the trace): {recall_text(rec)}"
                  + (f", {rec['merged_only']:.0%} only through recycled / merged tokens" if rec else ""))
+        steps = evidence_recall_per_stage(pruned, truth["evidence"])
+        if steps:
+            line += "<br>After each pruning step (kept / represented): " + ", ".join(
+                f"layer {s['after_layer']}: {s['kept']:.0%} / {s['represented']:.0%}" for s in steps)
         if truth.get("answer") is not None:
             right = _normalise(pruned.answer) == _normalise(str(truth["answer"]))
             line += f" · the {method_label(pruned.method)} answer is {'right' if right else 'wrong'}"

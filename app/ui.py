@@ -189,7 +189,8 @@ def run_record(out: RunOutput) -> dict:
         "dense_trace": trace_data(dense) if dense is not None else None,
         "unknown_words": [[w, s] for w, s in out.unknown or ()],
         "ground_truth": None if out.truth is None else
-        {**out.truth, "evidence_recall": render.evidence_recall(out.pruned, out.truth["evidence"])},
+        {**out.truth, "evidence_recall": render.evidence_recall(out.pruned, out.truth["evidence"]),
+         "evidence_recall_per_stage": render.evidence_recall_per_stage(out.pruned, out.truth["evidence"])},
     }
 
 
@@ -519,7 +520,7 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
             raise _user_error(exc) from exc
         path = Path(tempfile.mkdtemp(prefix="sparsevlm-scene-")) / f"scene-{truth['seed']}-{truth['family']}.png"
         image.save(path)  # PNG: the pixels come back unchanged, so the run can recognise the scene by them
-        return (str(path), truth["question"], truth, truth["seed"] + 1, {**truth, "key": image_key(image)},
+        return (str(path), truth["question"], truth, (truth["seed"] + 1) % 2**31, {**truth, "key": image_key(image)},
                 render.truth_html(truth))
 
     def forget_scene():
@@ -531,7 +532,10 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
         if not question or not str(question).strip():
             return ""
         try:
-            lm = use_model(model)
+            name = str(model or default_model)
+            if name not in models.loaded():  # never load a model on a keystroke; the run shows the notice too
+                return ""
+            lm, _ = models.get(name)
             return render.unknown_words_html(unknown_words(str(question), lm.processor.tokenizer))
         except Exception:  # noqa: BLE001 - a hint must never get in the way of typing; the run reports errors
             log.warning("word notice failed", exc_info=True)

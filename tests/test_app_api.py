@@ -404,6 +404,9 @@ def test_studio_run_reports_ground_truth_and_evidence_recall(server, files):
     assert rec["evidence_patches"] == len(expected)
     assert rec["kept"] == pytest.approx(want["kept"]) and rec["represented"] == pytest.approx(want["represented"])
     assert rec["merged_only"] == pytest.approx(want["represented"] - want["kept"])
+    steps = gt["evidence_recall_per_stage"]
+    assert [s["after_layer"] for s in steps] == [s["after_layer"] for s in record["trace"]["stages"]]
+    assert steps[-1]["kept"] == pytest.approx(want["kept"])
     # the answer panel shows the true answer and the same figures
     out = explain(c, image, question, max_new_tokens=1)
     assert f"true answer <b>{truth['answer']}</b>" in out[0] and f"{rec['kept']:.0%} kept" in out[0]

@@ -347,6 +347,11 @@ def test_evidence_recall_counts_kept_and_merged_patches_at_the_last_layer():
     rec = render.evidence_recall(tr, [0, 1, 110, 115, 300])
     assert rec == {"evidence_patches": 5, "kept": 2 / 5, "merged_only": 2 / 5, "represented": 4 / 5}
     assert render.recall_text(rec) == "40% kept / 80% represented (of 5 patches)"
+    # after layer 2: kept 0..295, clusters of 296..319 (300 merged); after 6: kept 0..196, clusters of 197..214
+    assert render.evidence_recall_per_stage(tr, [0, 1, 110, 115, 300]) == [
+        {"after_layer": 2, "kept": 4 / 5, "represented": 1.0},
+        {"after_layer": 6, "kept": 4 / 5, "represented": 4 / 5},
+        {"after_layer": 15, "kept": 2 / 5, "represented": 4 / 5}]
     assert render.evidence_recall(tr, []) is None and render.evidence_recall(tr, None) is None
     dense = make_trace()
     dense.stages, dense.method = [], "dense"
