@@ -666,7 +666,8 @@ def _esc(s: str) -> str:
 # --- compare ------------------------------------------------------------------------------------------------
 COMPARE_HEADERS = ["method", "answer", "agrees with dense", "equal tokens in / out (computed)", "budget",
                    "prefill ms (measured)",
-                   "total ms (measured)", "prefill compute (computed)", "KV cache (computed)"]
+                   "total ms (measured)", "prefill compute (computed)", "KV cache (computed)",
+                   "evidence recall at the last layer: kept / represented (computed, generated scenes)"]
 
 
 def budget_line(trace: PruneTrace) -> str:
@@ -680,14 +681,16 @@ def budget_line(trace: PruneTrace) -> str:
     return f"budget {c.budget} {met} by {c.accounting} accounting ({counted} {c.budget_figure:.1f})"
 
 
-def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]]) -> list[list]:
-    """results: (method, trace or None, error message) per method, dense included."""
+def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]],
+                 evidence: Sequence[int] | None = None) -> list[list]:
+    """results: (method, trace or None, error message) per method, dense included. `evidence`: a generated
+    scene's evidence patches in the traces' grid (the last column stays empty without them, e.g. for uploads)."""
     dense = next((t for m, t, _ in results if m == "dense" and t is not None), None)
     rows = []
     for method, tr, err in results:
         label = method_label(method)
         if tr is None:
-            rows.append([label, f"not available: {err}", "", "", "", "", "", "", ""])
+            rows.append([label, f"not available: {err}", "", "", "", "", "", "", "", ""])
             continue
         f, fu = _flops(tr.cost.prefill_flops)
         b, bu = _bytes(tr.cost.kv_bytes)
@@ -695,7 +698,7 @@ def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]]) -> list[
         rows.append([label, tr.answer.strip(), agree,
                      f"{tr.cost.equal_tokens:.1f} / {tr.cost.equal_tokens_reference:.1f}", budget_line(tr),
                      round(tr.timings_ms.prefill, 1), round(tr.timings_ms.total, 1), f"{f:.3g} {fu}",
-                     f"{b:.3g} {bu}"])
+                     f"{b:.3g} {bu}", recall_text(evidence_recall(tr, evidence)) if evidence is not None else ""])
     return rows
 
 
@@ -714,3 +717,91 @@ def default_layer(trace: PruneTrace) -> int:
     if not trace.stages:
         return 0
     return min(final_layer(trace), max(0, trace.stages[-1].after_layer + 1))
+
+
+# --- ground truth of generated scenes ---------------------------------------------------------------------------
+def regrid_patches(patches: Sequence[int], from_grid: tuple[int, int], to_grid: tuple[int, int]) -> list[int]:
+    """Patch indices of one grid mapped to another over the same square picture: every cell of `to_grid` that
+    overlaps one of `patches` (the generator marks evidence on its 24x24 grid; a model may see 12x12)."""
+    (fr, fc), (tr_, tc) = from_grid, to_grid
+    if (fr, fc) == (tr_, tc):
+        return sorted(set(int(p) for p in patches))
+    out = set()
+    for p in patches:
+        r, c = divmod(int(p), fc)
+        # the source cell spans [r/fr, (r+1)/fr) of the height: every target row it touches
+        for rr in range(r * tr_ // fr, -(-(r + 1) * tr_ // fr)):
+            for cc in range(c * tc // fc, -(-(c + 1) * tc // fc)):
+                out.add(rr * tc + cc)
+    return sorted(out)
+
+
+def evidence_recall(trace: PruneTrace, evidence: Sequence[int] | None) -> dict | None:
+    """Share of the evidence patches that reach the last decoder layer: kept directly, only inside a recycled /
+    merged token, and represented either way (Stage.represented). None without evidence (uploads, or a sample
+    whose answer rests on no patch, e.g. "how many ... ?" -> zero)."""
+    ev = set(int(p) for p in evidence or ())
+    if not ev:
+        return None
+    stage = trace.stage_for_layer(final_layer(trace))
+    if stage is None:  # nothing pruned by the last layer (dense): every patch is still there
+        kept = represented = ev
+    else:
+        kept, represented = ev & set(stage.kept), ev & stage.represented()
+    n = len(ev)
+    return {"evidence_patches": n, "kept": len(kept) / n, "merged_only": len(represented - kept) / n,
+            "represented": len(represented) / n}
+
+
+def evidence_recall_per_stage(trace: PruneTrace, evidence: Sequence[int] | None) -> list[dict]:
+    """The same shares after every pruning step (what the layers after `after_layer` see): a method may drop the
+    evidence late, after the text has already read it."""
+    ev = set(int(p) for p in evidence or ())
+    if not ev:
+        return []
+    n = len(ev)
+    out = []
+    for st in trace.stages:
+        kept, represented = ev & set(st.kept), ev & st.represented()
+        out.append({"after_layer": st.after_layer, "kept": len(kept) / n, "represented": len(represented) / n})
+    return out
+
+
+def recall_text(recall: dict | None) -> str:
+    if recall is None:
+        return "no evidence patches"
+    return (f"{recall['kept']:.0%} kept / {recall['represented']:.0%} represented "
+            f"(of {recall['evidence_patches']} patches)")
+
+
+def truth_html(truth: dict | None, pruned: PruneTrace | None = None) -> str:
+    """The generated scene's true answer and, after a run, the evidence recall of the pruned run."""
+    if not truth:
+        return ""
+    line = (f"Generated scene (seed {truth['seed']}, {_esc(truth['family'])} question): true answer "
+            f"<b>{_esc(str(truth['answer']))}</b>; {len(truth['evidence'])} evidence patches"
+            + (f" of its {truth['grid'][0]}×{truth['grid'][1]} grid" if truth.get("grid") else "")
+            + ", outlined in white")
+    if pruned is not None:
+        rec = evidence_recall(pruned, truth["evidence"])
+        line += (f"<br>Evidence recall at the last layer (computed from the trace): {recall_text(rec)}"
+                 + (f", {rec['merged_only']:.0%} only through recycled / merged tokens" if rec else ""))
+        steps = evidence_recall_per_stage(pruned, truth["evidence"])
+        if steps:
+            line += "<br>After each pruning step (kept / represented): " + ", ".join(
+                f"layer {s['after_layer']}: {s['kept']:.0%} / {s['represented']:.0%}" for s in steps)
+        if truth.get("answer") is not None:
+            right = _normalise(pruned.answer) == _normalise(str(truth["answer"]))
+            line += f" · the {method_label(pruned.method)} answer is {'right' if right else 'wrong'}"
+    return f"<div class='sv-truth'>{line}</div>"
+
+
+def unknown_words_html(unknown: Sequence[tuple[str, str | None]]) -> str:
+    """The vocabulary hint above the results ('' when the model knows every word)."""
+    if not unknown:
+        return ""
+    parts = [f"<b>{_esc(w)}</b>" + (f" (did you mean <b>{_esc(s)}</b>?)" if s else "") for w, s in unknown]
+    noun = "word" if len(unknown) == 1 else "words"
+    return (f"<div class='sv-unknown'>The model does not know the {noun} {', '.join(parts)}: its tokenizer reads "
+            f"{'it' if len(unknown) == 1 else 'them'} as &lt;unk&gt;, so the answer may be wrong. The run still "
+            "happens.</div>")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -30,7 +31,9 @@ from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, m
 from sparsevlm.methods import METHODS, get_method
 from sparsevlm.pipeline import check_question, run
 from sparsevlm.presets import PRESETS
+from sparsevlm.scenes import generator  # the studio draws scenes with it (the app may; the engine never does)
 from sparsevlm.trace import PruneTrace
+from sparsevlm.vocab import unknown_words
 
 from . import render
 
@@ -81,6 +84,9 @@ CSS = """
 .sv-legend {display: flex; flex-wrap: wrap; gap: .35rem 1rem; font-size: .85rem; margin-top: .25rem}
 .sv-swatch i {display: inline-block; width: 14px; height: 14px; border-radius: 3px; margin-right: .35rem;
   vertical-align: -2px}
+.sv-unknown {border-left: 4px solid #d97706; background: #fef3c7; color: #78350f; padding: .45rem .7rem;
+  border-radius: 6px; margin-bottom: .4rem}
+.sv-truth {border-left: 4px solid #4f46e5; padding: .35rem .7rem; margin-top: .4rem; font-size: .92rem}
 .sv-model {font-size: .85rem; color: var(--body-text-color-subdued)}
 .sv-help {font-size: .9rem; color: var(--body-text-color-subdued)}
 #sv-overlay img {object-fit: contain}
@@ -116,7 +122,9 @@ class RunOutput:
     pruned: PruneTrace
     dense: PruneTrace | None
     budget: int
-    evidence: list[int] | None = None
+    evidence: list[int] | None = None  # patches the answer depends on, in the trace's grid (generated scenes)
+    unknown: list[tuple[str, str | None]] | None = None  # question words the tokenizer reads as <unk>
+    truth: dict | None = None  # a studio scene's ground truth (answer, family, seed, evidence in the trace's grid)
 
 
 def _user_error(exc: BaseException) -> gr.Error:
@@ -179,11 +187,17 @@ def run_record(out: RunOutput) -> dict:
         "agrees_with_dense": render.answers_agree(out.pruned, dense) if dense is not None else None,
         "trace": trace_data(out.pruned),
         "dense_trace": trace_data(dense) if dense is not None else None,
+        "unknown_words": [[w, s] for w, s in out.unknown or ()],
+        "ground_truth": None if out.truth is None else
+        {**out.truth, "evidence_recall": render.evidence_recall(out.pruned, out.truth["evidence"]),
+         "evidence_recall_per_stage": render.evidence_recall_per_stage(out.pruned, out.truth["evidence"])},
     }
 
 
-def compare_record(results: list[tuple[str, PruneTrace | None, str]]) -> list[dict]:
-    """What /compare returns: per method, its answer, agreement with dense and the CLI's --json summary."""
+def compare_record(results: list[tuple[str, PruneTrace | None, str]],
+                   evidence: list[int] | None = None) -> list[dict]:
+    """What /compare returns: per method, its answer, agreement with dense and the CLI's --json summary; with
+    a generated scene's evidence (trace grid), its evidence recall too."""
     dense = next((t for m, t, _ in results if m == "dense" and t is not None), None)
     rows = []
     for method, tr, err in results:
@@ -192,7 +206,8 @@ def compare_record(results: list[tuple[str, PruneTrace | None, str]]) -> list[di
         if tr is not None:
             row.update(answer=tr.answer,
                        agrees_with_dense=render.answers_agree(tr, dense) if dense is not None else None,
-                       summary=tr.summary())
+                       summary=tr.summary(),
+                       evidence_recall=render.evidence_recall(tr, evidence) if evidence is not None else None)
         rows.append(row)
     return rows
 
@@ -210,7 +225,8 @@ def draw_views(out: RunOutput, view: str) -> dict[str, Any]:
     layer = render.default_layer(tr)
     n_layers = render.num_layers(tr)
     return {
-        "answer": render.answer_markdown(tr, dense),
+        "notice": render.unknown_words_html(out.unknown or []),
+        "answer": render.answer_markdown(tr, dense) + render.truth_html(out.truth, tr),
         "raters": render.rater_highlights(tr),
         "rater_note": rater_note(tr),
         "raters_fig": render.raters_figure(tr),
@@ -228,6 +244,39 @@ def draw_views(out: RunOutput, view: str) -> dict[str, Any]:
 
 def image_key(image: Image.Image) -> str:
     return hashlib.sha1(f"{image.size}{image.mode}".encode() + image.tobytes()).hexdigest()
+
+
+def studio_scene(seed: Any, family: Any) -> tuple[Image.Image, dict]:
+    """A generated scene (the generator's world, the one the embedded model was trained on) and a question of
+    `family` about it, deterministic from `seed`; returns the picture and its ground truth (question, answer,
+    evidence patches on the generator's grid)."""
+    seed = _whole(seed if seed not in (None, "") else 0, "the seed")
+    if not 0 <= seed < 2**31:
+        raise InputError(f"the seed must be between 0 and {2**31 - 1}, not {seed}")
+    if family not in generator.FAMILIES:
+        raise InputError(f"the question family must be one of {', '.join(generator.FAMILIES)}, not {family!r}")
+    for k in range(1000):  # a scene may not allow the family (no label to read): the next draw of the same seed
+        rng = np.random.default_rng([seed, 20, k])
+        scene = generator.make_scene(int(rng.integers(2**31)), int(rng.integers(1, generator.MAX_OBJECTS + 1)),
+                                     with_label=family == "read" or bool(rng.random() < 0.3))
+        sample = generator.ask(scene, family, rng)
+        if sample is not None:
+            grid = (generator.GRID, generator.GRID)
+            return generator.render(scene), {"seed": seed, "family": family, "question": sample.question,
+                                             "answer": sample.answer, "evidence": list(sample.evidence),
+                                             "grid": list(grid)}
+    raise InputError(f"no {family} question found for seed {seed}")  # not reached for the generator's families
+
+
+def scene_truth(scene: dict | None, image: Image.Image, question: str, grid: tuple[int, int]) -> dict | None:
+    """The studio scene's ground truth when this request is still that scene (same pixels, same question), with
+    the evidence mapped onto the model's grid; None for uploads and edited questions."""
+    if not scene or scene.get("key") != image_key(image) or scene.get("question", "").strip() != question.strip():
+        return None
+    truth = {k: scene[k] for k in ("seed", "family", "answer")}
+    truth["evidence"] = render.regrid_patches(scene["evidence"], tuple(scene["grid"]), tuple(grid))
+    truth["grid"] = list(grid)  # the model's
+    return truth
 
 
 def example_evidence(examples: list[dict]) -> dict[tuple[str, str], list[int]]:
@@ -335,33 +384,36 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
         return lm
 
     def execute(model: Any, image_src: Any, question: Any, config: PruneConfig, max_new_tokens: Any,
-                with_dense: bool, progress: gr.Progress | None = None) -> RunOutput:
+                with_dense: bool, progress: gr.Progress | None = None, scene: dict | None = None) -> RunOutput:
         lm = use_model(model, progress)
         q = check_question(question)
         image = image_src if isinstance(image_src, Image.Image) else load_image(image_src)
+        unknown = unknown_words(q, lm.processor.tokenizer)  # shown with the results; the run still happens
         n_new = DEFAULT_NEW_TOKENS if max_new_tokens in (None, "") else _whole(max_new_tokens, "max new tokens")
         if progress is not None:
             progress(0.1, desc=f"running {render.method_label(config.method)}"
                      + (" and dense for comparison" if with_dense and config.method != "dense" else ""))
         pruned, dense = model_runs(lm, image, q, config, n_new, with_dense)
+        truth = scene_truth(scene, image, q, tuple(pruned.grid))
         return RunOutput(image=image, pruned=pruned, dense=dense, budget=config.budget,
-                         evidence=evidence_of.get((image_key(image), q)))
+                         evidence=truth["evidence"] if truth else evidence_of.get((image_key(image), q)),
+                         unknown=unknown, truth=truth)
 
     # --- event handlers (all state arrives as arguments and leaves as return values) -------------------------
     def run_json(image, question, method, budget, accounting, count_mode, lam, scale, bias, recycle,
-                 max_new_tokens, model, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+                 max_new_tokens, model, scene, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
         """Answer with pruning and dense; return both answers and both traces as JSON."""
         try:
             cfg = build_config(method, budget, accounting, count_mode, lam, scale, bias, recycle)
-            return run_record(execute(model, image, question, cfg, max_new_tokens, True, progress))
+            return run_record(execute(model, image, question, cfg, max_new_tokens, True, progress, scene))
         except Exception as exc:
             raise _user_error(exc) from exc
 
     def explain(image, question, method, budget, accounting, count_mode, lam, scale, bias, recycle,
-                max_new_tokens, view, model, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+                max_new_tokens, view, model, scene, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
         try:
             cfg = build_config(method, budget, accounting, count_mode, lam, scale, bias, recycle)
-            out = execute(model, image, question, cfg, max_new_tokens, True, progress)
+            out = execute(model, image, question, cfg, max_new_tokens, True, progress, scene)
             progress(0.9, desc="drawing")
             drawn = draw_views(out, view)
         except Exception as exc:
@@ -390,10 +442,11 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
         return (gr.Timer(active=True), nxt, render.render_view(st["image"], tr, nxt, view, evidence=st.get("evidence")),
                 render.layer_caption(tr, nxt))
 
-    def compare_runs(image_src, question, budget, max_new_tokens, model, progress):
-        use_model(model, progress)
-        check_question(question)
+    def compare_runs(image_src, question, budget, max_new_tokens, model, scene, progress):
+        lm = use_model(model, progress)
+        q = check_question(question)
         image = load_image(image_src)
+        truth = scene_truth(scene, image, q, tuple(lm.grid))
         results: list[tuple[str, PruneTrace | None, str]] = []
         for i, method in enumerate(COMPARE_METHODS):
             progress(i / len(COMPARE_METHODS), desc=f"running {render.method_label(method)}")
@@ -404,22 +457,23 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                 results.append((method, None, str(exc)))
                 continue
             results.append((method, tr, ""))
-        return image, results
+        return image, results, (truth["evidence"] if truth else None)
 
-    def compare_json(image, question, budget, max_new_tokens, model, progress=gr.Progress()):  # noqa: B008
+    def compare_json(image, question, budget, max_new_tokens, model, scene, progress=gr.Progress()):  # noqa: B008
         """Every method at one budget: per method its answer, agreement with dense and trace summary."""
         try:
-            return compare_record(compare_runs(image, question, budget, max_new_tokens, model, progress)[1])
+            _, results, evidence = compare_runs(image, question, budget, max_new_tokens, model, scene, progress)
+            return compare_record(results, evidence)
         except Exception as exc:
             raise _user_error(exc) from exc
 
-    def compare_view(image, question, budget, max_new_tokens, model, progress=gr.Progress()):  # noqa: B008
+    def compare_view(image, question, budget, max_new_tokens, model, scene, progress=gr.Progress()):  # noqa: B008
         try:
-            img, results = compare_runs(image, question, budget, max_new_tokens, model, progress)
-            gallery = [(render.render_layer(img, tr, render.final_layer(tr), max_side=384),
+            img, results, evidence = compare_runs(image, question, budget, max_new_tokens, model, scene, progress)
+            gallery = [(render.render_layer(img, tr, render.final_layer(tr), max_side=384, evidence=evidence),
                         render.compare_caption(m, tr)) for m, tr, _ in results if tr is not None]
-            table = pd.DataFrame(render.compare_rows(results), columns=render.COMPARE_HEADERS)
-            return gallery, table, compare_record(results)
+            table = pd.DataFrame(render.compare_rows(results, evidence), columns=render.COMPARE_HEADERS)
+            return gallery, table, compare_record(results, evidence)
         except Exception as exc:
             raise _user_error(exc) from exc
 
@@ -458,10 +512,40 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
             files.append(str(dense_path))
         return files, str(gif_path), str(mp4_path)
 
+    def new_scene(seed, family):
+        """The studio: a generated scene and question into the inputs, its ground truth into the session."""
+        try:
+            image, truth = studio_scene(seed, family)
+        except Exception as exc:
+            raise _user_error(exc) from exc
+        path = Path(tempfile.mkdtemp(prefix="sparsevlm-scene-")) / f"scene-{truth['seed']}-{truth['family']}.png"
+        image.save(path)  # PNG: the pixels come back unchanged, so the run can recognise the scene by them
+        return (str(path), truth["question"], truth, (truth["seed"] + 1) % 2**31, {**truth, "key": image_key(image)},
+                render.truth_html(truth))
+
+    def forget_scene():
+        """An upload, an edited question or an example is no longer the generated scene: drop its ground truth."""
+        return None, ""
+
+    def word_notice(question, model):
+        """The vocabulary hint as the question changes (before any run)."""
+        if not question or not str(question).strip():
+            return ""
+        try:
+            name = str(model or default_model)
+            if name not in models.loaded():  # never load a model on a keystroke; the run shows the notice too
+                return ""
+            lm, _ = models.get(name)
+            return render.unknown_words_html(unknown_words(str(question), lm.processor.tokenizer))
+        except Exception:  # noqa: BLE001 - a hint must never get in the way of typing; the run reports errors
+            log.warning("word notice failed", exc_info=True)
+            return ""
+
     # --- layout --------------------------------------------------------------------------------------------
     with gr.Blocks(title="SparseVLM Explorer") as demo:
         state = gr.State(None)
         model_state = gr.State(default_model)  # the session's model (a key of `models`)
+        scene_state = gr.State(None)  # the studio scene's ground truth while the inputs still show it
         gr.HTML(INTRO)
         with gr.Row(equal_height=True):
             model_in = gr.Dropdown(model_choices(default_model), value=default_model, allow_custom_value=True,
@@ -476,6 +560,14 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                 question_in = gr.Textbox(label="Question", placeholder="e.g. What colour is the circle?",
                                          lines=1, max_lines=4, elem_id="sv-question")
                 run_btn = gr.Button("Run: prune and explain", variant="primary", elem_id="sv-run")
+                with gr.Accordion("Scene studio: a generated scene whose ground truth is known", open=True):
+                    with gr.Row(equal_height=True):
+                        seed_in = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, label="Seed",
+                                            elem_id="sv-seed", min_width=90)
+                        family_in = gr.Dropdown(list(generator.FAMILIES), value=generator.FAMILIES[0],
+                                                label="Question family", elem_id="sv-family", min_width=120)
+                        scene_btn = gr.Button("New random scene", elem_id="sv-new-scene", min_width=140)
+                    truth_out = gr.HTML("", elem_id="sv-truth")
                 if examples:
                     ex = gr.Examples([[e["image"], e["question"]] for e in examples], inputs=[image_in, question_in],
                                      label="Examples - one click runs it", examples_per_page=6,
@@ -502,6 +594,7 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                     recycle_in = gr.Checkbox(value=DEFAULTS.recycle, label="Recycle deleted tokens (cluster + merge)")
                 max_new_in = gr.Slider(1, MAX_NEW_TOKENS_UI, value=8, step=1, label="Max new tokens")
             with gr.Column(scale=6, min_width=420):
+                notice_out = gr.HTML("", elem_id="sv-notice")
                 answer_out = gr.HTML("<div class='sv-help'>The answer appears here - with pruning, and from the "
                                      "dense model for comparison.</div>", label="Answer", elem_id="sv-answer")
                 overlay_out = gr.Image(label="What the decoder still sees", type="pil", format="png",
@@ -558,18 +651,23 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                             "(`trace` is what `python -m sparsevlm run --trace-out` writes).", elem_classes="sv-help")
                 record_out = gr.JSON(label="/run result", elem_id="sv-record")
                 compare_out = gr.JSON(label="/compare result (after Compare all methods)", elem_id="sv-compare-json")
+                scene_out = gr.JSON(label="/new_scene result: the studio scene's ground truth (evidence patches on "
+                                    "the generator's 24x24 grid)", elem_id="sv-scene-json")
 
         views = {"answer": answer_out, "raters": raters_out, "rater_note": raters_note, "raters_fig": raters_fig,
                  "overlay": overlay_out, "layer": layer_in, "caption": caption_out, "counts": counts_fig,
-                 "formulas": formulas_out, "latency": latency_out, "latency_fig": latency_fig, "record": record_out}
+                 "formulas": formulas_out, "latency": latency_out, "latency_fig": latency_fig, "notice": notice_out,
+                 "record": record_out}
         run_inputs = [image_in, question_in, method_in, budget_in, accounting_in, count_in, lam_in, scale_in, bias_in,
                       recycle_in, max_new_in]
-        explain_inputs = [*run_inputs, view_in, model_state]
+        explain_inputs = [*run_inputs, view_in, model_state, scene_state]
         explain_outputs = [*views.values(), state]
         run_btn.click(explain, explain_inputs, explain_outputs, api_name="explain", concurrency_id="model")
         question_in.submit(explain, explain_inputs, explain_outputs, api_visibility="private",
                            concurrency_id="model")
         if ex is not None:
+            ex.load_input_event.then(forget_scene, None, [scene_state, truth_out], api_visibility="private",
+                                     queue=False)
             ex.load_input_event.then(explain, explain_inputs, explain_outputs, api_visibility="private",
                                      concurrency_id="model")
         load_btn.click(load_model, [model_in], [model_state, model_out, budget_in], api_name="load_model",
@@ -577,9 +675,10 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
         # The data endpoints for programs: no button on the page runs them (the page draws its views from the
         # same record via /explain), so hidden triggers carry them.
         run_api = gr.Button(visible=False)
-        run_api.click(run_json, [*run_inputs, model_state], [record_out], api_name="run", concurrency_id="model")
+        run_api.click(run_json, [*run_inputs, model_state, scene_state], [record_out], api_name="run",
+                      concurrency_id="model")
         compare_api = gr.Button(visible=False)
-        compare_inputs = [image_in, question_in, budget_in, max_new_in, model_state]
+        compare_inputs = [image_in, question_in, budget_in, max_new_in, model_state, scene_state]
         compare_api.click(compare_json, compare_inputs, [compare_out], api_name="compare", concurrency_id="model")
         layer_in.input(show_layer, [state, layer_in, view_in], [overlay_out, caption_out], api_name="layer_view",
                        show_progress="hidden", concurrency_limit=4)
@@ -593,6 +692,12 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                    api_visibility="private", show_progress="hidden", concurrency_limit=4)
         compare_btn.click(compare_view, compare_inputs, [compare_gallery, compare_table, compare_out],
                           api_name="compare_view", concurrency_id="model")
+        scene_btn.click(new_scene, [seed_in, family_in], [image_in, question_in, scene_out, seed_in, scene_state,
+                                                          truth_out], api_name="new_scene", concurrency_limit=4)
+        image_in.upload(forget_scene, None, [scene_state, truth_out], api_visibility="private", queue=False)
+        question_in.input(forget_scene, None, [scene_state, truth_out], api_visibility="private", queue=False)
+        question_in.change(word_notice, [question_in, model_state], [notice_out], api_visibility="private",
+                           show_progress="hidden", trigger_mode="always_last", concurrency_limit=4)
         export_btn.click(export, [state], [export_files, export_gif, export_mp4], api_name="export",
                          concurrency_limit=2)
     return demo

@@ -90,6 +90,7 @@ def cmd_run(a) -> int:
     from .images import load_image
     from .loading import DEFAULT_MODEL, load_model
     from .pipeline import check_question, run
+    from .vocab import unknown_words, unknown_words_notice
 
     image = load_image(a.image)
     check_question(a.question)
@@ -99,13 +100,17 @@ def cmd_run(a) -> int:
         recycle=not a.no_recycle, merge=a.merge, positions=a.positions,
     ).validate()
     lm = load_model(a.model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
+    cfg.validate(lm.visual_tokens)  # a bad budget is the one error line, before the word notice
+    unknown = unknown_words(a.question, lm.processor.tokenizer)
+    if unknown:  # before the run (on stderr, so --json stays one object): why an answer may be off
+        print(unknown_words_notice(unknown), file=sys.stderr, flush=True)
     result = run(lm, image, a.question, cfg, max_new_tokens=a.max_new_tokens, do_sample=a.sample)
     t = result.trace
     if a.trace_out:
         with open(a.trace_out, "w") as f:
             f.write(t.to_json(indent=1))
     if a.json:
-        print(json.dumps(t.summary()))
+        print(json.dumps({**t.summary(), "unknown_words": [{"word": w, "suggestion": s} for w, s in unknown]}))
         return 0
     s = t.summary()
     print(f"answer: {t.answer}")

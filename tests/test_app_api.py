@@ -194,7 +194,9 @@ def test_api_lists_named_endpoints(client):
 
 def test_explain_returns_every_view(client, files):
     out = explain(client, files["rgb.png"])
-    answer, raters, rater_note, raters_fig, overlay, slider, caption, counts, formulas, latency, lat_fig, record = out
+    (answer, raters, rater_note, raters_fig, overlay, slider, caption, counts, formulas, latency, lat_fig, notice,
+     record) = out
+    assert notice == ""  # the tiny model knows every word of this question
     assert "SparseVLM" in answer and "Dense" in answer and ("same answer" in answer or "differs" in answer)
     assert raters and all(-1 <= r["class_or_confidence"] <= 1 for r in raters)
     assert any(r["class_or_confidence"] > 0 for r in raters) and "raters" in rater_note
@@ -302,7 +304,9 @@ def test_run_returns_the_cli_trace(client, server, files, tmp_path):
     assert proc.returncode == 0, proc.stderr
     cli = json.loads(out.read_text())
     record = run_api(client, files["rgb.png"], question, method="sparsevlm", budget=64, max_new_tokens=4)
-    assert set(record) == {"answer", "dense_answer", "agrees_with_dense", "trace", "dense_trace"}
+    assert set(record) == {"answer", "dense_answer", "agrees_with_dense", "trace", "dense_trace", "unknown_words",
+                           "ground_truth"}
+    assert record["unknown_words"] == [] and record["ground_truth"] is None  # known words, an upload
     api = record["trace"]
     assert set(api) == set(cli)
     for key in DETERMINISTIC:  # timings are measured, so they differ run to run
@@ -337,6 +341,107 @@ def test_compare_returns_data_per_method(client, files):
         assert d["summary"]["timings_ms"]["prefill"] > 0 and "equal_tokens" in d["summary"]
     assert data[0]["agrees_with_dense"] is True
     assert data[1]["summary"]["budget_figure"] == pytest.approx(64, abs=1) and data[1]["summary"]["budget_met"]
+
+
+# --- the vocabulary hint and the scene studio -------------------------------------------------------------------
+def test_unknown_words_are_flagged_and_the_run_still_happens(client, files):
+    """`color` is not in the tiny model's word-level vocabulary (`colour` is): /run names it with the suggestion,
+    /explain shows the notice above the results, and both still answer."""
+    question = "what color is the circle ?"
+    record = run_api(client, files["rgb.png"], question, max_new_tokens=1)
+    assert record["unknown_words"] == [["color", "colour"]]
+    assert record["trace"]["generated_tokens"] >= 1 and record["answer"] == record["trace"]["answer"]
+    notice = explain(client, files["rgb.png"], question, max_new_tokens=1)[-2]
+    assert "color" in notice and "did you mean <b>colour</b>" in notice and "&lt;unk&gt;" in notice
+
+
+def new_scene(c: Client, seed: int, family: str) -> tuple[str, str, dict, int]:
+    image, question, truth, next_seed, _line = c.predict(seed=seed, family=family, api_name="/new_scene")
+    return image, question, truth, next_seed
+
+
+def test_new_scene_is_deterministic_per_seed_and_family(server):
+    c = Client(server.url, verbose=False)
+    a = new_scene(c, 7, "count")
+    b = new_scene(c, 7, "count")
+    other = new_scene(c, 8, "count")
+    assert a[1] == b[1] and a[2] == b[2] and a[3] == 8
+    assert (np.asarray(Image.open(a[0])) == np.asarray(Image.open(b[0]))).all()
+    assert not (np.asarray(Image.open(a[0])) == np.asarray(Image.open(other[0]))).all()
+    assert a[1].startswith("how many") and a[2]["family"] == "count" and a[2]["seed"] == 7
+    assert Image.open(a[0]).size == (336, 336) and a[2]["grid"] == [24, 24]
+    for family, start in (("colour", "what colour"), ("read", "what is written"), ("exist", "is there")):
+        assert new_scene(c, 3, family)[1].startswith(start)
+    with pytest.raises(AppError, match="weather is not in the list of choices"):
+        new_scene(c, 1, "weather")
+    with pytest.raises(AppError, match="less than minimum value 0"):
+        new_scene(c, -5, "colour")
+
+
+def _recall_from_trace(trace: dict, evidence: list[int]) -> dict:
+    """Evidence recall at the last decoder layer, from the trace's stages (independent of app.render)."""
+    n_layers = len(trace["layers"])
+    stages = [s for s in trace["stages"] if s["after_layer"] < n_layers - 1]
+    ev = set(evidence)
+    if not stages:
+        return {"kept": 1.0, "represented": 1.0}
+    kept = set(stages[-1]["kept"])
+    represented = kept | {p for m in stages[-1]["merged"] for p in m["members"]}
+    return {"kept": len(ev & kept) / len(ev), "represented": len(ev & represented) / len(ev)}
+
+
+def test_studio_run_reports_ground_truth_and_evidence_recall(server, files):
+    c = Client(server.url, verbose=False)  # its own session: the scene's ground truth lives in it
+    image, question, truth, _ = new_scene(c, 5, "colour")
+    record = run_api(c, image, question, max_new_tokens=1, budget=64)
+    gt = record["ground_truth"]
+    assert gt["answer"] == truth["answer"] and gt["family"] == "colour" and gt["seed"] == 5
+    # the generator marks 14 px patches on its 24x24 grid; the tiny model sees 28 px patches on 12x12
+    expected = sorted({(p // 24 // 2) * 12 + (p % 24) // 2 for p in truth["evidence"]})
+    assert gt["evidence"] == expected and expected
+    want = _recall_from_trace(record["trace"], expected)
+    rec = gt["evidence_recall"]
+    assert rec["evidence_patches"] == len(expected)
+    assert rec["kept"] == pytest.approx(want["kept"]) and rec["represented"] == pytest.approx(want["represented"])
+    assert rec["merged_only"] == pytest.approx(want["represented"] - want["kept"])
+    steps = gt["evidence_recall_per_stage"]
+    assert [s["after_layer"] for s in steps] == [s["after_layer"] for s in record["trace"]["stages"]]
+    assert steps[-1]["kept"] == pytest.approx(want["kept"])
+    # the answer panel shows the true answer and the same figures
+    out = explain(c, image, question, max_new_tokens=1)
+    assert f"true answer <b>{truth['answer']}</b>" in out[0] and f"{rec['kept']:.0%} kept" in out[0]
+    # the evidence is outlined in white on the overlay (512x512: 42.67 px per model patch); not on another question
+    white = (255, 255, 255)
+    with_ev = np.asarray(Image.open(out[4]).convert("RGB"))
+    other_question = explain(c, image, "what colour is the circle ?", max_new_tokens=1)
+    without = np.asarray(Image.open(other_question[4]).convert("RGB"))
+    r, col = divmod(expected[0], 12)
+    x0, y0 = round(col * 512 / 12), round(r * 512 / 12)
+    left_edge = (slice(y0 + 8, y0 + 34), slice(max(0, x0 - 1), x0 + 2))
+    assert (with_ev[left_edge] == white).all(axis=-1).any(axis=1).mean() > 0.5
+    assert (without[left_edge] == white).all(axis=-1).mean() < 0.1
+    # an edited question or another picture is no longer the scene
+    assert run_api(c, image, "what colour is the circle ?", max_new_tokens=1)["ground_truth"] is None
+    assert run_api(c, files["rgb.png"], question, max_new_tokens=1)["ground_truth"] is None
+
+
+def test_studio_compare_has_the_evidence_column(server, files):
+    c = Client(server.url, verbose=False)
+    image, question, truth, _ = new_scene(c, 11, "shape")
+    gallery, table, data = c.predict(handle_file(image), question, 64, 1, api_name="/compare_view")
+    assert table["headers"][-1].startswith("evidence recall")
+    by_method = {d["method"]: d for d in data}
+    assert by_method["dense"]["evidence_recall"]["kept"] == 1.0  # dense keeps every patch
+    for row, d in zip(table["data"], data):
+        rec = d.get("evidence_recall")
+        if not d["available"]:
+            assert row[-1] == "" and rec is None
+            continue
+        assert 0.0 <= rec["kept"] <= rec["represented"] <= 1.0
+        assert row[-1].startswith(f"{rec['kept']:.0%} kept / {rec['represented']:.0%} represented")
+    # an upload: the column stays empty
+    _, table, data = c.predict(handle_file(str(files["rgb.png"])), question, 64, 1, api_name="/compare_view")
+    assert all(row[-1] == "" for row in table["data"]) and all(d.get("evidence_recall") is None for d in data)
 
 
 @pytest.mark.parametrize(

@@ -207,6 +207,30 @@ def test_bad_upload_shows_message_and_app_keeps_working(server, browser, tmp_pat
     assert server.alive()
 
 
+def test_scene_studio_and_the_word_notice(server, browser):
+    """New random scene fills image and question and shows the true answer; Run reports evidence recall; editing
+    the question to an unknown word shows the notice (with its suggestion) and drops the scene's ground truth."""
+    drv = browser
+    drv.get(server.url)
+    btn = wait(drv, lambda d: d.find_element(By.ID, "sv-new-scene"), 60)
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", btn)
+    btn.click()
+    wait(drv, lambda d: "true answer" in d.find_element(By.ID, "sv-truth").text, 60)
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-image img"), 30)
+    q = drv.find_element(By.CSS_SELECTOR, "#sv-question textarea")
+    assert q.get_attribute("value").startswith("what colour")  # the default family
+    assert drv.find_element(By.CSS_SELECTOR, "#sv-seed input").get_attribute("value") == "1"  # next seed
+    drv.find_element(By.ID, "sv-run").click()
+    wait(drv, lambda d: "Evidence recall" in d.find_element(By.ID, "sv-answer").text, 120)
+    assert "kept" in drv.find_element(By.ID, "sv-answer").text
+    shot(drv, "13-studio-run", full=False)
+    q.send_keys(Keys.CONTROL, "a")
+    q.send_keys("what color is it ?")
+    wait(drv, lambda d: "did you mean colour" in d.find_element(By.ID, "sv-notice").text, 60)
+    assert "true answer" not in drv.find_element(By.ID, "sv-truth").text
+    shot(drv, "14-word-notice", full=False)
+
+
 def test_export_mp4_plays_in_the_browser(server, browser):
     drv = browser
     if not overlay_src(drv):

@@ -339,3 +339,40 @@ def test_mp4_is_h264_with_one_frame_per_layer(tmp_path):
     fh, fw = first.shape[:2]
     assert np.abs(frames[0][:fh, :fw].astype(float) - first).mean() < 8
     assert frames[0][40:, :].mean() > frames[7][40:, :].mean() + 40
+
+
+# --- ground truth of generated scenes -------------------------------------------------------------------------
+def test_evidence_recall_counts_kept_and_merged_patches_at_the_last_layer():
+    tr = make_trace()  # last stage (after layer 15): kept 0..107, clusters {108..113} and {114..119}
+    rec = render.evidence_recall(tr, [0, 1, 110, 115, 300])
+    assert rec == {"evidence_patches": 5, "kept": 2 / 5, "merged_only": 2 / 5, "represented": 4 / 5}
+    assert render.recall_text(rec) == "40% kept / 80% represented (of 5 patches)"
+    # after layer 2: kept 0..295, clusters of 296..319 (300 merged); after 6: kept 0..196, clusters of 197..214
+    assert render.evidence_recall_per_stage(tr, [0, 1, 110, 115, 300]) == [
+        {"after_layer": 2, "kept": 4 / 5, "represented": 1.0},
+        {"after_layer": 6, "kept": 4 / 5, "represented": 4 / 5},
+        {"after_layer": 15, "kept": 2 / 5, "represented": 4 / 5}]
+    assert render.evidence_recall(tr, []) is None and render.evidence_recall(tr, None) is None
+    dense = make_trace()
+    dense.stages, dense.method = [], "dense"
+    assert render.evidence_recall(dense, [300, 301])["kept"] == 1.0
+    rows = render.compare_rows([("dense", dense, ""), ("sparsevlm", tr, ""), ("fastervlm", None, "needs [CLS]")],
+                               evidence=[0, 1, 110, 115, 300])
+    assert [r[-1] for r in rows] == ["100% kept / 100% represented (of 5 patches)",
+                                     "40% kept / 80% represented (of 5 patches)", ""]
+    assert all(r[-1] == "" for r in render.compare_rows([("sparsevlm", tr, "")]))  # uploads: no evidence
+    html_ = render.truth_html({"seed": 3, "family": "colour", "answer": "red", "evidence": [0, 1, 110, 115, 300]}, tr)
+    assert "true answer <b>red</b>" in html_ and "40% kept / 80% represented" in html_ and "is right" in html_
+
+
+def test_regrid_patches_maps_evidence_onto_the_models_grid():
+    assert render.regrid_patches([0, 25, 47], (24, 24), (24, 24)) == [0, 25, 47]
+    assert render.regrid_patches([0, 1, 24, 25, 47], (24, 24), (12, 12)) == [0, 11]
+    assert render.regrid_patches([0], (12, 12), (24, 24)) == [0, 1, 24, 25]
+    assert render.regrid_patches([24 + 1], (24, 24), (16, 16)) == [0, 1, 16, 17]  # straddles two target cells
+
+
+def test_unknown_words_html():
+    assert render.unknown_words_html([]) == ""
+    h = render.unknown_words_html([("color", "colour"), ("<b>", None)])
+    assert "did you mean <b>colour</b>" in h and "&lt;b&gt;" in h and "&lt;unk&gt;" in h

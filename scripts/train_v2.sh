@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Model v2 (issue 10): LLaVA's recipe on the v2 world, every phase in order. Idempotent: rerun it to resume
+# (each phase trains until its checkpoint reaches --until and exits at once when it has; raise an --until to
+# train a phase longer - a later phase already started keeps its own checkpoint, delete its folder to redo it).
+# Background use on the shared CPU:
+#   setsid nohup bash scripts/train_v2.sh > checkpoints/v2.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T="python -m sparsevlm.scenes.train_llava --threads ${THREADS:-1}"
+C=checkpoints
+# (a) language pretraining: decoder (8 layers x 128) on text alone; half the scenes as one word per token, half
+# as pooled words (one vector per item, at its patches' positions); 2 objects at most at first, 12 from step 600.
+TEXT_STEPS=${TEXT_STEPS:-6000}
+$T --phase text --out $C/v2-text --until $TEXT_STEPS --batch 16 --turns 6 --caption-p 0.3 \
+   --fused-p 0.5 --fused-spread 4 --curriculum-start 2 --curriculum-every 60 --lr 1e-3 --warmup 50 \
+   --decay-from $((TEXT_STEPS - 800)) --lr-end 1e-4 --referent-weight 1 --family-weights read=3 --seed 1
+# vision tower: per-patch heads on v2 pictures, from the shipped tower (then frozen).
+$T --phase vision --out $C/v2-vision --init-from $C/v2-text/checkpoint.pt --until ${VISION_STEPS:-300} \
+   --batch 8 --lr 5e-4 --warmup 20 --seed 2
+# (b) feature alignment: only the projector, captions through the frozen decoder.
+$T --phase align --out $C/v2-align --init-from $C/v2-vision/checkpoint.pt --until ${ALIGN_STEPS:-1500} \
+   --batch 8 --lr 1e-3 --warmup 30 --background-keep-start 0.1 --background-full-at 1000 --seed 3
+# (c) instruction tuning: decoder + projector, multi-turn questions of every family (+ caption turns).
+$T --phase instruct --out $C/v2-instruct --init-from $C/v2-align/checkpoint.pt --until ${INSTRUCT_STEPS:-6000} \
+   --batch 8 --turns 12 --caption-p 0.2 --lr 5e-4 --warmup 50 --background-keep-start 0.2 \
+   --background-full-at 3000 --referent-weight 1 --seed 4
+# grow the decoder to 32 layers (block expansion) and fine-tune on full pictures.
+$T --phase instruct --out $C/v2-grow32 --init-from $C/v2-instruct/checkpoint.pt --grow --layers 32 \
+   --until ${GROW_STEPS:-400} --batch 8 --turns 12 --caption-p 0.2 --lr 3e-4 --lr-end 3e-5 --decay-from 100 \
+   --warmup 20 --referent-weight 1 --referent-layer 2 --seed 5
+echo "all phases done; export with:"
+echo "python -m sparsevlm.scenes.train_llava --out $C/v2-grow32 --export assets/models/scenes-llava-v2"

@@ -1,0 +1,634 @@
+"""Model v2, trained the way LLaVA is trained, on the v2 world (`world.py`); resumable, seeded, JSONL logs.
+
+    python -m sparsevlm.scenes.train_llava --phase text     --out checkpoints/v2-text     --until N
+    python -m sparsevlm.scenes.train_llava --phase vision   --out checkpoints/v2-vision   --init-from ... --until N
+    python -m sparsevlm.scenes.train_llava --phase align    --out checkpoints/v2-align    --init-from ... --until N
+    python -m sparsevlm.scenes.train_llava --phase instruct --out checkpoints/v2-instruct --init-from ... --until N
+    python -m sparsevlm.scenes.train_llava --out checkpoints/v2-grow32 --export assets/models/scenes-llava-v2
+
+`scripts/train_v2.sh` chains the phases with their arguments; rerunning it resumes where it stopped (each phase
+runs until its checkpoint reaches `--until` steps; a finished phase exits at once).
+
+Phases:
+- `text` (language pretraining): the decoder alone on text - the scene in compact words (size colour shape
+  row column per object) followed by question/answer turns and "describe the picture" turns about it. The
+  compact words sit at the RoPE positions the object's visual tokens will have (2 + the raster index of its
+  first patch), and the question at position 578, exactly where it sits after 576 visual tokens: the decoder
+  learns to fetch words from the span where a picture will be. No visual tokens: a step costs a fraction of one
+  with a picture.
+- `vision`: the vision tower on per-patch heads alone (colour, shape, label character, centre, grid row and
+  column; `train.PatchHeads`) on v2 pictures - dark backgrounds, textures and 2x2 objects are new to the
+  shipped tower this starts from. Frozen afterwards, as LLaVA freezes CLIP.
+- `align` (LLaVA stage 1, feature alignment): decoder, embeddings and LM head frozen; only the projector learns
+  to make the frozen decoder caption the picture (`world.describe`).
+- `instruct` (LLaVA stage 2): decoder and projector trainable, multi-turn question/answer conversations over
+  the seven families plus an occasional caption turn; with `--grow` the decoder is first grown to `--layers` by
+  block expansion (`train.grow_decoder`).
+
+No loss reads attention weights, the projector-vs-embedding similarity, [CLS] attention or any pruning score.
+The only auxiliary losses are the per-patch heads on the vision tower (vision phase) and the grid heads on the
+projector output (each visual token's own row and column; `--grid-weight`).
+Early in `align` / `instruct` a share of the pure-background visual tokens is left out of the decoder at their
+original positions (`train.decoder_logits`), chosen by the generator's ground truth, ramping to all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..tokenizer import build_tokenizer
+from . import world
+from .generator import FAMILIES
+from .model import ModelSize, build_model, build_processor, pixel_values
+from .train import (
+    DecoderProbe,
+    GridHeads,
+    PatchHeads,
+    background_keep_at,
+    decoder_logits,
+    grow_decoder,
+    grown_positions,
+    kept_rows,
+)
+
+N_VISUAL = world.GRID * world.GRID
+QUESTION_POS = 2 + N_VISUAL  # "USER", ":" then 576 visual tokens
+CAPTION = len(FAMILIES)  # family index of caption tokens in the stats
+STAT_NAMES = (*FAMILIES, "caption")
+SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "models" / "scenes-llava"
+
+
+REFERENT_WORDS = (*world.COLOURS, *world.SHAPES, *world.SIZE_CLASSES, "label")
+REFERENT_SIZE = len(REFERENT_WORDS) + len(FAMILIES)
+
+
+def referent_vector(question: str, family: int) -> list[float]:
+    """What a question names, read from its text alone: its colour / shape / size words (plurals count as the
+    shape; "card" as the label) as a multi-hot vector, then its family one-hot."""
+    words = set(question.lower().replace("?", " ").split())
+    words |= {s for s in world.SHAPES if world.PLURALS[s] in words}
+    if "card" in words:
+        words.add("label")
+    out = [1.0 if w in words else 0.0 for w in REFERENT_WORDS] + [0.0] * len(FAMILIES)
+    if 0 <= family < len(FAMILIES):
+        out[len(REFERENT_WORDS) + family] = 1.0
+    return out
+
+
+class ReferentProbe(DecoderProbe):
+    """Auxiliary head (training only, dropped at export): at the position that predicts an answer, the output of
+    decoder layer `layer` must say which colour / shape / size words (or the label) the question named and its
+    family - from the question's text alone.
+
+    Why: a question's answer position is ":" after "ASSISTANT", several tokens after the words that say what
+    to look up. Measured in the text phase without it (step 1695, single-turn, <= 3 objects): reading the label
+    0.0 (always "8"), existence below chance - while copying the scene into a caption, where the current token
+    itself is the look-up key, was at 0.8. The first embedded model met the same wall with pictures (see
+    train.ReferentHead). It reads no picture, no evidence patches and no attention weights.
+    """
+
+    def __init__(self, model, hidden: int, layer: int):
+        super().__init__(model, hidden, layer, REFERENT_SIZE)
+
+    def loss(self, refs: torch.Tensor, mask: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+        b, t = mask.nonzero(as_tuple=True)
+        return F.binary_cross_entropy_with_logits(self.read(b, t, rows), refs[b, t])
+
+
+def v2_tokenizer():
+    return build_tokenizer(world.vocabulary())
+
+
+class Conversations:
+    """Token sequences of the three phases. Every sequence is (ids, positions, labels, families, weights):
+    labels are next-token targets at the same index (-100: none), families index STAT_NAMES (-1: not an
+    answer), weights the per-token loss weight."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.image_id = tokenizer.convert_tokens_to_ids("<image>")
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+        self._cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._cache[text]
+
+    def context_words(self, scene) -> tuple[list[int], list[int]]:
+        """The scene's compact words, one token per word, at the positions its items' visual tokens will have
+        (from 2 + the raster index of the item's first patch)."""
+        ids, pos = [], []
+        nxt = 2
+        for i in world.reading_order(scene):
+            first = world.covered_patches(scene, [i])[0]
+            p = max(nxt, 2 + first)
+            words = self.ids(" ".join(world.item_words(scene, i)))
+            ids += words
+            pos += list(range(p, p + len(words)))
+            nxt = p + len(words)
+        return ids, pos
+
+    def context_fused(self, scene, spread: int) -> tuple[list[tuple[int, ...]], list[int]]:
+        """The scene as pooled words: each item is ONE input vector, the mean of its words' embeddings (size,
+        colour, shape, row, column), repeated at up to `spread` of the positions its visual tokens will have
+        (evenly over the patches it covers). This is the text-only form closest to a picture - one vector per
+        patch carrying everything about the thing there - so the decoder learns to read such vectors before
+        the projector has to produce them."""
+        out = []
+        for i in world.items(scene):
+            group = tuple(self.ids(" ".join(world.item_words(scene, i))))
+            cells = world.covered_patches(scene, [i])
+            picks = sorted({cells[int(round(k))] for k in np.linspace(0, len(cells) - 1, min(spread, len(cells)))})
+            out += [(2 + c, group) for c in picks]
+        out.sort()
+        return [g for _, g in out], [p for p, _ in out]
+
+    def build(self, scene, turns: list[tuple[str, str, int]], visual: bool, lm_weight: float = 0.0,
+              fused: int = 0):
+        """One conversation: `turns` are (question, answer, family index). The first turn carries the picture
+        (576 <image> tokens) or, without `visual`, the scene in words in their place: one token per word, or
+        with `fused` > 0 pooled words (`context_fused`). Returns (ids, positions, labels, families, weights,
+        groups): groups[k] is the tuple of token ids whose embeddings are averaged at position k."""
+        ids, pos, labels, fams, weights, groups = [], [], [], [], [], []
+        refs: dict[int, list[float]] = {}  # index of the position that predicts an answer -> referent_vector
+
+        def add(tokens, positions, supervised_family=None, w=0.0):
+            # Token k is predicted from token k-1: the label sits on the previous position. A pooled token
+            # (a tuple of ids) is never a target.
+            for t, p in zip(tokens, positions, strict=True):
+                g = t if isinstance(t, tuple) else (t,)
+                if ids:
+                    target = (supervised_family is not None or w > 0) and len(g) == 1
+                    labels[-1] = g[0] if target else -100
+                    fams[-1] = supervised_family if supervised_family is not None else -1
+                    weights[-1] = (1.0 if supervised_family is not None else w) if target else 0.0
+                ids.append(g[0])
+                groups.append(g)
+                pos.append(p)
+                labels.append(-100)
+                fams.append(-1)
+                weights.append(0.0)
+
+        head = self.ids("USER:")
+        add(head, [0, 1])
+        if visual:
+            add([self.image_id] * N_VISUAL, list(range(2, 2 + N_VISUAL)))
+            nxt = QUESTION_POS
+        else:
+            cids, cpos = self.context_fused(scene, fused) if fused else self.context_words(scene)
+            add(cids, cpos, w=lm_weight)
+            nxt = max(QUESTION_POS, cpos[-1] + 1 if cpos else 0)
+        for t, (q, a, fam) in enumerate(turns):
+            text = f"{q} ASSISTANT:" if t == 0 else f"USER: {q} ASSISTANT:"
+            qi = self.ids(text)
+            add(qi, list(range(nxt, nxt + len(qi))), w=lm_weight)
+            nxt += len(qi)
+            ai = [*self.ids(a), self.eos]
+            refs[len(ids) - 1] = referent_vector(q, fam)
+            add(ai, list(range(nxt, nxt + len(ai))), supervised_family=fam)
+            nxt += len(ai)
+        self.last_refs = refs  # read by collate (kept out of the tuple the tests unpack)
+        return ids, pos, labels, fams, weights, groups
+
+    def collate(self, seqs, refs: list[dict[int, list[float]]] | None = None):
+        """Batch tensors; with `refs` (one `last_refs` per sequence) also the referent targets and their mask,
+        appended to the tuple."""
+        length = max(len(s[0]) for s in seqs)
+        b = len(seqs)
+        ids = torch.full((b, length), self.pad, dtype=torch.long)
+        pos = torch.zeros((b, length), dtype=torch.long)
+        labels = torch.full((b, length), -100, dtype=torch.long)
+        fams = torch.full((b, length), -1, dtype=torch.long)
+        weights = torch.zeros((b, length))
+        groups = torch.full((b, length, 5), -1, dtype=torch.long)
+        for k, (i, p, lab, f, w, g) in enumerate(seqs):
+            n = len(i)
+            for t, grp in enumerate(g):
+                groups[k, t, : len(grp)] = torch.tensor(grp)
+            ids[k, :n] = torch.tensor(i)
+            pos[k, :n] = torch.tensor(p)
+            pos[k, n:] = p[-1] + 1 + torch.arange(length - n)
+            labels[k, :n] = torch.tensor(lab)
+            fams[k, :n] = torch.tensor(f)
+            weights[k, :n] = torch.tensor(w)
+        groups[:, :, 0] = torch.where(groups[:, :, 0] < 0, ids, groups[:, :, 0])
+        if refs is None:
+            return ids, pos, labels, fams, weights, groups
+        ref = torch.zeros((b, length, REFERENT_SIZE))
+        ref_mask = torch.zeros((b, length), dtype=torch.bool)
+        for k, r in enumerate(refs):
+            for t, vec in r.items():
+                ref[k, t] = torch.tensor(vec)
+                ref_mask[k, t] = True
+        return ids, pos, labels, fams, weights, groups, ref, ref_mask
+
+
+def caption_turn(scene, rng: np.random.Generator) -> tuple[str, str, int]:
+    return world.CAPTION_PROMPTS[int(rng.integers(len(world.CAPTION_PROMPTS)))], world.describe(scene), CAPTION
+
+
+def scene_turns(seed: int, turns: int, max_objects: int, caption_p: float, weights=None):
+    """A v2 scene and its turns: questions of the families (and, with probability `caption_p`, one caption
+    turn at a random place)."""
+    scene, samples = world.training_scene(seed, turns, max_objects, weights)
+    rng = np.random.default_rng([seed, 25])
+    out = [(s.question, s.answer, FAMILIES.index(s.family)) for s in samples]
+    if rng.random() < caption_p or not out:
+        out.insert(int(rng.integers(len(out) + 1)), caption_turn(scene, rng))
+    return scene, out
+
+
+def weighted_loss(logits, labels, fams, weights):
+    """Weighted mean cross-entropy (answers weigh 1, LM tokens `lm_weight`) and per-family (correct, total)
+    of the supervised answer tokens (end-of-turn tokens included)."""
+    sel = labels != -100
+    ce = F.cross_entropy(logits[sel].float(), labels[sel], reduction="none")
+    w = weights[sel]
+    loss = (ce * w).sum() / w.sum().clamp_min(1e-6)
+    stats = {}
+    with torch.no_grad():
+        pred = logits.argmax(-1)
+        for k, name in enumerate(STAT_NAMES):
+            m = sel & (fams == k)
+            if m.any():
+                stats[name] = (int((pred[m] == labels[m]).sum()), int(m.sum()))
+    return loss, stats
+
+
+def text_forward(model, groups, pos):
+    """The decoder on text: each position's input is the mean embedding of its group of token ids."""
+    lm = model.model.language_model
+    present = (groups >= 0).float()
+    emb = model.get_input_embeddings()(groups.clamp_min(0)) * present[..., None]
+    emb = emb.sum(2) / present.sum(2, keepdim=True)
+    hidden = lm(inputs_embeds=emb, position_ids=pos).last_hidden_state
+    return model.lm_head(hidden)
+
+
+def keep_mask(scene, seed: int, share: float) -> torch.Tensor:
+    keep = torch.ones(N_VISUAL, dtype=torch.bool)
+    if share < 1.0:
+        fg = torch.zeros(N_VISUAL, dtype=torch.bool)
+        fg[world.covered_patches(scene, world.items(scene))] = True
+        keep = fg | (torch.rand(N_VISUAL, generator=torch.Generator().manual_seed(seed)) < share)
+    return keep
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def trainable(model, phase: str) -> None:
+    """Which parts learn in each phase (LLaVA: CLIP frozen throughout; stage 1 the projector only)."""
+    model.requires_grad_(False)
+    lm = model.model.language_model
+    if phase == "text":
+        lm.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    elif phase == "vision":
+        model.model.vision_tower.requires_grad_(True)
+    elif phase == "align":
+        model.model.multi_modal_projector.requires_grad_(True)
+    elif phase == "instruct":
+        lm.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+        model.model.multi_modal_projector.requires_grad_(True)
+    else:
+        raise ValueError(phase)
+    # The Llama embedding table is inside language_model; it learns in text/instruct, is frozen in align.
+
+
+def starting_state(args, tokenizer) -> tuple[dict, ModelSize, float]:
+    """Weights of a new phase: an earlier phase's checkpoint (grown with --grow), or for the first phase a
+    fresh decoder with the shipped model's vision tower (`--vision-from`)."""
+    if args.init_from:
+        st = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        size = ModelSize(**st["size"])
+        model_state = st["model"]
+        if args.grow and args.layers != size.layers:
+            grown = ModelSize(**{**st["size"], "layers": args.layers})
+            fresh = build_model(grown, tokenizer, seed=args.seed + 1).state_dict()
+            print(f"grown from {size.layers} decoder layers, kept at {grown_positions(size.layers, args.layers)}")
+            model_state = grow_decoder(model_state, size.layers, args.layers, fresh)
+            size = grown
+        return model_state, size, st["train_seconds"] + st.get("prior_seconds", 0.0)
+    size = ModelSize(vision_hidden=args.vision_hidden, vision_layers=args.vision_layers, hidden=args.hidden,
+                     layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate)
+    model = build_model(size, tokenizer, seed=args.seed)
+    state = model.state_dict()
+    prior = 0.0
+    if args.vision_from:
+        from safetensors.torch import load_file
+
+        shipped = load_file(str(Path(args.vision_from) / "model.safetensors"))
+        tower = {k: v for k, v in shipped.items() if ".vision_tower." in k or k.startswith("vision_tower.")}
+        for k, v in tower.items():
+            key = k if k in state else f"model.{k}" if f"model.{k}" in state else None
+            if key is None or state[key].shape != v.shape:
+                raise SystemExit(f"--vision-from: {k} does not fit this model's vision tower")
+            state[key] = v
+        info = json.loads((Path(args.vision_from) / "training_state.json").read_text())
+        prior = 0.0  # the tower's own training time is the shipped model's; reported separately in the card
+        print(f"vision tower from {args.vision_from} ({len(tower)} tensors; trained there for "
+              f"{(info['train_seconds'] + info.get('prior_seconds', 0.0)) / 60:.0f} CPU-min with the rest)")
+    return state, size, prior
+
+
+def lr_at(step: int, args) -> float:
+    rate = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.decay_from is not None and step >= args.decay_from and args.until > args.decay_from:
+        frac = (step - args.decay_from) / (args.until - args.decay_from)
+        rate = rate + (args.lr_end - rate) * min(1.0, frac)
+    return rate
+
+
+def family_weights(spec: str) -> dict[str, float]:
+    w = {f: 1.0 for f in FAMILIES}
+    w.update({"count": 1.5, "relation": 1.5, "position": 1.5})
+    for item in filter(None, spec.split(",")):
+        name, value = item.split("=")
+        if name not in w:
+            raise SystemExit(f"--family-weights: unknown family {name!r} (families: {', '.join(FAMILIES)})")
+        w[name] = float(value)
+    return w
+
+
+def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
+    """The step's batch: a pure function of (seed, step)."""
+    seeds = [args.seed * 1_000_000 + step * args.batch + b for b in range(args.batch)]
+    seqs, scenes, refs = [], [], []
+    caption_p = {"text": args.caption_p, "align": 1.0, "instruct": args.caption_p}.get(args.phase, 0.0)
+    for s in seeds:
+        if args.phase == "align":
+            scene, _ = world.training_scene(s, 0, max_obj, weights)
+            turns = [caption_turn(scene, np.random.default_rng([s, 26]))]
+        else:
+            scene, turns = scene_turns(s, args.turns, max_obj, caption_p, weights)
+        scenes.append(scene)
+        if args.phase != "vision":
+            fused = args.fused_spread if np.random.default_rng([s, 27]).random() < args.fused_p else 0
+            seqs.append(conv.build(scene, turns, visual=args.phase != "text", lm_weight=args.lm_weight,
+                                   fused=fused))
+            refs.append(conv.last_refs)
+    return seeds, scenes, (conv.collate(seqs, refs) if seqs else None)
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    tokenizer = v2_tokenizer()
+    conv = Conversations(tokenizer)
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    if saved is not None:
+        state, size, prior = saved["model"], ModelSize(**saved["size"]), saved.get("prior_seconds", 0.0)
+    else:
+        state, size, prior = starting_state(args, tokenizer)
+    model = build_model(size, tokenizer, seed=args.seed)
+    model.load_state_dict(state)
+    model.train()
+    trainable(model, args.phase)
+    patch_heads = PatchHeads(model, size.vision_hidden) if args.phase == "vision" else None
+    grid_heads = GridHeads(model, size.hidden) if args.phase in ("align", "instruct") and args.grid_weight > 0 else None
+    ref_probe = None
+    if args.phase in ("text", "instruct") and args.referent_weight > 0:
+        ref_probe = ReferentProbe(model, size.hidden, args.referent_layer)
+    projector = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" in n]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" not in n]
+    for heads in (patch_heads, grid_heads):
+        if heads is not None:
+            others += list(heads.parameters())
+    param_groups = [g for g in ({"params": others, "lr_scale": 1.0},
+                          {"params": projector, "lr_scale": args.projector_lr_scale}) if g["params"]]
+    opt = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    # The referent probe has a group of its own, last, so a run that adds it resumes a checkpoint saved without.
+    probe_group = {"params": list(ref_probe.parameters()), "lr_scale": 1.0} if ref_probe is not None else None
+    step, train_seconds = 0, 0.0
+    if probe_group is not None and (saved is None or len(saved["optim"]["param_groups"]) > len(param_groups)):
+        opt.add_param_group(probe_group)
+        probe_group = None
+    if saved is not None:
+        opt.load_state_dict(saved["optim"])
+        if probe_group is not None:
+            opt.add_param_group(probe_group)
+        step, train_seconds = saved["step"], saved["train_seconds"]
+        for key, heads in (("patch_heads", patch_heads), ("grid_heads", grid_heads), ("referent_probe", ref_probe)):
+            if heads is not None and saved.get(key) is not None:
+                heads.load_state_dict(saved[key])
+        print(f"resumed {args.phase} at step {step} ({train_seconds / 60:.1f} min) from {ckpt_path}", flush=True)
+    param_groups = opt.param_groups
+    n_train = sum(p.numel() for g in param_groups for p in g["params"])
+    print(f"phase {args.phase}: {n_train / 1e6:.2f}M trainable parameters, size {size.to_dict()}, "
+          f"vocabulary {len(tokenizer)}", flush=True)
+    if step >= args.until:
+        print(f"phase {args.phase} already at step {step} >= --until {args.until}: nothing to do", flush=True)
+        return
+    weights = family_weights(args.family_weights)
+    log = open(out / "log.jsonl", "a")  # noqa: SIM115 - open for the whole run
+
+    def save() -> None:
+        tmp = out / "checkpoint.pt.tmp"
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step,
+                    "train_seconds": train_seconds, "prior_seconds": prior, "size": size.to_dict(),
+                    "phase": args.phase, "args": vars(args),
+                    "patch_heads": patch_heads.state_dict() if patch_heads is not None else None,
+                    "grid_heads": grid_heads.state_dict() if grid_heads is not None else None,
+                    "referent_probe": ref_probe.state_dict() if ref_probe is not None else None}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    stop: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # finish the step, save, exit
+    last_ckpt = time.time()
+    window: dict = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "n": 0, "t": 0.0, "stats": {}}
+    while step < args.until and not stop:
+        t0 = time.time()
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        max_obj = min(world.MAX_OBJECTS, args.curriculum_start + step // max(1, args.curriculum_every))
+        seeds, scenes, batch = make_batch(args, conv, step, max_obj, weights)
+        aux, ref_loss = torch.zeros(()), torch.zeros(())
+        stats: dict = {}
+        if args.phase == "text":
+            ids, pos, labels, fams, w, pooled, ref, ref_mask = batch
+            loss, stats = weighted_loss(text_forward(model, pooled, pos), labels, fams, w)
+            if ref_probe is not None:
+                ref_loss = ref_probe.loss(ref, ref_mask, [torch.arange(ids.shape[1])] * ids.shape[0])
+        elif args.phase == "vision":
+            model.model.vision_tower(pixel_values=pixel_values([world.render(s) for s in scenes]))
+            targets = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes])
+            loss = patch_heads.loss(targets)
+        else:
+            ids, pos, labels, fams, w, _, ref, ref_mask = batch
+            share = background_keep_at(step, args.background_keep_start, args.background_full_at)
+            keep = torch.stack([keep_mask(sc, s, share) for sc, s in zip(scenes, seeds, strict=True)])
+            px = pixel_values([world.render(s) for s in scenes])
+            # decoder_logits shortens the sequences to the kept tokens; weights follow the same rows.
+            logits, lab, fam = decoder_logits(model, ids, px, keep, labels, fams, conv.pad)
+            wl = torch.zeros_like(lab, dtype=torch.float)
+            rows = kept_rows(ids, keep, model.config.image_token_id)
+            for k, r in enumerate(rows):
+                wl[k, : len(r)] = w[k, r]
+            loss, stats = weighted_loss(logits, lab, fam, wl)
+            if grid_heads is not None:
+                aux = grid_heads.loss()
+            if ref_probe is not None:
+                ref_loss = ref_probe.loss(ref, ref_mask, rows)
+        total = loss + args.grid_weight * aux + args.referent_weight * ref_loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in param_groups for p in g["params"]], args.clip)
+        opt.step()
+        step += 1
+        dt = time.time() - t0
+        train_seconds += dt
+        window["loss"] += float(loss.detach())
+        window["aux"] += float(aux.detach())
+        window["ref"] += float(ref_loss.detach())
+        window["n"] += 1
+        window["t"] += dt
+        for f, (c, n) in stats.items():
+            a, b = window["stats"].get(f, (0, 0))
+            window["stats"][f] = (a + c, b + n)
+        if step % args.log_every == 0:
+            rec = {"phase": args.phase, "step": step, "loss": window["loss"] / window["n"],
+                   "aux_loss": window["aux"] / window["n"], "referent_loss": window["ref"] / window["n"],
+                   "train_acc": {f: round(c / n, 4) for f, (c, n) in window["stats"].items()},
+                   "s_per_step": round(window["t"] / window["n"], 3), "lr": lr, "max_objects": max_obj,
+                   "train_minutes": round(train_seconds / 60, 2), "time": time.strftime("%H:%M:%S")}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(json.dumps(rec), flush=True)
+            window = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "n": 0, "t": 0.0, "stats": {}}
+        if time.time() - last_ckpt > args.ckpt_minutes * 60:
+            save()
+            last_ckpt = time.time()
+    save()
+    print(f"phase {args.phase}: saved step {step} to {ckpt_path}", flush=True)
+
+
+PROBE_SEED = 9_500_000  # text-probe conversations: no training stream reaches these seeds
+
+
+@torch.no_grad()
+def probe_text(model, conv: Conversations, n: int, max_objects: int, fused: int) -> dict[str, float]:
+    """Single-turn accuracy of the answer word on `n` fresh text conversations (the scene as words, or pooled
+    with `fused`), teacher-forced, per family: what the decoder can answer from text alone, with no earlier
+    turn to copy from."""
+    seqs = []
+    for s in range(n):
+        scene, turns = scene_turns(PROBE_SEED + s, 1, max_objects, 0.0)
+        seqs.append(conv.build(scene, turns, visual=False, fused=fused))
+    ids, pos, labels, fams, _, groups = conv.collate(seqs)
+    pred = text_forward(model, groups, pos).argmax(-1)
+    sel = (labels != -100) & (labels != conv.eos)
+    out = {}
+    for k, name in enumerate(STAT_NAMES):
+        m = sel & (fams == k)
+        if m.any():
+            out[name] = round(float((pred[m] == labels[m]).float().mean()), 3)
+    out["overall"] = round(float((pred[sel] == labels[sel]).float().mean()), 3)
+    return out
+
+
+def export(ckpt_dir: Path, dest: Path) -> None:
+    """Write a checkpoint as a from_pretrained-loadable model + processor (safetensors) at `dest`."""
+    state = torch.load(ckpt_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    tokenizer = v2_tokenizer()
+    model = build_model(ModelSize(**state["size"]), tokenizer)
+    model.load_state_dict(state["model"])
+    model.eval()
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest)
+    build_processor(tokenizer).save_pretrained(dest)
+    if (ckpt_dir / "log.jsonl").exists():
+        shutil.copy(ckpt_dir / "log.jsonl", dest / "training_log.jsonl")
+    info = {k: state[k] for k in ("step", "train_seconds", "args", "size", "phase")}
+    info["prior_seconds"] = state.get("prior_seconds", 0.0)
+    (dest / "training_state.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"exported step {state['step']} to {dest}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", choices=("text", "vision", "align", "instruct"), default="text")
+    p.add_argument("--out", required=True, help="checkpoint + log folder (resumed from)")
+    p.add_argument("--export", default=None, help="export the checkpoint in --out to this folder and exit")
+    p.add_argument("--init-from", default=None, help="an earlier phase's checkpoint.pt (when --out has none)")
+    p.add_argument("--vision-from", default=str(SHIPPED),
+                   help="first phase only: take the vision tower from this exported model ('' for a fresh one)")
+    p.add_argument("--grow", action="store_true", help="with --init-from: grow the decoder to --layers")
+    p.add_argument("--until", type=int, required=False, default=1000, help="train until this step (resumable)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--turns", type=int, default=8, help="question/answer turns per conversation")
+    p.add_argument("--caption-p", type=float, default=0.3, help="share of conversations with a caption turn")
+    p.add_argument("--fused-p", type=float, default=0.5,
+                   help="text phase: share of conversations whose scene is given as pooled words (context_fused)")
+    p.add_argument("--fused-spread", type=int, default=4,
+                   help="text phase: positions each pooled item is repeated at (over the patches it covers)")
+    p.add_argument("--lm-weight", type=float, default=0.1,
+                   help="loss weight of the non-answer text tokens (language modelling); answers weigh 1")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-end", type=float, default=3e-5)
+    p.add_argument("--decay-from", type=int, default=None, help="decay lr linearly from this step to --until")
+    p.add_argument("--projector-lr-scale", type=float, default=1.0)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--grid-weight", type=float, default=0.5, help="grid heads on the projector output (0: off)")
+    p.add_argument("--referent-weight", type=float, default=0.0,
+                   help="text / instruct: weight of the referent probe (what the question names, at the answer "
+                   "position; 0: off)")
+    p.add_argument("--referent-layer", type=int, default=1, help="decoder layer the referent probe reads")
+    p.add_argument("--family-weights", default="", help="e.g. count=2,relation=2")
+    p.add_argument("--curriculum-start", type=int, default=12, help="most objects in a scene at step 0")
+    p.add_argument("--curriculum-every", type=int, default=100, help="steps per extra object")
+    p.add_argument("--background-keep-start", type=float, default=1.0,
+                   help="share of pure-background visual tokens the decoder sees at step 0 (ramps to 1)")
+    p.add_argument("--background-full-at", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--vision-hidden", type=int, default=128)
+    p.add_argument("--vision-layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--probe-text", type=int, default=0,
+                   help="print probe_text of the checkpoint in --out on this many conversations per setting and exit")
+    args = p.parse_args()
+    if args.probe_text:
+        torch.set_num_threads(args.threads)
+        st = torch.load(Path(args.out) / "checkpoint.pt", map_location="cpu", weights_only=False)
+        tokenizer = v2_tokenizer()
+        model = build_model(ModelSize(**st["size"]), tokenizer)
+        model.load_state_dict(st["model"])
+        model.eval()
+        conv = Conversations(tokenizer)
+        for fused, objects in ((0, 2), (0, 12), (args.fused_spread, 2), (args.fused_spread, 12)):
+            res = probe_text(model, conv, args.probe_text, objects, fused)
+            print(json.dumps({"step": st["step"], "context": "pooled" if fused else "words",
+                              "max_objects": objects, "n": args.probe_text, **res}), flush=True)
+    elif args.export:
+        export(Path(args.out), Path(args.export))
+    elif math.isfinite(args.until):
+        train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The v2 world (world.py) and the independent renderer (independent.py): sizes, positions, backgrounds,
+paraphrases, exact evidence, descriptions, vocabulary, determinism; and the v2 training sequences."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from sparsevlm.scenes import world
+from sparsevlm.scenes.generator import COLOURS, FAMILIES, GRID, PATCH, answer_words
+from sparsevlm.scenes.independent import PALETTE, independent_sample, make_independent_scene, render_independent
+from sparsevlm.tokenizer import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(world.vocabulary())
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return [world.heldout_sample(i) for i in range(350)]
+
+
+def _cells(img: np.ndarray, j: int) -> np.ndarray:
+    r, c = divmod(j, GRID)
+    return img[r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH].reshape(-1, 3).astype(int)
+
+
+def test_deterministic_from_the_seed():
+    a, qa = world.training_scene(77, 8, 12)
+    b, qb = world.training_scene(77, 8, 12)
+    assert np.array_equal(np.asarray(world.render(a)), np.asarray(world.render(b)))
+    assert [q.to_dict() for q in qa] == [q.to_dict() for q in qb]
+    assert not np.array_equal(np.asarray(world.render(a)), np.asarray(world.render(world.training_scene(78, 8, 12)[0])))
+
+
+def test_sizes_from_two_to_eight_patches_anywhere():
+    sides, xs, counts = [], [], Counter()
+    for seed in range(300):
+        scene = world.make_scene(seed, 1 + seed % 12, with_label=seed % 2 == 0)
+        counts[len(scene.objects)] += 1
+        for o in scene.objects:
+            sides.append(o.side)
+            xs.append(o.x0)
+            x0, y0, x1, y1 = o.box
+            assert 0 <= x0 and x1 < world.IMAGE_SIZE and 0 <= y0 and y1 < world.IMAGE_SIZE
+        boxes = [o.box for o in scene.objects] + ([scene.label_box] if scene.label else [])
+        for i, a in enumerate(boxes):  # nothing overlaps
+            for b in boxes[i + 1 :]:
+                assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1]
+    assert min(sides) <= 2 * PATCH + 2 and max(sides) >= 8 * PATCH - 2
+    assert {world.Object2("circle", "red", s, 0, 0, (0, 0, 0)).size for s in sides} == {"small", "medium", "big"}
+    # not on a slot lattice: left edges take many values modulo the old 56 px slots
+    assert len({x % 56 for x in xs}) > 40
+    assert counts[12] > 0 and counts[1] > 0  # 12 objects fit
+
+
+def test_backgrounds_plain_gradient_noise_texture_light_and_dark():
+    seen = Counter()
+    for seed in range(120):
+        scene = world.make_scene(seed, 3, with_label=False)
+        seen[(scene.background, scene.dark)] += 1
+        img = np.asarray(world.render(scene)).astype(int)
+        corner = img[:8, :8].mean()
+        assert (corner < 110) == scene.dark, (seed, scene.background, corner)
+        if scene.background in ("gradient", "texture", "noise"):
+            bg = img[~np.any([world.object_mask(scene, i) for i in range(len(scene.objects))], axis=0)]
+            assert bg.std() > 2.0
+    assert {k for k, _ in seen} == set(world.BACKGROUNDS)
+    assert {d for _, d in seen} == {True, False}
+
+
+def test_paraphrases_and_surface_forms(heldout, tok):
+    questions = [s.question for _, s in heldout]
+    assert any("color" in q for q in questions) and any("colour" in q for q in questions)
+    assert any("what is the colour of" in q.lower() or "what is the color of" in q.lower() for q in questions)
+    assert any(q.endswith("?") and not q.endswith(" ?") for q in questions)
+    assert any(q.endswith(" ?") for q in questions)
+    assert any(q[0].isupper() for q in questions)
+    unk = tok.unk_token_id
+    for q in questions:
+        assert unk not in tok(q, add_special_tokens=False)["input_ids"], q
+
+
+def test_every_family_balanced_answers_in_the_vocabulary(heldout, tok):
+    assert Counter(s.family for _, s in heldout) == {f: 50 for f in FAMILIES}
+    for family in ("exist", "relation"):
+        yes = sum(s.answer == "yes" for _, s in heldout if s.family == family)
+        assert 15 <= yes <= 35, family
+    for _, s in heldout:
+        assert s.answer in answer_words()
+        assert len(tok(s.answer, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_evidence_cells_show_the_answer(heldout):
+    """Colour questions: every evidence cell holds pixels near the answer colour (jitter and brightness
+    allowed), and the cells outside it show none of the object (masks are exact)."""
+    checked = 0
+    for scene, s in heldout:
+        if s.family != "colour":
+            continue
+        img = np.asarray(world.render(scene))
+        obj = next(o for o in scene.objects if o.colour == s.answer and o.shape in s.question.lower())
+        i = scene.objects.index(obj)
+        assert s.evidence == world.covered_patches(scene, [i])
+        for j in s.evidence:
+            near = np.abs(_cells(img, j) - np.array(obj.fill)).max(axis=1) <= 10
+            assert near.sum() >= 5, (s, j)
+        mask = world.object_mask(scene, i)
+        outside = [j for j in range(GRID * GRID) if j not in set(s.evidence)]
+        frac = mask.reshape(GRID, PATCH, GRID, PATCH).mean(axis=(1, 3)).reshape(-1)
+        assert (frac[outside] < 0.05).all()
+        checked += 1
+    assert checked >= 40
+
+
+def test_position_and_relation_answers_follow_the_geometry(heldout):
+    for scene, s in heldout:
+        q = s.question.lower().replace("?", " ?")
+        if s.family == "position":
+            obj = next(o for o in scene.objects if f" {o.name} " in q + " ")
+            assert obj.clear_position()
+            assert s.answer == (world.ROWS[obj.row] if "row" in q else world.COLUMNS[obj.col])
+        if s.family == "relation":
+            named = sorted((q.index(o.name), o) for o in scene.objects if o.name in q)
+            a, b = named[0][1], named[1][1]
+            if "left of" in q:
+                truth = a.box[2] < b.box[0]
+            elif "right of" in q:
+                truth = a.box[0] > b.box[2]
+            elif "above" in q:
+                truth = a.box[3] < b.box[1]
+            else:
+                truth = a.box[1] > b.box[3]
+            assert s.answer == ("yes" if truth else "no"), s
+
+
+def test_description_names_every_item_in_reading_order(tok):
+    scene = world.make_scene(5, 6, with_label=True)
+    text = world.describe(scene)
+    for o in scene.objects:
+        assert f"{o.size} {o.colour} {o.shape} at the {world.ROWS[o.row]} {world.COLUMNS[o.col]}" in text
+    assert f"a label with {scene.label.lower()}" in text
+    firsts = [world.covered_patches(scene, [i])[0] for i in world.reading_order(scene)]
+    assert firsts == sorted(firsts)
+    assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_v1_world_unchanged_for_the_shipped_model():
+    """v2's vocabulary extends v1's without moving a token id (v1 words keep their ids)."""
+    from sparsevlm.scenes.generator import vocabulary as v1_vocabulary
+
+    v1 = v1_vocabulary()
+    assert world.vocabulary()[: len(dict.fromkeys(v1))] == list(dict.fromkeys(v1))
+
+
+# ------------------------------------------------------------------------------------ independent renderer
+
+
+def test_independent_renderer_is_its_own_drawing():
+    scene = make_independent_scene(3, 6, with_card=True)
+    img = np.asarray(render_independent(scene)).astype(int)
+    for t in scene.things:  # the centre pixel has the object's own colour, from its own palette
+        assert np.abs(img[int(t.cy), int(t.cx)] - np.array(t.rgb)).max() <= 2
+        assert np.abs(np.array(t.rgb) - np.array(PALETTE[t.colour])).max() <= 18
+    assert PALETTE != COLOURS
+    sizes = {round(2 * t.r) for s in range(60) for t in make_independent_scene(s, 1 + s % 10, False).things}
+    assert min(sizes) < 2 * PATCH + 6 and max(sizes) > 6 * PATCH and len(sizes) > 30  # continuous sizes
+
+
+def test_independent_set_every_family_with_true_answers():
+    items = [independent_sample(i) for i in range(70)]
+    assert Counter(s.family for _, s in items) == {f: 10 for f in FAMILIES}
+    for img, s in items:
+        assert img.size == (336, 336)
+        assert s.answer in answer_words()
+        if s.family != "count" or s.answer != "zero":
+            assert s.evidence or (s.family == "exist" and s.answer == "no")
+    a, sa = independent_sample(5)
+    b, sb = independent_sample(5)
+    assert sa == sb and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# --------------------------------------------------------------------------------------- training sequences
+
+
+def test_text_phase_sequences_put_the_question_where_it_sits_after_a_picture(tok):
+    from sparsevlm.scenes.train_llava import QUESTION_POS, Conversations, scene_turns
+
+    conv = Conversations(tok)
+    scene, turns = scene_turns(9, 3, 4, 1.0)
+    ids, pos, labels, fams, weights, groups = conv.build(scene, turns, visual=False, lm_weight=0.1)
+    first_q = ids.index(conv.ids(turns[0][0])[0], 2)
+    assert pos[first_q] == QUESTION_POS  # as after USER: + 576 visual tokens
+    assert all(2 <= p < QUESTION_POS for p in pos[2:first_q])
+    # answers (and their end token) are the weight-1 targets, predicted from the position before them
+    answers = [t for t, w in zip(labels, weights, strict=True) if w == 1.0]
+    expected = []
+    for _, a, _ in turns:
+        expected += [*conv.ids(a), conv.eos]
+    assert answers == expected
+    vis = conv.build(scene, turns, visual=True)
+    assert vis[0].count(conv.image_id) == 576 and vis[1][: 2 + 576] == list(range(578))
+    assert [t for t, w in zip(vis[2], vis[4], strict=True) if w == 1.0] == expected
+
+
+def test_pooled_context_is_one_vector_per_item_at_its_patches(tok):
+    from sparsevlm.scenes.train_llava import Conversations, scene_turns, text_forward
+
+    conv = Conversations(tok)
+    scene, turns = scene_turns(11, 2, 3, 0.0)
+    seq = conv.build(scene, turns, visual=False, lm_weight=0.1, fused=4)
+    ids, pos, labels, _, _, groups = seq
+    pooled = [(p, g) for p, g in zip(pos, groups, strict=True) if len(g) > 1]
+    assert pooled
+    for p, g in pooled:
+        i = next(i for i in world.items(scene) if tuple(conv.ids(" ".join(world.item_words(scene, i)))) == g)
+        assert p - 2 in world.covered_patches(scene, [i])
+    # never a target
+    assert all(labels[k - 1] == -100 for k, g in enumerate(groups) if len(g) > 1)
+    # the decoder input at a pooled position is the mean of the words' embeddings
+    from sparsevlm.scenes.model import ModelSize, build_model
+
+    model = build_model(ModelSize(layers=1, hidden=32, intermediate=64, vision_layers=1, vision_hidden=32), tok)
+    batch = conv.collate([seq])
+    seen = []
+    model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    text_forward(model, batch[5], batch[1])
+    k = next(k for k, g in enumerate(groups) if len(g) > 1)
+    emb = model.get_input_embeddings().weight[list(groups[k])].mean(0)
+    assert torch.allclose(seen[0][0, k], emb, atol=1e-6)
+    assert torch.allclose(seen[0][0, 0], model.get_input_embeddings().weight[ids[0]], atol=1e-6)
+
+
+def test_each_phase_trains_what_llava_trains(tok):
+    from sparsevlm.scenes.model import ModelSize, build_model
+    from sparsevlm.scenes.train_llava import trainable
+
+    model = build_model(ModelSize(layers=2, hidden=32, intermediate=64, vision_layers=2, vision_hidden=32), tok)
+
+    def learning(phase):
+        trainable(model, phase)
+        parts = set()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                parts.add("projector" if "multi_modal_projector" in name else "vision" if "vision_tower" in name
+                          else "embeddings" if "embed_tokens" in name else "head" if "lm_head" in name else "decoder")
+        return parts
+
+    assert learning("text") == {"decoder", "embeddings", "head"}
+    assert learning("vision") == {"vision"}
+    assert learning("align") == {"projector"}  # stage 1: decoder and embeddings frozen
+    assert learning("instruct") == {"decoder", "embeddings", "head", "projector"}  # stage 2: CLIP stays frozen
+
+
+def test_evaluation_reads_each_world_with_its_own_held_out_seed():
+    from sparsevlm.scenes.evaluate import DEFAULT_SEEDS, WORLDS, heldout_item, question_kind
+
+    assert len(set(DEFAULT_SEEDS.values())) == len(WORLDS)
+    for w in WORLDS:
+        items = [heldout_item(i, DEFAULT_SEEDS[w], w) for i in range(7)]
+        assert [s.family for _, s in items] == list(FAMILIES)
+        assert all(img.size == (336, 336) for img, _ in items)
+    kinds = {question_kind(s.question, s.family) for i in range(5, 400, 7)
+             for _, s in [world.heldout_sample(i)]}
+    assert kinds == {"left of", "right of", "above", "below", "under"}
+
+
+def test_referent_probe_targets_what_the_question_names_at_the_answer_position(tok):
+    from sparsevlm.scenes.train_llava import REFERENT_WORDS, Conversations, referent_vector
+
+    v = referent_vector("How many red crosses are in the image?", FAMILIES.index("count"))
+    named = {w for w, x in zip(REFERENT_WORDS, v, strict=False) if x}
+    assert named == {"red", "cross"} and v[len(REFERENT_WORDS) + FAMILIES.index("count")] == 1.0
+    assert {w for w, x in zip(REFERENT_WORDS, referent_vector("what is on the card?", 6), strict=False) if x} == {
+        "label"}
+    conv = Conversations(tok)
+    scene = world.make_scene(4, 3, with_label=True)
+    turns = [("what is written on the label?", scene.label.lower(), FAMILIES.index("read")),
+             (f"what colour is the {scene.objects[0].shape}?", scene.objects[0].colour, 0)]
+    ids, _, labels, _, _, _ = conv.build(scene, turns, visual=True)
+    at = sorted(conv.last_refs)
+    assert [labels[t] for t in at] == [conv.ids(a)[0] for _, a, _ in turns]  # they predict the answer words
+    assert [tok.convert_ids_to_tokens(ids[t]) for t in at] == [":", ":"]
+    batch = conv.collate([(ids, *conv.build(scene, turns, visual=True)[1:])], [conv.last_refs])
+    assert batch[-1].sum() == 2
