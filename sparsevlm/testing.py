@@ -228,3 +228,47 @@ def preset_llava(
         chat_template=data.get("chat_template"),
     )
     return model, processor
+
+
+def masked_oracle_hooks(model, hidden_from: dict[int, list[int]]) -> list:
+    """The masking oracle: the FULL sequence, with the pruned tokens hidden as keys from every layer after their
+    pruning layer (`hidden_from`: layer -> absolute positions it must not see). Returns the hook handles."""
+    handles = []
+    for i, layer in enumerate(model.model.language_model.layers):
+        hidden = hidden_from.get(i)
+        if hidden is None:
+            continue
+
+        def pre(module, args, kwargs, hidden=hidden, i=i):
+            hs = args[0] if args else kwargs["hidden_states"]
+            q, dev = hs.shape[1], hs.device
+            cache = kwargs.get("past_key_values")
+            past = cache.get_seq_length(i) if cache is not None else 0
+            kv = past + q
+            allowed = torch.arange(kv, device=dev)[None, :] <= (past + torch.arange(q, device=dev))[:, None]
+            allowed[:, hidden] = False
+            allowed[torch.arange(q, device=dev), past + torch.arange(q, device=dev)] = True  # a token sees itself
+            kwargs["attention_mask"] = allowed[None, None]
+            return args, kwargs
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    return handles
+
+
+def masked_oracle_generate(model, inputs: dict, state, **gen):
+    """generate() on the full sequence with the tokens a keep-positions pruned call removed (its `CallState`:
+    prefix, visual_total, stages) masked from every later layer; equal to the pruned call when pruning is right."""
+    hidden_from, removed = {}, set()
+    for i in range(len(model.model.language_model.layers)):
+        if removed:
+            hidden_from[i] = sorted(removed)
+        stage = next((s for s in state.stages if s.after_layer == i), None)
+        if stage is not None:
+            removed |= ({state.prefix + j for j in range(state.visual_total)}
+                        - {state.prefix + j for j in stage.kept})
+    handles = masked_oracle_hooks(model, hidden_from)
+    try:
+        return model.generate(**inputs, **gen)
+    finally:
+        for h in handles:
+            h.remove()

@@ -23,7 +23,7 @@ from sparsevlm.loading import from_objects, load_model
 from sparsevlm.methods import METHODS
 from sparsevlm.pipeline import build_prompt, run
 from sparsevlm.presets import PRESETS
-from sparsevlm.testing import preset_llava, tiny_llava
+from sparsevlm.testing import masked_oracle_generate, preset_llava, tiny_llava
 
 DEVICE = os.environ.get("SPARSEVLM_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(
@@ -72,30 +72,6 @@ def test_dense_hooks_leave_logits_identical(tiny):
     assert torch.equal(ref, got)  # dense installs no change: the same kernels on the same inputs
 
 
-def _masked_oracle_hooks(model, hidden_from: dict[int, list[int]]):
-    """The FULL sequence, with the pruned tokens hidden as keys from every layer after their pruning layer."""
-    handles = []
-    for i, layer in enumerate(model.model.language_model.layers):
-        hidden = hidden_from.get(i)
-        if hidden is None:
-            continue
-
-        def pre(module, args, kwargs, hidden=hidden, i=i):
-            hs = args[0] if args else kwargs["hidden_states"]
-            q, dev = hs.shape[1], hs.device
-            cache = kwargs.get("past_key_values")
-            past = cache.get_seq_length(i) if cache is not None else 0
-            kv = past + q
-            allowed = torch.arange(kv, device=dev)[None, :] <= (past + torch.arange(q, device=dev))[:, None]
-            allowed[:, hidden] = False
-            allowed[torch.arange(q, device=dev), past + torch.arange(q, device=dev)] = True
-            kwargs["attention_mask"] = allowed[None, None]
-            return args, kwargs
-
-        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-    return handles
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("method", ["sparsevlm", "fastv"])
 def test_pruning_equals_masked_full_sequence_at_half_precision(tiny, method):
@@ -107,19 +83,7 @@ def test_pruning_equals_masked_full_sequence_at_half_precision(tiny, method):
         pruned = model.generate(**inputs, **gen)
     st = hooks.state
     assert st.stages and all(s.visual_out < s.visual_in for s in st.stages)
-    hidden_from, removed = {}, set()
-    for i in range(len(model.model.language_model.layers)):
-        if removed:
-            hidden_from[i] = sorted(removed)
-        stage = next((s for s in st.stages if s.after_layer == i), None)
-        if stage is not None:
-            removed |= {st.prefix + j for j in range(st.visual_total)} - {st.prefix + j for j in stage.kept}
-    handles = _masked_oracle_hooks(model, hidden_from)
-    try:
-        oracle = model.generate(**inputs, **gen)
-    finally:
-        for h in handles:
-            h.remove()
+    oracle = masked_oracle_generate(model, inputs, st, **gen)
     # The first step's logits come from the same prefill; later steps may follow a different token at a near tie
     # in half precision, so only the prefill logits and the first token are compared.
     assert _close(pruned.logits[0], oracle.logits[0], dtype)

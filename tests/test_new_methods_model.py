@@ -17,7 +17,7 @@ from sparsevlm.hooks import PruneHooks
 from sparsevlm.loading import from_objects
 from sparsevlm.methods import METHODS, dart, divprune, get_method, sparsevlm_v2, visionzip
 from sparsevlm.pipeline import build_prompt, run
-from sparsevlm.testing import tiny_llava
+from sparsevlm.testing import masked_oracle_generate, tiny_llava
 from sparsevlm.trace import PruneTrace
 
 ARCHS = ["llama", "qwen2"]
@@ -260,28 +260,6 @@ def test_dart_pivots_by_key_norm_and_claims_on_final_normed_states(tiny):
 
 
 # --- the masking oracle: keep-positions pruning == the full sequence with the pruned tokens masked later ------------
-def _masked_oracle_hooks(model, hidden_from: dict[int, list[int]]):
-    handles = []
-    for i, layer in enumerate(model.model.language_model.layers):
-        hidden = hidden_from.get(i)
-        if hidden is None:
-            continue
-
-        def pre(module, args, kwargs, hidden=hidden, i=i):
-            hs = args[0] if args else kwargs["hidden_states"]
-            q = hs.shape[1]
-            cache = kwargs.get("past_key_values")
-            past = cache.get_seq_length(i) if cache is not None else 0
-            allowed = torch.arange(past + q)[None, :] <= (past + torch.arange(q))[:, None]
-            allowed[:, hidden] = False
-            allowed[torch.arange(q), past + torch.arange(q)] = True  # a hidden token still sees itself
-            kwargs["attention_mask"] = allowed[None, None]
-            return args, kwargs
-
-        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-    return handles
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("method", ["sparsevlm-v2", "dart", "pyramiddrop"])
 def test_keep_positions_pruning_equals_masked_full_sequence(tiny, method):
@@ -294,19 +272,7 @@ def test_keep_positions_pruning_equals_masked_full_sequence(tiny, method):
         pruned = model.generate(**inputs, **gen)
     st = hooks.state
     assert st.stages and all(s.visual_out < s.visual_in for s in st.stages)
-    hidden_from, removed = {}, set()
-    for i in range(len(model.model.language_model.layers)):
-        if removed:
-            hidden_from[i] = sorted(removed)
-        stage = next((s for s in st.stages if s.after_layer == i), None)
-        if stage is not None:
-            removed |= {st.prefix + j for j in range(st.visual_total)} - {st.prefix + j for j in stage.kept}
-    handles = _masked_oracle_hooks(model, hidden_from)
-    try:
-        oracle = model.generate(**inputs, **gen)
-    finally:
-        for h in handles:
-            h.remove()
+    oracle = masked_oracle_generate(model, inputs, st, **gen)
     assert torch.equal(pruned.sequences, oracle.sequences)
     for a, b in zip(pruned.logits, oracle.logits):
         assert torch.allclose(a, b, atol=1e-4, rtol=0)
