@@ -289,3 +289,30 @@ def test_referent_probe_targets_what_the_question_names_at_the_answer_position(t
     assert [tok.convert_ids_to_tokens(ids[t]) for t in at] == [":", ":"]
     batch = conv.collate([(ids, *conv.build(scene, turns, visual=True)[1:])], [conv.last_refs])
     assert batch[-1].sum() == 2
+
+
+def test_v2_export_loads_with_its_own_vocabulary_and_phase(tmp_path):
+    """train_llava.export (the v1 exporter with the v2 tokenizer) writes a model plain transformers loads."""
+    import json
+
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from sparsevlm.scenes.model import ModelSize, build_model
+    from sparsevlm.scenes.train_llava import export, v2_tokenizer
+
+    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, kv_heads=1,
+                     intermediate=64)
+    tok = v2_tokenizer()
+    model = build_model(size, tok)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"model": model.state_dict(), "size": size.to_dict(), "step": 7, "train_seconds": 1.0, "args": {},
+                "phase": "align"}, ckpt / "checkpoint.pt")
+    export(ckpt, tmp_path / "out")
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
+    proc = AutoProcessor.from_pretrained(tmp_path / "out")
+    assert len(proc.tokenizer) == len(tok) == loaded.config.text_config.vocab_size
+    assert json.loads((tmp_path / "out" / "training_state.json").read_text())["phase"] == "align"
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
