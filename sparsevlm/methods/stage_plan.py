@@ -55,8 +55,8 @@ class Selection:
 
     def as_record(self) -> dict[str, Any]:
         """Plain lists/numbers (tensors converted) for a JSON trace."""
-        return {"kept": _plain(self.kept), "scores": _plain(self.scores), "groups": _plain(self.groups),
-                "extras": _plain(self.extras)}
+        return {"kept": plain(self.kept), "scores": plain(self.scores), "groups": plain(self.groups),
+                "extras": plain(self.extras)}
 
 
 def plain(x: Any) -> Any:
@@ -68,9 +68,6 @@ def plain(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [plain(v) for v in x]
     return x
-
-
-_plain = plain
 
 
 def check_accounting(accounting: str) -> None:
