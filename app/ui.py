@@ -32,6 +32,7 @@ from sparsevlm.methods import METHODS, get_method
 from sparsevlm.pipeline import check_question, run
 from sparsevlm.presets import PRESETS
 from sparsevlm.scenes import generator  # the studio draws scenes with it (the app may; the engine never does)
+from sparsevlm.schedule import min_equal_tokens, sparsevlm_layers
 from sparsevlm.trace import PruneTrace
 from sparsevlm.vocab import unknown_words
 
@@ -315,12 +316,10 @@ def load_examples(index: Path = EXAMPLES_DIR / "examples.json") -> list[dict]:
 def reachable_budget(lm: Any) -> float | None:
     """The smallest input-counted budget SparseVLM's default schedule can reach on this model (flops accounting;
     paper accounting runs every budget). None if unknown."""
+    depth = lm.num_layers
     try:
-        from sparsevlm.schedule import min_equal_tokens, sparsevlm_layers
-
-        depth = int(lm.num_layers)
-        return min_equal_tokens(int(lm.visual_tokens), sparsevlm_layers(PruneConfig(), depth)[0], depth)
-    except (ImportError, AttributeError, TypeError, ValueError, IndexError):
+        return min_equal_tokens(lm.visual_tokens, sparsevlm_layers(PruneConfig(), depth)[0], depth)
+    except SparseVLMError:  # too shallow for the schedule: no SparseVLM layer to prune after
         return None
 
 
