@@ -778,7 +778,8 @@ def truth_html(truth: dict | None, pruned: PruneTrace | None = None) -> str:
     """The generated scene's true answer and, after a run, the evidence recall of the pruned run."""
     if not truth:
         return ""
-    line = (f"Generated scene (seed {truth['seed']}, {_esc(truth['family'])} question): true answer "
+    world = f"world {_esc(truth['world'])}, " if truth.get("world") else ""
+    line = (f"Generated scene ({world}seed {truth['seed']}, {_esc(truth['family'])} question): true answer "
             f"<b>{_esc(str(truth['answer']))}</b>; {len(truth['evidence'])} evidence patches"
             + (f" of its {truth['grid'][0]}×{truth['grid'][1]} grid" if truth.get("grid") else "")
             + ", outlined in white")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -32,6 +31,7 @@ from sparsevlm.methods import METHODS, get_method
 from sparsevlm.pipeline import check_question, run
 from sparsevlm.presets import PRESETS
 from sparsevlm.scenes import generator  # the studio draws scenes with it (the app may; the engine never does)
+from sparsevlm.scenes.worlds import WORLD_LABELS, WORLDS, WorldError, studio_item, world_of_model, world_order
 from sparsevlm.schedule import min_equal_tokens, sparsevlm_layers
 from sparsevlm.trace import PruneTrace
 from sparsevlm.vocab import unknown_words
@@ -247,26 +247,35 @@ def image_key(image: Image.Image) -> str:
     return hashlib.sha1(f"{image.size}{image.mode}".encode() + image.tobytes()).hexdigest()
 
 
-def studio_scene(seed: Any, family: Any) -> tuple[Image.Image, dict]:
-    """A generated scene (the generator's world, the one the embedded model was trained on) and a question of
-    `family` about it, deterministic from `seed`; returns the picture and its ground truth (question, answer,
-    evidence patches on the generator's grid)."""
+def studio_scene(seed: Any, family: Any, world: Any = "v1") -> tuple[Image.Image, dict]:
+    """A generated scene of `world` (v1: the shipped model's generator, v2: model v2's wider world, independent:
+    pictures no model trained on) and a question of `family` about it, deterministic from `seed`; returns the
+    picture and its ground truth (question, answer, evidence patches on the world's 24x24 grid)."""
     seed = _whole(seed if seed not in (None, "") else 0, "the seed")
     if not 0 <= seed < 2**31:
         raise InputError(f"the seed must be between 0 and {2**31 - 1}, not {seed}")
     if family not in generator.FAMILIES:
         raise InputError(f"the question family must be one of {', '.join(generator.FAMILIES)}, not {family!r}")
-    for k in range(1000):  # a scene may not allow the family (no label to read): the next draw of the same seed
-        rng = np.random.default_rng([seed, 20, k])
-        scene = generator.make_scene(int(rng.integers(2**31)), int(rng.integers(1, generator.MAX_OBJECTS + 1)),
-                                     with_label=family == "read" or bool(rng.random() < 0.3))
-        sample = generator.ask(scene, family, rng)
-        if sample is not None:
-            grid = (generator.GRID, generator.GRID)
-            return generator.render(scene), {"seed": seed, "family": family, "question": sample.question,
-                                             "answer": sample.answer, "evidence": list(sample.evidence),
-                                             "grid": list(grid)}
-    raise InputError(f"no {family} question found for seed {seed}")  # not reached for the generator's families
+    world = "v1" if world in (None, "") else world
+    if world not in WORLDS:
+        raise InputError(f"the world must be one of {', '.join(WORLDS)}, not {world!r}")
+    try:
+        item = studio_item(seed, family, world)
+    except WorldError as exc:  # no question of this family in 1000 draws: not reached for the worlds' families
+        raise InputError(str(exc)) from None
+    grid = (generator.GRID, generator.GRID)
+    return item.image, {"seed": seed, "family": family, "world": world, "question": item.sample.question,
+                        "answer": item.sample.answer, "evidence": list(item.sample.evidence), "grid": list(grid)}
+
+
+def model_world(lm: LoadedModel) -> str:
+    """The world a loaded model was trained on (its folder's training_state.json; v1 when it records none)."""
+    return world_of_model(getattr(lm.model, "name_or_path", None) or None)
+
+
+def world_choices(own: str) -> list[tuple[str, str]]:
+    """The studio's world picker: the model's own world first and marked, then the others."""
+    return [(WORLD_LABELS[w] + (" · this model's world" if w == own else ""), w) for w in world_order(own)]
 
 
 def scene_truth(scene: dict | None, image: Image.Image, question: str, grid: tuple[int, int]) -> dict | None:
@@ -274,7 +283,8 @@ def scene_truth(scene: dict | None, image: Image.Image, question: str, grid: tup
     the evidence mapped onto the model's grid; None for uploads and edited questions."""
     if not scene or scene.get("key") != image_key(image) or scene.get("question", "").strip() != question.strip():
         return None
-    truth = {k: scene[k] for k in ("seed", "family", "answer")}
+    truth = {k: scene[k] for k in ("seed", "family", "answer") if k in scene}
+    truth["world"] = scene.get("world", "v1")
     truth["evidence"] = render.regrid_patches(scene["evidence"], tuple(scene["grid"]), tuple(grid))
     truth["grid"] = list(grid)  # the model's
     return truth
@@ -511,16 +521,25 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
             files.append(str(dense_path))
         return files, str(gif_path), str(mp4_path)
 
-    def new_scene(seed, family):
+    def new_scene(seed, family, world=None):
         """The studio: a generated scene and question into the inputs, its ground truth into the session."""
         try:
-            image, truth = studio_scene(seed, family)
+            image, truth = studio_scene(seed, family, world)
         except Exception as exc:
             raise _user_error(exc) from exc
-        path = Path(tempfile.mkdtemp(prefix="sparsevlm-scene-")) / f"scene-{truth['seed']}-{truth['family']}.png"
+        path = (Path(tempfile.mkdtemp(prefix="sparsevlm-scene-"))
+                / f"scene-{truth['world']}-{truth['seed']}-{truth['family']}.png")
         image.save(path)  # PNG: the pixels come back unchanged, so the run can recognise the scene by them
         return (str(path), truth["question"], truth, (truth["seed"] + 1) % 2**31, {**truth, "key": image_key(image)},
                 render.truth_html(truth))
+
+    def world_picker(model):
+        """The studio's world choice for the session's model (its own world first), after a model switch."""
+        name = str(model or default_model)
+        if name not in models.loaded():
+            return gr.Dropdown()
+        own = model_world(models.get(name)[0])
+        return gr.Dropdown(choices=world_choices(own), value=own)
 
     def forget_scene():
         """An upload, an edited question or an example is no longer the generated scene: drop its ground truth."""
@@ -565,6 +584,10 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                                             elem_id="sv-seed", min_width=90)
                         family_in = gr.Dropdown(list(generator.FAMILIES), value=generator.FAMILIES[0],
                                                 label="Question family", elem_id="sv-family", min_width=120)
+                        own_world = model_world(first)
+                        world_in = gr.Dropdown(world_choices(own_world), value=own_world, label="World",
+                                               elem_id="sv-world", min_width=160,
+                                               info="whose pictures: the model's own first")
                         scene_btn = gr.Button("New random scene", elem_id="sv-new-scene", min_width=140)
                     truth_out = gr.HTML("", elem_id="sv-truth")
                 if examples:
@@ -651,7 +674,7 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                 record_out = gr.JSON(label="/run result", elem_id="sv-record")
                 compare_out = gr.JSON(label="/compare result (after Compare all methods)", elem_id="sv-compare-json")
                 scene_out = gr.JSON(label="/new_scene result: the studio scene's ground truth (evidence patches on "
-                                    "the generator's 24x24 grid)", elem_id="sv-scene-json")
+                                    "the world's 24x24 grid)", elem_id="sv-scene-json")
 
         views = {"answer": answer_out, "raters": raters_out, "rater_note": raters_note, "raters_fig": raters_fig,
                  "overlay": overlay_out, "layer": layer_in, "caption": caption_out, "counts": counts_fig,
@@ -670,7 +693,8 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
             ex.load_input_event.then(explain, explain_inputs, explain_outputs, api_visibility="private",
                                      concurrency_id="model")
         load_btn.click(load_model, [model_in], [model_state, model_out, budget_in], api_name="load_model",
-                       concurrency_id="model")
+                       concurrency_id="model").success(
+            world_picker, [model_state], [world_in], api_visibility="private", queue=False)
         # The data endpoints for programs: no button on the page runs them (the page draws its views from the
         # same record via /explain), so hidden triggers carry them.
         run_api = gr.Button(visible=False)
@@ -691,8 +715,9 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                    api_visibility="private", show_progress="hidden", concurrency_limit=4)
         compare_btn.click(compare_view, compare_inputs, [compare_gallery, compare_table, compare_out],
                           api_name="compare_view", concurrency_id="model")
-        scene_btn.click(new_scene, [seed_in, family_in], [image_in, question_in, scene_out, seed_in, scene_state,
-                                                          truth_out], api_name="new_scene", concurrency_limit=4)
+        scene_btn.click(new_scene, [seed_in, family_in, world_in],
+                        [image_in, question_in, scene_out, seed_in, scene_state, truth_out], api_name="new_scene",
+                        concurrency_limit=4)
         image_in.upload(forget_scene, None, [scene_state, truth_out], api_visibility="private", queue=False)
         question_in.input(forget_scene, None, [scene_state, truth_out], api_visibility="private", queue=False)
         question_in.change(word_notice, [question_in, model_state], [notice_out], api_visibility="private",

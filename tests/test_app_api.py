@@ -355,8 +355,9 @@ def test_unknown_words_are_flagged_and_the_run_still_happens(client, files):
     assert "color" in notice and "did you mean <b>colour</b>" in notice and "&lt;unk&gt;" in notice
 
 
-def new_scene(c: Client, seed: int, family: str) -> tuple[str, str, dict, int]:
-    image, question, truth, next_seed, _line = c.predict(seed=seed, family=family, api_name="/new_scene")
+def new_scene(c: Client, seed: int, family: str, world: str | None = None) -> tuple[str, str, dict, int]:
+    kw = {} if world is None else {"world": world}  # `world` is optional: the model's own world by default
+    image, question, truth, next_seed, _line = c.predict(seed=seed, family=family, api_name="/new_scene", **kw)
     return image, question, truth, next_seed
 
 
@@ -376,6 +377,64 @@ def test_new_scene_is_deterministic_per_seed_and_family(server):
         new_scene(c, 1, "weather")
     with pytest.raises(AppError, match="less than minimum value 0"):
         new_scene(c, -5, "colour")
+
+
+def test_new_scene_draws_from_every_world(server):
+    """v2 and the independent renderer through /new_scene; without `world`, the model's own (the tiny model records
+    none: v1, the same scene as asking for v1); an unknown world is refused with the list of worlds."""
+    from sparsevlm.scenes.worlds import studio_item
+
+    c = Client(server.url, verbose=False)
+    default = new_scene(c, 4, "shape")
+    v1 = new_scene(c, 4, "shape", "v1")
+    assert default[2]["world"] == "v1" and default[1] == v1[1]
+    assert (np.asarray(Image.open(default[0])) == np.asarray(Image.open(v1[0]))).all()
+    for world in ("v2", "independent"):
+        image, question, truth, _ = new_scene(c, 4, "shape", world)
+        again = new_scene(c, 4, "shape", world)
+        item = studio_item(4, "shape", world)  # the world's own scene for this seed and family
+        assert truth["world"] == world and question == item.sample.question == again[1]
+        assert truth["answer"] == item.sample.answer and truth["evidence"] == item.sample.evidence
+        assert (np.asarray(Image.open(image).convert("RGB")) == np.asarray(item.image.convert("RGB"))).all()
+        assert not (np.asarray(Image.open(image).convert("RGB")) == np.asarray(Image.open(v1[0]).convert("RGB"))).all()
+    with pytest.raises(AppError, match="v3 is not in the list of choices"):
+        new_scene(c, 1, "colour", "v3")
+
+
+def test_studio_scene_of_another_world_runs_on_a_v1_model_with_the_word_notice(server):
+    """The tiny model knows v1's words only: a v2 question with `color` still runs, names the unknown word with
+    its suggestion, and reports the scene's ground truth and evidence recall."""
+    from sparsevlm.scenes.worlds import studio_item
+
+    seed = next(s for s in range(200) if " color " in f" {studio_item(s, 'colour', 'v2').sample.question.lower()} ")
+    c = Client(server.url, verbose=False)
+    image, question, truth, _ = new_scene(c, seed, "colour", "v2")
+    record = run_api(c, image, question, max_new_tokens=1, budget=64)
+    assert ["color", "colour"] in record["unknown_words"]
+    gt = record["ground_truth"]
+    assert gt["world"] == "v2" and gt["answer"] == truth["answer"] and gt["evidence"]
+    assert 0.0 <= gt["evidence_recall"]["kept"] <= gt["evidence_recall"]["represented"] <= 1.0
+
+
+def test_studio_scene_and_model_world_outside_the_server(tmp_path):
+    """The app's own functions: unknown world / family are InputErrors; a model folder whose training_state.json
+    says v2 puts v2 first in the picker, marked as the model's world."""
+    from app.ui import model_world, studio_scene, world_choices
+    from sparsevlm.errors import InputError
+    from sparsevlm.loading import load_model
+
+    with pytest.raises(InputError, match="the world must be one of v1, v2, independent, not 'mars'"):
+        studio_scene(1, "colour", "mars")
+    with pytest.raises(InputError, match="family must be one of"):
+        studio_scene(1, "weather", "v2")
+    folder = tmp_path / "m"
+    save_tiny(folder, "llama")
+    assert model_world(load_model(str(folder))) == "v1"
+    (folder / "training_state.json").write_text(json.dumps({"world": "v2"}))
+    assert model_world(load_model(str(folder))) == "v2"
+    choices = world_choices("v2")
+    assert [v for _, v in choices] == ["v2", "v1", "independent"] and "this model's world" in choices[0][0]
+    assert "pictures no model was trained on" in choices[2][0]
 
 
 def _recall_from_trace(trace: dict, evidence: list[int]) -> dict:

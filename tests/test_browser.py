@@ -229,6 +229,19 @@ def test_scene_studio_and_the_word_notice(server, browser):
     wait(drv, lambda d: "did you mean colour" in d.find_element(By.ID, "sv-notice").text, 60)
     assert "true answer" not in drv.find_element(By.ID, "sv-truth").text
     shot(drv, "14-word-notice", full=False)
+    # the world picker: the model's own world first (the tiny model records none: v1), then v2 by its label
+    world = drv.find_element(By.CSS_SELECTOR, "#sv-world input")
+    assert "this model's world" in world.get_attribute("value") and world.get_attribute("value").startswith("v1")
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", world)
+    world.click()
+    world.send_keys(Keys.CONTROL, "a")
+    world.send_keys("wider world")
+    world.send_keys(Keys.ENTER)
+    wait(drv, lambda d: d.find_element(By.CSS_SELECTOR, "#sv-world input").get_attribute("value").startswith("v2"),
+         30)
+    drv.execute_script("arguments[0].click()", drv.find_element(By.ID, "sv-new-scene"))
+    wait(drv, lambda d: "world v2" in d.find_element(By.ID, "sv-truth").text, 60)
+    shot(drv, "15-studio-world-v2", full=False)
 
 
 def test_export_mp4_plays_in_the_browser(server, browser):

@@ -188,3 +188,86 @@ def test_summary_counts_rater_classes_and_words():
     assert "what" in s["raters"]["never_rater"]
     assert s["evidence_recall"]["by_layer"]["2"]["last"]["recall"][0] == pytest.approx(0.75)
     assert s["dense_first_token_accuracy"][0] == pytest.approx(0.5)
+
+
+# --- the three worlds --------------------------------------------------------------------------------------------
+def test_every_word_of_the_v2_vocabulary_and_the_independent_questions_is_classified():
+    """Model v2's 128-token vocabulary (its words) and the independent renderer's questions: no word left 'other'."""
+    from sparsevlm.scenes import world
+    from sparsevlm.scenes.worlds import heldout_item
+
+    words = set(world.vocabulary())
+    for w in ("v2", "independent"):
+        words |= {t for i in range(210) for t in heldout_item(i, world=w).sample.question.lower()
+                  .replace("?", " ? ").replace(",", " , ").split()}
+    classes = {w: L.classify_word(w) for w in words}
+    assert not sorted(w for w, c in classes.items() if c == "other")
+    assert {"content", "function", "punctuation", "template"} == set(classes.values())
+    assert classes["colour"] == classes["color"] == classes["medium"] == classes["yes"] == "content"
+    assert classes["describe"] == classes["where"] == "function"
+    assert classes["."] == classes[","] == "punctuation" and classes["?"] == "template"
+
+
+def test_v1_results_on_the_shipped_model_are_those_of_the_code_before_the_worlds(tmp_path):
+    """tests/data/likeness_v1_main_n14.json was written by main's likeness.py (before worlds.py) with
+    `PYTHONHASHSEED=0 python -m sparsevlm.scenes.likeness --n 14 --json ... --records`: same figures now."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "now.json"
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}  # the v1 exist-no questions need it
+    subprocess.run([sys.executable, "-m", "sparsevlm.scenes.likeness", "--model", "assets/models/scenes-llava",
+                    "--n", "14",
+                    "--json", str(out), "--records"], check=True, env=env, cwd=MODEL.parent.parent.parent,
+                   capture_output=True)
+    before = json.loads((Path(__file__).parent / "data" / "likeness_v1_main_n14.json").read_text())
+    now = json.loads(out.read_text())
+    assert now["summary"]["world"] == "v1"  # the shipped model's own world: it has no "world" key
+
+    def same(x, y, path=""):
+        if isinstance(x, dict):
+            for k in x:
+                if k not in ("seconds", "threads", "command"):  # how long it took, not what it measured
+                    same(x[k], y[k], f"{path}/{k}")
+        elif isinstance(x, list):
+            assert len(x) == len(y), path
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                same(u, v, f"{path}[{i}]")
+        else:
+            assert x == y, path
+
+    same(before, now)
+
+
+@pytest.mark.parametrize("world", ["v2", "independent"])
+def test_cli_measures_another_world_and_compares_two_summaries(world, tmp_path, capsys):
+    a, b, md = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "cmp.md"
+    assert L.main(["--model", str(MODEL), "--n", "7", "--json", str(a)]) == 0
+    assert L.main(["--model", str(MODEL), "--n", "7", "--world", world, "--json", str(b), "--records"]) == 0
+    data = json.loads(b.read_text())
+    assert data["summary"]["world"] == world and len(data["records"]) == 7
+    from sparsevlm.scenes.worlds import heldout_item
+
+    assert [r["question"] for r in data["records"]] == [heldout_item(i, world=world).sample.question
+                                                        for i in range(7)]
+    # colour and shape questions found their object: the nearest-word check works in this world too
+    assert data["summary"]["nearest_word"]["all evidence patches"]["questions"] == 2
+    capsys.readouterr()
+    assert L.main(["--compare", str(a), str(b), "--md", str(md)]) == 0
+    text = md.read_text()
+    assert text in capsys.readouterr().out  # printed and written
+    assert f"on v1 | `{MODEL}` on {world} |" in text
+    sa, sb = json.loads(a.read_text())["summary"], data["summary"]
+    acc = [L._pm(L._read(s["dense_first_token_accuracy"])) for s in (sa, sb)]
+    assert f"| dense first-token accuracy | {acc[0]} | {acc[1]} |" in text
+    assert "pruning step 3: raters rows" in text
+
+
+def test_cli_bad_world_or_compare_file_is_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        L.main(["--model", str(MODEL), "--n", "1", "--world", "v3"])
+    assert "invalid choice: 'v3'" in capsys.readouterr().err
+    assert L.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --compare needs two JSON files" in err and "Traceback" not in err

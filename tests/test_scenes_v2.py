@@ -313,6 +313,8 @@ def test_v2_export_loads_with_its_own_vocabulary_and_phase(tmp_path):
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
     proc = AutoProcessor.from_pretrained(tmp_path / "out")
     assert len(proc.tokenizer) == len(tok) == loaded.config.text_config.vocab_size
-    assert json.loads((tmp_path / "out" / "training_state.json").read_text())["phase"] == "align"
+    state = json.loads((tmp_path / "out" / "training_state.json").read_text())
+    assert state["phase"] == "align"
+    assert state["world"] == "v2"  # the app and the likeness script read it (worlds.world_of_model)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k

@@ -23,25 +23,17 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from ..tokenizer import prompt_for
-from . import world as world_v2
-from .generator import FAMILIES, HELDOUT_SEED, heldout_sample, render
-from .independent import INDEPENDENT_SEED, independent_sample
+from . import worlds
+from .generator import FAMILIES
+from .worlds import DEFAULT_SEEDS, WORLDS
 
-WORLDS = ("v1", "v2", "independent")
-DEFAULT_SEEDS = {"v1": HELDOUT_SEED, "v2": world_v2.HELDOUT_SEED, "independent": INDEPENDENT_SEED}
+__all__ = ["DEFAULT_SEEDS", "WORLDS", "answer", "evaluate", "heldout_item", "load", "question_kind"]
 
 
 def heldout_item(index: int, seed: int, world: str = "v1"):
-    """(picture, Sample) number `index` of a world's held-out set."""
-    if world == "v1":
-        scene, sample = heldout_sample(index, seed)
-        return render(scene), sample
-    if world == "v2":
-        scene, sample = world_v2.heldout_sample(index, seed)
-        return world_v2.render(scene), sample
-    if world == "independent":
-        return independent_sample(index, seed)
-    raise ValueError(f"unknown world {world!r} ({', '.join(WORLDS)})")
+    """(picture, Sample) number `index` of a world's held-out set (`worlds.heldout_item`, kept for callers)."""
+    item = worlds.heldout_item(index, seed, world)
+    return item.image, item.sample
 
 
 def load(model_dir: str | Path) -> tuple[LlavaForConditionalGeneration, object]:

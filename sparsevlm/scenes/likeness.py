@@ -1,11 +1,15 @@
 """How LLaVA-like a model is where the pruning methods look: raters, attention to evidence, word-aligned patches.
 
     PYTHONHASHSEED=0 python -m sparsevlm.scenes.likeness --model assets/models/scenes-llava --n 1050 \
-        --json out.json --md out.md [--records]
+        --json out.json --md out.md [--records] [--world v1|v2|independent]
+    python -m sparsevlm.scenes.likeness --compare old.json new.json --md side-by-side.md
+
+`--world` picks whose held-out questions (`worlds.py`); the default is the model's own world (training_state.json
+"world", absent = v1).
 
 SparseVLM assumes what the paper's Figure 3 shows on LLaVA-1.5: the text tokens whose embeddings the projected
 patches resemble (the raters, SPEC section 1) are content words (`Tylenol`, `sticker`, `fridge`), and their
-attention rows point at the objects those words name. This measures both on the scenes generator's held-out
+attention rows point at the objects those words name. This measures both on a scenes world's held-out
 questions, where the evidence patches are known, plus the reason it should hold (visual tokens land in the
 word-embedding space):
 
@@ -51,7 +55,8 @@ from ..config import REFERENCE_PRUNE_LAYERS_32
 from ..errors import SparseVLMError
 from ..schedule import scaled_layers
 from ..tokenizer import prompt_for
-from .generator import GRID, HELDOUT_SEED, PATCH, covered_patches, heldout_sample, object_mask, render
+from .generator import GRID, PATCH
+from .worlds import DEFAULT_SEEDS, WORLD_LABELS, WORLDS, EvidenceObject, heldout_item, world_of_model
 
 TOP_K = 64
 CORE_FRACTION = 0.5  # an evidence patch is "core" when the object covers at least half of it
@@ -67,7 +72,7 @@ SHAPE_WORDS = frozenset(
     "circle circles square squares triangle triangles diamond diamonds cross crosses rectangle rectangles "
     "star stars oval ovals ring rings dot dots".split()
 )
-SIZE_WORDS = frozenset("small big large tiny little huge".split())
+SIZE_WORDS = frozenset("small medium big large tiny little huge".split())
 ATTRIBUTE_NOUNS = frozenset(
     "colour color colours colors shape shapes size sizes object objects thing things item items label card "
     "letter number digit character text picture image".split()
@@ -75,18 +80,25 @@ ATTRIBUTE_NOUNS = frozenset(
 COUNT_WORDS = frozenset(
     "zero one two three four five six seven eight nine ten eleven twelve 0 1 2 3 4 5 6 7 8 9".split()
 )
+# The label card's characters (digits are above) and the yes / no answers: what the picture says.
+ANSWER_WORDS = frozenset("e h k x yes no".split())
 POSITION_WORDS = frozenset(
     "row rows column columns left right top bottom middle centre center above below under over corner side "
     "upper lower".split()
 )
-CONTENT_WORDS = COLOUR_WORDS | SHAPE_WORDS | SIZE_WORDS | ATTRIBUTE_NOUNS | COUNT_WORDS | POSITION_WORDS
+CONTENT_WORDS = (COLOUR_WORDS | SHAPE_WORDS | SIZE_WORDS | ATTRIBUTE_NOUNS | COUNT_WORDS | POSITION_WORDS
+                 | ANSWER_WORDS)
+# Grammar and the instruction's own verbs ("describe", "count", "tell me"): they name nothing in the picture.
 FUNCTION_WORDS = frozenset(
     "what which how many much is are was were be does do did there here a an the of in on at to and or with it "
-    "its this that these those any some for from by as can you see have has written say says".split()
+    "its this that these those any some for from by as can you see have has written say says where kind type "
+    "describe count tell me please s".split()
 )
+# `?` stays a template token (the conversation format ends every question with it), as in the first report.
+PUNCTUATION = frozenset([".", ",", "'", "!", "\u2019", ";"])
 TEMPLATE_WORDS = frozenset(["user", ":", "assistant", "?"])
-WORD_CLASSES = ("content", "function", "template", "other")
-TOKEN_TYPES = ("content", "function", "?", "template", "last", "raters", "all text")
+WORD_CLASSES = ("content", "function", "punctuation", "template", "other")
+TOKEN_TYPES = ("content", "function", "punctuation", "?", "template", "last", "raters", "all text")
 
 
 def normalize_token(token: str) -> str:
@@ -95,10 +107,13 @@ def normalize_token(token: str) -> str:
 
 
 def classify_word(token: str) -> str:
-    """'content', 'function', 'template' (user, :, assistant, ?) or 'other' (not in any list, e.g. <unk>)."""
+    """'content', 'function', 'punctuation', 'template' (user, :, assistant, ?) or 'other' (not in any list, e.g.
+    <unk>)."""
     w = normalize_token(token)
     if w in TEMPLATE_WORDS:
         return "template"
+    if w in PUNCTUATION:
+        return "punctuation"
     if w in CONTENT_WORDS:
         return "content"
     if w in FUNCTION_WORDS:
@@ -210,14 +225,6 @@ def _word_ids(tokenizer, word: str) -> list[int]:
     return sorted(ids)
 
 
-def _object_of(scene, evidence: list[int]) -> int | None:
-    """The object whose covered patches are exactly the evidence (colour and shape questions ask about one)."""
-    for i in range(len(scene.objects)):
-        if covered_patches(scene, [i]) == list(evidence):
-            return i
-    return None
-
-
 class Measurer:
     """Runs the model on questions and records raters, attention recall and nearest words. Batch size 1."""
 
@@ -248,9 +255,11 @@ class Measurer:
         return self._ids_cache[word]
 
     @torch.no_grad()
-    def measure(self, index: int, seed: int = HELDOUT_SEED) -> QuestionRecord:
-        scene, sample = heldout_sample(index, seed)
-        enc = self.processor(images=render(scene), text=prompt_for(sample.question), return_tensors="pt")
+    def measure(self, index: int, seed: int | None = None, world: str = "v1") -> QuestionRecord:
+        """Question `index` of `world`'s held-out set (seed: the world's own)."""
+        item = heldout_item(index, seed, world)
+        sample = item.sample
+        enc = self.processor(images=item.image, text=prompt_for(sample.question), return_tensors="pt")
         ids = enc["input_ids"][0]
         where = (ids == self.model.config.image_token_id).nonzero().flatten()
         prefix, n = int(where[0]), len(ids)
@@ -292,13 +301,13 @@ class Measurer:
                 per_type["raters"] = [topk_recall(A.visual_significance(p[raters]), sample.evidence, self.k)]
                 per_type["all text"] = [topk_recall(p.mean(dim=0), sample.evidence, self.k)]
                 rec.recall[layer] = {t: float(np.mean(v)) for t, v in per_type.items()}
-        if sample.family in ("colour", "shape") and (obj := _object_of(scene, sample.evidence)) is not None:
-            rec.patch_words = self._patch_words(hv, scene, obj, sample.evidence)
+        # Colour and shape questions ask about one object: the one whose covered patches are the evidence.
+        if sample.family in ("colour", "shape") and (obj := item.target()) is not None:
+            rec.patch_words = self._patch_words(hv, obj, sample.evidence)
         return rec
 
-    def _patch_words(self, hv: torch.Tensor, scene, obj: int, evidence: list[int]) -> list[dict]:
-        o = scene.objects[obj]
-        cover = object_mask(scene, obj).reshape(GRID, PATCH, GRID, PATCH).mean(axis=(1, 3)).reshape(-1)
+    def _patch_words(self, hv: torch.Tensor, o: EvidenceObject, evidence: list[int]) -> list[dict]:
+        cover = o.cover()
         sims = torch.nn.functional.normalize(hv[evidence].float(), dim=-1) @ self.word_emb.T  # (E, V')
         order = torch.argsort(sims, dim=-1, descending=True)
         nearest = self.word_ids[order[:, 0]]
@@ -472,7 +481,8 @@ def markdown(summary: dict, model: str, command: str) -> str:
     lines = [
         f"# LLaVA-likeness of `{model}`",
         "",
-        f"Measured by `{command}` ({s['questions']} held-out questions, seed {s['seed']}, families round-robin; "
+        f"Measured by `{command}` ({s['questions']} held-out questions of world {s.get('world', 'v1')} "
+        f"({WORLD_LABELS.get(s.get('world', 'v1'), '?')}), seed {s['seed']}, families round-robin; "
         f"{s['seconds']:.0f} s wall, {s['threads']} torch thread(s), PYTHONHASHSEED {s['python_hash_seed']}: the "
         "generator's exist-no questions depend on it). "
         "± is a 95% interval half-width with questions as the sampling unit. Dense first-token accuracy on these "
@@ -559,6 +569,66 @@ def markdown(summary: dict, model: str, command: str) -> str:
     return "\n".join(lines)
 
 
+def _read(x) -> tuple[float, float]:
+    """A (value, error) pair as a JSON file gives it back (null for NaN)."""
+    if x is None:
+        return float("nan"), float("nan")
+    v, e = x
+    return (float("nan") if v is None else float(v)), (float("nan") if e is None else float(e))
+
+
+def compare_markdown(a: dict, b: dict) -> str:
+    """Two models' summaries side by side (e.g. the shipped v1 model and model v2, for the model card)."""
+    name = lambda s: f"`{s.get('model', '?')}` on {s.get('world', 'v1')}"  # noqa: E731
+    rows: list[tuple[str, str, str]] = [
+        ("questions (seed)", f"{a['questions']} ({a['seed']})", f"{b['questions']} ({b['seed']})"),
+        ("decoder layers", str(a["depth"]), str(b["depth"])),
+        ("dense first-token accuracy", _pm(_read(a["dense_first_token_accuracy"])),
+         _pm(_read(b["dense_first_token_accuracy"]))),
+    ]
+    for c in WORD_CLASSES:
+        ca, cb = a["raters"]["classes"].get(c), b["raters"]["classes"].get(c)
+        if ca is None and cb is None:
+            continue
+        rows.append((f"raters that are {c} words (share of text)",
+                     *(f"{_pm(_read(x['share_of_raters']))} ({_pm(_read(x['share_of_text']))})" if x else "n/a"
+                       for x in (ca, cb))))
+    rows.append(("content share of question-word raters (of question words)",
+                 *(f"{_pm(_read(s['raters']['content_share_of_question_word_raters']))} "
+                   f"({_pm(_read(s['raters']['content_share_of_question_words']))})" for s in (a, b))))
+    rows.append(("most frequent raters", *(", ".join(f"`{w['word']}`" for w in s["raters"]["top_words"][:6])
+                                           for s in (a, b))))
+    for step in range(max(len(a["layers"]), len(b["layers"]))):
+        for t in ("raters", "last", "content", "function", "?", "all text"):
+            cells = []
+            for s in (a, b):
+                if step >= len(s["layers"]):
+                    cells.append("n/a")
+                    continue
+                layer = s["layers"][step]
+                v = s["evidence_recall"]["by_layer"][str(layer)].get(t)
+                cells.append(f"{_pm(_read(v['recall'] if v else None), pct=False)} (layer {layer})")
+            rows.append((f"top-k evidence recall, pruning step {step + 1}: {t} rows", *cells))
+    rows.append(("random k-subset recall", *(f"{s['evidence_recall']['random']:.3f}" for s in (a, b))))
+    for part in ("all evidence patches", "core patches"):
+        for key, label in (("nearest_is_colour_word", "colour"), ("nearest_is_shape_word", "shape")):
+            rows.append((f"{part}: nearest word is the object's {label} word",
+                         *(_pm(_read(s["nearest_word"][part][key])) for s in (a, b))))
+    lines = [
+        "# LLaVA-likeness, two models side by side",
+        "",
+        "Both columns computed by `python -m sparsevlm.scenes.likeness` (each model's own command: "
+        f"`{a.get('command', '?')}`; `{b.get('command', '?')}`); ± is a 95% interval half-width, questions as "
+        "the sampling unit. Recall is of the top-k visual tokens of the attention rows on the dense forward.",
+        "",
+        f"| measure | {name(a)} | {name(b)} |",
+        "|---|---|---|",
+        *(f"| {m} | {x} | {y} |" for m, x, y in rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def _json_safe(x):
     """NaN (a share with nothing to count) becomes null, so the file is strict JSON."""
     if isinstance(x, float):
@@ -587,16 +657,22 @@ def to_json(summary: dict, records: list[QuestionRecord] | None = None) -> str:
     return '{"summary": ' + head + ',\n"records": [\n' + ",\n".join(rows) + "\n]}\n"
 
 
-def run(model_path: str, n: int, seed: int = HELDOUT_SEED, k: int = TOP_K, log_every: int = 0) -> tuple[dict, list]:
-    """Load the model, measure `n` held-out questions, and summarize. Returns (summary, per-question records)."""
+def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_every: int = 0,
+        world: str | None = None) -> tuple[dict, list]:
+    """Load the model, measure `n` held-out questions of `world` (default: the model's own, `world_of_model`), and
+    summarize. Returns (summary, per-question records)."""
     from ..loading import load_model
 
+    world = world_of_model(model_path) if world is None else world
+    if world not in WORLDS:
+        raise SparseVLMError(f"unknown world {world!r}: choose one of {', '.join(WORLDS)}")
+    seed = DEFAULT_SEEDS[world] if seed is None else seed
     loaded = load_model(model_path, device="cpu", dtype="float32")
     m = Measurer(loaded.model, loaded.processor, k)
     t0 = time.time()
     records = []
     for i in range(n):
-        records.append(m.measure(i, seed))
+        records.append(m.measure(i, seed, world))
         if log_every and (i + 1) % log_every == 0:
             print(f"  {i + 1}/{n}  {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     depth = loaded.model.config.text_config.num_hidden_layers
@@ -605,7 +681,7 @@ def run(model_path: str, n: int, seed: int = HELDOUT_SEED, k: int = TOP_K, log_e
     # The generator builds some "is there ...? no" questions from Python sets of words, whose order follows the
     # string hash seed: the held-out set is reproducible only with PYTHONHASHSEED fixed.
     summary["python_hash_seed"] = os.environ.get("PYTHONHASHSEED", "random")
-    summary.update(model=model_path, seed=seed, visual=m.visual, seconds=round(time.time() - t0, 1),
+    summary.update(model=model_path, world=world, seed=seed, visual=m.visual, seconds=round(time.time() - t0, 1),
                    threads=torch.get_num_threads(), attention_rows="recomputed from q/k (SDPA model), not eager")
     return summary, records
 
@@ -617,13 +693,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--model", default="assets/models/scenes-llava", help="a local LLaVA model folder")
     p.add_argument("--n", type=int, default=210, help="held-out questions (families round-robin)")
-    p.add_argument("--seed", type=int, default=HELDOUT_SEED)
+    p.add_argument("--seed", type=int, default=None, help="held-out seed (default: the world's own)")
+    p.add_argument("--world", default=None, choices=WORLDS,
+                   help="whose held-out questions (default: the model's own world, training_state.json 'world')")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                   help="no measuring: put two earlier --json summaries side by side (markdown; --md writes it)")
     p.add_argument("--top-k", type=int, default=TOP_K, help="visual tokens counted for evidence recall")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--json", default=None, help="write the summary (and with --records, per question) here")
     p.add_argument("--records", action="store_true", help="add every question's measurements to the JSON (~1 kB each)")
     p.add_argument("--md", default=None, help="write the markdown report here")
     args = p.parse_args(argv)
+    if args.compare:
+        try:
+            a, b = (json.loads(Path(f).read_text())["summary"] for f in args.compare)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: --compare needs two JSON files written by --json ({e})", file=sys.stderr)
+            return 2
+        md = compare_markdown(a, b)
+        print(md)
+        if args.md:
+            Path(args.md).write_text(md)
+        return 0
     if args.n < 1:
         p.error("--n must be at least 1")
     if args.top_k < 1:
@@ -631,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     command = " ".join(["python -m sparsevlm.scenes.likeness", *(sys.argv[1:] if argv is None else argv)])
     try:
-        summary, records = run(args.model, args.n, args.seed, args.top_k, log_every=25)
+        summary, records = run(args.model, args.n, args.seed, args.top_k, log_every=25, world=args.world)
     except SparseVLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

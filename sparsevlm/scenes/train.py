@@ -406,11 +406,13 @@ def heldout_accuracy(model, batcher: Batcher, data, batch_size: int = 16) -> dic
     return acc
 
 
-def export(ckpt_dir: Path, dest: Path, tokenizer=None, state_keys: tuple[str, ...] = ()) -> None:
+def export(ckpt_dir: Path, dest: Path, tokenizer=None, state_keys: tuple[str, ...] = (),
+           extra: dict | None = None) -> None:
     """Write the checkpoint as a from_pretrained-loadable model + processor (safetensors) at `dest`.
 
     `tokenizer`: the vocabulary the checkpoint was trained with (default: the v1 scenes tokenizer);
-    `state_keys`: checkpoint entries recorded in training_state.json beside step, time, arguments and size."""
+    `state_keys`: checkpoint entries recorded in training_state.json beside step, time, arguments and size;
+    `extra`: further entries for training_state.json (v2 records its "world"; v1 writes none, absent means v1)."""
     state = torch.load(ckpt_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     tokenizer = tokenizer or scenes_tokenizer()
     model = build_model(ModelSize(**state["size"]), tokenizer)
@@ -423,6 +425,7 @@ def export(ckpt_dir: Path, dest: Path, tokenizer=None, state_keys: tuple[str, ..
         shutil.copy(ckpt_dir / "log.jsonl", dest / "training_log.jsonl")
     info = {k: state[k] for k in ("step", "train_seconds", "args", "size", *state_keys)}
     info["prior_seconds"] = state.get("prior_seconds", 0.0)
+    info.update(extra or {})
     (dest / "training_state.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"exported step {state['step']} to {dest}")
 

@@ -545,8 +545,10 @@ def probe_text(model, conv: Conversations, n: int, max_objects: int, fused: int)
 
 
 def export(ckpt_dir: Path, dest: Path) -> None:
-    """Write a v2 checkpoint as a from_pretrained-loadable model + processor (the v1 exporter, v2 vocabulary)."""
-    train_export(ckpt_dir, dest, tokenizer=v2_tokenizer(), state_keys=("phase",))
+    """Write a v2 checkpoint as a from_pretrained-loadable model + processor (the v1 exporter, v2 vocabulary),
+    recording `"world": "v2"` in training_state.json."""
+    # "world" tells the app and the likeness script which pictures the model knows (worlds.world_of_model).
+    train_export(ckpt_dir, dest, tokenizer=v2_tokenizer(), state_keys=("phase",), extra={"world": "v2"})
 
 
 def main() -> None:
