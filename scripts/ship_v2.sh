@@ -22,6 +22,8 @@ cd "$(dirname "$0")/.."
 
 usage() { echo "usage: bash scripts/ship_v2.sh CKPT_DIR [--dest DIR] [--quick]" >&2; exit 2; }
 die() { echo "ship_v2: $*" >&2; exit 1; }
+run() { echo "+ $*" >&2; "$@"; }  # every step's command is printed before it runs
+world_of() { $PY -c "import sys; from sparsevlm.scenes.worlds import world_of_model; print(world_of_model(sys.argv[1]))" "$1"; }
 CKPT="" DEST="" QUICK=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -45,17 +47,16 @@ V1_LIKENESS=docs/likeness-scenes-llava-v1.json  # v1's measurement (1050 questio
 if [ -n "$DEST" ]; then
   ROOT=$DEST STAGE=$DEST/staging
   if [ ! -e "$ROOT/models/scenes-llava" ] && [ ! -e "$ROOT/models/scenes-llava-v1" ]; then
+    V1=assets/models/scenes-llava
+    [ ! -d assets/models/scenes-llava-v1 ] || V1=assets/models/scenes-llava-v1  # v2 has shipped already
     mkdir -p "$ROOT/models"
-    echo "+ cp -r assets/models/scenes-llava $ROOT/models/scenes-llava   # the model to move aside"
-    cp -r assets/models/scenes-llava "$ROOT/models/scenes-llava"
+    run cp -r "$V1" "$ROOT/models/scenes-llava"  # the v1 model to move aside
   fi
 else
   ROOT=assets STAGE=checkpoints/ship-v2/scenes-llava
 fi
 NEW=$ROOT/models/scenes-llava OLD=$ROOT/models/scenes-llava-v1
 
-run() { echo "+ $*" >&2; "$@"; }
-world_of() { $PY -c "import sys; from sparsevlm.scenes.worlds import world_of_model; print(world_of_model(sys.argv[1]))" "$1"; }
 # A JSON step is done when its file exists: evaluate and likeness write it only once they have finished.
 json_step() {
   local out=$1; shift
