@@ -97,6 +97,7 @@ def test_model_card_reads_every_figure_from_the_folder(tmp_path):
     content = summary["raters"]["classes"]["content"]["share_of_raters"][0]
     assert f"| content | {100 * content:.1f}% |" in text
     assert "phase `instruct`, step 5, 2 CPU-minutes" in text
+    assert "$T --phase align --out $C/v2-align" in text  # every phase's command, from scripts/train_v2.sh
     # The gate: own world 98.6% overall and per family meets 97 / 90; the independent set's 94.5% meets 90%.
     assert check_bars(d) == [] and "**met**" in text
 

@@ -29,6 +29,7 @@ BAR_QUESTIONS = 3000
 BAR_OWN_OVERALL = 0.97
 BAR_OWN_FAMILY = 0.90
 BAR_INDEPENDENT_OVERALL = 0.90
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_v2.sh"  # every phase's command
 
 
 def eval_records(model_dir: str | Path) -> dict[str, dict]:
@@ -174,11 +175,21 @@ def card(model_dir: str | Path) -> str:
     if (d / "likeness_compare.md").is_file():
         compare = (d / "likeness_compare.md").read_text().splitlines()
         lines += ["## Beside the previous embedded model", "", *compare[1:], ""]  # its own title dropped
+    script = TRAIN_SCRIPT.read_text().splitlines() if TRAIN_SCRIPT.is_file() else []
+    commands = [ln for ln in script if ln.strip() and not ln.lstrip().startswith("#")
+                and not ln.startswith(("set ", "cd ", "echo "))]
     lines += [
         "## How it was made",
         "",
-        "Every phase, resumable: `bash scripts/train_v2.sh` (commands and arguments in the script and in "
-        "docs/model-v2.md). The last phase's arguments, as the exporter recorded them:",
+        "Every phase, resumable, in order: `bash scripts/train_v2.sh` (why each setting: the script's comments and "
+        "docs/model-v2.md). Its commands as this repository holds them (environment variables override the step "
+        "counts):",
+        "",
+        "```bash",
+        *commands,
+        "```",
+        "",
+        "The last phase's arguments, as the exporter recorded them:",
         "",
         "```json",
         json.dumps(state.get("args", {}), indent=1, sort_keys=True),
