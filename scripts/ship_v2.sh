@@ -120,3 +120,5 @@ run $PY -m sparsevlm.scenes.examples --world v2 --out "$ROOT/examples" > /dev/nu
 
 echo "shipped: $NEW (world $(world_of "$NEW")), v1 at $OLD; sizes:"
 du -sh "$NEW" "$OLD" "$ROOT/examples"
+echo "left to a person: README.md's embedded-model section and docs/model-v2.md from $NEW/README.md (prose is not"
+echo "generated), then the full test suite (tests/test_embedded_model.py checks both models) and a commit."
