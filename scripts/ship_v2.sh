@@ -16,8 +16,9 @@
 # --dest DIR: DIR stands in for assets/ (DIR/models/..., DIR/examples; the staging folder is DIR/staging); when
 #   DIR has no models yet it gets a copy of today's assets/models/scenes-llava to move aside.
 # --quick: small n (N_EVAL, N_LIKE; default 14 and 7), the gate reports but does not stop; needs --dest.
-# Environment: THREADS (torch threads, default 1), N_EVAL, N_LIKE, PYTHON (default python).
+# Environment: THREADS (torch threads, default 1), N_EVAL, N_LIKE, NICE (default 15), PYTHON (default python).
 set -euo pipefail
+CALLER=$PWD
 cd "$(dirname "$0")/.."
 
 usage() { echo "usage: bash scripts/ship_v2.sh CKPT_DIR [--dest DIR] [--quick]" >&2; exit 2; }
@@ -29,12 +30,14 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dest) [ $# -ge 2 ] || usage; DEST=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     -*) usage ;;
     *) [ -z "$CKPT" ] || usage; CKPT=$1; shift ;;
   esac
 done
 [ -n "$CKPT" ] || usage
+abs() { case "$1" in /*|"") echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }  # paths as the caller gave them
+[ "$CALLER" -ef "$PWD" ] || { CKPT=$(abs "$CKPT"); DEST=$(abs "$DEST"); }
 [ -f "$CKPT/checkpoint.pt" ] || die "no checkpoint.pt in $CKPT"
 [ $QUICK = 0 ] || [ -n "$DEST" ] || die "--quick needs --dest (a quick run never touches assets/)"
 
