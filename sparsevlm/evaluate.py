@@ -67,8 +67,13 @@ def _recalls(record: CallRecord, evidence: list[int], depth: int) -> tuple[float
 
 @torch.inference_mode()
 def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None, log=print,
-             accountings: tuple[str, ...] = ACCOUNTINGS) -> dict:
-    from .scenes.generator import FAMILIES, heldout_sample, render
+             accountings: tuple[str, ...] = ACCOUNTINGS, world: str | None = None) -> dict:
+    """`world`: whose scenes (default: the model's own, read from its folder's training_state.json; v1 for a
+    folder without one), so the benchmark asks each embedded model what it was trained to answer."""
+    from .scenes.generator import FAMILIES
+    from .scenes.worlds import check_world, heldout_item, world_of_model
+
+    world = check_world(world_of_model(getattr(lm.model, "name_or_path", None) or None) if world is None else world)
 
     chosen = [s for s in settings(accountings) if labels is None or s.label in labels]
     per = {s.label: {"method": s.method, "accounting": s.config.accounting if s.method != "dense" else None,
@@ -85,8 +90,8 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
     depth = lm.num_layers
     t0 = time.time()
     for i in range(n):
-        scene, sample = heldout_sample(i, seed)
-        image = render(scene)
+        item = heldout_item(i, seed, world)
+        image, sample = item.image, item.sample
         inputs = lm.processor(images=image, text=build_prompt(lm.processor, sample.question), return_tensors="pt")
         inputs = inputs.to(lm.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(lm.dtype)
@@ -112,7 +117,7 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
             rec["equal_tokens_output"].append(figures["equal_tokens_reference"])
         if log and (i + 1) % max(1, n // 10) == 0:
             log(f"  {i + 1}/{n} questions, {time.time() - t0:.0f} s")
-    return summarize(per, lm, n, seed, time.time() - t0)
+    return {**summarize(per, lm, n, seed, time.time() - t0), "world": world}
 
 
 def summarize(per: dict, lm: LoadedModel, n: int, seed: int, seconds: float) -> dict:
@@ -163,7 +168,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"Model: {result['model']['name']} ({result['model']['architecture']}, {result['model']['decoder_layers']} "
         f"layers, {result['model']['visual_tokens']} visual tokens); {result['questions']} held-out questions "
-        f"(seed {result['seed']}); {result['seconds']:.0f} s on {result['model']['device']}.",
+        f"(world {result.get('world', 'v1')}, seed {result['seed']}); {result['seconds']:.0f} s on "
+        f"{result['model']['device']}.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

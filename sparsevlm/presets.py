@@ -24,6 +24,10 @@ from .methods import METHODS, get_method
 PRESET_DIR = Path(__file__).resolve().parent / "preset_configs"
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "models" / "scenes-llava"
 DEFAULT_PRESET = "scenes-llava"
+# After model v2 ships (scripts/ship_v2.sh), the first embedded model lives here and stays selectable.
+EMBEDDED_V1_DIR = EMBEDDED_DIR.parent / "scenes-llava-v1"
+V1_PRESET = "scenes-llava-v1"
+LIKENESS_FILE = "likeness_1050.json"  # the model folder's own likeness summary (python -m sparsevlm.scenes.likeness)
 
 # Methods that rank patches by the vision tower's [CLS] attention and cannot run on a tower without one (SigLIP).
 
@@ -181,15 +185,14 @@ class Preset:
         }
 
 
-def _embedded_data() -> dict:
-    """The embedded model's preset data, read from its own folder (its files are the exact configuration)."""
-    d = EMBEDDED_DIR
+def _embedded_data(d: Path = EMBEDDED_DIR, name: str = DEFAULT_PRESET) -> dict:
+    """An embedded model's preset data, read from its own folder (its files are the exact configuration)."""
     if not (d / "config.json").is_file():
         raise ConfigError(f"the embedded model folder {d} is missing (no config.json)")
     proc = json.loads((d / "processor_config.json").read_text())
     template = (d / "chat_template.jinja").read_text() if (d / "chat_template.jinja").is_file() else None
     return {
-        "name": DEFAULT_PRESET,
+        "name": name,
         "config": json.loads((d / "config.json").read_text()),
         "preprocessor_config": proc.pop("image_processor"),
         "processor_config": proc,
@@ -201,19 +204,52 @@ def _embedded_data() -> dict:
     }
 
 
+def _world_of(d: Path) -> str:
+    """The picture world a scenes model was trained on (training_state.json "world"; absent = v1). Read here
+    rather than through sparsevlm.scenes.worlds: the engine never imports the scenes package."""
+    try:
+        return str(json.loads((d / "training_state.json").read_text()).get("world", "v1"))
+    except (OSError, ValueError, AttributeError):
+        return "v1"
+
+
+def _raters_measured(d: Path) -> str:
+    """'; its text raters are N% content words (measured ...)' from the folder's likeness summary, if it has one."""
+    try:
+        s = json.loads((d / LIKENESS_FILE).read_text())["summary"]
+        content = s["raters"]["classes"]["content"]["share_of_raters"][0]
+        top = ", ".join(f"`{w['word']}`" for w in s["raters"]["top_words"][:3])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
+    return (f"; its text raters are {100 * content:.0f}% content words, {top} lead (measured on "
+            f"{s['questions']} held-out questions, {LIKENESS_FILE})")
+
+
+def _embedded_preset(d: Path, name: str, lead: str) -> Preset:
+    """A preset for a scenes model folder; its shape and size are read from the folder, never typed."""
+    data = _embedded_data(d, name)
+    text = data["config"]["text_config"]
+    size_mib = sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) / 2**20
+    depth = text["num_hidden_layers"]
+    llava_depth = " - LLaVA-1.5-7B's depth and grid" if depth == 32 else ""
+    summary = (f"{lead} (world {_world_of(d)}); CLIP 336/14 with [CLS] (576 tokens), {depth}-layer Llama decoder "
+               f"x {text['hidden_size']}{llava_depth}{_raters_measured(d)}")
+    hardware = f"any CPU ({size_mib:.0f} MiB{'; the default for a CPU Space' if name == DEFAULT_PRESET else ''})"
+    return Preset(name, summary, hardware, data, local_path=str(d))
+
+
 def _load_presets() -> dict[str, Preset]:
     presets: dict[str, Preset] = {}
     try:
-        presets[DEFAULT_PRESET] = Preset(
-            DEFAULT_PRESET,
-            "the embedded model: trained here on generated scenes; CLIP 336/14 with [CLS] (576 tokens), "
-            "32-layer Llama decoder x 128 - LLaVA-1.5-7B's depth and grid",
-            "any CPU (22 MB; the default for a CPU Space)",
-            _embedded_data(),
-            local_path=str(EMBEDDED_DIR),
-        )
+        presets[DEFAULT_PRESET] = _embedded_preset(EMBEDDED_DIR, DEFAULT_PRESET,
+                                                   "the embedded model: trained here on generated scenes")
     except ConfigError:
         pass  # a checkout without the embedded model still lists the hub presets
+    if (EMBEDDED_V1_DIR / "config.json").is_file():  # only once model v2 has replaced it as the default
+        presets[V1_PRESET] = _embedded_preset(
+            EMBEDDED_V1_DIR, V1_PRESET,
+            "the first embedded model (v1): trained from scratch with a loss on the answer word only, not LLaVA's "
+            "recipe")
     for name, (slug, hardware, summary) in _PUBLIC.items():
         data = json.loads((PRESET_DIR / f"{slug}.json").read_text())
         presets[name] = Preset(name, summary, hardware, data)

@@ -118,10 +118,15 @@ def test_models_command_json():
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     rows = {r["name"]: r for r in d["presets"]}
-    assert list(rows) == ["scenes-llava", "bczhou/tiny-llava-v1-hf", "llava-hf/llava-interleave-qwen-0.5b-hf",
+    # The first model stays selectable as scenes-llava-v1 once model v2 has replaced it (scripts/ship_v2.sh).
+    embedded = ["scenes-llava", *(["scenes-llava-v1"] if (ROOT / "assets/models/scenes-llava-v1").is_dir() else [])]
+    assert list(rows) == [*embedded, "bczhou/tiny-llava-v1-hf", "llava-hf/llava-interleave-qwen-0.5b-hf",
                           "llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf"]
-    assert [rows[n]["decoder_layers"] for n in rows] == [32, 22, 24, 32, 40]
-    assert [rows[n]["visual_tokens"] for n in rows] == [576, 576, 729, 576, 576]
+    for name in embedded:  # their shape is their folder's config.json
+        config = json.loads((ROOT / "assets/models" / name / "config.json").read_text())
+        assert rows[name]["decoder_layers"] == config["text_config"]["num_hidden_layers"]
+    assert [rows[n]["decoder_layers"] for n in list(rows)[len(embedded):]] == [22, 24, 32, 40]
+    assert [rows[n]["visual_tokens"] for n in rows] == [576] * len(embedded) + [576, 729, 576, 576]
     qwen = rows["llava-hf/llava-interleave-qwen-0.5b-hf"]
     assert not qwen["vision_cls"] and "fastervlm" not in qwen["methods"] and "fastervlm" in qwen["not_applicable"]
     # Published sizes: LLaVA-1.5-7B 7.06B and 13B 13.35B parameters.
