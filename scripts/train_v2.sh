@@ -30,5 +30,5 @@ $T --phase instruct --out $C/v2-instruct --init-from $C/v2-align/checkpoint.pt -
 $T --phase instruct --out $C/v2-grow32 --init-from $C/v2-instruct/checkpoint.pt --grow --layers 32 \
    --until ${GROW_STEPS:-400} --batch 8 --turns 12 --caption-p 0.2 --lr 3e-4 --lr-end 3e-5 --decay-from 100 \
    --warmup 20 --referent-weight 1 --referent-layer 2 --seed 5
-echo "all phases done; export with:"
-echo "python -m sparsevlm.scenes.train_llava --out $C/v2-grow32 --export assets/models/scenes-llava-v2"
+echo "all phases done; measure, gate on the bars and ship with:"
+echo "bash scripts/ship_v2.sh $C/v2-grow32"
