@@ -401,7 +401,7 @@ def train(args: argparse.Namespace) -> None:
     model.load_state_dict(state)
     model.train()
     trainable(model, args.phase)
-    patch_heads = PatchHeads(model, size.vision_hidden) if args.phase == "vision" else None
+    patch_heads = PatchHeads(model, size.vision_hidden, balanced=True) if args.phase == "vision" else None
     grid_heads = GridHeads(model, size.hidden) if args.phase in ("align", "instruct") and args.grid_weight > 0 else None
     ref_probe = None
     if args.phase in ("text", "instruct") and args.referent_weight > 0:
@@ -470,6 +470,8 @@ def train(args: argparse.Namespace) -> None:
         elif args.phase == "vision":
             model.model.vision_tower(pixel_values=pixel_values([world.render(s) for s in scenes]))
             targets = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes])
+            # per-head accuracy on object / label patches, logged as train_acc (mean over the window's steps)
+            stats = {k: (v, 1) for k, v in patch_heads.foreground_accuracy(targets).items()}
             loss = patch_heads.loss(targets)
         else:
             ids, pos, labels, fams, w, _, ref, ref_mask = batch
