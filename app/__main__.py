@@ -1,7 +1,7 @@
 """`python -m app`: load the model once, then serve the SparseVLM Explorer.
 
     python -m app                          # embedded model, http://127.0.0.1:7860
-    python -m app --model llava-hf/llava-1.5-7b-hf --host 0.0.0.0 --port 8080
+    python -m app --model llava-hf/llava-1.5-7b-hf --host 0.0.0.0 --port 8080   # a preset, hub id or folder
     SPARSEVLM_MODEL=/path/to/folder PORT=7861 python -m app
 """
 
@@ -31,6 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--examples", default=os.environ.get("SPARSEVLM_EXAMPLES", str(DEFAULT_EXAMPLES)),
                    help="examples.json to offer as one-click examples (env SPARSEVLM_EXAMPLES)")
     p.add_argument("--queue-size", type=int, default=32, help="requests allowed to wait in the queue")
+    mem = os.environ.get("SPARSEVLM_MODEL_MEMORY_GIB")
+    p.add_argument("--model-memory-gib", type=float, default=float(mem) if mem else None,
+                   help="weights the model picker may keep loaded at once, in GiB; the least recently used model is "
+                        "unloaded beyond it (env SPARSEVLM_MODEL_MEMORY_GIB; default: 90%% of the GPU's memory, or "
+                        "half the machine's available RAM)")
     return p.parse_args(argv)
 
 
@@ -39,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from sparsevlm.errors import ModelLoadError
-    from sparsevlm.loading import load_model
+    from sparsevlm.loading import ModelCache, resolve
 
     model_arg = args.model
     if model_arg == str(DEFAULT_MODEL) and not DEFAULT_MODEL.is_dir():
@@ -47,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
               "--model <hub id or folder> (or set SPARSEVLM_MODEL).", file=sys.stderr)
         return 2
     try:
-        lm = load_model(model_arg, device=args.device, dtype=args.dtype)
+        limit = None if args.model_memory_gib is None else int(args.model_memory_gib * 2**30)
+        models = ModelCache(limit, device=args.device, dtype=args.dtype)
+        default = ModelCache.key(resolve(model_arg))
+        lm, _ = models.get(default)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .ui import build_app, launch_kwargs, load_examples
 
-    demo = build_app(lm, examples=load_examples(Path(args.examples)))
+    demo = build_app(models, default, examples=load_examples(Path(args.examples)))
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True, footer_links=["api"],
                 ssr_mode=False, **launch_kwargs())

@@ -9,19 +9,37 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import plotly.graph_objects as go
 from PIL import Image, ImageDraw, ImageFont
 
+from sparsevlm.methods import METHOD_LABELS as REGISTERED_LABELS
 from sparsevlm.trace import PruneTrace, Stage
 
-METHOD_LABELS = {
-    "sparsevlm": "SparseVLM",
-    "fastv": "FastV",
-    "fastervlm": "FasterVLM",
-    "random": "Random",
-    "dense": "Dense (no pruning)",
+# What ranks the visual tokens, per method; the labels themselves come from the engine's registry (one place).
+RANKS_BY: dict[str, str] = {
+    "sparsevlm": "text-guided",
+    "sparsevlm-v2": "text-guided, gravity-corrected",
+    "fastv": "last-token attention",
+    "fastervlm": "[CLS] attention",
+    "visionzip": "[CLS] attention + merging",
+    "divprune": "diversity",
+    "pyramiddrop": "last-instruction attention",
+    "dart": "duplication",
+    "random": "no ranking",
 }
+# The one table of method labels: name -> (label, what ranks the visual tokens).
+METHOD_TABLE: dict[str, tuple[str, str]] = {
+    name: (label, RANKS_BY.get(name, "")) for name, label in REGISTERED_LABELS.items()
+}
+
+
+def method_label(method: str, long: bool = False) -> str:
+    """Short label ("FastV"), or with what ranks the tokens ("FastV (last-token attention)")."""
+    label, how = METHOD_TABLE.get(method, (method, ""))
+    return f"{label} ({how})" if long and how else label
+
 
 # Cluster outlines: a qualitative palette that stays readable on top of photos.
 CLUSTER_COLOURS: tuple[tuple[int, int, int], ...] = (
@@ -41,9 +59,7 @@ CLUSTER_COLOURS: tuple[tuple[int, int, int], ...] = (
 PRUNED_DIM = 0.22  # brightness a pruned patch keeps
 CLUSTER_TINT = 0.42  # share of the cluster colour over a recycled patch (the picture stays readable)
 OUTSIDE_DIM = 0.10  # brightness of image parts the model never saw (cropped away by the processor)
-KEPT_RGB = (34, 197, 94)
-PRUNED_RGB = (100, 116, 139)
-ACCENT_RGB = (99, 102, 241)
+EVIDENCE_RGB = (255, 255, 255)  # evidence outlines: white over a dark rim, apart from every cluster colour
 DISPLAY_SIDE = 512
 
 # Patch states in a label grid.
@@ -144,27 +160,22 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def _fit(image: Image.Image, trace: PruneTrace, max_side: int) -> np.ndarray:
+    """The upload as an RGB uint8 array at display size."""
     if trace.image_size == (0, 0):
         raise ValueError("the trace records no image size")
     if image.size != tuple(trace.image_size):
         # The app passes the very image it ran on; anything else is re-fitted to the recorded size.
         image = image.resize(tuple(trace.image_size), Image.BILINEAR)
     size = display_size(image.size, max_side)
-    return np.asarray(image.convert("RGB").resize(size, Image.LANCZOS), dtype=np.float32)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB").resize(size, Image.LANCZOS), dtype=np.uint8))
 
 
-def _outline(mask_ids: np.ndarray, thickness: int = 2) -> np.ndarray:
-    """Pixels on the boundary between different ids (ids < -2 are treated as background)."""
-    edge = np.zeros(mask_ids.shape, dtype=bool)
-    edge[:, 1:] |= mask_ids[:, 1:] != mask_ids[:, :-1]
-    edge[1:, :] |= mask_ids[1:, :] != mask_ids[:-1, :]
-    grown = edge.copy()
-    for _ in range(max(0, thickness - 1)):
-        g = grown.copy()
-        g[:, 1:] |= grown[:, :-1]
-        g[1:, :] |= grown[:-1, :]
-        grown = g
-    return grown
+def _patch_edges(pmap: np.ndarray) -> np.ndarray:
+    """1-px lines where neighbouring pixels belong to different patches (the faint token grid)."""
+    edge = np.zeros(pmap.shape, dtype=bool)
+    edge[:, 1:] |= pmap[:, 1:] != pmap[:, :-1]
+    edge[1:, :] |= pmap[1:, :] != pmap[:-1, :]
+    return edge
 
 
 def _hatch(shape: tuple[int, int], period: int = 10) -> np.ndarray:
@@ -172,11 +183,41 @@ def _hatch(shape: tuple[int, int], period: int = 10) -> np.ndarray:
     return ((xx + yy) % period) < 2
 
 
-def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: int = DISPLAY_SIDE) -> Image.Image:
+def _blend(base: np.ndarray, over: np.ndarray, alpha: float, where: np.ndarray) -> np.ndarray:
+    """base with `over` blended in at `alpha`, only where the mask is set."""
+    mixed = cv2.addWeighted(base, 1.0 - alpha, over, alpha, 0.0)
+    return np.where(where[..., None], mixed, base)
+
+
+def _dim(arr: np.ndarray, factor: float, lift: float = 0.0) -> np.ndarray:
+    return cv2.convertScaleAbs(arr, alpha=factor, beta=lift)
+
+
+def draw_outline(out: np.ndarray, mask: np.ndarray, rgb: tuple[int, int, int], thickness: int = 2,
+                 rim: bool = False) -> np.ndarray:
+    """Draw the contours of a region (a boolean pixel mask) in place; holes get their own contour."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    if rim:  # a dark rim keeps a light outline readable on bright pictures
+        cv2.drawContours(out, contours, -1, (0, 0, 0), thickness + 2, cv2.LINE_8)
+    cv2.drawContours(out, contours, -1, tuple(int(c) for c in rgb), thickness, cv2.LINE_8)
+    return out
+
+
+def _evidence_mask(pmap: np.ndarray, evidence: Sequence[int] | None) -> np.ndarray | None:
+    if not evidence:
+        return None
+    mask = np.isin(pmap, np.asarray(list(evidence), dtype=np.int64)) & (pmap >= 0)
+    return mask if mask.any() else None
+
+
+def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: int = DISPLAY_SIDE,
+                 evidence: Sequence[int] | None = None) -> Image.Image:
     """The upload in its own aspect as decoder layer `layer` sees it.
 
     Kept patches are clear, pruned ones dimmed, each recycled cluster tinted and outlined in its own colour (its
-    center marked with a dot); parts of the picture the processor cropped away are hatched.
+    center marked with a dot); parts of the picture the processor cropped away are hatched. `evidence` (patch
+    indices, e.g. a generated scene's ground truth; default: the trace's own `evidence` if it has one) is
+    outlined in white.
     """
     arr = _fit(image, trace, max_side)
     h, w = arr.shape[:2]
@@ -185,47 +226,38 @@ def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: in
     states = patch_states(trace, layer)
     pix_state = np.where(inside, states[np.clip(pmap, 0, None)], -3)
 
-    out = arr.copy()
-    pruned = pix_state == PRUNED
-    out[pruned] = arr[pruned] * PRUNED_DIM + 18
+    out = np.where((pix_state == PRUNED)[..., None], _dim(arr, PRUNED_DIM, 18), arr)
     outside = pix_state == -3
-    out[outside] = arr[outside] * OUTSIDE_DIM
+    out[outside] = _dim(arr, OUTSIDE_DIM)[outside]
     out[outside & _hatch((h, w))] = 70
 
     # faint patch grid on the visible tokens, so "a token is a square" reads at a glance
-    grid_edges = _outline(np.where(inside, pmap, -3), 1) & (pix_state == KEPT)
-    out[grid_edges] = out[grid_edges] * 0.75 + 255 * 0.25
+    grid = _patch_edges(np.where(inside, pmap, -3)) & (pix_state == KEPT)
+    out = _blend(out, np.full_like(out, 255), 0.25, grid)
 
     stage = trace.stage_for_layer(layer)
     if stage is not None and stage.merged:
         cluster_px = pix_state >= 0
-        colours = np.array(CLUSTER_COLOURS, dtype=np.float32)
-        cid = np.where(cluster_px, pix_state % len(colours), 0)
-        tint = colours[cid]
-        out[cluster_px] = arr[cluster_px] * (1 - CLUSTER_TINT) + tint[cluster_px] * CLUSTER_TINT
-        ids = np.where(cluster_px, pix_state, -10)
-        edge = _outline(ids, 2) & cluster_px
-        out[edge] = tint[edge]
-    img = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
-    if stage is not None and stage.merged:
-        draw = ImageDraw.Draw(img)
+        colours = np.array(CLUSTER_COLOURS, dtype=np.uint8)
+        tint = colours[np.where(cluster_px, pix_state % len(colours), 0)]
+        out = _blend(out, tint, CLUSTER_TINT, cluster_px)
+        out = np.ascontiguousarray(out)
+        for k in range(len(stage.merged)):
+            mask = pix_state == k
+            if mask.any():
+                draw_outline(out, mask, CLUSTER_COLOURS[k % len(CLUSTER_COLOURS)], 2)
         for k, m in enumerate(stage.merged):
+            if m.center < 0:  # a token at no patch (VisionZip's [CLS]): nothing to mark on the image
+                continue
             x0, y0, x1, y1 = patch_box(trace, m.center, (w, h))
-            cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, max(2.5, (x1 - x0) / 5)
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=CLUSTER_COLOURS[k % len(CLUSTER_COLOURS)],
-                         outline=(0, 0, 0))
-    return img
-
-
-def _colormap(v: np.ndarray) -> np.ndarray:
-    """A perceptual dark-purple -> orange -> yellow ramp (inferno-like) for v in [0, 1]."""
-    anchors = np.array(
-        [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39],
-         [252, 255, 164]], dtype=np.float32)
-    x = np.clip(v, 0, 1) * (len(anchors) - 1)
-    i = np.clip(np.floor(x).astype(int), 0, len(anchors) - 2)
-    f = (x - i)[..., None]
-    return anchors[i] * (1 - f) + anchors[i + 1] * f
+            centre = (round((x0 + x1) / 2), round((y0 + y1) / 2))
+            r = max(3, round((x1 - x0) / 5))
+            cv2.circle(out, centre, r, CLUSTER_COLOURS[k % len(CLUSTER_COLOURS)], -1, cv2.LINE_AA)
+            cv2.circle(out, centre, r, (0, 0, 0), 1, cv2.LINE_AA)
+    ev = _evidence_mask(pmap, evidence if evidence is not None else getattr(trace, "evidence", None))
+    if ev is not None:
+        out = draw_outline(np.ascontiguousarray(out), ev, EVIDENCE_RGB, 2, rim=True)
+    return Image.fromarray(out)
 
 
 def heatmap_stage(trace: PruneTrace, layer: int) -> Stage | None:
@@ -243,37 +275,49 @@ def patch_scores(trace: PruneTrace, stage: Stage) -> np.ndarray:
     return vals
 
 
-def render_heatmap(image: Image.Image, trace: PruneTrace, layer: int, max_side: int = DISPLAY_SIDE) -> Image.Image:
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (any shape) -> RGB uint8 through OpenCV's perceptual inferno map."""
+    grey = np.clip(np.nan_to_num(values) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    bgr = cv2.applyColorMap(grey.reshape(1, -1), cv2.COLORMAP_INFERNO)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).reshape(*values.shape, 3)
+
+
+def render_heatmap(image: Image.Image, trace: PruneTrace, layer: int, max_side: int = DISPLAY_SIDE,
+                   evidence: Sequence[int] | None = None) -> Image.Image:
     """Significance scores (mean attention the text raters pay each visual token) over the image."""
     arr = _fit(image, trace, max_side)
     h, w = arr.shape[:2]
     stage = heatmap_stage(trace, layer)
     pmap = patch_index_map(trace, (w, h))
     inside = pmap >= 0
-    out = arr * OUTSIDE_DIM
+    out = _dim(arr, OUTSIDE_DIM)
     if stage is None or not stage.scores:
-        out[inside] = arr[inside] * PRUNED_DIM + 18
-        return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+        out[inside] = _dim(arr, PRUNED_DIM, 18)[inside]
+        return Image.fromarray(out)
     vals = patch_scores(trace, stage)
     finite = vals[np.isfinite(vals)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    # sqrt spreads the many small attention shares over more of the colour ramp
     norm = np.sqrt(np.clip((vals - lo) / (hi - lo), 0, 1)) if hi > lo else np.ones_like(vals)
     pv = np.where(inside, norm[np.clip(pmap, 0, None)], np.nan)
     scored = np.isfinite(pv)
-    out[inside & ~scored] = arr[inside & ~scored] * PRUNED_DIM + 18
-    out[scored] = arr[scored] * 0.35 + _colormap(pv[scored]) * 0.65
+    out[inside & ~scored] = _dim(arr, PRUNED_DIM, 18)[inside & ~scored]
+    out = _blend(out, colormap(pv), 0.65, scored)
     out[~inside & _hatch((h, w))] = 70
-    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    ev = _evidence_mask(pmap, evidence if evidence is not None else getattr(trace, "evidence", None))
+    if ev is not None:
+        out = draw_outline(np.ascontiguousarray(out), ev, EVIDENCE_RGB, 2, rim=True)
+    return Image.fromarray(out)
 
 
 def render_view(image: Image.Image, trace: PruneTrace, layer: int, view: str = "tokens",
-                max_side: int = DISPLAY_SIDE) -> Image.Image:
+                max_side: int = DISPLAY_SIDE, evidence: Sequence[int] | None = None) -> Image.Image:
     if view == "heatmap":
-        return render_heatmap(image, trace, layer, max_side)
-    return render_layer(image, trace, layer, max_side)
+        return render_heatmap(image, trace, layer, max_side, evidence)
+    return render_layer(image, trace, layer, max_side, evidence)
 
 
-def legend_html(trace: PruneTrace | None = None) -> str:
+def legend_html() -> str:
     def sw(rgb: tuple[int, int, int], text: str, border: str = "none") -> str:
         return (f'<span class="sv-swatch"><i style="background:rgb{rgb};border:{border}"></i>{text}</span>')
 
@@ -282,6 +326,7 @@ def legend_html(trace: PruneTrace | None = None) -> str:
         sw((40, 40, 46), "pruned token (dimmed)"),
         sw(CLUSTER_COLOURS[0], "recycled cluster: deleted patches merged into one token (dot = its center)"),
         sw((70, 70, 70), "cropped away by the processor (never seen)"),
+        sw((40, 40, 46), "evidence (examples): the patches the answer depends on", "2px solid #fff"),
     ]
     return '<div class="sv-legend">' + "".join(items) + "</div>"
 
@@ -295,18 +340,49 @@ def caption_strip(img: Image.Image, text: str, height: int = 34) -> Image.Image:
     return out
 
 
-def pruning_animation(image: Image.Image, trace: PruneTrace, max_side: int = 384,
-                      frame_ms: int = 700) -> bytes:
-    """An animated GIF: one frame per decoder layer, captioned with the token count."""
+def animation_frames(image: Image.Image, trace: PruneTrace, max_side: int = 384,
+                     evidence: Sequence[int] | None = None) -> list[Image.Image]:
+    """One captioned picture per decoder layer: what it sees and how many visual tokens that is."""
     frames = []
     for layer in range(num_layers(trace)):
         c = layer_counts(trace, layer)
-        pic = render_layer(image, trace, layer, max_side)
+        pic = render_layer(image, trace, layer, max_side, evidence)
         frames.append(caption_strip(pic, f"layer {layer}: {c['tokens']}/{trace.visual_tokens} visual tokens"))
+    return frames
+
+
+def pruning_animation(image: Image.Image, trace: PruneTrace, max_side: int = 384, frame_ms: int = 700,
+                      evidence: Sequence[int] | None = None) -> bytes:
+    """An animated GIF: one frame per decoder layer, captioned with the token count."""
+    frames = animation_frames(image, trace, max_side, evidence)
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0,
                    optimize=False, disposal=1)
     return buf.getvalue()
+
+
+def pruning_video(image: Image.Image, trace: PruneTrace, path: str, max_side: int = 384, fps: float = 1.5,
+                  evidence: Sequence[int] | None = None) -> str:
+    """An MP4 that browsers play: H.264 in yuv420p with the index up front, one frame per decoder layer."""
+    import imageio_ffmpeg
+
+    frames = animation_frames(image, trace, max_side, evidence)
+    w, h = frames[0].size
+    # H.264 4:2:0 needs even sides; 16 avoids encoder padding artefacts. Pad with the caption strip's colour.
+    W, H = -(-w // 16) * 16, -(-h // 16) * 16  # noqa: N806 - frame sides
+    writer = imageio_ffmpeg.write_frames(
+        path, (W, H), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p", macro_block_size=1,
+        quality=None, bitrate=None, output_params=["-crf", "20", "-movflags", "+faststart", "-an"],
+        ffmpeg_log_level="error")
+    writer.send(None)
+    try:
+        for f in frames:
+            canvas = np.full((H, W, 3), (17, 24, 39), dtype=np.uint8)
+            canvas[:h, :w] = np.asarray(f, dtype=np.uint8)
+            writer.send(np.ascontiguousarray(canvas))
+    finally:
+        writer.close()
+    return path
 
 
 # --- text raters ---------------------------------------------------------------------------------------------
@@ -379,11 +455,11 @@ def counts_figure(trace: PruneTrace, budget: float | None = None) -> go.Figure:
                     hovertemplate="layer %{x}: %{y} visual tokens<extra></extra>", showlegend=False)
     fig.add_hline(y=trace.visual_tokens, line_dash="dot", line_color="#94a3b8",
                   annotation_text=f"dense: {trace.visual_tokens}", annotation_position="top right")
-    eq = trace.cost.equal_tokens
+    eq, eq_out = trace.cost.equal_tokens, trace.cost.equal_tokens_reference
     if eq:
         fig.add_hline(y=eq, line_dash="dash", line_color="rgb(234,88,12)",
-                      annotation_text=f"equal tokens (mean per layer) = {eq:.1f}"
-                      + (f", budget {budget:g}" if budget else ""),
+                      annotation_text=f"equal tokens, input-counted = {eq:.1f}; output-counted = {eq_out:.1f}"
+                      + (f"; {budget_line(trace)}" if budget else ""),
                       annotation_position="bottom right", annotation_font_color="rgb(194,65,12)")
     for i, st in enumerate(trace.stages):
         x = st.after_layer + 0.5
@@ -412,7 +488,7 @@ def counts_figure(trace: PruneTrace, budget: float | None = None) -> go.Figure:
 
 
 def _method(trace: PruneTrace) -> str:
-    return METHOD_LABELS.get(trace.method, trace.method)
+    return method_label(trace.method)
 
 
 def formulas_markdown(trace: PruneTrace) -> str:
@@ -462,6 +538,11 @@ def _bytes(v: float) -> tuple[float, str]:
     return v, "B"
 
 
+def format_bytes(v: float) -> str:
+    n, unit = _bytes(v)
+    return f"{n:.3g} {unit}"
+
+
 def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
     """[quantity, pruned, dense, change, unit, how it was obtained] rows."""
     tp, td = pruned.timings_ms, dense.timings_ms if dense else None
@@ -482,8 +563,11 @@ def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
     add("new tokens generated", tp.decode_tokens, td.decode_tokens if td else None, "tokens", "measured", 0)
     add("total", tp.total, td.total if td else None, "ms", "measured")
     cp, cd = pruned.cost, dense.cost if dense else None
-    add("equal tokens (mean visual tokens per layer)", cp.equal_tokens,
+    add("equal tokens, input-counted (mean visual tokens per layer; what FLOPs follow)", cp.equal_tokens,
         cd.equal_tokens if cd else float(pruned.visual_tokens), "tokens", "computed")
+    add("equal tokens, output-counted (a pruning layer at its output; the papers' figure)",
+        cp.equal_tokens_reference, cd.equal_tokens_reference if cd else float(pruned.visual_tokens), "tokens",
+        "computed")
     dense_flops = cd.prefill_flops if cd else cp.prefill_flops_dense
     v, unit = _flops(max(cp.prefill_flops, dense_flops))
     scale = max(cp.prefill_flops, dense_flops) / v if v else 1.0
@@ -497,6 +581,15 @@ def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
     add("KV cache after prefill", cp.kv_bytes / scale, dense_kv / scale, unit, "computed", 3)
     dense_vkv = cd.visual_kv_bytes if cd else cp.visual_kv_bytes_dense
     add("  of which visual tokens", cp.visual_kv_bytes / scale, dense_vkv / scale, unit, "computed", 3)
+    mp, md = pruned.memory, dense.memory if dense else None
+    if mp.kv_bytes_prefill is not None:
+        add("KV cache after prefill, read from the cache object", mp.kv_bytes_prefill / scale,
+            md.kv_bytes_prefill / scale if md and md.kv_bytes_prefill is not None else None, unit, "measured", 3)
+    if mp.peak_gpu_bytes is not None:
+        pv, punit = _bytes(max(mp.peak_gpu_bytes, md.peak_gpu_bytes or 0) if md else mp.peak_gpu_bytes)
+        pscale = (max(mp.peak_gpu_bytes, md.peak_gpu_bytes or 0) if md else mp.peak_gpu_bytes) / pv if pv else 1.0
+        add("peak GPU memory (CUDA allocator)", mp.peak_gpu_bytes / pscale,
+            md.peak_gpu_bytes / pscale if md and md.peak_gpu_bytes is not None else None, punit, "measured", 3)
     return rows
 
 
@@ -550,10 +643,9 @@ def answer_markdown(pruned: PruneTrace, dense: PruneTrace | None) -> str:
     agree = _normalise(a) == _normalise(d)
     badge = ('<span class="sv-badge sv-agree">✓ same answer as dense</span>' if agree else
              '<span class="sv-badge sv-differ">≠ differs from dense</span>')
-    eq = pruned.cost.equal_tokens
     return (
         f"<div class='sv-answers'><div class='sv-answer'><div class='sv-k'>{_method(pruned)} · "
-        f"{eq:.0f} equal tokens</div><div class='sv-v'>{_esc(a)}</div></div>"
+        f"{_esc(budget_line(pruned))}</div><div class='sv-v'>{_esc(a)}</div></div>"
         f"<div class='sv-answer sv-dense'><div class='sv-k'>Dense · {dense.visual_tokens} tokens</div>"
         f"<div class='sv-v'>{_esc(d)}</div></div></div>{badge}"
     )
@@ -572,30 +664,47 @@ def _esc(s: str) -> str:
 
 
 # --- compare ------------------------------------------------------------------------------------------------
-COMPARE_HEADERS = ["method", "answer", "agrees with dense", "equal tokens (computed)", "prefill ms (measured)",
-                   "total ms (measured)", "prefill compute (computed)", "KV cache (computed)"]
+COMPARE_HEADERS = ["method", "answer", "agrees with dense", "equal tokens in / out (computed)", "budget",
+                   "prefill ms (measured)",
+                   "total ms (measured)", "prefill compute (computed)", "KV cache (computed)",
+                   "evidence recall at the last layer: kept / represented (computed, generated scenes)"]
 
 
-def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]]) -> list[list]:
-    """results: (method, trace or None, error message) per method, dense included."""
+def budget_line(trace: PruneTrace) -> str:
+    """Which accounting met the budget, in which counting: "budget 64, paper accounting: output-counted 64.8"."""
+    c = trace.cost
+    if c.budget is None or c.budget_figure is None:
+        return f"{c.equal_tokens:.0f} equal tokens (no budget: {'dense' if trace.method == 'dense' else 'adaptive'})"
+    counted = {"input": "input-counted", "output": "output-counted", "kept": "tokens kept"}.get(c.budget_counting,
+                                                                                               c.budget_counting)
+    met = "met" if c.budget_met else "NOT met"
+    return f"budget {c.budget} {met} by {c.accounting} accounting ({counted} {c.budget_figure:.1f})"
+
+
+def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]],
+                 evidence: Sequence[int] | None = None) -> list[list]:
+    """results: (method, trace or None, error message) per method, dense included. `evidence`: a generated
+    scene's evidence patches in the traces' grid (the last column stays empty without them, e.g. for uploads)."""
     dense = next((t for m, t, _ in results if m == "dense" and t is not None), None)
     rows = []
     for method, tr, err in results:
-        label = METHOD_LABELS.get(method, method)
+        label = method_label(method)
         if tr is None:
-            rows.append([label, f"not available: {err}", "", "", "", "", "", ""])
+            rows.append([label, f"not available: {err}", "", "", "", "", "", "", "", ""])
             continue
         f, fu = _flops(tr.cost.prefill_flops)
         b, bu = _bytes(tr.cost.kv_bytes)
         agree = "" if dense is None or method == "dense" else ("yes" if answers_agree(tr, dense) else "no")
-        rows.append([label, tr.answer.strip(), agree, round(tr.cost.equal_tokens, 1),
+        rows.append([label, tr.answer.strip(), agree,
+                     f"{tr.cost.equal_tokens:.1f} / {tr.cost.equal_tokens_reference:.1f}", budget_line(tr),
                      round(tr.timings_ms.prefill, 1), round(tr.timings_ms.total, 1), f"{f:.3g} {fu}",
-                     f"{b:.3g} {bu}"])
+                     f"{b:.3g} {bu}", recall_text(evidence_recall(tr, evidence)) if evidence is not None else ""])
     return rows
 
 
 def compare_caption(method: str, tr: PruneTrace) -> str:
-    return (f"{METHOD_LABELS.get(method, method)}: “{tr.answer.strip()}” · {tr.cost.equal_tokens:.0f} eq. tokens"
+    return (f"{method_label(method)}: “{tr.answer.strip()}” · {tr.cost.equal_tokens:.0f} / "
+            f"{tr.cost.equal_tokens_reference:.0f} eq. tokens (in / out)"
             f" · prefill {tr.timings_ms.prefill:.0f} ms")
 
 
@@ -610,9 +719,90 @@ def default_layer(trace: PruneTrace) -> int:
     return min(final_layer(trace), max(0, trace.stages[-1].after_layer + 1))
 
 
-def empty_figure(message: str) -> go.Figure:
-    fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, font={"size": 14, "color": "#64748b"})
-    fig.update_layout(height=200, xaxis={"visible": False}, yaxis={"visible": False}, **_layout_base())
-    return fig
+# --- ground truth of generated scenes ---------------------------------------------------------------------------
+def regrid_patches(patches: Sequence[int], from_grid: tuple[int, int], to_grid: tuple[int, int]) -> list[int]:
+    """Patch indices of one grid mapped to another over the same square picture: every cell of `to_grid` that
+    overlaps one of `patches` (the generator marks evidence on its 24x24 grid; a model may see 12x12)."""
+    (fr, fc), (tr_, tc) = from_grid, to_grid
+    if (fr, fc) == (tr_, tc):
+        return sorted(set(int(p) for p in patches))
+    out = set()
+    for p in patches:
+        r, c = divmod(int(p), fc)
+        # the source cell spans [r/fr, (r+1)/fr) of the height: every target row it touches
+        for rr in range(r * tr_ // fr, -(-(r + 1) * tr_ // fr)):
+            for cc in range(c * tc // fc, -(-(c + 1) * tc // fc)):
+                out.add(rr * tc + cc)
+    return sorted(out)
 
+
+def evidence_recall(trace: PruneTrace, evidence: Sequence[int] | None) -> dict | None:
+    """Share of the evidence patches that reach the last decoder layer: kept directly, only inside a recycled /
+    merged token, and represented either way (Stage.represented). None without evidence (uploads, or a sample
+    whose answer rests on no patch, e.g. "how many ... ?" -> zero)."""
+    ev = set(int(p) for p in evidence or ())
+    if not ev:
+        return None
+    stage = trace.stage_for_layer(final_layer(trace))
+    if stage is None:  # nothing pruned by the last layer (dense): every patch is still there
+        kept = represented = ev
+    else:
+        kept, represented = ev & set(stage.kept), ev & stage.represented()
+    n = len(ev)
+    return {"evidence_patches": n, "kept": len(kept) / n, "merged_only": len(represented - kept) / n,
+            "represented": len(represented) / n}
+
+
+def evidence_recall_per_stage(trace: PruneTrace, evidence: Sequence[int] | None) -> list[dict]:
+    """The same shares after every pruning step (what the layers after `after_layer` see): a method may drop the
+    evidence late, after the text has already read it."""
+    ev = set(int(p) for p in evidence or ())
+    if not ev:
+        return []
+    n = len(ev)
+    out = []
+    for st in trace.stages:
+        kept, represented = ev & set(st.kept), ev & st.represented()
+        out.append({"after_layer": st.after_layer, "kept": len(kept) / n, "represented": len(represented) / n})
+    return out
+
+
+def recall_text(recall: dict | None) -> str:
+    if recall is None:
+        return "no evidence patches"
+    return (f"{recall['kept']:.0%} kept / {recall['represented']:.0%} represented "
+            f"(of {recall['evidence_patches']} patches)")
+
+
+def truth_html(truth: dict | None, pruned: PruneTrace | None = None) -> str:
+    """The generated scene's true answer and, after a run, the evidence recall of the pruned run."""
+    if not truth:
+        return ""
+    world = f"world {_esc(truth['world'])}, " if truth.get("world") else ""
+    line = (f"Generated scene ({world}seed {truth['seed']}, {_esc(truth['family'])} question): true answer "
+            f"<b>{_esc(str(truth['answer']))}</b>; {len(truth['evidence'])} evidence patches"
+            + (f" of its {truth['grid'][0]}×{truth['grid'][1]} grid" if truth.get("grid") else "")
+            + ", outlined in white")
+    if pruned is not None:
+        rec = evidence_recall(pruned, truth["evidence"])
+        line += (f"<br>Evidence recall at the last layer (computed from the trace): {recall_text(rec)}"
+                 + (f", {rec['merged_only']:.0%} only through recycled / merged tokens" if rec else ""))
+        steps = evidence_recall_per_stage(pruned, truth["evidence"])
+        if steps:
+            line += "<br>After each pruning step (kept / represented): " + ", ".join(
+                f"layer {s['after_layer']}: {s['kept']:.0%} / {s['represented']:.0%}" for s in steps)
+        if truth.get("answer") is not None:
+            right = _normalise(pruned.answer) == _normalise(str(truth["answer"]))
+            line += f" · the {method_label(pruned.method)} answer is {'right' if right else 'wrong'}"
+    return f"<div class='sv-truth'>{line}</div>"
+
+
+def unknown_words_html(unknown: Sequence[tuple[str, str | None]]) -> str:
+    """The vocabulary hint above the results ('' when the model knows every word)."""
+    if not unknown:
+        return ""
+    parts = [f"<b>{_esc(w)}</b>" + (f" (did you mean <b>{_esc(s)}</b>?)" if s else "") for w, s in unknown]
+    noun = "word" if len(unknown) == 1 else "words"
+    return (f"<div class='sv-unknown'>The model does not know the {noun} {', '.join(parts)}: its tokenizer reads "
+            f"{'it' if len(unknown) == 1 else 'them'} as &lt;unk&gt;, so the answer may be wrong. The run still "
+            "happens.</div>")

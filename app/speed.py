@@ -59,22 +59,22 @@ def main(argv: list[str] | None = None) -> int:
 
     def once() -> tuple[float, dict]:
         t0 = time.perf_counter()
-        out = client.predict(handle_file(image), question, args.method, args.budget, "fixed", 1.0, 13.5, 0.0, True,
-                             args.max_new_tokens, "tokens", api_name="/explain")
-        return (time.perf_counter() - t0) * 1e3, out[-1]
+        out = client.predict(image=handle_file(image), question=question, method=args.method, budget=args.budget,
+                             max_new_tokens=args.max_new_tokens, api_name="/explain")
+        return (time.perf_counter() - t0) * 1e3, out[-1]  # the /run record: both traces
 
     warm_ms, summary = once()
     times, prefill_pruned, prefill_dense = [], [], []
     for _ in range(args.n):
         ms, summary = once()
         times.append(ms)
-        prefill_pruned.append(summary["pruned"]["timings_ms"]["prefill"])
-        if summary.get("dense"):
-            prefill_dense.append(summary["dense"]["timings_ms"]["prefill"])
+        prefill_pruned.append(summary["trace"]["timings_ms"]["prefill"])
+        if summary.get("dense_trace"):
+            prefill_dense.append(summary["dense_trace"]["timings_ms"]["prefill"])
     result = {
         "url": args.url,
-        "model": summary["pruned"]["model"].get("name"),
-        "device": summary["pruned"]["model"].get("device"),
+        "model": summary["trace"]["model"].get("name"),
+        "device": summary["trace"]["model"].get("device"),
         "method": args.method,
         "budget": args.budget,
         "max_new_tokens": args.max_new_tokens,

@@ -15,11 +15,13 @@ $T --phase text --out $C/v2-text --until $TEXT_STEPS --batch 16 --turns 6 --capt
    --fused-p 0.5 --fused-spread 4 --curriculum-start 2 --curriculum-every 60 --lr 1e-3 --warmup 50 \
    --decay-from $((TEXT_STEPS - 800)) --lr-end 1e-4 --referent-weight 1 --family-weights read=3 --seed 1
 # vision tower: per-patch heads on v2 pictures, from the shipped tower (then frozen).
-$T --phase vision --out $C/v2-vision --init-from $C/v2-text/checkpoint.pt --until ${VISION_STEPS:-300} \
+$T --phase vision --out $C/v2-vision --init-from $C/v2-text/checkpoint.pt --until ${VISION_STEPS:-600} \
    --batch 8 --lr 5e-4 --warmup 20 --seed 2
-# (b) feature alignment: only the projector, captions through the frozen decoder.
+# (b) feature alignment: only the projector, captions through the frozen decoder - and, as in LLaVA's stage 1,
+# the caption loss alone (no grid heads: a 150-step diagnostic with them made `left`/`right` the projector
+# outputs' nearest words; the decoder already reads position from the RoPE positions the text phase used).
 $T --phase align --out $C/v2-align --init-from $C/v2-vision/checkpoint.pt --until ${ALIGN_STEPS:-1500} \
-   --batch 8 --lr 1e-3 --warmup 30 --background-keep-start 0.1 --background-full-at 1000 --seed 3
+   --batch 8 --lr 1e-3 --warmup 30 --background-keep-start 0.1 --background-full-at 1000 --grid-weight 0 --seed 3
 # (c) instruction tuning: decoder + projector, multi-turn questions of every family (+ caption turns).
 $T --phase instruct --out $C/v2-instruct --init-from $C/v2-align/checkpoint.pt --until ${INSTRUCT_STEPS:-6000} \
    --batch 8 --turns 12 --caption-p 0.2 --lr 5e-4 --warmup 50 --background-keep-start 0.2 \
@@ -28,5 +30,5 @@ $T --phase instruct --out $C/v2-instruct --init-from $C/v2-align/checkpoint.pt -
 $T --phase instruct --out $C/v2-grow32 --init-from $C/v2-instruct/checkpoint.pt --grow --layers 32 \
    --until ${GROW_STEPS:-400} --batch 8 --turns 12 --caption-p 0.2 --lr 3e-4 --lr-end 3e-5 --decay-from 100 \
    --warmup 20 --referent-weight 1 --referent-layer 2 --seed 5
-echo "all phases done; export with:"
-echo "python -m sparsevlm.scenes.train_llava --out $C/v2-grow32 --export assets/models/scenes-llava-v2"
+echo "all phases done; measure, gate on the bars and ship with:"
+echo "bash scripts/ship_v2.sh $C/v2-grow32"

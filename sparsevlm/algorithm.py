@@ -30,14 +30,14 @@ def select_raters(relevance: torch.Tensor, rule: str = "gt") -> torch.Tensor:
 
 
 # --- 2. visual significance from rater rows of attention ------------------------------------------------------
-def rows_attention(
+def rows_attention_heads(
     q_rows: torch.Tensor, keys: torch.Tensor, row_index: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """Post-softmax causal attention of a few query rows, averaged over heads, without the L x L matrix.
+    """Post-softmax causal attention of a few query rows, per head, without the L x L matrix.
 
     q_rows: (H, r, hd) queries (RoPE applied) of the rows; keys: (Hkv, n, hd) keys (RoPE applied) of the
     whole sequence; row_index: (r,) sequence index of each row (a row sees keys 0..row_index).
-    GQA: each group of H / Hkv query heads shares one key head. Returns (r, n) float32.
+    GQA: each group of H / Hkv query heads shares one key head. Returns (H, r, n) float32.
     """
     h, r, hd = q_rows.shape
     hkv = keys.shape[0]
@@ -46,7 +46,14 @@ def rows_attention(
     n = keys.shape[1]
     future = torch.arange(n, device=keys.device)[None, :] > row_index.to(keys.device)[:, None]
     scores = scores.masked_fill(future, float("-inf"))
-    return torch.softmax(scores, dim=-1).reshape(h, r, n).mean(dim=0)
+    return torch.softmax(scores, dim=-1).reshape(h, r, n)
+
+
+def rows_attention(
+    q_rows: torch.Tensor, keys: torch.Tensor, row_index: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """`rows_attention_heads` averaged over heads: (r, n) float32."""
+    return rows_attention_heads(q_rows, keys, row_index, scaling).mean(dim=0)
 
 
 def visual_significance(p: torch.Tensor) -> torch.Tensor:

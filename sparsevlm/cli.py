@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from .config import COUNT_MODES, METHODS, PruneConfig
+from .config import ACCOUNTINGS, COUNT_MODES, PruneConfig
 from .errors import SparseVLMError
+from .methods import METHODS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,14 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image", required=True)
     r.add_argument("--question", required=True)
     r.add_argument("--method", default="sparsevlm", choices=METHODS)
-    r.add_argument("--budget", type=_positive_int, default=64, help="equal visual tokens (192/128/96/64)")
+    r.add_argument("--budget", type=_positive_int, default=64, help="visual tokens (192/128/96/64)")
+    r.add_argument("--accounting", default="paper", choices=ACCOUNTINGS,
+                   help="paper: each method's published setting and counting; flops: every method at the same "
+                        "input-counted equal tokens (same prefill cost)")
     r.add_argument("--mode", default="fixed", choices=COUNT_MODES, help="SparseVLM count mode")
     r.add_argument("--lam", type=float, default=1.0, help="lambda of paper eq. 8 (--mode paper)")
     r.add_argument("--scale", type=float, default=13.5, help="reference-code scale (--mode code)")
     r.add_argument("--bias", type=float, default=0.0, help="reference-code bias (--mode code)")
     r.add_argument("--no-recycle", action="store_true", help="turn token recycling off")
     r.add_argument("--merge", default="mean", choices=("mean", "sum"))
-    r.add_argument("--positions", default="keep", choices=("keep", "compact"))
+    r.add_argument("--positions", default=None, choices=("keep", "compact"),
+                   help="position ids of survivors (default: the method's own)")
+    r.add_argument("--fastv-k", type=_positive_int, default=None, help="FastV's K (default 2 of 32, scaled)")
     r.add_argument("--max-new-tokens", type=_positive_int, default=16)
     r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     r.add_argument("--device", default=None)
@@ -59,10 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bytes", type=int, default=2, help="bytes per cached value (2 = fp16)")
     c.add_argument("--json", action="store_true")
 
+    m = sub.add_parser("models", help="the model presets: grid, depth, parameters, memory, methods, hardware")
+    m.add_argument("--json", action="store_true")
+
     b = sub.add_parser("bench", help="prefill latency of every method, side by side")
     b.add_argument("--width", default=None, choices=("cpu", "7b"), help="default: 7b on CUDA, cpu otherwise")
     b.add_argument("--runs", type=_positive_int, default=5)
     b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--accounting", default="both", choices=(*ACCOUNTINGS, "both"))
     b.add_argument("--json", action="store_true")
 
     e = sub.add_parser("eval", help="accuracy and evidence recall of every method on generated scenes")
@@ -70,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=_positive_int, default=300, help="questions")
     e.add_argument("--seed", type=int, default=12345)
     e.add_argument("--methods", default=None, help="comma-separated subset of the benchmark's configurations")
+    e.add_argument("--accounting", default="both", choices=(*ACCOUNTINGS, "both"))
     e.add_argument("--json", action="store_true")
     e.add_argument("--out", default=None, help="folder for benchmark.md, benchmark.json and the figure")
     return p
@@ -84,7 +95,8 @@ def cmd_run(a) -> int:
     image = load_image(a.image)
     check_question(a.question)
     cfg = PruneConfig(
-        method=a.method, budget=a.budget, count_mode=a.mode, lam=a.lam, scale=a.scale, bias=a.bias,
+        method=a.method, budget=a.budget, accounting=a.accounting, fastv_k=a.fastv_k, count_mode=a.mode,
+        lam=a.lam, scale=a.scale, bias=a.bias,
         recycle=not a.no_recycle, merge=a.merge, positions=a.positions,
     ).validate()
     lm = load_model(a.model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
@@ -102,8 +114,10 @@ def cmd_run(a) -> int:
         return 0
     s = t.summary()
     print(f"answer: {t.answer}")
-    print(f"method: {t.method} (budget {a.budget}), equal tokens {s['equal_tokens']:.1f} "
-          f"(reference counting {s['equal_tokens_reference']:.1f})")
+    met = {True: "met", False: "NOT met", None: "no budget"}[s["budget_met"]]
+    print(f"method: {t.method} (budget {a.budget}, {s['accounting']} accounting: {met} by {s['budget_counting']} "
+          f"counting), equal tokens {s['equal_tokens_input']:.1f} counted at layer inputs, "
+          f"{s['equal_tokens_output']:.1f} counted at pruning layers' outputs")
     if t.raters:
         print("raters: " + " ".join(f"[{r.token} {r.score:.3f}]" if r.rater else r.token for r in t.raters))
     for st in t.stages:
@@ -115,6 +129,11 @@ def cmd_run(a) -> int:
           f"overhead {tm.prune_overhead:.2f} ms, decode {tm.decode_per_token:.1f} ms/token, total {tm.total:.1f} ms")
     print(f"computed: prefill {c.prefill_flops / 1e9:.2f} GFLOPs (dense {c.prefill_flops_dense / 1e9:.2f}), KV cache "
           f"{c.kv_bytes / 2**20:.2f} MiB (dense {c.kv_bytes_dense / 2**20:.2f})")
+    m = t.memory
+    if m.kv_bytes_prefill is not None:
+        peak = f"{m.peak_gpu_bytes / 2**20:.1f} MiB" if m.peak_gpu_bytes is not None else m.peak_gpu_note
+        print(f"measured: KV cache {m.kv_bytes_prefill / 2**20:.2f} MiB after prefill, {m.kv_bytes_final / 2**20:.2f} "
+              f"MiB after decoding; peak GPU memory {peak}")
     return 0
 
 
@@ -137,13 +156,27 @@ def cmd_cost(a) -> int:
     return 0
 
 
+def cmd_models(a) -> int:
+    from .loading import available_local_models
+    from .presets import format_models, models_table
+
+    rows = models_table()
+    if a.json:
+        print(json.dumps({"presets": rows, "available_locally": available_local_models()}))
+        return 0
+    print(format_models(rows))
+    print("available locally (no network needed): " + ", ".join(available_local_models()))
+    return 0
+
+
 def cmd_bench(a) -> int:
     import torch
 
     from .bench import bench, format_table
 
     width = a.width or ("7b" if torch.cuda.is_available() else "cpu")
-    result = bench(width=width, runs=a.runs, warmup=a.warmup)
+    accountings = ACCOUNTINGS if a.accounting == "both" else (a.accounting,)
+    result = bench(width=width, runs=a.runs, warmup=a.warmup, accountings=accountings)
     print(json.dumps(result) if a.json else format_table(result))
     return 0
 
@@ -157,7 +190,8 @@ def cmd_eval(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "cost": cmd_cost, "bench": cmd_bench, "eval": cmd_eval}[a.command](a)
+        commands = {"run": cmd_run, "cost": cmd_cost, "models": cmd_models, "bench": cmd_bench, "eval": cmd_eval}
+        return commands[a.command](a)
     except SparseVLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,16 +6,18 @@ from dataclasses import asdict, dataclass
 
 from .errors import ConfigError
 
-METHODS = ("dense", "sparsevlm", "fastv", "fastervlm", "random")
 COUNT_MODES = ("fixed", "paper", "code")
+ACCOUNTINGS = ("paper", "flops")
 FIXED_BUDGETS = (192, 128, 96, 64)
 
-# Kept visual tokens after each pruning layer of the 32-layer reference schedule (reference code v1.5).
-# They include the recycled tokens. Used as the *shape* of the schedule for every depth (see schedule.py).
+# Visual tokens kept DIRECTLY after each pruning layer of the 32-layer reference schedule (reference code v1.5,
+# score.py); recycled clusters come on top (`v_token_num = kept.sum() + cluster_num`). Other depths, grids and
+# budgets scale the nearest list (see schedule.py).
 REFERENCE_FIXED_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
 # Pruning happens after these layers of a 32-layer decoder; other depths scale them (SPEC section 2).
 REFERENCE_PRUNE_LAYERS_32 = (2, 6, 15)
 REFERENCE_DEPTH = 32
+REFERENCE_FASTV_K = 2  # FastV: layers 0..K-1 run in full, ranked in layer K-1
 REFERENCE_GRID_TOKENS = 576
 
 
@@ -23,50 +25,51 @@ REFERENCE_GRID_TOKENS = 576
 class PruneConfig:
     """Which method runs and how.
 
-    budget is the target *equal-token* figure (mean visual tokens per decoder layer, SPEC section 7): every
-    method is configured so that it processes that many visual tokens on average, which is how the papers
-    compare methods.
+    budget is the target visual-token figure; `accounting` says how it is met (SPEC section 7, schedule.py):
+    "paper" = each method's published setting and counting, "flops" = every method at the same input-counted
+    equal tokens (the same prefill cost).
     """
 
     method: str = "sparsevlm"
     budget: int = 64
+    accounting: str = "paper"  # paper | flops
     # SparseVLM: how many tokens to drop at each pruning layer.
     count_mode: str = "fixed"  # fixed | paper (eq. 8, lambda) | code (reference scale/bias)
     lam: float = 1.0  # paper eq. 8
     scale: float = 13.5  # reference code, MME setting
     bias: float = 0.0
     prune_layers: tuple[int, ...] | None = None  # default: reference schedule scaled to depth
-    # fixed mode: "equal" derives counts so equal tokens hit the budget (any depth); "reference" uses the
-    # v1.5 lists verbatim (32 layers, 576 tokens only).
-    fixed_schedule: str = "equal"
     # Token recycling (SPEC section 4).
     recycle: bool = True
     tau: float = 0.3
     theta: float = 0.1
     merge: str = "mean"  # mean (reference code) | sum (paper eq. 11)
     assign: str = "euclidean"  # euclidean (reference code) | cosine (paper)
-    # Positions of surviving tokens: keep original ids (reference v2, FastV) or compact to 0..N-1 (v1).
-    positions: str = "keep"
+    # Positions of surviving tokens: keep original ids (reference v2, FastV) or compact to 0..N-1 (v1, v1.5).
+    # None: the method's own default (methods/<name>.py `default_positions`).
+    positions: str | None = None
     rater_rule: str = "gt"  # gt: R > mean(R) (reference code) | ge: R >= mean(R) (paper)
-    # FastV: prune after layer K (default: 2 of 32, scaled to depth).
-    fastv_layer: int | None = None
+    # FastV's K: layers 0..K-1 run in full, ranked by the last token in layer K-1 (default: 2 of 32, scaled).
+    fastv_k: int | None = None
     seed: int = 0  # random baseline and clustering tie-break noise
 
     def validate(self, grid_tokens: int | None = None) -> PruneConfig:
+        from .methods import METHODS  # the registry imports this module
+
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.accounting not in ACCOUNTINGS:
+            raise ConfigError(f"accounting must be one of {', '.join(ACCOUNTINGS)}, not {self.accounting!r}")
         if self.count_mode not in COUNT_MODES:
             raise ConfigError(f"unknown count mode {self.count_mode!r}; choose one of {', '.join(COUNT_MODES)}")
         if self.merge not in ("mean", "sum"):
             raise ConfigError(f"merge must be 'mean' or 'sum', not {self.merge!r}")
         if self.assign not in ("euclidean", "cosine"):
             raise ConfigError(f"assign must be 'euclidean' or 'cosine', not {self.assign!r}")
-        if self.positions not in ("keep", "compact"):
+        if self.positions not in (None, "keep", "compact"):
             raise ConfigError(f"positions must be 'keep' or 'compact', not {self.positions!r}")
         if self.rater_rule not in ("gt", "ge"):
             raise ConfigError(f"rater_rule must be 'gt' or 'ge', not {self.rater_rule!r}")
-        if self.fixed_schedule not in ("equal", "reference"):
-            raise ConfigError(f"fixed_schedule must be 'equal' or 'reference', not {self.fixed_schedule!r}")
         if self.method != "dense":
             if not isinstance(self.budget, int) or self.budget < 1:
                 raise ConfigError(f"budget must be a positive whole number of tokens, not {self.budget!r}")

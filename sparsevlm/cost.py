@@ -47,8 +47,9 @@ class DecoderShape:
 PRESETS = {
     "llava-1.5-7b": DecoderShape(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128),
     "llava-1.5-13b": DecoderShape(layers=40, hidden=5120, intermediate=13824, heads=40, kv_heads=40, head_dim=128),
+    # Qwen1.5-0.5B-Chat's decoder (the checkpoint's config.json), not Qwen2-0.5B's (896 wide, GQA 14/2).
     "llava-interleave-qwen-0.5b": DecoderShape(
-        layers=24, hidden=896, intermediate=4864, heads=14, kv_heads=2, head_dim=64
+        layers=24, hidden=1024, intermediate=2816, heads=16, kv_heads=16, head_dim=64
     ),
 }
 

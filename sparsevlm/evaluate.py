@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .config import PruneConfig
-from .hooks import PruneHooks
+from .config import ACCOUNTINGS, PruneConfig
+from .hooks import CallRecord, PruneHooks
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
-from .pipeline import build_prompt
-from .schedule import equal_tokens
+from .methods import METHODS
+from .pipeline import budget_figures, build_prompt
 
 BUDGETS = (192, 128, 96, 64)
 
@@ -27,46 +27,60 @@ BUDGETS = (192, 128, 96, 64)
 @dataclass(frozen=True)
 class Setting:
     label: str
+    method: str
     config: PruneConfig
 
 
-def settings() -> list[Setting]:
-    out = [Setting("dense", PruneConfig(method="dense"))]
-    for b in BUDGETS:
-        out.append(Setting(f"sparsevlm-{b}", PruneConfig(method="sparsevlm", budget=b)))
-    out.append(Setting("sparsevlm-paper-l1", PruneConfig(method="sparsevlm", count_mode="paper", lam=1.0)))
-    out.append(Setting("sparsevlm-code-9/6", PruneConfig(method="sparsevlm", count_mode="code", scale=9, bias=6)))
-    for method in ("fastv", "fastervlm", "random"):
-        for b in BUDGETS:
-            out.append(Setting(f"{method}-{b}", PruneConfig(method=method, budget=b)))
+def settings(accountings: tuple[str, ...] = ACCOUNTINGS) -> list[Setting]:
+    """Dense, then every registered method at every budget in each accounting, then SparseVLM's adaptive modes."""
+    out = [Setting("dense", "dense", PruneConfig(method="dense"))]
+    for accounting in accountings:
+        for method in METHODS:
+            if method == "dense":
+                continue
+            for b in BUDGETS:
+                out.append(Setting(f"{method}-{b}-{accounting}", method,
+                                   PruneConfig(method=method, budget=b, accounting=accounting)))
+    out.append(Setting("sparsevlm-paper-l1", "sparsevlm", PruneConfig(method="sparsevlm", count_mode="paper", lam=1.0)))
+    out.append(Setting("sparsevlm-code-9/6", "sparsevlm",
+                       PruneConfig(method="sparsevlm", count_mode="code", scale=9, bias=6)))
     return out
 
 
-def _recalls(hooks: PruneHooks, evidence: list[int], depth: int) -> tuple[float, float]:
-    """(recall after the last stage, recall averaged over decoder layers)."""
+def _recalls(record: CallRecord, evidence: list[int], depth: int) -> tuple[float, float, float]:
+    """(recall represented after the last stage, kept directly after it, represented averaged over layers)."""
     if not evidence:
-        return float("nan"), float("nan")
+        return float("nan"), float("nan"), float("nan")
     ev = set(evidence)
-    st = hooks.state
     sets = []
-    rep = set(range(st.visual_total))
-    stages = {s.after_layer: s for s in st.stages}
+    rep = set(range(record.visual_total))
+    direct = set(rep)
+    stages = {s.after_layer: s for s in record.stages}
     if -1 in stages:
-        rep = stages[-1].represented()
+        rep, direct = stages[-1].represented(), set(stages[-1].kept)
     for layer in range(depth):
         sets.append(len(ev & rep) / len(ev))
         if layer in stages:
-            rep = stages[layer].represented()
-    return len(ev & rep) / len(ev), sum(sets) / len(sets)
+            rep, direct = stages[layer].represented(), set(stages[layer].kept)
+    return len(ev & rep) / len(ev), len(ev & direct) / len(ev), sum(sets) / len(sets)
 
 
 @torch.inference_mode()
-def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None, log=print) -> dict:
-    from .scenes.generator import FAMILIES, heldout_sample, render
+def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None, log=print,
+             accountings: tuple[str, ...] = ACCOUNTINGS, world: str | None = None) -> dict:
+    """`world`: whose scenes (default: the model's own, read from its folder's training_state.json; v1 for a
+    folder without one), so the benchmark asks each embedded model what it was trained to answer."""
+    from .scenes.generator import FAMILIES
+    from .scenes.worlds import check_world, heldout_item, world_of_model
 
-    chosen = [s for s in settings() if labels is None or s.label in labels]
-    per = {s.label: {"correct": {f: 0 for f in FAMILIES}, "total": {f: 0 for f in FAMILIES}, "recall_last": [],
-                     "recall_layers": [], "equal_tokens": [], "errors": 0} for s in chosen}
+    world = check_world(world_of_model(getattr(lm.model, "name_or_path", None) or None) if world is None else world)
+
+    chosen = [s for s in settings(accountings) if labels is None or s.label in labels]
+    per = {s.label: {"method": s.method, "accounting": s.config.accounting if s.method != "dense" else None,
+                     "budget": s.config.budget if s.method != "dense" else None,
+                     "correct": {f: 0 for f in FAMILIES}, "total": {f: 0 for f in FAMILIES}, "recall_last": [],
+                     "recall_direct": [], "recall_layers": [], "equal_tokens": [], "equal_tokens_output": [],
+                     "errors": 0} for s in chosen}
     hooks = {}
     for s in chosen:
         try:
@@ -76,8 +90,8 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
     depth = lm.num_layers
     t0 = time.time()
     for i in range(n):
-        scene, sample = heldout_sample(i, seed)
-        image = render(scene)
+        item = heldout_item(i, seed, world)
+        image, sample = item.image, item.sample
         inputs = lm.processor(images=image, text=build_prompt(lm.processor, sample.question), return_tensors="pt")
         inputs = inputs.to(lm.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(lm.dtype)
@@ -92,14 +106,18 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
             pred = lm.processor.decode(out[0, n_prompt:], skip_special_tokens=True).strip().lower()
             rec["total"][sample.family] += 1
             rec["correct"][sample.family] += int(pred == sample.answer.lower())
-            last, layers = _recalls(h, sample.evidence, depth)
+            record = h.record()
+            last, direct, layers = _recalls(record, sample.evidence, depth)
             if sample.evidence:
                 rec["recall_last"].append(last)
+                rec["recall_direct"].append(direct)
                 rec["recall_layers"].append(layers)
-            rec["equal_tokens"].append(equal_tokens(h.state.layer_inputs))
+            figures = budget_figures(record, s.config)
+            rec["equal_tokens"].append(figures["equal_tokens"])
+            rec["equal_tokens_output"].append(figures["equal_tokens_reference"])
         if log and (i + 1) % max(1, n // 10) == 0:
             log(f"  {i + 1}/{n} questions, {time.time() - t0:.0f} s")
-    return summarize(per, lm, n, seed, time.time() - t0)
+    return {**summarize(per, lm, n, seed, time.time() - t0), "world": world}
 
 
 def summarize(per: dict, lm: LoadedModel, n: int, seed: int, seconds: float) -> dict:
@@ -117,11 +135,15 @@ def summarize(per: dict, lm: LoadedModel, n: int, seed: int, seconds: float) -> 
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
         rows.append({
             "setting": label,
-            "method": label.split("-")[0],
+            "method": rec["method"],
+            "accounting": rec["accounting"],
+            "budget": rec["budget"],
             "equal_tokens": mean(rec["equal_tokens"]),
+            "equal_tokens_output": mean(rec["equal_tokens_output"]),
             "accuracy": acc,
             "per_family": fam,
             "evidence_recall_last": mean(rec["recall_last"]),
+            "evidence_recall_direct": mean(rec["recall_direct"]),
             "evidence_recall_layers": mean(rec["recall_layers"]),
             "questions": total,
         })
@@ -130,26 +152,32 @@ def summarize(per: dict, lm: LoadedModel, n: int, seed: int, seconds: float) -> 
             r["retained"] = r["accuracy"] / dense_acc
     return {"model": lm.describe(), "questions": n, "seed": seed, "seconds": round(seconds, 1), "rows": rows,
             "measured": "exact-match accuracy of greedy answers on generated held-out scenes; evidence recall from "
-                        "the trace's kept / recycled patches"}
+                        "the trace's patches: represented (kept or inside a merged token) and kept directly",
+            "counting": "equal tokens = mean visual tokens per decoder layer counted at each layer's input (FLOPs); "
+                        "equal tokens out = a pruning layer counted at its output (the reference's figure); paper "
+                        "accounting = each method's published setting, flops = equal input-counted tokens"}
 
 
 def markdown(result: dict) -> str:
     rows = [r for r in result["rows"] if "accuracy" in r]
     fams = list(rows[0]["per_family"]) if rows else []
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
-    head = ["setting", "equal tokens", "accuracy %", "retained %", "evidence recall last %",
-            "evidence recall avg layers %", *fams]
+    head = ["setting", "equal tokens (in)", "equal tokens (out)", "accuracy %", "retained %",
+            "evidence represented last %", "evidence kept directly last %", "evidence represented avg layers %",
+            *fams]
     lines = [
         f"Model: {result['model']['name']} ({result['model']['architecture']}, {result['model']['decoder_layers']} "
         f"layers, {result['model']['visual_tokens']} visual tokens); {result['questions']} held-out questions "
-        f"(seed {result['seed']}); {result['seconds']:.0f} s on {result['model']['device']}.",
+        f"(world {result.get('world', 'v1')}, seed {result['seed']}); {result['seconds']:.0f} s on "
+        f"{result['model']['device']}.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        cells = [r["setting"], f"{r['equal_tokens']:.1f}", pct(r["accuracy"]), pct(r.get("retained")),
-                 pct(r["evidence_recall_last"]), pct(r["evidence_recall_layers"]),
+        cells = [r["setting"], f"{r['equal_tokens']:.1f}", f"{r['equal_tokens_output']:.1f}", pct(r["accuracy"]),
+                 pct(r.get("retained")), pct(r["evidence_recall_last"]), pct(r["evidence_recall_direct"]),
+                 pct(r["evidence_recall_layers"]),
                  *[pct(r["per_family"].get(f)) for f in fams]]
         lines.append("| " + " | ".join(cells) + " |")
     for r in result["rows"]:
@@ -158,60 +186,93 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _curves(result: dict) -> dict[tuple[str, str], list[dict]]:
+    """(method, accounting) -> its fixed-budget rows by equal tokens; dense under ("dense", ""). The adaptive
+    SparseVLM settings (paper eq. 8, reference code) are single points, not part of a budget curve."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in result["rows"]:
+        if "accuracy" not in r:
+            continue
+        if r["method"] == "dense":
+            out.setdefault(("dense", ""), []).append(r)
+        elif r["setting"] == f"{r['method']}-{r['budget']}-{r['accounting']}":
+            out.setdefault((r["method"], r["accounting"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r["equal_tokens"]) for k, v in out.items()}
+
+
+# One colour per method, the same in both figures (matplotlib's tab10).
+METHOD_COLOURS = {"dense": "#000000", "sparsevlm": "#d62728", "sparsevlm-v2": "#ff7f0e", "fastv": "#1f77b4",
+                  "fastervlm": "#2ca02c", "visionzip": "#17becf", "divprune": "#9467bd", "pyramiddrop": "#8c564b",
+                  "dart": "#e377c2", "random": "#7f7f7f"}
+
+
 def figure(result: dict):
-    """Accuracy vs equal tokens, one line per method (FasterVLM paper, Fig. 2 style)."""
+    """Accuracy vs input-counted equal tokens, one line per method and accounting (FasterVLM paper, Fig. 2)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    rows = [r for r in result["rows"] if "accuracy" in r]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["equal_tokens"], 100 * r["accuracy"], r["setting"]) for r in rows if r["method"] == method)
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], text=[p[2] for p in pts],
-                                 mode="lines+markers" if method != "dense" else "markers", name=method))
-    fig.update_layout(title="Accuracy vs equal visual tokens (measured)", xaxis_title="equal tokens (mean visual "
-                      "tokens per decoder layer)", yaxis_title="exact-match accuracy (%)", xaxis_type="log",
-                      template="plotly_white", width=800, height=500)
+    for (method, accounting), rows in _curves(result).items():
+        name = method if method == "dense" else f"{method} ({accounting})"
+        fig.add_trace(go.Scatter(x=[r["equal_tokens"] for r in rows], y=[100 * r["accuracy"] for r in rows],
+                                 text=[r["setting"] for r in rows], name=name,
+                                 mode="lines+markers" if method != "dense" else "markers",
+                                 line={"color": METHOD_COLOURS.get(method), "dash": "dot" if accounting == "paper"
+                                       else "solid"}))
+    fig.update_layout(title="Accuracy vs equal visual tokens (measured); solid: flops accounting, dotted: paper",
+                      xaxis_title="equal tokens, input-counted (mean visual tokens each decoder layer processes)",
+                      yaxis_title="exact-match accuracy (%)", xaxis_type="log", template="plotly_white",
+                      width=900, height=540)
     return fig
 
 
 def png(result: dict, path: Path) -> None:
-    """A plain PIL rendering of the same figure (no browser or kaleido needed)."""
-    from PIL import Image, ImageDraw
-
-    w, h, m = 800, 500, 60
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    rows = [r for r in result["rows"] if "accuracy" in r]
+    """A plain PIL rendering (no browser or kaleido needed): one panel per accounting, a colour per method."""
     import math
 
-    xs = [math.log(max(r["equal_tokens"], 1)) for r in rows]
+    from PIL import Image, ImageDraw
+
+    curves = _curves(result)
+    accountings = sorted({a for _, a in curves if a}, key=lambda a: ("paper", "flops").index(a)
+                         if a in ("paper", "flops") else 9)
+    panel_w, h, m, legend_w = 420, 520, 55, 150
+    w = panel_w * max(1, len(accountings)) + legend_w
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    xs = [math.log(max(r["equal_tokens"], 1)) for rows in curves.values() for r in rows]
     x0, x1 = min(xs) - 0.1, max(xs) + 0.1
-    fx = lambda t: m + (math.log(max(t, 1)) - x0) / (x1 - x0) * (w - 2 * m)  # noqa: E731
     fy = lambda a: h - m - a * (h - 2 * m)  # noqa: E731
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    for a in (0, 0.25, 0.5, 0.75, 1.0):
-        d.text((10, fy(a) - 6), f"{int(a * 100)}%", fill="black")
-    for t in (64, 96, 128, 192, 576):
-        if x0 <= math.log(t) <= x1:
-            d.text((fx(t) - 8, h - m + 8), str(t), fill="black")
-    d.text((w // 2 - 120, h - 25), "equal tokens (log scale)", fill="black")
-    d.text((m, 20), "Accuracy vs equal visual tokens (measured)", fill="black")
-    colours = {"dense": "black", "sparsevlm": "red", "fastv": "blue", "fastervlm": "green", "random": "gray"}
-    for k, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        pts = sorted((fx(r["equal_tokens"]), fy(r["accuracy"])) for r in rows if r["method"] == method)
-        c = colours.get(method, "purple")
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        for p in pts:
-            d.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=c)
-        d.text((w - m - 110, m + 10 + 16 * k), f"- {method}", fill=c)
+    d.text((m, 12), "Accuracy vs equal visual tokens (measured); x: input-counted equal tokens, log scale",
+           fill="black")
+    for k, accounting in enumerate(accountings):
+        left, right = k * panel_w + m, (k + 1) * panel_w - 10
+        fx = lambda t, left=left, right=right: left + (math.log(max(t, 1)) - x0) / (x1 - x0) * (right - left)  # noqa: E731
+        d.rectangle([left, m, right, h - m], outline="black")
+        d.text((left + 5, m - 18), f"{accounting} accounting", fill="black")
+        for a in (0, 0.25, 0.5, 0.75, 1.0):
+            d.text((left - 38, fy(a) - 6), f"{int(a * 100)}%", fill="black")
+            d.line([(left, fy(a)), (right, fy(a))], fill="#e5e7eb")
+        for t in (64, 96, 128, 192, 576):
+            if x0 <= math.log(t) <= x1:
+                d.text((fx(t) - 8, h - m + 8), str(t), fill="black")
+        for (method, acc), rows in curves.items():
+            if acc not in (accounting, ""):
+                continue
+            c = METHOD_COLOURS.get(method, "purple")
+            pts = [(fx(r["equal_tokens"]), fy(r["accuracy"])) for r in rows]
+            if len(pts) > 1:
+                d.line(pts, fill=c, width=2)
+            for p in pts:
+                d.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=c)
+    for k, method in enumerate(dict.fromkeys(mth for mth, _ in curves)):
+        d.text((w - legend_w + 10, m + 10 + 18 * k), f"- {method}", fill=METHOD_COLOURS.get(method, "purple"))
     img.save(path)
 
 
 def main(args) -> int:
     lm = load_model(args.model or DEFAULT_MODEL)
     labels = args.methods.split(",") if args.methods else None
-    result = evaluate(lm, args.n, args.seed, labels, log=None if args.json else print)
+    accountings = ACCOUNTINGS if getattr(args, "accounting", "both") == "both" else (args.accounting,)
+    result = evaluate(lm, args.n, args.seed, labels, log=None if args.json else print, accountings=accountings)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,19 @@
-"""SparseVLM and the baselines installed on a transformers `LlavaForConditionalGeneration` through hooks.
+"""The transformers plumbing: any registered pruning method installed on a `LlavaForConditionalGeneration`.
 
 The only module that knows transformers internals. Nothing is monkey-patched and the model keeps its
-attention implementation (SDPA / FlashAttention): visual significance comes from the rater rows of attention,
+attention implementation (SDPA / FlashAttention): where a method needs attention, the rows it asks for are
 recomputed from the layer's own q/k projections (captured by hooks on q_proj/k_proj), never the L x L matrix.
 
-How pruning after decoder layer l works: layer l runs on the full sequence; a forward hook on it cuts its output
-hidden states (and appends recycled tokens); forward pre-hooks on the later layers hand them position
-embeddings / ids matching the shorter sequence and a None mask (SDPA's causal path; batch 1, no padding).
-The KV cache follows by itself: layers <= l cached the full sequence, later layers cache the pruned one.
+A method (methods/) declares where it acts; this module captures what it asks for, hands it a `StageInput`,
+and carries out its `Selection`:
+- before the LLM (stage -1): a pre-hook on the language model rewrites `inputs_embeds` and the position ids;
+- after decoder layer l: layer l runs on the full sequence; a forward hook on it cuts its output hidden states
+  (and appends merged tokens); pre-hooks on the later layers hand them position embeddings / ids matching the
+  shorter sequence and a None mask (SDPA's causal path; batch 1, no padding). The KV cache follows by itself:
+  layers <= l cached the full sequence, later layers cache the pruned one.
+Positions are kept (original ids; decoding continues at original length + n) or compacted (0..N-1; each layer
+decodes from its own cache length). A call is a forward that carries an image (pixel values or pre-encoded
+image features); decode steps never prune, even when the model generates the image token's id.
 """
 
 from __future__ import annotations
@@ -18,9 +24,21 @@ from dataclasses import dataclass, field
 import torch
 
 from . import algorithm as A
-from . import schedule
 from .config import PruneConfig
 from .errors import ConfigError
+from .methods import (
+    MergedGroup,
+    ModelGeometry,
+    PrefillInput,
+    PruneMethod,
+    Selection,
+    StageInput,
+    StageSpec,
+    VisionInput,
+    get_method,
+)
+from .methods.stage_plan import plain
+from .schedule import Counts
 from .trace import LayerRecord, MergedToken, Stage
 
 
@@ -45,6 +63,35 @@ class _Token:
 
 
 @dataclass
+class CallRecord:
+    """The plain record of one call (ints, floats, strings, lists): what `pipeline.build_trace` reads."""
+
+    method: str
+    positions: str  # keep | compact
+    prefix: int  # tokens before the image
+    visual_total: int  # Lv
+    text: int  # tokens after the image
+    layer_inputs: list[int]  # visual tokens each decoder layer processed (prefill)
+    stages: list[Stage]
+    relevance: list[float] | None  # R over the text tokens (methods with raters)
+    raters: list[int] | None  # text-relative rater indices
+    forward_ms: list[float]  # measured, per forward (prefill first, then one per decode step)
+    vision_ms: float
+    raters_ms: float
+    vision_in_forward: bool  # plain forward(): the vision time is inside the first forward's time
+    counts: Counts | None  # the accounting's planned counts (None: adaptive or dense)
+    note: str
+
+    def layer_records(self) -> list[LayerRecord]:
+        by_layer = {s.after_layer: k for k, s in enumerate(self.stages)}
+        out = []
+        for i, vin in enumerate(self.layer_inputs):
+            k = by_layer.get(i)
+            out.append(LayerRecord(i, vin, self.stages[k].visual_out if k is not None else vin, k))
+        return out
+
+
+@dataclass
 class CallState:
     """Everything one generate()/forward call accumulates; replaced at every prefill (no leaks across calls)."""
 
@@ -56,9 +103,11 @@ class CallState:
     pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for the current sequence when cut
     raters: torch.Tensor | None = None  # text-relative rater indices
     relevance: list[float] | None = None  # R over the text tokens
+    projector: torch.Tensor | None = None  # (Lv, D) projector output
+    memo: dict = field(default_factory=dict)  # the method's per-call scratch space
     layer_inputs: list[int] = field(default_factory=list)
     stages: list[Stage] = field(default_factory=list)
-    captured: dict = field(default_factory=dict)  # (layer, "q"/"k"/"pe") -> tensor, this prefill only
+    captured: dict = field(default_factory=dict)  # (layer, "q"/"k"/"pe"/"out") -> tensor, this prefill only
     rows_attention: dict = field(default_factory=dict)  # layer -> (r, n) attention rows (debug)
     prefilling: bool = False
     compacted: bool = False  # positions were compacted at some stage (compact mode)
@@ -72,11 +121,12 @@ class CallState:
 class PruneHooks:
     """Install with `hooks = PruneHooks(model, config).install()`; `hooks.remove()` leaves the model vanilla.
 
-    Usable as a context manager. State is per call: every forward with pixel_values starts a fresh CallState,
-    so consecutive calls never see each other's decisions. `hooks.state` holds the last call's record.
+    Usable as a context manager. State is per call: every forward with an image starts a fresh CallState,
+    so consecutive calls never see each other's decisions. `hooks.record()` is the last call's plain record.
     """
 
-    def __init__(self, model, config: PruneConfig, keep_debug: bool = False):
+    def __init__(self, model, config: PruneConfig, keep_debug: bool = False, method: PruneMethod | None = None):
+        """`method` overrides the registry's `config.method` (an unregistered method: tests, experiments)."""
         self.model = model
         self.llava = model.model
         self.lm = self.llava.language_model
@@ -85,41 +135,27 @@ class PruneHooks:
         self.device = next(model.parameters()).device
         self.keep_debug = keep_debug
         vcfg = model.config.vision_config
+        tcfg = model.config.text_config
         self.grid_side = vcfg.image_size // vcfg.patch_size
         self.grid_tokens = self.grid_side**2
         self.config = config.validate(self.grid_tokens)
         self.image_token_id = model.config.image_token_id
         self.has_cls = model.config.vision_feature_select_strategy == "default"
+        self.geometry = ModelGeometry(
+            depth=self.depth, grid_tokens=self.grid_tokens, has_cls=self.has_cls,
+            heads=tcfg.num_attention_heads, kv_heads=tcfg.num_key_value_heads or tcfg.num_attention_heads,
+        )
+        self.method = method if method is not None else get_method(self.config.method)
+        self.plan = self.method.plan(self.config, self.geometry)
+        self.stage_specs: dict[int, tuple[int, StageSpec]] = {s.after_layer: (k, s) for k, s in
+                                                               enumerate(self.plan.stages)}
+        self.prune_layers: tuple[int, ...] = tuple(s.after_layer for s in self.plan.stages if s.after_layer >= 0)
+        self.schedule_note = self.plan.note
         self._handles: list = []
         self._in_forward = False
         self._vision_before_forward = False
         self._t_forward = 0.0
         self.state = CallState()
-        self._plan()
-
-    # --- configuration -----------------------------------------------------------------------------------------
-    def _plan(self) -> None:
-        c, lv, depth = self.config, self.grid_tokens, self.depth
-        self.prune_layers: tuple[int, ...] = ()
-        self.fixed_totals: list[int] = []
-        self.schedule_note = ""
-        self.single_keep = 0
-        if c.method == "sparsevlm":
-            if c.count_mode == "fixed":
-                self.prune_layers, self.fixed_totals, self.schedule_note = schedule.fixed_counts(c, lv, depth)
-            else:
-                self.prune_layers = schedule.sparsevlm_layers(c, depth)
-        elif c.method == "fastv":
-            k = schedule.fastv_layer(c, depth)
-            self.prune_layers = (k,)
-            self.single_keep = schedule.single_stage_keep(c.budget, lv, k, depth)
-        elif c.method in ("fastervlm", "random"):
-            if c.method == "fastervlm" and not self.has_cls:
-                raise ConfigError(
-                    "FasterVLM ranks patches by the vision tower's [CLS] attention, and this vision tower "
-                    "(no [CLS] token, e.g. SigLIP) has none: choose another method"
-                )
-            self.single_keep = schedule.single_stage_keep(c.budget, lv, -1, depth)
 
     # --- install / remove --------------------------------------------------------------------------------------
     def install(self) -> PruneHooks:
@@ -134,18 +170,23 @@ class PruneHooks:
         reg(self.lm.register_forward_pre_hook(self._on_lm_start, with_kwargs=True))
         for i, layer in enumerate(self.layers):
             reg(layer.register_forward_pre_hook(self._make_layer_pre(i), with_kwargs=True))
-        for i in self.prune_layers:
-            attn = self.layers[i].self_attn
-            reg(attn.q_proj.register_forward_hook(self._make_capture(i, "q")))
-            reg(attn.k_proj.register_forward_hook(self._make_capture(i, "k")))
+        for spec in self.plan.stages:
+            i = spec.after_layer
+            if i < 0:
+                continue
+            if spec.attention:
+                attn = self.layers[i].self_attn
+                reg(attn.q_proj.register_forward_hook(self._make_capture(i, "q")))
+                reg(attn.k_proj.register_forward_hook(self._make_capture(i, "k")))
             reg(self.layers[i].register_forward_hook(self._make_prune(i)))
-        if self.config.method == "fastervlm":
+        if self.plan.vision_cls:
             enc_layers = getattr(self.llava.vision_tower, "vision_model", self.llava.vision_tower).encoder.layers
             idx = self.model.config.vision_feature_layer
             idx = idx if idx >= 0 else len(enc_layers) + idx  # hidden_states[-2] is the output of layer L-2
             attn = enc_layers[idx].self_attn
             reg(attn.q_proj.register_forward_hook(self._make_capture("vision", "q")))
             reg(attn.k_proj.register_forward_hook(self._make_capture("vision", "k")))
+            reg(enc_layers[idx].register_forward_hook(self._make_capture("vision", "out")))
             self.vision_attn = attn
         return self
 
@@ -189,7 +230,7 @@ class PruneHooks:
     def _make_capture(self, layer, kind):
         def hook(module, args, output):
             if self.state.prefilling or layer == "vision":
-                self.state.captured[(layer, kind)] = output
+                self.state.captured[(layer, kind)] = output[0] if isinstance(output, tuple) else output
 
         return hook
 
@@ -198,7 +239,10 @@ class PruneHooks:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ConfigError("pruning needs input_ids to locate the image tokens")
-        if bool((input_ids == self.image_token_id).any()):  # a prefill with an image
+        # A prefill carries the image (pixel values, or features generate() encoded first). A decode step never
+        # does, even when the model has just generated the image token's id.
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        if kwargs.get("pixel_values") is not None or encoded.get("image") is not None:
             if input_ids.shape[0] != 1:
                 raise ConfigError(
                     f"batch size {input_ids.shape[0]} is not supported: the pruned sequence length differs per "
@@ -222,7 +266,7 @@ class PruneHooks:
             kwargs["attention_mask"] = None  # every layer then takes SDPA's causal path at its own length
         return args, kwargs
 
-    # --- before the decoder: text raters, and the methods that prune before the LLM ---------------------------
+    # --- before the decoder: the method's preparation, and stages before the LLM ------------------------------
     def _on_lm_start(self, module, args, kwargs):
         st = self.state
         if not st.prefilling:
@@ -231,58 +275,89 @@ class PruneHooks:
         n = emb.shape[1]
         pos = kwargs.get("position_ids")
         st.positions = pos if pos is not None else torch.arange(n, device=emb.device)[None]
-        method = self.config.method
-        if method == "sparsevlm":
-            t0 = time.perf_counter()
-            vis = emb[0, st.prefix : st.prefix + st.visual_total]
-            txt = emb[0, st.prefix + st.visual_total :]
-            relevance = A.text_relevance(vis, txt)
-            st.raters = A.select_raters(relevance, self.config.rater_rule)
+        st.projector = emb[0, st.prefix : st.prefix + st.visual_total]
+        t0 = time.perf_counter()
+        raters = self.method.prepare(self.config, PrefillInput(st.projector, emb[0, st.prefix + st.visual_total :],
+                                                               st.memo))
+        if raters is not None:
             _sync(self.device)
             st.raters_ms = (time.perf_counter() - t0) * 1e3
-            st.relevance = relevance.tolist()
-        if method in ("fastervlm", "random"):
+            st.raters = raters.indices
+            st.relevance = raters.relevance.tolist()
+        if -1 in self.stage_specs:
             kwargs = self._prune_before_llm(emb, kwargs)
         return args, kwargs
 
-    def _prune_before_llm(self, emb: torch.Tensor, kwargs: dict) -> dict:
-        st, k, lv = self.state, self.single_keep, self.state.visual_total
-        t0 = time.perf_counter()
-        if self.config.method == "fastervlm":
-            q = st.captured[("vision", "q")][0]  # (1 + Lv, Dv)
-            kk = st.captured[("vision", "k")][0]
-            attn = self.vision_attn
-            h, hd = attn.num_heads, attn.head_dim
+    def _vision_input(self) -> VisionInput:
+        st, attn = self.state, self.vision_attn
+        q = st.captured[("vision", "q")][0]  # (1 + Lv, Dv)
+        k = st.captured[("vision", "k")][0]
+        out = st.captured.get(("vision", "out"))
+        h, hd = attn.num_heads, attn.head_dim
+
+        def cls_attention() -> torch.Tensor:
             qh = q[:1].view(1, h, hd).transpose(0, 1)  # the [CLS] row
-            kh = kk.view(-1, h, hd).transpose(0, 1)
-            cls = A.rows_attention(qh, kh, torch.tensor([kk.shape[0]]), attn.scale)  # no causality in ViT
-            scores = cls[0, 1:]
-            formula = f"keep top {k} of {lv} patches by [CLS] attention (budget {self.config.budget})"
+            kh = k.view(-1, h, hd).transpose(0, 1)
+            return A.rows_attention(qh, kh, torch.tensor([k.shape[0]]), attn.scale)[0, 1:]  # no causality in ViT
+
+        return VisionInput(q, k, out[0] if out is not None else None, h, hd, attn.scale, cls_attention,
+                           self.llava.multi_modal_projector)
+
+    def _stage_input(self, index: int, spec: StageSpec, hidden: torch.Tensor) -> StageInput:
+        st = self.state
+        inp = StageInput(
+            index=index, spec=spec, prefix=st.prefix, visual=len(st.tokens), text=st.text, hidden=hidden,
+            positions=st.positions[0], patches=[t.center for t in st.tokens], projector=st.projector, memo=st.memo,
+            seed=self.config.seed, final_norm=self.lm.norm, rotary=lambda pos: self._rotary(hidden, pos),
+        )
+        i = spec.after_layer
+        if i >= 0:
+            if spec.attention:
+                inp.attention_rows = lambda rows: self._rows_attention(i, rows)
+                inp.head_attention_rows = lambda rows: self._rows_attention(i, rows, per_head=True)
+                inp.keys = lambda: self._keys(i)
+            if i + 1 < self.depth:
+                inp.next_attention_rows = lambda rows: self._next_rows_attention(i, hidden, rows)
+        if self.plan.vision_cls:
+            inp.vision = self._vision_input()
+        return inp
+
+    def _prune_before_llm(self, emb: torch.Tensor, kwargs: dict) -> dict:
+        st = self.state
+        t0 = time.perf_counter()
+        index, spec = self.stage_specs[-1]
+        sel = self.method.select(self.config, self._stage_input(index, spec, emb[0]))
+        new, src = self._cut(emb, sel)
+        kwargs["inputs_embeds"] = new
+        if self.plan.positions == "keep":
+            new_pos = st.positions[:, src]
         else:
-            g = torch.Generator().manual_seed(self.config.seed)
-            scores = torch.rand(lv, generator=g).to(emb.device)
-            formula = f"keep {k} of {lv} patches uniformly at random (seed {self.config.seed})"
-        keep = torch.topk(scores, k).indices.sort().values
-        src = self._source_index(emb.shape[1], keep, None)
-        kwargs["inputs_embeds"] = emb[:, src]
-        new_pos = st.positions[:, src] if self.config.positions == "keep" else torch.arange(len(src))[None]
+            new_pos = torch.arange(len(src), device=emb.device)[None]
+            st.compacted = True
         kwargs["position_ids"] = new_pos.to(emb.device)
         st.positions = kwargs["position_ids"]
-        st.compacted = self.config.positions == "compact"
         _sync(self.device)
-        self._record_stage(-1, scores, keep, [], None, 0, formula, (time.perf_counter() - t0) * 1e3, lv - k, 0)
+        self._record_stage(-1, sel, (time.perf_counter() - t0) * 1e3)
         return kwargs
 
-    def _source_index(self, n: int, keep_local: torch.Tensor, centers_local: torch.Tensor | None) -> torch.Tensor:
-        """Index into the current sequence of each token of the new one (merged tokens: their center)."""
+    def _cut(self, hidden: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new sequence [prefix | lead | kept visual | merged | text] and, for each token, its source index
+        (a lead token without a patch takes the first image slot's: its position id when positions are kept)."""
         st = self.state
-        v = len(st.tokens)
-        dev = keep_local.device
-        parts = [torch.arange(st.prefix, device=dev), st.prefix + keep_local]
-        if centers_local is not None and len(centers_local):
-            parts.append(st.prefix + centers_local.to(dev))
-        parts.append(torch.arange(st.prefix + v, n, device=dev))
-        return torch.cat(parts)
+        n, v = hidden.shape[1], len(st.tokens)
+        dev = hidden.device
+        keep = sel.keep.to(dev)
+
+        def slots(groups: list[MergedGroup]) -> torch.Tensor:
+            return st.prefix + torch.tensor([max(g.center, 0) for g in groups], dtype=torch.long, device=dev)
+
+        src = torch.cat([torch.arange(st.prefix, device=dev), slots(sel.lead), st.prefix + keep, slots(sel.merged),
+                         torch.arange(st.prefix + v, n, device=dev)])
+        new = hidden[:, src]  # advanced indexing: a copy, so merged embeddings can be written into it
+        for at, groups in ((st.prefix, sel.lead), (st.prefix + len(sel.lead) + len(keep), sel.merged)):
+            if groups:
+                new[0, at : at + len(groups)] = torch.stack([g.embedding for g in groups]).to(new.dtype)
+        return new, src
 
     # --- decoder layers ----------------------------------------------------------------------------------------
     def _make_layer_pre(self, i: int):
@@ -294,7 +369,7 @@ class PruneHooks:
                     kwargs["position_embeddings"] = st.pos_emb
                     kwargs["position_ids"] = st.positions
                     kwargs["attention_mask"] = self._causal_mask(st.positions.shape[1], module)
-                if i in self.prune_layers:
+                if i in self.stage_specs:
                     st.captured[(i, "pe")] = kwargs["position_embeddings"]
                 return args, kwargs
             if self.prune_layers and i > self.prune_layers[0]:
@@ -330,137 +405,121 @@ class PruneHooks:
 
         return hook
 
-    def _rows_attention(self, i: int, rows: torch.Tensor) -> torch.Tensor:
-        """(r, n) head-mean causal attention of `rows` at layer i, from the captured q/k projections."""
-        st = self.state
-        attn = self.layers[i].self_attn
-        hd = attn.head_dim
-        q = st.captured.pop((i, "q"))[0]  # (n, H*hd)
-        k = st.captured.pop((i, "k"))[0]  # (n, Hkv*hd)
-        cos, sin = st.captured.pop((i, "pe"))
+    def _heads(self, i: int, q: torch.Tensor | None, k: torch.Tensor, rows: torch.Tensor | None):
+        """(H, r, hd) RoPE'd queries of `rows` and (Hkv, n, hd) RoPE'd keys of layer i's projections."""
+        hd = self.layers[i].self_attn.head_dim
+        cos, sin = self.state.captured[(i, "pe")]  # layer i's positions (also layer i + 1's: same sequence)
         n = k.shape[0]
-        qr = q[rows].view(len(rows), -1, hd).transpose(0, 1)  # (H, r, hd)
-        kh = k.view(n, -1, hd).transpose(0, 1)  # (Hkv, n, hd)
-        qr = _rope(qr, cos[0, rows], sin[0, rows])
-        kh = _rope(kh, cos[0], sin[0])
-        out = A.rows_attention(qr, kh, rows, attn.scaling)
+        kh = _rope(k.view(n, -1, hd).transpose(0, 1), cos[0], sin[0])
+        if q is None:
+            return None, kh
+        qr = _rope(q[rows].view(len(rows), -1, hd).transpose(0, 1), cos[0, rows], sin[0, rows])
+        return qr, kh
+
+    def _rows_attention(self, i: int, rows: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """(r, n) head-mean causal attention of `rows` at layer i (per head: (H, r, n)), from the captured q/k."""
+        st = self.state
+        qr, kh = self._heads(i, st.captured[(i, "q")][0], st.captured[(i, "k")][0], rows)
+        heads = A.rows_attention_heads(qr, kh, rows, self.layers[i].self_attn.scaling)
+        if per_head:
+            return heads
+        out = heads.mean(dim=0)
         if self.keep_debug:
             st.rows_attention[i] = out
         return out
 
-    def _prune_after_layer(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        st, c = self.state, self.config
+    def _rotary(self, hidden: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.lm.rotary_emb(hidden[None], pos.to(hidden.device)[None])
+        return cos[0], sin[0]
+
+    def _keys(self, i: int) -> torch.Tensor:
+        return self._heads(i, None, self.state.captured[(i, "k")][0], None)[1]
+
+    def _next_rows_attention(self, i: int, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the attention layer i + 1 will compute on `hidden` (its input), from its own projections."""
+        layer = self.layers[i + 1]
+        x = layer.input_layernorm(hidden[None])[0]
+        qr, kh = self._heads(i, layer.self_attn.q_proj(x), layer.self_attn.k_proj(x), rows)
+        return A.rows_attention(qr, kh, rows, layer.self_attn.scaling)
+
+    def _prune_after_layer(self, i: int, hidden: torch.Tensor) -> torch.Tensor | None:
         t0 = time.perf_counter()
-        n, v = hidden.shape[1], len(st.tokens)
-        text_start = st.prefix + v
-        if c.method == "fastv":
-            rows = torch.tensor([n - 1], device=hidden.device)
-        else:
-            rows = st.raters.to(hidden.device) + text_start
-        p = self._rows_attention(i, rows)[:, st.prefix : text_start]
-        scores = A.visual_significance(p)
-        rank = A.attention_rank(p)
-        stage_no = len(st.stages)
-
-        recycle = c.recycle and c.method == "sparsevlm"
-        # `direct`: visual tokens kept as they are; recycled clusters come on top of them.
-        if c.method == "fastv":
-            direct = min(self.single_keep, v)
-            formula = f"FastV: keep top {direct} of {v} by last-token attention after layer {i}"
-        elif c.count_mode == "fixed":
-            total = min(self.fixed_totals[stage_no], v)
-            direct = A.direct_keep_for_total(v, total, recycle, c.tau, c.theta)
-            formula = f"fixed budget {c.budget}: keep {total} of {v} (incl. recycled); {self.schedule_note}"
-        elif c.count_mode == "paper":
-            deleted = A.paper_deleted_count(v, rank, c.lam)
-            direct = v - deleted
-            formula = f"N = floor(lambda x (Lv - rank(P))) = floor({c.lam:g} x ({v} - {rank})) = {deleted} deleted"
-        else:
-            direct = A.code_kept_count(v, rank, c.scale, c.bias)
-            formula = (
-                f"kept = min(int(rank(P) x scale + bias), Lv - 1) = min(int({rank} x {c.scale:g} + {c.bias:g}), "
-                f"{v - 1}) = {direct}"
-            )
-        if direct >= v:  # nothing to delete: the layer is skipped (paper: N = 0)
+        index, spec = self.stage_specs[i]
+        sel = self.method.select(self.config, self._stage_input(index, spec, hidden[0]))
+        # Nothing deleted: the layer is skipped.
+        if len(sel.keep) == len(self.state.tokens) and not sel.merged and not sel.lead:
             _sync(self.device)
-            self._record_stage(i, scores, torch.arange(v), [], rank, len(rows), formula + " (skipped)",
-                               (time.perf_counter() - t0) * 1e3, 0, 0)
+            self._record_stage(i, sel, (time.perf_counter() - t0) * 1e3)
             return None
-
-        order = torch.argsort(scores, descending=True)
-        keep = order[:direct].sort().values
-        deleted = order[direct:]  # by descending score
-        merged_h, centers, groups, n_rec = None, None, [], 0
-        if recycle and len(deleted):
-            n_rec, n_clu = A.recycle_sizes(len(deleted), c.tau, c.theta)
-            rec = deleted[:n_rec]
-            x = hidden[0, st.prefix + rec]
-            gen = torch.Generator().manual_seed(c.seed + i)
-            ctr, labels = A.density_peak_clusters(x, n_clu, c.assign, gen)
-            merged_h = A.merge_clusters(x, labels, len(ctr), c.merge)
-            centers = rec[ctr]
-            groups = [rec[labels == j].tolist() for j in range(len(ctr))]
-
-        src = self._source_index(n, keep, centers)
-        new_hidden = hidden[:, src]
-        if merged_h is not None:
-            at = st.prefix + len(keep)
-            new_hidden = new_hidden.clone()
-            new_hidden[0, at : at + len(merged_h)] = merged_h
+        new_hidden, src = self._cut(hidden, sel)
         self._advance(src, hidden)
         _sync(self.device)
-        overhead = (time.perf_counter() - t0) * 1e3
-        self._record_stage(i, scores, keep, list(zip(centers.tolist(), groups)) if centers is not None else [],
-                           rank, len(rows), formula, overhead, len(deleted), n_rec)
+        self._record_stage(i, sel, (time.perf_counter() - t0) * 1e3)
         return new_hidden
 
     def _advance(self, src: torch.Tensor, hidden: torch.Tensor) -> None:
         """Positions and rotary embeddings of the cut sequence, for the layers that follow."""
         st = self.state
-        if self.config.positions == "keep":
+        if self.plan.positions == "keep":
             st.positions = st.positions[:, src]
         else:
             st.positions = torch.arange(len(src), device=hidden.device)[None]
             st.compacted = True
         st.pos_emb = self.lm.rotary_emb(hidden, st.positions)
 
-    # --- trace records -----------------------------------------------------------------------------------------
-    def _record_stage(self, after, scores, keep, new_groups, rank, raters, formula, overhead_ms, deleted, recycled):
+    # --- records -----------------------------------------------------------------------------------------------
+    def _record_stage(self, after: int, sel: Selection, overhead_ms: float) -> None:
         """Record a stage and update the current visual tokens: kept ones, then new merged ones."""
         st = self.state
         before = st.tokens
-        new_tokens = [before[j] for j in keep.tolist()]
-        for center_local, members_local in new_groups:
+        new_tokens = [_Token(-1, []) for _ in sel.lead] + [before[j] for j in sel.keep.tolist()]
+        for g in sel.merged:
             members: list[int] = []
-            for j in members_local:
+            for j in g.members:
                 t = before[j]
                 members.extend(t.members if t.members is not None else [t.center])
-            new_tokens.append(_Token(before[center_local].center, sorted(members)))
+            new_tokens.append(_Token(before[g.center].center, sorted(members)))
         st.tokens = new_tokens
         st.stages.append(
             Stage(
                 after_layer=after,
                 visual_in=len(before),
                 visual_out=len(new_tokens),
-                deleted=deleted,
-                recycled=recycled,
-                clusters=len(new_groups),
-                rank=rank,
-                raters=raters,
+                deleted=len(before) - len(sel.keep),
+                recycled=sum(len(g.members) for g in sel.merged),
+                clusters=len(sel.merged),
+                rank=sel.rank,
+                raters=sel.rows,
                 kept=[t.center for t in new_tokens if t.members is None],
                 merged=[MergedToken(t.center, t.members) for t in new_tokens if t.members is not None],
                 input_patches=[t.center for t in before],
-                scores=scores.float().cpu().tolist(),
-                formula=formula,
+                scores=sel.scores.float().cpu().tolist(),
+                formula=sel.formula,
                 overhead_ms=overhead_ms,
+                extras=plain(sel.extras),
             )
         )
 
-    def layer_records(self) -> list[LayerRecord]:
+    def record(self) -> CallRecord:
+        """The last call as plain data."""
         st = self.state
-        by_layer = {s.after_layer: k for k, s in enumerate(st.stages)}
-        out = []
-        for i, vin in enumerate(st.layer_inputs):
-            k = by_layer.get(i)
-            out.append(LayerRecord(i, vin, st.stages[k].visual_out if k is not None else vin, k))
-        return out
+        return CallRecord(
+            method=self.config.method,
+            positions=self.plan.positions,
+            prefix=st.prefix,
+            visual_total=st.visual_total,
+            text=st.text,
+            layer_inputs=list(st.layer_inputs),
+            stages=list(st.stages),
+            relevance=st.relevance,
+            raters=st.raters.tolist() if st.raters is not None else None,
+            forward_ms=list(st.forward_ms),
+            vision_ms=st.vision_ms,
+            raters_ms=st.raters_ms,
+            vision_in_forward=st.vision_in_forward,
+            counts=self.plan.counts,
+            note=self.plan.note,
+        )
+
+    def layer_records(self) -> list[LayerRecord]:
+        return self.record().layer_records()

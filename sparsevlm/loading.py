@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import gc
+import json
+import logging
 import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from .presets import Preset
+
+log = logging.getLogger(__name__)
+# progress(fraction in [0, 1], message): gradio's gr.Progress() is such a callable.
+Progress = Callable[[float, str], None]
 
 SUPPORTED_DECODERS = ("llama", "qwen2")
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "assets" / "models" / "scenes-llava")
@@ -56,6 +70,8 @@ class LoadedModel:
 def pick_device_dtype(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA when present with bf16 (fp16 where bf16 is unsupported); CPU in fp32."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for, but CUDA is not available on this machine")
     if dtype:
         dt = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype)
@@ -67,63 +83,349 @@ def pick_device_dtype(device: str | None = None, dtype: str | None = None) -> tu
     return dev, torch.float32
 
 
-def _resolve(path_or_id: str) -> str:
-    """A local folder as is; a hub id downloaded (or taken from the cache), failing fast when offline."""
-    p = Path(path_or_id).expanduser()
+def pick_attention(device: torch.device, dtype: torch.dtype) -> str:
+    """FlashAttention-2 on CUDA in half precision when the flash_attn package is installed, else SDPA.
+
+    SPARSEVLM_ATTENTION=sdpa|flash_attention_2|eager overrides (the hooks never need the attention matrix: they
+    recompute the rows they read from q/k, so any implementation works).
+    """
+    forced = os.environ.get("SPARSEVLM_ATTENTION")
+    if forced:
+        if forced not in ("sdpa", "flash_attention_2", "eager"):
+            raise ModelLoadError(f"SPARSEVLM_ATTENTION={forced!r}: use sdpa, flash_attention_2 or eager")
+        return forced
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as set now (huggingface_hub reads them once, at its import)."""
+    from huggingface_hub import constants
+
+    env = any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+              for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _is_llava_folder(p: Path) -> bool:
+    try:
+        return json.loads((p / "config.json").read_text()).get("model_type") == "llava"
+    except (OSError, ValueError):
+        return False
+
+
+def available_local_models() -> list[str]:
+    """Models that load without a network: the presets with a local folder, LLaVA folders under assets/models
+    and $SPARSEVLM_MODELS_DIR, and LLaVA checkpoints already in the Hugging Face cache."""
+    from .presets import PRESETS
+
+    found: list[str] = [p.name for p in PRESETS.values() if p.local_path and Path(p.local_path).is_dir()]
+    roots = [Path(__file__).resolve().parent.parent / "assets" / "models"]
+    if os.environ.get("SPARSEVLM_MODELS_DIR"):
+        roots.append(Path(os.environ["SPARSEVLM_MODELS_DIR"]).expanduser())
+    for root in roots:
+        if root.is_dir():
+            for d in sorted(root.iterdir()):
+                if d.is_dir() and _is_llava_folder(d) and d.name not in found and str(d) not in found:
+                    found.append(str(d))
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        for repo in sorted(scan_cache_dir().repos, key=lambda r: r.repo_id):
+            if repo.repo_type == "model" and any(_is_llava_folder(Path(rev.snapshot_path)) for rev in repo.revisions):
+                found.append(repo.repo_id)
+    except Exception:  # noqa: BLE001 - no cache folder (or an unreadable one) simply means nothing cached
+        pass
+    return found
+
+
+def _unavailable(what: str, reason: str) -> ModelLoadError:
+    local = available_local_models()
+    return ModelLoadError(
+        f"{what}: {reason}. Models available locally: {', '.join(local) if local else 'none'}"
+        " (a preset name, a local folder or a hub id already in the cache)"
+    )
+
+
+def resolve(name_or_path: str) -> Preset | Path | str:
+    """What a name means: a Preset (by name, or short name such as 'llava-1.5-7b-hf'), an existing local model
+    folder (Path), or another hub id (str, 'owner/name'). Raises ModelLoadError for anything else."""
+    from .presets import PRESETS, get_preset
+
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise _unavailable("no model was given", "pass a preset name, a hub id or a local folder")
+    name = name_or_path.strip()
+    preset = get_preset(name)
+    if preset is not None:
+        return preset
+    p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{p} has no config.json: not a saved transformers model folder")
-        return str(p)
-    looks_local = path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
+        for preset in PRESETS.values():  # the embedded model's folder is its preset
+            if preset.local_path and Path(preset.local_path).resolve() == p.resolve():
+                return preset
+        return p.resolve()
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or " " in name
     if looks_local:
-        raise ModelLoadError(f"model folder {path_or_id} does not exist")
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+        raise _unavailable(f"model folder {name} does not exist", "check the path")
+    return name
+
+
+def _download(hub_id: str, progress: Progress | None) -> str:
+    """A hub id's files from the cache, else from the hub; never a hang: offline fails at once, and the hub
+    calls carry a timeout."""
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(path_or_id, local_files_only=True)
+        return snapshot_download(hub_id, local_files_only=True)
     except Exception:  # noqa: BLE001 - not in the cache: try the network below
         pass
+    if hub_offline():
+        raise _unavailable(f"cannot load {hub_id!r}", "it is not in the local Hugging Face cache and the hub is "
+                           "offline (HF_HUB_OFFLINE=1)")
+    if progress:
+        progress(0.1, f"downloading {hub_id} from the Hugging Face hub")
     try:
-        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(hub_id, etag_timeout=10,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"cannot download {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: {reason}). "
-            "Without internet, pass a local model folder, e.g. assets/models/scenes-llava"
-        ) from None
+        raise _unavailable(f"cannot download {hub_id!r} from the Hugging Face hub",
+                           f"{type(e).__name__}: {reason}") from None
 
 
-def load_model(path_or_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Model + processor, on CUDA when present, with SDPA attention."""
+def _folder_for(target: Preset | Path | str, progress: Progress | None) -> str:
+    from .presets import Preset
+
+    if isinstance(target, Preset):
+        return target.local_path if target.local_path else _download(target.name, progress)
+    if isinstance(target, Path):
+        return str(target)
+    return _download(target, progress)
+
+
+def complete_processor(processor, config) -> None:
+    """Older checkpoints (e.g. bczhou/tiny-llava-v1-hf) ship no processor_config.json, so the processor lacks the
+    patch size and feature strategy it needs to expand <image> into one token per patch; take them from the
+    model's config (CLIP's [CLS] is one extra token the 'default' strategy drops)."""
+    v = config.vision_config
+    if getattr(processor, "patch_size", None) is None:
+        processor.patch_size = v.patch_size
+    if getattr(processor, "vision_feature_select_strategy", None) is None:
+        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+        processor.num_additional_image_tokens = 1 if v.model_type == "clip_vision_model" else 0
+
+
+def load_model(path_or_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+               progress: Progress | None = None) -> LoadedModel:
+    """Model + processor, on CUDA when present (bf16, else fp16), with SDPA or FlashAttention-2 attention."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
+    from .presets import Preset
+
     hf_logging.disable_progress_bar()  # keeps stderr to our own one-line messages
-    folder = _resolve(path_or_id)
+    target = resolve(path_or_id)
     dev, dt = pick_device_dtype(device, dtype)
+    if progress:
+        progress(0.05, f"finding the files of {path_or_id}")
+    folder = _folder_for(target, progress)
+    attention = pick_attention(dev, dt)
+    if progress:
+        progress(0.4, f"reading the weights of {path_or_id} ({str(dt).replace('torch.', '')}, {attention})")
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dt, attn_implementation="sdpa")
+        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dt, attn_implementation=attention)
         processor = AutoProcessor.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"cannot load a LLaVA model from {path_or_id}: {str(e).splitlines()[0][:200]}") from None
     text_type = model.config.text_config.model_type
     if text_type not in SUPPORTED_DECODERS:
         raise ModelLoadError(f"decoder {text_type!r} is not supported (supported: {', '.join(SUPPORTED_DECODERS)})")
+    complete_processor(processor, model.config)
+    if progress:
+        progress(0.8, f"moving {path_or_id} to {dev}")
     model = model.to(dev).eval()
     v = model.config.vision_config
     side = v.image_size // v.patch_size
+    if isinstance(target, Preset):
+        name = target.name
+    elif isinstance(target, Path):
+        name = target.name
+    else:
+        name = target
+    if progress:
+        progress(1.0, f"{name} is ready on {dev}")
     return LoadedModel(
         model=model,
         processor=processor,
-        name=Path(path_or_id).name if Path(path_or_id).exists() else path_or_id,
+        name=name,
         device=dev,
         dtype=dt,
         arch=f"llava-{text_type}",
         grid=(side, side),
         has_cls=model.config.vision_feature_select_strategy == "default",
     )
+
+
+def model_bytes(model) -> int:
+    """Bytes the model's parameters and buffers occupy (tied tensors counted once)."""
+    seen: dict[int, torch.Tensor] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        seen[id(t)] = t
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def estimate_bytes(target: Preset | Path | str, dtype: torch.dtype) -> int | None:
+    """Weights a model will occupy once loaded, known before loading it: from the preset's exact count, or
+    from the safetensors files of a folder (rescaled to the load dtype). None when unknown (not downloaded)."""
+    from .presets import Preset
+
+    per = torch.empty((), dtype=dtype).element_size()
+    if isinstance(target, Preset):
+        return target.weight_bytes(per)
+    if isinstance(target, Path):
+        folder = target
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(target, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: the size is unknown until downloaded
+            return None
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    sl = sf.get_slice(k)
+                    n = 1
+                    for s in sl.get_shape():
+                        n *= s
+                    total += n * per
+        except Exception:  # noqa: BLE001 - an unreadable file: fall back to its size on disk
+            total += f.stat().st_size
+    return total or None
+
+
+def default_budget_bytes(device: torch.device) -> int:
+    """How much the cache may hold: SPARSEVLM_MODEL_MEMORY_GIB when set (a Space variable); else 90% of the GPU's
+    memory on CUDA, half the machine's available RAM on CPU."""
+    if os.environ.get("SPARSEVLM_MODEL_MEMORY_GIB"):
+        try:
+            return int(float(os.environ["SPARSEVLM_MODEL_MEMORY_GIB"]) * 2**30)
+        except ValueError:
+            raise ModelLoadError("SPARSEVLM_MODEL_MEMORY_GIB must be a number of GiB, e.g. 40") from None
+    if device.type == "cuda":
+        return int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        pages = 8 * 2**30
+    return int(0.5 * pages)
+
+
+class ModelCache:
+    """Models loaded once and kept while they fit in `max_bytes` (least recently used evicted first).
+
+    `get(name)` returns (model, unloaded) where `unloaded` names what was evicted to make room, so the UI can say
+    so. One lock serializes loading: two requests for the same model load it once.
+    """
+
+    def __init__(self, max_bytes: int | None = None, device: str | None = None, dtype: str | None = None):
+        self.device, self.dtype = pick_device_dtype(device, dtype)
+        self._device_arg, self._dtype_arg = device, dtype
+        self.max_bytes = int(max_bytes) if max_bytes is not None else default_budget_bytes(self.device)
+        self._models: OrderedDict[str, tuple[LoadedModel, int]] = OrderedDict()
+        self._lock = threading.RLock()
+
+    @staticmethod
+    def key(target: Preset | Path | str) -> str:
+        from .presets import Preset
+
+        if isinstance(target, Preset):
+            return target.name
+        return str(target)
+
+    def loaded(self) -> list[str]:
+        """Keys of the models in memory, least recently used first."""
+        with self._lock:
+            return list(self._models)
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(b for _, b in self._models.values())
+
+    def put(self, key: str, lm: LoadedModel) -> list[str]:
+        """Add a model built elsewhere (tests, an app handed a model); evicts as `get` does."""
+        with self._lock:
+            size = model_bytes(lm.model)
+            unloaded = self._make_room(size, keep=key)
+            self._models[key] = (lm, size)
+            self._models.move_to_end(key)
+            return unloaded
+
+    def get(self, name_or_path: str, progress: Progress | None = None) -> tuple[LoadedModel, list[str]]:
+        target = resolve(name_or_path)
+        key = self.key(target)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                if progress:
+                    progress(1.0, f"{self._models[key][0].name} is already loaded")
+                return self._models[key][0], []
+            need = estimate_bytes(target, self.dtype)
+            if need is not None and need > self.max_bytes:
+                raise ModelLoadError(
+                    f"{key} needs about {need / 2**30:.2f} GiB for its weights "
+                    f"({str(self.dtype).replace('torch.', '')}), more than this server's model memory budget of "
+                    f"{self.max_bytes / 2**30:.2f} GiB: pick a smaller model or run on a bigger machine"
+                )
+            unloaded = self._make_room(need or 0, keep=key)
+            lm = load_model(name_or_path, device=self._device_arg, dtype=self._dtype_arg, progress=progress)
+            size = model_bytes(lm.model)
+            # The estimate may be missing (a hub id not yet downloaded): check again with the real size.
+            unloaded += self._make_room(size, keep=key)
+            if size > self.max_bytes:
+                del lm
+                self._free()
+                raise ModelLoadError(f"{key} takes {size / 2**30:.2f} GiB, more than the model memory budget of "
+                                     f"{self.max_bytes / 2**30:.2f} GiB; it was not kept")
+            self._models[key] = (lm, size)
+            return lm, unloaded
+
+    def unload(self, key: str) -> bool:
+        with self._lock:
+            if self._models.pop(key, None) is None:
+                return False
+            self._free()
+            return True
+
+    def _make_room(self, need: int, keep: str) -> list[str]:
+        unloaded = []
+        while self._models and self.used_bytes() + need > self.max_bytes:
+            oldest = next(iter(self._models))
+            if oldest == keep:
+                break
+            lm, size = self._models.pop(oldest)
+            unloaded.append(lm.name)
+            log.info("unloaded %s (%.2f GiB) to make room", lm.name, size / 2**30)
+            del lm
+        if unloaded:
+            self._free()
+        return unloaded
+
+    @staticmethod
+    def _free() -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def from_objects(model, processor, name: str = "in-memory") -> LoadedModel:

@@ -11,11 +11,11 @@ from PIL import Image
 from . import cost as C
 from .config import PruneConfig
 from .errors import InputError
-from .hooks import PruneHooks
+from .hooks import CallRecord, PruneHooks
 from .loading import LoadedModel
-from .schedule import equal_tokens, equal_tokens_reference
+from .schedule import BUDGET_TOLERANCE, budget_figure, equal_tokens, equal_tokens_reference
 from .tokenizer import prompt_for
-from .trace import Cost, PruneTrace, Rater, Timings
+from .trace import Cost, Memory, PruneTrace, Rater, Timings
 
 MAX_QUESTION_CHARS = 2000
 
@@ -26,6 +26,32 @@ class RunResult:
     trace: PruneTrace
 
 
+def kv_cache_bytes(cache) -> tuple[int, list[int]]:
+    """Bytes held by a transformers Cache's key/value tensors, and the cached positions of each layer."""
+    total, per_layer = 0, []
+    for layer in getattr(cache, "layers", []):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or values is None:
+            per_layer.append(0)
+            continue
+        total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+        per_layer.append(int(keys.shape[-2]) if keys.dim() >= 2 and keys.numel() else 0)
+    return int(total), per_layer
+
+
+class _CacheProbe:
+    """A forward hook on the model that reads the KV cache object after every forward: the first reading is the
+    prefill's cache, the last one the cache generate() ends with."""
+
+    def __init__(self):
+        self.readings: list[tuple[int, list[int]]] = []
+
+    def __call__(self, module, args, output):
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None:
+            self.readings.append(kv_cache_bytes(cache))
+
+
 def build_prompt(processor, question: str) -> str:
     """The model's own chat template when it has one, else the LLaVA-1.5 format."""
     if getattr(processor, "chat_template", None):
@@ -34,22 +60,32 @@ def build_prompt(processor, question: str) -> str:
     return prompt_for(question)
 
 
-def input_region(image_processor, width: int, height: int) -> tuple[float, float, float, float]:
+def input_region(image_processor, width: int, height: int, covered: float = 1.0) -> tuple[float, float, float, float]:
     """The box of the original image (its pixels; may extend past the edges when padding) that the image
-    processor turns into the model's square input: resize-shortest-edge + center-crop, plain resize, or pad."""
+    processor turns into the model's square input: resize-shortest-edge + center-crop, plain resize, or pad.
+
+    covered: the share of the square input the patch grid tiles (grid * patch / image size). SigLIP-384 with
+    14-pixel patches tiles 27 * 14 = 378 of 384 pixels; its last 6 rows and columns reach no patch."""
     size = getattr(image_processor, "size", None) or {}
     if getattr(image_processor, "do_pad", False):  # LLaVA's expand-to-square, then resize
         side = max(width, height)
         x0, y0 = (width - side) / 2, (height - side) / 2
-        return (x0, y0, x0 + side, y0 + side)
-    if getattr(image_processor, "do_center_crop", False) and "shortest_edge" in size:
+        x1, y1 = x0 + side, y0 + side
+    elif getattr(image_processor, "do_center_crop", False) and "shortest_edge" in size:
         crop = image_processor.crop_size
         scale = size["shortest_edge"] / min(width, height)
         rw, rh = width * scale, height * scale
         cw, ch = min(crop["width"], rw), min(crop["height"], rh)
         x0, y0 = (rw - cw) / 2 / scale, (rh - ch) / 2 / scale
-        return (x0, y0, x0 + cw / scale, y0 + ch / scale)
-    return (0.0, 0.0, float(width), float(height))
+        x1, y1 = x0 + cw / scale, y0 + ch / scale
+    else:
+        x0, y0, x1, y1 = 0.0, 0.0, float(width), float(height)
+    return (x0, y0, x0 + (x1 - x0) * covered, y0 + (y1 - y0) * covered)
+
+
+def _grid_coverage(lm: LoadedModel) -> float:
+    v = lm.model.config.vision_config
+    return (v.image_size // v.patch_size) * v.patch_size / v.image_size
 
 
 def check_question(question: str) -> str:
@@ -91,30 +127,64 @@ def run(
         gen.update(temperature=float(temperature), top_p=float(top_p))
         torch.manual_seed(seed)
     hooks = PruneHooks(lm.model, config)
-    with torch.inference_mode(), hooks:
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize(lm.device)
-        t0 = time.perf_counter()
-        out = lm.model.generate(**inputs, **gen)
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize(lm.device)
-        total_ms = (time.perf_counter() - t0) * 1e3
+    probe = _CacheProbe()
+    on_cuda = lm.device.type == "cuda"
+    handle = lm.model.register_forward_hook(probe)
+    try:
+        with torch.inference_mode(), hooks:
+            if on_cuda:
+                torch.cuda.synchronize(lm.device)
+                torch.cuda.reset_peak_memory_stats(lm.device)
+            t0 = time.perf_counter()
+            out = lm.model.generate(**inputs, **gen)
+            if on_cuda:
+                torch.cuda.synchronize(lm.device)
+            total_ms = (time.perf_counter() - t0) * 1e3
+    finally:
+        handle.remove()
     new_ids = out[0, n_prompt:]
     answer = lm.processor.decode(new_ids, skip_special_tokens=True).strip()
-    trace = build_trace(lm, hooks, config, question, prompt, inputs["input_ids"][0], image.size, answer,
-                        len(new_ids), total_ms)
+    memory = Memory(
+        kv_bytes_prefill=probe.readings[0][0] if probe.readings else None,
+        kv_bytes_final=probe.readings[-1][0] if probe.readings else None,
+        kv_tokens_per_layer=probe.readings[0][1] if probe.readings else [],
+        peak_gpu_bytes=int(torch.cuda.max_memory_allocated(lm.device)) if on_cuda else None,
+        peak_gpu_note="" if on_cuda else f"n/a: the model runs on {lm.device.type}, not a CUDA GPU",
+    )
+    trace = build_trace(lm, hooks.record(), config, question, prompt, inputs["input_ids"][0], image.size, answer,
+                        len(new_ids), total_ms, memory)
     return RunResult(answer, trace)
 
 
-def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, image_size, answer, n_new, total_ms):
-    st = hooks.state
+def budget_figures(record: CallRecord, config: PruneConfig) -> dict:
+    """Both equal-token figures of a call (from its measured layer counts) and the one its accounting meets."""
+    visual = list(record.layer_inputs) or [record.visual_total]
+    depth = len(visual)
+    after = [s for s in record.stages if s.after_layer >= 0]
+    fin = equal_tokens(visual)
+    fout = equal_tokens_reference(visual[0], tuple(s.after_layer for s in after), [s.visual_out for s in after],
+                                  depth) if after else fin
+    out = {"equal_tokens": fin, "equal_tokens_reference": fout, "accounting": config.accounting, "budget": None,
+           "budget_counting": "", "budget_figure": None, "budget_met": None}
+    if record.counts is not None:
+        counting = record.counts.budget_counting
+        kept = float(record.stages[-1].visual_out) if record.stages else float(visual[-1])
+        figure = budget_figure(counting, fin, fout, kept, record.counts.kept_extra)
+        out.update(budget=config.budget, budget_counting=counting, budget_figure=figure,
+                   budget_met=abs(figure - config.budget) <= BUDGET_TOLERANCE)
+    return out
+
+
+def build_trace(lm, record: CallRecord, config, question, prompt, input_ids, image_size, answer, n_new, total_ms,
+                memory: Memory | None = None):
+    st = record
     text_ids = input_ids[st.prefix + st.visual_total :].tolist()
     tokens = lm.processor.tokenizer.convert_ids_to_tokens(text_ids)
     raters: list[Rater] = []
     if st.relevance is not None:
-        chosen = set(st.raters.tolist())
+        chosen = set(st.raters or [])
         raters = [Rater(i, tok, float(r), i in chosen) for i, (tok, r) in enumerate(zip(tokens, st.relevance))]
-    layers = hooks.layer_records()
+    layers = record.layer_records()
     shape = C.DecoderShape.from_config(lm.model.config)
     fixed = st.prefix + st.text
     per_layer = [fixed + r.visual_in for r in layers]
@@ -123,13 +193,9 @@ def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, imag
     overhead = C.rater_flops(st.text, st.visual_total, shape) if st.relevance is not None else 0.0
     for s in st.stages:
         overhead += C.stage_overhead_flops(s.raters, fixed + s.visual_in, s.visual_in, s.recycled, s.clusters, shape)
-    counts = [s.visual_out for s in st.stages if s.after_layer >= 0]
-    prune_layers = tuple(s.after_layer for s in st.stages if s.after_layer >= 0)
     visual_per_layer = [r.visual_in for r in layers]
     cost = Cost(
-        equal_tokens=equal_tokens(visual_per_layer),
-        equal_tokens_reference=equal_tokens_reference(visual_per_layer[0], prune_layers, counts, len(layers))
-        if prune_layers else equal_tokens(visual_per_layer),
+        **budget_figures(record, config),
         prefill_flops_dense=C.prefill_flops(dense, shape),
         prefill_flops=C.prefill_flops(per_layer, shape) + overhead,
         prune_overhead_flops=overhead,
@@ -154,19 +220,23 @@ def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, imag
     )
     rows, cols = lm.grid
     notes = []
-    if hooks.schedule_note:
-        notes.append(hooks.schedule_note)
-    notes.append("equal tokens: mean over decoder layers of the visual tokens each layer processes as input; "
-                 "the reference code counts a pruning layer at its output count (equal_tokens_reference)")
+    if record.note:
+        notes.append(record.note)
+    notes.append("equal tokens: mean over decoder layers of the visual tokens each layer processes, counted at each "
+                 "layer's input (equal_tokens; what FLOPs follow) and with a pruning layer counted at its output "
+                 "(equal_tokens_reference; the reference code's figure)")
+    if cost.budget_met is False:
+        notes.append(f"budget {config.budget} not met: {cost.budget_counting}-counted figure "
+                     f"{cost.budget_figure:.1f}")
     return PruneTrace(
         method=config.method,
-        config=config.to_dict(),
+        config={**config.to_dict(), "positions": record.positions},  # the positions mode that ran
         model=lm.describe(),
         question=question,
         prompt=prompt,
         answer=answer,
         image_size=tuple(image_size),
-        input_region=input_region(lm.processor.image_processor, *image_size),
+        input_region=input_region(lm.processor.image_processor, *image_size, covered=_grid_coverage(lm)),
         grid=(rows, cols),
         prefix_tokens=st.prefix,
         visual_tokens=st.visual_total,
@@ -178,4 +248,5 @@ def build_trace(lm, hooks: PruneHooks, config, question, prompt, input_ids, imag
         timings_ms=timings,
         cost=cost,
         notes=notes,
+        memory=memory or Memory(),
     )

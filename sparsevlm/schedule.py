@@ -1,20 +1,39 @@
-"""Where to prune and how many tokens to keep, for any decoder depth and grid size (SPEC sections 2, 3, 7).
+"""Counting in one place: where methods prune, how many tokens they keep, and the two equal-token figures.
 
-Equal tokens (our definition, SPEC section 7): the mean over decoder layers of the visual tokens each layer
-processes as INPUT. A layer that prunes processes its full input and its output is cut, so it counts at its
-input count. The reference code counts a pruning layer at its output count; both figures are reported.
+Equal tokens (SPEC section 7) = the mean over decoder layers of the visual tokens a layer holds, counted two ways:
+- *input* counting: a pruning layer counts at its input (it runs on the full set, its output is cut). This is
+  what prefill FLOPs follow.
+- *output* counting (the reference SparseVLM code's figure): a pruning layer counts at its output.
+
+Two accountings meet a budget:
+- `paper` (default): each method's published setting. SparseVLM: the reference v1.5 lists verbatim (32 layers,
+  576 tokens) as *directly kept* counts, recycled clusters on top, so that output counting lands on the budget
+  (192.0 / 128.6 / 96.9 / 64.8); other depths, grids or budgets scale the nearest list so that output counting
+  hits the budget, and a budget below what the schedule can reach runs at the smallest schedule (said in the
+  trace). FastV: its own counting - the budget is the number of tokens kept after layer K-1 (FastV's R).
+  Methods that prune before the LLM keep the budget in every layer (both countings agree).
+- `flops`: every method at the same *input*-counted figure, i.e. the same prefill cost; a budget the model's
+  depth cannot reach is a ConfigError.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from .algorithm import recycle_sizes
 from .config import (
     REFERENCE_DEPTH,
+    REFERENCE_FASTV_K,
     REFERENCE_FIXED_COUNTS,
     REFERENCE_GRID_TOKENS,
     REFERENCE_PRUNE_LAYERS_32,
     PruneConfig,
 )
 from .errors import ConfigError
+
+# A budget counts as met when the accounting's figure lies within one token of it (the reference's own
+# lists land 0.8 tokens above their 64 budget).
+BUDGET_TOLERANCE = 1.0
 
 
 def scaled_layers(reference: tuple[int, ...], depth: int) -> tuple[int, ...]:
@@ -35,15 +54,16 @@ def sparsevlm_layers(cfg: PruneConfig, depth: int) -> tuple[int, ...]:
     return tuple(layers)
 
 
-def fastv_layer(cfg: PruneConfig, depth: int) -> int:
-    k = cfg.fastv_layer if cfg.fastv_layer is not None else scaled_layers((2,), depth)[0]
-    if not 0 <= k < depth - 1:
-        raise ConfigError(f"FastV layer {k} must lie in 0..{depth - 2}")
+def fastv_k(cfg: PruneConfig, depth: int) -> int:
+    """FastV's K (layers 0..K-1 run in full; ranked in layer K-1, pruned after it). Default 2 of 32, scaled."""
+    k = cfg.fastv_k if cfg.fastv_k is not None else max(1, int(REFERENCE_FASTV_K * depth / REFERENCE_DEPTH + 0.5))
+    if not 1 <= k < depth:
+        raise ConfigError(f"FastV K = {k} must lie in 1..{depth - 1} (K layers run on the full sequence)")
     return k
 
 
 def per_layer_inputs(visual: int, layers: tuple[int, ...], counts: list[int], depth: int) -> list[int]:
-    """Visual tokens each decoder layer processes, given counts kept after each pruning layer."""
+    """Visual tokens each decoder layer processes, given the total kept after each pruning layer."""
     out, cur, stage = [], visual, 0
     for i in range(depth):
         out.append(cur)
@@ -58,70 +78,170 @@ def equal_tokens(per_layer: list[int]) -> float:
 
 
 def equal_tokens_reference(visual: int, layers: tuple[int, ...], counts: list[int], depth: int) -> float:
-    """The reference code's figure: a pruning layer counts at its output count."""
+    """Output counting (the reference code's figure): a pruning layer counts at its output count."""
     out = per_layer_inputs(visual, layers, counts, depth)
     for layer, c in zip(layers, counts):
         out[layer] = c
     return equal_tokens(out)
 
 
+def _before_llm(visual: int, layers: tuple[int, ...], totals: list[int]) -> tuple[int, tuple[int, ...], list[int]]:
+    """A stage at layer -1 (before the LLM) sets what every decoder layer starts from."""
+    while layers and layers[0] < 0:
+        visual, layers, totals = totals[0], layers[1:], totals[1:]
+    return visual, tuple(layers), list(totals)
+
+
+def layer_counts(visual: int, layers: tuple[int, ...], totals: list[int], depth: int) -> list[int]:
+    """Visual tokens each decoder layer processes (input counting); layer -1 = before the LLM."""
+    return per_layer_inputs(*_before_llm(visual, tuple(layers), list(totals)), depth)
+
+
+def figures(visual: int, layers: tuple[int, ...], totals: list[int], depth: int) -> tuple[float, float]:
+    """(input-counted, output-counted) equal tokens of a schedule. Layer -1 = before the LLM."""
+    visual, layers, totals = _before_llm(visual, tuple(layers), list(totals))
+    return (equal_tokens(per_layer_inputs(visual, layers, totals, depth)),
+            equal_tokens_reference(visual, layers, totals, depth))
+
+
 def min_equal_tokens(visual: int, first_layer: int, depth: int) -> float:
-    """The smallest equal-token figure a method pruning after `first_layer` can reach (1 token kept after)."""
+    """The smallest input-counted figure a method pruning after `first_layer` can reach (1 token kept after)."""
     return ((first_layer + 1) * visual + (depth - first_layer - 1)) / depth
 
 
-def fixed_counts(cfg: PruneConfig, visual: int, depth: int) -> tuple[tuple[int, ...], list[int], str]:
-    """(pruning layers, total kept after each, description) for the fixed-budget mode.
+def totals_with_clusters(visual: int, direct: list[int], recycle: bool, tau: float, theta: float) -> list[int]:
+    """Visual tokens after each stage: the directly kept ones plus the clusters recycled from the deleted ones."""
+    out, cur = [], visual
+    for d in direct:
+        d = min(d, cur)
+        clusters = recycle_sizes(cur - d, tau, theta)[1] if recycle else 0
+        cur = d + clusters
+        out.append(cur)
+    return out
 
-    "equal": the reference v1.5 list for the budget gives the shape; it is scaled so the equal-token figure
-    (input counts) hits the budget. "reference": the lists verbatim (32 layers x 576 tokens only).
-    """
+
+@dataclass(frozen=True)
+class Counts:
+    """A method's stage counts under one accounting, with both equal-token figures it is planned to give."""
+
+    layers: tuple[int, ...]  # after which decoder layer each stage acts (-1: before the LLM)
+    direct: tuple[int, ...]  # visual tokens kept directly at each stage
+    totals: tuple[int, ...]  # visual tokens after each stage (direct + merged tokens added on top)
+    equal_tokens_input: float
+    equal_tokens_output: float
+    # which figure the accounting meets the budget in: input | output | kept (tokens after the last stage) |
+    # retained (kept minus `kept_extra`, the tokens a method keeps on top of its budget: DART's image pivots)
+    budget_counting: str
+    budget_met: bool
+    note: str
+    kept_extra: int = 0
+
+
+def budget_figure(counting: str, fin: float, fout: float, kept: float, kept_extra: int = 0) -> float:
+    """The figure a counting names: input- or output-counted equal tokens, the kept or the retained count."""
+    return {"input": fin, "output": fout, "kept": kept, "retained": kept - kept_extra}[counting]
+
+
+def make_counts(layers, direct, totals, visual: int, depth: int, budget: int, counting: str, note: str,
+                kept_extra: int = 0) -> Counts:
+    """A schedule's Counts with both equal-token figures computed here (the one place counting lives)."""
+    fin, fout = figures(visual, tuple(layers), list(totals), depth)
+    figure = budget_figure(counting, fin, fout, float(totals[-1]) if totals else float(visual), kept_extra)
+    return Counts(tuple(layers), tuple(direct), tuple(totals), fin, fout, counting,
+                  abs(figure - budget) <= BUDGET_TOLERANCE, note, kept_extra)
+
+
+_counts = make_counts
+
+
+def sparsevlm_fixed(cfg: PruneConfig, visual: int, depth: int) -> Counts:
+    """SparseVLM's fixed-budget schedule: directly kept counts per pruning layer, recycled clusters on top."""
     layers = sparsevlm_layers(cfg, depth)
     budget = cfg.budget
+    recycle = cfg.recycle
+
+    def totals(direct: list[int]) -> list[int]:
+        return totals_with_clusters(visual, direct, recycle, cfg.tau, cfg.theta)
+
+    verbatim = (depth == REFERENCE_DEPTH and visual == REFERENCE_GRID_TOKENS and budget in REFERENCE_FIXED_COUNTS
+                and layers == REFERENCE_PRUNE_LAYERS_32)
+    if cfg.accounting == "paper" and verbatim:
+        direct = list(REFERENCE_FIXED_COUNTS[budget])
+        return _counts(layers, direct, totals(direct), visual, depth, budget, "output",
+                       f"paper accounting: reference v1.5 list for {budget} verbatim, {direct} kept directly after "
+                       f"layers {list(layers)}, recycled clusters on top")
+    counting = "output" if cfg.accounting == "paper" else "input"
     shape_key = min(REFERENCE_FIXED_COUNTS, key=lambda b: abs(b - budget))
     shape = [c * visual / REFERENCE_GRID_TOKENS for c in REFERENCE_FIXED_COUNTS[shape_key]]
     shape = (shape + [shape[-1]] * len(layers))[: len(layers)]
-    if cfg.fixed_schedule == "reference":
-        if depth != REFERENCE_DEPTH or visual != REFERENCE_GRID_TOKENS or budget not in REFERENCE_FIXED_COUNTS:
-            raise ConfigError("the verbatim reference counts exist only for 32 layers, 576 tokens, 192/128/96/64")
-        counts = list(REFERENCE_FIXED_COUNTS[budget])
-        return layers, counts, f"reference v1.5 counts for budget {budget}: {counts}"
-    floor = min_equal_tokens(visual, layers[0], depth)
-    if budget < floor:
-        raise ConfigError(
-            f"budget {budget} is below what pruning after layer {layers[0]} of {depth} can reach "
-            f"(the first {layers[0] + 1} layers see all {visual} tokens: at least {floor:.1f} equal tokens)"
-        )
 
-    def counts_for(alpha: float) -> list[int]:
-        out, prev = [], visual
+    def direct_for(alpha: float) -> list[int]:
+        # Direct counts strictly decrease, and every stage leaves fewer tokens than it received (recycled
+        # clusters included; the reference caps its counts at V_cur - 1).
+        out, prev, cur = [], visual, visual
         for s in shape:
-            c = max(1, min(prev, round(alpha * s)))
+            c = max(1, min(prev - 1, cur - 1, round(alpha * s)))
+            while c > 1 and totals_with_clusters(cur, [c], recycle, cfg.tau, cfg.theta)[0] >= cur:
+                c -= 1
             out.append(c)
-            prev = c
+            prev, cur = c, totals_with_clusters(cur, [c], recycle, cfg.tau, cfg.theta)[0]
         return out
 
+    def figure(direct: list[int]) -> float:
+        fin, fout = figures(visual, layers, totals(direct), depth)
+        return fin if counting == "input" else fout
+
+    smallest = [1] * len(layers)
+    if figure(smallest) > budget + BUDGET_TOLERANCE:
+        if cfg.accounting == "flops":
+            raise ConfigError(
+                f"budget {budget} is below what pruning after layer {layers[0]} of {depth} can reach "
+                f"(the first {layers[0] + 1} layers see all {visual} tokens: at least {figure(smallest):.1f} "
+                "equal tokens counted at each layer's input); choose a larger budget or paper accounting"
+            )
+        return _counts(layers, smallest, totals(smallest), visual, depth, budget, counting,
+                       f"paper accounting: budget {budget} is below what pruning after layer {layers[0]} of {depth} "
+                       f"can reach; ran the smallest schedule (1 token kept directly per stage, "
+                       f"{figure(smallest):.1f} equal tokens counted at each pruning layer's output)")
     lo, hi = 0.0, visual / max(min(shape), 1e-9) + 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if equal_tokens(per_layer_inputs(visual, layers, counts_for(mid), depth)) > budget:
+        if figure(direct_for(mid)) > budget:
             hi = mid
         else:
             lo = mid
-    best = min(
-        (counts_for(lo), counts_for(hi)),
-        key=lambda c: abs(equal_tokens(per_layer_inputs(visual, layers, c, depth)) - budget),
-    )
-    return layers, best, f"reference v1.5 list for {shape_key} scaled by {lo:.3f} to hit {budget} equal tokens"
+    best = min((direct_for(lo), direct_for(hi)), key=lambda d: abs(figure(d) - budget))
+    which = "each pruning layer's output (the reference's counting)" if counting == "output" else \
+        "each layer's input (equal prefill cost)"
+    return _counts(layers, best, totals(best), visual, depth, budget, counting,
+                   f"{cfg.accounting} accounting: reference v1.5 list for {shape_key} scaled by {lo:.3f} so equal "
+                   f"tokens counted at {which} hit {budget}; {best} kept directly, recycled clusters on top")
 
 
 def single_stage_keep(budget: int, visual: int, after_layer: int, depth: int) -> int:
-    """Tokens to keep for a one-shot method pruning after `after_layer` (-1 = before the LLM)."""
+    """Tokens to keep for a one-shot method pruning after `after_layer` (-1 = before the LLM), input counting."""
     before = after_layer + 1
     k = round((budget * depth - before * visual) / (depth - before))
     if k < 1:
         raise ConfigError(
             f"budget {budget} is below what pruning after layer {after_layer} of {depth} can reach "
-            f"(at least {min_equal_tokens(visual, after_layer, depth):.1f} equal tokens)"
+            f"(at least {min_equal_tokens(visual, after_layer, depth):.1f} equal tokens counted at each layer's "
+            "input); choose a larger budget or paper accounting"
         )
     return min(k, visual)
+
+
+def single_stage(cfg: PruneConfig, visual: int, after_layer: int, depth: int, method: str) -> Counts:
+    """A one-shot method (FastV after layer K-1; FasterVLM, random before the LLM) under either accounting."""
+    budget = min(cfg.budget, visual)
+    if after_layer < 0:  # every decoder layer sees the kept set: both countings equal the budget
+        return _counts((-1,), (budget,), (budget,), visual, depth, budget, "input",
+                       f"{method}: keep {budget} of {visual} before the LLM (input and output counting agree)")
+    if cfg.accounting == "paper":
+        return _counts((after_layer,), (budget,), (budget,), visual, depth, budget, "kept",
+                       f"paper accounting: {method}'s own counting, the budget is the number of tokens kept after "
+                       f"layer {after_layer} (layers 0..{after_layer} see all {visual})")
+    k = single_stage_keep(budget, visual, after_layer, depth)
+    return _counts((after_layer,), (k,), (k,), visual, depth, budget, "input",
+                   f"flops accounting: keep {k} after layer {after_layer} so equal tokens counted at each layer's "
+                   f"input hit {budget}")

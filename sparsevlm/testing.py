@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    AutoConfig,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -106,3 +107,168 @@ def tiny_llava(
         chat_template=tokenizer.chat_template,
     )
     return model, processor
+
+
+# --- presets at a reduced width --------------------------------------------------------------------------------
+PRESET_WORDS = ("user", "system", "assistant", "answer", "with", "word", "the", "picture", "this", "colour")
+
+
+def preset_tokenizer(spec: dict, words=(*TEST_WORDS, *PRESET_WORDS), chat_template: str | None = None):
+    """A word-level tokenizer with a preset's vocabulary size and its special tokens at their real ids.
+
+    The real BPE/SentencePiece vocabularies are not available offline; what the engine depends on is the image
+    token's id, the specials the chat template emits, and the vocabulary size the model's embedding has. Free ids
+    are filled with placeholder tokens so any id the random model generates decodes.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials: dict[str, int] = spec["special_tokens"]
+    taken = set(specials.values())
+    vocab = dict(specials)
+    free = (i for i in range(spec["vocab_size"]) if i not in taken)
+    # Qwen's byte-level BPE has no unknown token; a word-level one needs one, inside the model's vocabulary.
+    unk = spec.get("unk_token") or "<w_unk>"
+    for w in dict.fromkeys((unk, *(w.lower() for w in (*words, ":", "?", ".", ",")))):
+        if w not in vocab:
+            vocab[w] = next(free)
+    for i in free:
+        vocab[f"<w{i}>"] = i
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=unk))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens(list(specials))
+    bos = spec.get("bos_token")
+    if spec.get("add_bos_token") and bos:
+        # Llama's tokenizer starts every sequence with <s>: the prompt's prefix tokens depend on it.
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, specials[bos])])
+    kw = {k: spec[k] for k in ("bos_token", "eos_token", "pad_token") if spec.get(k)}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, extra_special_tokens={"image_token": "<image>"},
+                                   model_max_length=4096, padding_side=spec.get("padding_side", "left"), **kw)
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def preset_image_processor(preprocessor_config: dict):
+    """The preset's image processor, built from its preprocessor_config.json fields (PIL backend: no torchvision)."""
+    fields = {k: v for k, v in preprocessor_config.items()
+              if k not in ("image_processor_type", "processor_class") and v is not None}
+    kind = preprocessor_config["image_processor_type"]
+    classes = {"CLIPImageProcessor": CLIPImageProcessorPil, "SiglipImageProcessor": SiglipImageProcessorPil}
+    if kind not in classes:
+        raise ValueError(f"no offline image processor for {kind!r}")
+    return classes[kind](**fields)
+
+
+def preset_llava(
+    name: str,
+    *,
+    hidden: int = 64,
+    heads: int = 8,
+    intermediate: int = 128,
+    vision_hidden: int = 32,
+    vision_heads: int = 2,
+    vision_intermediate: int = 64,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    reduce: bool = True,
+    device: str | torch.device | None = None,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A preset's exact configuration - depth, grid, vision feature layer and select strategy, image processor,
+    chat template, image token, vocabulary, RoPE, tied embeddings - at a reduced width, with random weights.
+
+    Only widths change: hidden sizes, FFN sizes and head counts, keeping the decoder's query-to-KV-head ratio
+    (MHA stays MHA, TinyLlama's 8:1 GQA stays 8:1). Depths (decoder and vision tower) are the real ones.
+    reduce=False keeps the published widths too (the 7B benchmark); the weights are then created directly in
+    `dtype` on `device`, so a 7B model never passes through 28 GB of fp32 host memory.
+    """
+    from .presets import PRESETS
+
+    preset = PRESETS[name]
+    if preset.local_path:
+        raise ValueError(f"{name} is a local model: load its folder ({preset.local_path}) instead of rebuilding it")
+    data = preset.data
+    cfg = preset.config
+    t, v = cfg["text_config"], cfg["vision_config"]
+    if reduce:
+        text = AutoConfig.for_model(t["model_type"], **{k: x for k, x in t.items() if k != "model_type"})
+        ratio = text.num_attention_heads // (text.num_key_value_heads or text.num_attention_heads)
+        t.update(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                 num_key_value_heads=max(1, heads // ratio))
+        t.pop("head_dim", None)  # derived from the new width
+        v.update(hidden_size=vision_hidden, intermediate_size=vision_intermediate, num_attention_heads=vision_heads)
+        if "projection_dim" in v:
+            v["projection_dim"] = vision_hidden
+    config = LlavaConfig.from_dict(cfg)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device or "cpu"):
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    gen = data.get("generation_config") or {}
+    for k, x in gen.items():
+        setattr(model.generation_config, k, x)
+    tokenizer = preset_tokenizer(data["tokenizer"], chat_template=data.get("chat_template"))
+    pc = data.get("processor_config") or {}
+    processor = LlavaProcessor(
+        image_processor=preset_image_processor(data["preprocessor_config"]),
+        tokenizer=tokenizer,
+        patch_size=pc.get("patch_size"),
+        vision_feature_select_strategy=pc.get("vision_feature_select_strategy"),
+        num_additional_image_tokens=pc.get("num_additional_image_tokens", 0),
+        chat_template=data.get("chat_template"),
+    )
+    return model, processor
+
+
+def masked_oracle_hooks(model, hidden_from: dict[int, list[int]]) -> list:
+    """The masking oracle: the FULL sequence, with the pruned tokens hidden as keys from every layer after their
+    pruning layer (`hidden_from`: layer -> absolute positions it must not see). Returns the hook handles."""
+    handles = []
+    for i, layer in enumerate(model.model.language_model.layers):
+        hidden = hidden_from.get(i)
+        if hidden is None:
+            continue
+
+        def pre(module, args, kwargs, hidden=hidden, i=i):
+            hs = args[0] if args else kwargs["hidden_states"]
+            q, dev = hs.shape[1], hs.device
+            cache = kwargs.get("past_key_values")
+            past = cache.get_seq_length(i) if cache is not None else 0
+            kv = past + q
+            allowed = torch.arange(kv, device=dev)[None, :] <= (past + torch.arange(q, device=dev))[:, None]
+            allowed[:, hidden] = False
+            allowed[torch.arange(q, device=dev), past + torch.arange(q, device=dev)] = True  # a token sees itself
+            kwargs["attention_mask"] = allowed[None, None]
+            return args, kwargs
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    return handles
+
+
+def masked_oracle_generate(model, inputs: dict, state, **gen):
+    """generate() on the full sequence with the tokens a keep-positions pruned call removed (its `CallState`:
+    prefix, visual_total, stages) masked from every later layer; equal to the pruned call when pruning is right."""
+    hidden_from, removed = {}, set()
+    for i in range(len(model.model.language_model.layers)):
+        if removed:
+            hidden_from[i] = sorted(removed)
+        stage = next((s for s in state.stages if s.after_layer == i), None)
+        if stage is not None:
+            removed |= ({state.prefix + j for j in range(state.visual_total)}
+                        - {state.prefix + j for j in stage.kept})
+    handles = masked_oracle_hooks(model, hidden_from)
+    try:
+        return model.generate(**inputs, **gen)
+    finally:
+        for h in handles:
+            h.remove()

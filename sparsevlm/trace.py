@@ -24,7 +24,8 @@ class Rater:
 class MergedToken:
     """A recycled token: the merge of a cluster of deleted tokens (SPEC section 4)."""
 
-    center: int  # original patch index of the cluster center (its position id is the center's)
+    center: int  # original patch index of the cluster center (its position id is the center's); -1: no patch
+    # (VisionZip's vision [CLS] token, members empty)
     members: list[int]  # original patch indices it represents (merged tokens re-merged are flattened)
 
 
@@ -46,6 +47,9 @@ class Stage:
     scores: list[float]  # significance of each entering token (aligned with input_patches)
     formula: str  # the count rule that ran, with its numbers filled in
     overhead_ms: float = 0.0  # measured time spent deciding and gathering (scores, rank, clustering)
+    # Method-specific plain data for the overlay: pivots and their claims (DART), selection order (DivPrune),
+    # uncorrected scores and priority heads (SparseVLM v2), [CLS] slot and member cosines (VisionZip), ...
+    extras: dict = field(default_factory=dict)
 
     def represented(self) -> set[int]:
         """Patches still represented after this stage: kept directly or inside a merged token."""
@@ -83,6 +87,11 @@ class Cost:
 
     equal_tokens: float = 0.0  # mean over decoder layers of visual tokens each layer processes (input count)
     equal_tokens_reference: float = 0.0  # same, counting a pruning layer at its output count (reference code)
+    accounting: str = "paper"  # how the budget was met: paper (published settings) | flops (equal input count)
+    budget: int | None = None  # the configured budget (None: dense or adaptive counts)
+    budget_counting: str = ""  # the figure the accounting met the budget in: input | output | kept
+    budget_figure: float | None = None  # that figure, measured from the run's layer counts
+    budget_met: bool | None = None  # budget_figure within one token of the budget
     prefill_flops_dense: float = 0.0
     prefill_flops: float = 0.0  # includes the pruning overhead
     prune_overhead_flops: float = 0.0
@@ -92,6 +101,17 @@ class Cost:
     visual_kv_bytes: int = 0
     bytes_per_value: int = 2
     attention_counting: str = "full"  # scores+values counted as 4 n^2 d (no causal halving)
+
+
+@dataclass
+class Memory:
+    """MEASURED memory, next to Cost's computed figures: read from the KV cache object and the CUDA allocator."""
+
+    kv_bytes_prefill: int | None = None  # the cache's K/V tensors right after the prefill (compare Cost.kv_bytes)
+    kv_bytes_final: int | None = None  # after generate: the prefill's entries plus those of the decoded tokens
+    kv_tokens_per_layer: list[int] = field(default_factory=list)  # cached positions per layer after the prefill
+    peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated over the call; None when not on CUDA
+    peak_gpu_note: str = ""  # says why peak_gpu_bytes is missing (CPU: n/a)
 
 
 @dataclass
@@ -117,6 +137,7 @@ class PruneTrace:
     timings_ms: Timings = field(default_factory=Timings)
     cost: Cost = field(default_factory=Cost)
     notes: list[str] = field(default_factory=list)
+    memory: Memory = field(default_factory=Memory)
 
     # --- derived views -------------------------------------------------------------------------------------
     def stage_for_layer(self, layer: int) -> Stage | None:
@@ -165,6 +186,7 @@ class PruneTrace:
         d["layers"] = [LayerRecord(**r) for r in d.get("layers", [])]
         d["timings_ms"] = Timings(**d.get("timings_ms", {}))
         d["cost"] = Cost(**d.get("cost", {}))
+        d["memory"] = Memory(**d.get("memory", {}))
         for k in ("image_size", "input_region", "grid"):
             if k in d:
                 d[k] = tuple(d[k])
@@ -185,6 +207,13 @@ class PruneTrace:
             "model": self.model,
             "equal_tokens": c.equal_tokens,
             "equal_tokens_reference": c.equal_tokens_reference,
+            "equal_tokens_input": c.equal_tokens,
+            "equal_tokens_output": c.equal_tokens_reference,
+            "accounting": c.accounting,
+            "budget": c.budget,
+            "budget_counting": c.budget_counting,
+            "budget_figure": c.budget_figure,
+            "budget_met": c.budget_met,
             "visual_tokens": self.visual_tokens,
             "text_tokens": self.text_tokens,
             "layers": self.layer_table(),
@@ -208,6 +237,12 @@ class PruneTrace:
                 "visual_kv_bytes_dense": c.visual_kv_bytes_dense,
                 "visual_kv_bytes": c.visual_kv_bytes,
                 "attention_counting": c.attention_counting,
+            },
+            "memory_measured": {
+                "kv_bytes_prefill": self.memory.kv_bytes_prefill,
+                "kv_bytes_final": self.memory.kv_bytes_final,
+                "peak_gpu_bytes": self.memory.peak_gpu_bytes,
+                "peak_gpu_note": self.memory.peak_gpu_note,
             },
             "notes": self.notes,
         }

@@ -10,7 +10,7 @@ import torch
 from sparsevlm import algorithm as A
 from sparsevlm import cost as C
 from sparsevlm import schedule as S
-from sparsevlm.config import PruneConfig
+from sparsevlm.config import REFERENCE_FIXED_COUNTS, PruneConfig
 from sparsevlm.errors import ConfigError
 
 
@@ -106,32 +106,53 @@ def test_schedule_scales_with_depth():
     assert S.scaled_layers((2, 6, 15), 8) == (1, 2, 4)
 
 
+@pytest.mark.parametrize("accounting", ["paper", "flops"])
 @pytest.mark.parametrize("budget", [192, 128, 96, 64])
 @pytest.mark.parametrize("depth,visual", [(32, 576), (32, 256), (40, 576)])
-def test_fixed_budgets_hit_their_equal_token_figure(budget, depth, visual):
+def test_fixed_budgets_hit_their_accountings_figure(budget, depth, visual, accounting):
     if budget > visual:
         pytest.skip("budget above this grid")
-    layers, counts, _ = S.fixed_counts(PruneConfig(budget=budget), visual, depth)
-    per_layer = S.per_layer_inputs(visual, layers, counts, depth)
-    assert abs(S.equal_tokens(per_layer) - budget) <= 0.5
-    assert all(b <= a for a, b in zip(counts, counts[1:]))  # never grows back
+    cfg = PruneConfig(budget=budget, accounting=accounting)
+    c = S.sparsevlm_fixed(cfg, visual, depth)
+    assert c.budget_counting == {"paper": "output", "flops": "input"}[accounting]
+    figure = c.equal_tokens_output if accounting == "paper" else c.equal_tokens_input
+    assert c.budget_met and abs(figure - budget) <= S.BUDGET_TOLERANCE
+    assert c.equal_tokens_input > c.equal_tokens_output  # a pruning layer counts more at its input
+    assert all(b < a for a, b in zip(c.direct, c.direct[1:]))  # never grows back
+    # recycled clusters come on top of the directly kept counts
+    assert list(c.totals) == S.totals_with_clusters(visual, list(c.direct), True, 0.3, 0.1)
+    assert all(t > d for t, d in zip(c.totals, c.direct))
 
 
-def test_reference_counts_verbatim_and_their_figures():
-    layers, counts, _ = S.fixed_counts(PruneConfig(budget=192, fixed_schedule="reference"), 576, 32)
-    assert counts == [300, 200, 110] and layers == (2, 6, 15)
-    per_layer = S.per_layer_inputs(576, layers, counts, 32)
-    assert S.equal_tokens(per_layer) == (3 * 576 + 4 * 300 + 9 * 200 + 16 * 110) / 32
-    assert S.equal_tokens_reference(576, layers, counts, 32) == (2 * 576 + 4 * 300 + 9 * 200 + 17 * 110) / 32
-    with pytest.raises(ConfigError):
-        S.fixed_counts(PruneConfig(budget=192, fixed_schedule="reference"), 576, 8)
+@pytest.mark.parametrize("budget,output_figure", [(192, 192.0), (128, 128.6), (96, 96.9), (64, 64.8)])
+def test_paper_accounting_runs_the_v15_lists_verbatim_as_directly_kept_counts(budget, output_figure):
+    c = S.sparsevlm_fixed(PruneConfig(budget=budget), 576, 32)
+    assert c.layers == (2, 6, 15) and c.direct == REFERENCE_FIXED_COUNTS[budget]
+    assert round(c.equal_tokens_output, 1) == output_figure  # SPEC section 3: the reference's own figure
+    if budget == 64:
+        assert c.totals == (82, 32, 18)  # 66 + 16 clusters, 30 + 2, 17 + 1
+        assert c.equal_tokens_input == (3 * 576 + 4 * 82 + 9 * 32 + 16 * 18) / 32  # ~82 by input counting
 
 
-def test_unreachable_budget_is_a_clear_error():
-    with pytest.raises(ConfigError, match=r"at least 144.8 equal tokens"):
-        S.fixed_counts(PruneConfig(budget=64), 576, 8)
-    assert S.single_stage_keep(64, 576, 2, 32) == 11  # FastV at 64: (64*32 - 3*576) / 29
+def test_unreachable_budget_flops_is_an_error_paper_runs_smallest():
+    with pytest.raises(ConfigError, match=r"at least 1\d\d.\d equal tokens"):
+        S.sparsevlm_fixed(PruneConfig(budget=64, accounting="flops"), 576, 8)
+    c = S.sparsevlm_fixed(PruneConfig(budget=64), 576, 8)
+    assert not c.budget_met and c.direct == (1, 1, 1) and "below what" in c.note
+    assert S.single_stage_keep(64, 576, 1, 32) == 30  # FastV K=2 at 64, flops: (64*32 - 2*576) / 30
     assert S.single_stage_keep(64, 576, -1, 32) == 64  # before the LLM: every layer sees k
+    with pytest.raises(ConfigError, match="below what pruning after layer 1"):
+        S.single_stage(PruneConfig(method="fastv", budget=8, accounting="flops"), 576, 1, 32, "FastV")
+    paper = S.single_stage(PruneConfig(method="fastv", budget=8), 576, 1, 32, "FastV")
+    assert paper.direct == (8,) and paper.budget_counting == "kept" and paper.budget_met
+
+
+def test_fastv_k_default_and_scaling():
+    assert S.fastv_k(PruneConfig(method="fastv"), 32) == 2  # prune after layer K-1 = 1
+    assert S.fastv_k(PruneConfig(method="fastv"), 16) == 1
+    assert S.fastv_k(PruneConfig(method="fastv", fastv_k=3), 8) == 3
+    with pytest.raises(ConfigError):
+        S.fastv_k(PruneConfig(method="fastv", fastv_k=8), 8)
 
 
 def test_accounting_anchors_llava_7b():

@@ -19,6 +19,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -26,6 +27,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from sparsevlm.methods import METHODS
 from sparsevlm.trace import PruneTrace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,38 +50,50 @@ def scene(size=(640, 480), colour=(220, 40, 40)) -> Image.Image:
     return img
 
 
-def make_assets(root: Path) -> tuple[Path, Path]:
-    """A saved tiny LLaVA folder and an examples.json with PNGs, as the app's --model / --examples."""
+def save_tiny(folder: Path, arch: str) -> int:
+    """A tiny LLaVA saved as a model folder; returns the bytes its weights take."""
+    from sparsevlm.loading import model_bytes
     from sparsevlm.testing import tiny_llava
 
-    model_dir = root / "tiny-llava"
-    model, processor = tiny_llava("llama", image_size=TINY_IMAGE)
+    model, processor = tiny_llava(arch, image_size=TINY_IMAGE)
     model.config.text_config.max_position_embeddings = CONTEXT
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model_bytes(model)
+
+
+def make_assets(root: Path) -> tuple[Path, Path, Path, int]:
+    """Two saved tiny LLaVA folders (CLIP+Llama, the default; SigLIP+Qwen2, for the picker), an examples.json
+    with PNGs, and a model memory budget that holds one of the two models but not both."""
+    model_dir = root / "models" / "tiny-llava"
+    second_dir = root / "models" / "tiny-qwen"
+    budget = int(1.5 * max(save_tiny(model_dir, "llama"), save_tiny(second_dir, "qwen2")))
     ex_dir = root / "examples"
     ex_dir.mkdir()
     items = []
     for name, size, q in (("circle.png", (640, 480), "what colour is the circle ?"),
                           ("tall.png", (360, 600), "is there a square ?")):
         scene(size).save(ex_dir / name)
-        items.append({"image": name, "question": q, "answer": "red", "family": "colour"})
+        # the evidence of a generated scene: here the crop's top-left 2x2 patches
+        items.append({"image": name, "question": q, "answer": "red", "family": "colour", "evidence": [0, 1, 12, 13]})
     (ex_dir / "examples.json").write_text(json.dumps(items))
-    return model_dir, ex_dir / "examples.json"
+    return model_dir, second_dir, ex_dir / "examples.json", budget
 
 
 class AppServer:
     """`python -m app` in a subprocess on a free port; stopped by its own pid."""
 
     def __init__(self, root: Path):
-        self.model_dir, self.examples = make_assets(root)
+        self.model_dir, self.second_model_dir, self.examples, budget = make_assets(root)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = root / "server.log"
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        # The hub is offline (as on the Space); the tiny models are the "models available locally".
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+               "SPARSEVLM_MODELS_DIR": str(self.model_dir.parent)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app", "--model", str(self.model_dir), "--examples", str(self.examples),
-             "--port", str(self.port)],
+             "--port", str(self.port), "--model-memory-gib", str(budget / 2**30)],
             cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -137,7 +151,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save("rgba.png", rgba)
     save("palette.png", base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16))
     save("cmyk.jpg", base.convert("CMYK"), "JPEG")
-    save("gray16.png", Image.fromarray(__import__("numpy").asarray(base.convert("L"), dtype="uint16") * 200))
+    save("gray16.png", Image.fromarray(np.asarray(base.convert("L"), dtype="uint16") * 200))
     exif = Image.Exif()
     exif[0x0112] = 6
     save("exif.jpg", base, "JPEG", exif=exif.tobytes())
@@ -166,22 +180,23 @@ def _bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
-def explain(client: Client, image, question="what colour is the circle ?", method="sparsevlm", budget=64,
-            count_mode="fixed", lam=1.0, scale=13.5, bias=0.0, recycle=True, max_new_tokens=4, view="tokens"):
+def explain(client: Client, image, question="what colour is the circle ?", max_new_tokens=4, **kw):
+    """/explain by parameter name; what is left out takes the page's defaults."""
     img = handle_file(str(image)) if image is not None else None
-    return client.predict(img, question, method, budget, count_mode, lam, scale, bias, recycle, max_new_tokens, view,
-                          api_name="/explain")
+    return client.predict(image=img, question=question, max_new_tokens=max_new_tokens, api_name="/explain", **kw)
 
 
 # --- the happy path ------------------------------------------------------------------------------------------
 def test_api_lists_named_endpoints(client):
     names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
-    assert {"/explain", "/compare", "/export", "/layer_view"} <= names
+    assert {"/run", "/compare", "/explain", "/compare_view", "/export", "/layer_view"} <= names
 
 
 def test_explain_returns_every_view(client, files):
     out = explain(client, files["rgb.png"])
-    answer, raters, rater_note, raters_fig, overlay, slider, caption, counts, formulas, latency, lat_fig, summary = out
+    (answer, raters, rater_note, raters_fig, overlay, slider, caption, counts, formulas, latency, lat_fig, notice,
+     record) = out
+    assert notice == ""  # the tiny model knows every word of this question
     assert "SparseVLM" in answer and "Dense" in answer and ("same answer" in answer or "differs" in answer)
     assert raters and all(-1 <= r["class_or_confidence"] <= 1 for r in raters)
     assert any(r["class_or_confidence"] > 0 for r in raters) and "raters" in rater_note
@@ -196,21 +211,38 @@ def test_explain_returns_every_view(client, files):
     assert kinds == {"measured", "computed"}
     assert all(row[4] for row in latency["data"])  # every row has a unit
     assert "measured" in lat_fig["plot"] and "computed" in lat_fig["plot"]
-    assert summary["pruned"]["method"] == "sparsevlm" and summary["dense"]["method"] == "dense"
-    assert summary["pruned"]["equal_tokens"] == pytest.approx(64, abs=2)
+    assert record["trace"]["method"] == "sparsevlm" and record["dense_trace"]["method"] == "dense"
+    # paper accounting (the default): the reference's output counting meets the budget; both figures reported
+    cost = record["trace"]["cost"]
+    assert cost["budget_figure"] == pytest.approx(64, abs=1) and cost["budget_met"]
+    assert cost["equal_tokens_reference"] == cost["budget_figure"]
+    assert cost["equal_tokens"] > cost["equal_tokens_reference"]
+    assert record["answer"] == record["trace"]["answer"] and record["dense_answer"] == record["dense_trace"]["answer"]
+
+
+def test_example_evidence_is_outlined(server, client):
+    """A bundled example that knows its evidence patches gets them outlined in white; another question does not."""
+    example = json.loads(server.examples.read_text())[0]
+    image = server.examples.parent / example["image"]  # 640x480: displayed 512x384, crop x 64..448, 32 px patches
+    with_ev = np.asarray(Image.open(explain(client, image, example["question"], max_new_tokens=1)[4]).convert("RGB"))
+    without = np.asarray(Image.open(explain(client, image, "is there a square ?", max_new_tokens=1)[4]).convert("RGB"))
+    left_edge = (slice(8, 56), slice(63, 66))  # the 2x2 block's left side, x = 64
+    white = (255, 255, 255)
+    assert (with_ev[left_edge] == white).all(axis=-1).mean() > 0.5
+    assert (without[left_edge] == white).all(axis=-1).mean() < 0.1
 
 
 @pytest.mark.parametrize("method", ["fastv", "fastervlm", "random", "dense"])
 def test_every_method_runs(client, files, method):
     out = explain(client, files["rgb.png"], method=method, max_new_tokens=2)
-    assert out[-1]["pruned"]["method"] == method
+    assert out[-1]["trace"]["method"] == method
 
 
 def test_adaptive_modes(client, files):
     out = explain(client, files["rgb.png"], count_mode="paper", lam=0.5)
     assert "eq. 8" in out[8] or "λ" in out[8] or "lambda" in out[8].lower()
     out = explain(client, files["rgb.png"], count_mode="code", scale=2.0, bias=1.0, recycle=False)
-    assert out[-1]["pruned"]["config"]["recycle"] is False
+    assert out[-1]["trace"]["config"]["recycle"] is False
 
 
 def test_layer_view_and_export_use_the_session(server, files):
@@ -218,21 +250,275 @@ def test_layer_view_and_export_use_the_session(server, files):
     explain(c, files["rgb.png"])
     overlay, caption = c.predict(0, "heatmap", api_name="/layer_view")
     assert Image.open(overlay).size == (512, 384) and "layer 0" in caption
-    downloads, gif = c.predict(api_name="/export")
+    downloads, gif, mp4 = c.predict(api_name="/export")
     names = [Path(p).name for p in downloads]
-    assert any(n.startswith("trace-sparsevlm") for n in names)
+    assert any(n.startswith("trace-sparsevlm") for n in names) and any(n.endswith(".mp4") for n in names)
     trace = PruneTrace.from_json(Path(next(p for p in downloads if "trace-sparsevlm" in p)).read_text())
     assert trace.method == "sparsevlm" and trace.stages
     anim = Image.open(gif)
     assert anim.format == "GIF" and anim.n_frames == 8
+    video = mp4["video"] if isinstance(mp4, dict) else mp4
+    meta, frames = decode_video(video)
+    assert meta["codec"].startswith("h264") and len(frames) == 8  # one frame per decoder layer
 
 
-def test_compare_runs_every_method(client, files):
-    gallery, table = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
-                                    api_name="/compare")
+def decode_video(path) -> tuple[dict, list]:
+    """Decode a video back with ffmpeg: its metadata and every frame as an array."""
+    import imageio_ffmpeg
+
+    gen = imageio_ffmpeg.read_frames(str(path))
+    meta = next(gen)
+    w, h = meta["size"]
+    frames = [np.frombuffer(f, dtype=np.uint8).reshape(h, w, 3) for f in gen]
+    return meta, frames
+
+
+def test_compare_view_runs_every_method(client, files):
+    gallery, table, data = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
+                                          api_name="/compare_view")
     methods = [row[0] for row in table["data"]]
-    assert len(methods) == 5 and methods[0].startswith("Dense")
-    assert len(gallery) == 5 and all("eq. tokens" in g["caption"] for g in gallery)
+    assert len(methods) == len(METHODS) and methods[0].startswith("Dense")
+    assert len(gallery) == len(METHODS) and all("eq. tokens" in g["caption"] for g in gallery)
+    assert [d["method"] for d in data] == ["dense", *(m for m in METHODS if m != "dense")]
+
+
+# --- the data API: /run and /compare ------------------------------------------------------------------------
+def run_api(client: Client, image, question="what colour is the circle ?", **kw) -> dict:
+    img = handle_file(str(image)) if image is not None else None
+    return client.predict(image=img, question=question, api_name="/run", **kw)
+
+
+DETERMINISTIC = ("method", "config", "model", "question", "prompt", "answer", "image_size", "input_region", "grid",
+                 "prefix_tokens", "visual_tokens", "text_tokens", "generated_tokens", "raters", "layers", "cost",
+                 "notes")
+
+
+def test_run_returns_the_cli_trace(client, server, files, tmp_path):
+    """/run's trace is the object `python -m sparsevlm run --trace-out` writes, for the same input."""
+    out = tmp_path / "cli-trace.json"
+    question = "what colour is the circle ?"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsevlm", "run", "--model", str(server.model_dir), "--image", str(files["rgb.png"]),
+         "--question", question, "--method", "sparsevlm", "--budget", "64", "--max-new-tokens", "4", "--json",
+         "--trace-out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    cli = json.loads(out.read_text())
+    record = run_api(client, files["rgb.png"], question, method="sparsevlm", budget=64, max_new_tokens=4)
+    assert set(record) == {"answer", "dense_answer", "agrees_with_dense", "trace", "dense_trace", "unknown_words",
+                           "ground_truth"}
+    assert record["unknown_words"] == [] and record["ground_truth"] is None  # known words, an upload
+    api = record["trace"]
+    assert set(api) == set(cli)
+    for key in DETERMINISTIC:  # timings are measured, so they differ run to run
+        assert api[key] == pytest.approx(cli[key]) if key == "cost" else api[key] == cli[key], key
+    assert len(api["stages"]) == len(cli["stages"]) > 0
+    for a, b in zip(api["stages"], cli["stages"]):
+        a.pop("overhead_ms"), b.pop("overhead_ms")
+        assert a.pop("scores") == pytest.approx(b.pop("scores"), rel=1e-4, abs=1e-7)
+        assert a == b
+    assert record["answer"] == cli["answer"] == json.loads(proc.stdout)["answer"]
+    assert record["dense_trace"]["method"] == "dense" and record["dense_answer"] == record["dense_trace"]["answer"]
+
+
+def test_run_defaults_come_from_the_page(client, files):
+    record = run_api(client, files["rgb.png"], max_new_tokens=2)
+    cfg = record["trace"]["config"]
+    from sparsevlm.config import PruneConfig
+
+    d = PruneConfig()
+    assert (cfg["method"], cfg["count_mode"], cfg["lam"], cfg["scale"], cfg["recycle"]) == (
+        d.method, d.count_mode, d.lam, d.scale, d.recycle)
+    assert record["trace"]["generated_tokens"] <= 2
+
+
+def test_compare_returns_data_per_method(client, files):
+    data = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
+                          api_name="/compare")
+    assert [d["method"] for d in data] == ["dense", *(m for m in METHODS if m != "dense")]
+    for d in data:
+        assert d["available"] and d["error"] is None
+        assert d["summary"]["method"] == d["method"] and d["answer"] == d["summary"]["answer"]
+        assert d["summary"]["timings_ms"]["prefill"] > 0 and "equal_tokens" in d["summary"]
+    assert data[0]["agrees_with_dense"] is True
+    assert data[1]["summary"]["budget_figure"] == pytest.approx(64, abs=1) and data[1]["summary"]["budget_met"]
+
+
+# --- the vocabulary hint and the scene studio -------------------------------------------------------------------
+def test_unknown_words_are_flagged_and_the_run_still_happens(client, files):
+    """`color` is not in the tiny model's word-level vocabulary (`colour` is): /run names it with the suggestion,
+    /explain shows the notice above the results, and both still answer."""
+    question = "what color is the circle ?"
+    record = run_api(client, files["rgb.png"], question, max_new_tokens=1)
+    assert record["unknown_words"] == [["color", "colour"]]
+    assert record["trace"]["generated_tokens"] >= 1 and record["answer"] == record["trace"]["answer"]
+    notice = explain(client, files["rgb.png"], question, max_new_tokens=1)[-2]
+    assert "color" in notice and "did you mean <b>colour</b>" in notice and "&lt;unk&gt;" in notice
+
+
+def new_scene(c: Client, seed: int, family: str, world: str | None = None) -> tuple[str, str, dict, int]:
+    kw = {} if world is None else {"world": world}  # `world` is optional: the model's own world by default
+    image, question, truth, next_seed, _line = c.predict(seed=seed, family=family, api_name="/new_scene", **kw)
+    return image, question, truth, next_seed
+
+
+def test_new_scene_is_deterministic_per_seed_and_family(server):
+    c = Client(server.url, verbose=False)
+    a = new_scene(c, 7, "count")
+    b = new_scene(c, 7, "count")
+    other = new_scene(c, 8, "count")
+    assert a[1] == b[1] and a[2] == b[2] and a[3] == 8
+    assert (np.asarray(Image.open(a[0])) == np.asarray(Image.open(b[0]))).all()
+    assert not (np.asarray(Image.open(a[0])) == np.asarray(Image.open(other[0]))).all()
+    assert a[1].startswith("how many") and a[2]["family"] == "count" and a[2]["seed"] == 7
+    assert Image.open(a[0]).size == (336, 336) and a[2]["grid"] == [24, 24]
+    for family, start in (("colour", "what colour"), ("read", "what is written"), ("exist", "is there")):
+        assert new_scene(c, 3, family)[1].startswith(start)
+    with pytest.raises(AppError, match="weather is not in the list of choices"):
+        new_scene(c, 1, "weather")
+    with pytest.raises(AppError, match="less than minimum value 0"):
+        new_scene(c, -5, "colour")
+
+
+def test_new_scene_draws_from_every_world(server):
+    """v2 and the independent renderer through /new_scene; without `world`, the model's own (the tiny model records
+    none: v1, the same scene as asking for v1); an unknown world is refused with the list of worlds."""
+    from sparsevlm.scenes.worlds import studio_item
+
+    c = Client(server.url, verbose=False)
+    default = new_scene(c, 4, "shape")
+    v1 = new_scene(c, 4, "shape", "v1")
+    assert default[2]["world"] == "v1" and default[1] == v1[1]
+    assert (np.asarray(Image.open(default[0])) == np.asarray(Image.open(v1[0]))).all()
+    for world in ("v2", "independent"):
+        image, question, truth, _ = new_scene(c, 4, "shape", world)
+        again = new_scene(c, 4, "shape", world)
+        item = studio_item(4, "shape", world)  # the world's own scene for this seed and family
+        assert truth["world"] == world and question == item.sample.question == again[1]
+        assert truth["answer"] == item.sample.answer and truth["evidence"] == item.sample.evidence
+        assert (np.asarray(Image.open(image).convert("RGB")) == np.asarray(item.image.convert("RGB"))).all()
+        assert not (np.asarray(Image.open(image).convert("RGB")) == np.asarray(Image.open(v1[0]).convert("RGB"))).all()
+    with pytest.raises(AppError, match="v3 is not in the list of choices"):
+        new_scene(c, 1, "colour", "v3")
+
+
+def test_studio_scene_of_another_world_runs_on_a_v1_model_with_the_word_notice(server):
+    """The tiny model knows v1's words only: a v2 question with `color` still runs, names the unknown word with
+    its suggestion, and reports the scene's ground truth and evidence recall."""
+    from sparsevlm.scenes.worlds import studio_item
+
+    seed = next(s for s in range(200) if " color " in f" {studio_item(s, 'colour', 'v2').sample.question.lower()} ")
+    c = Client(server.url, verbose=False)
+    image, question, truth, _ = new_scene(c, seed, "colour", "v2")
+    record = run_api(c, image, question, max_new_tokens=1, budget=64)
+    assert ["color", "colour"] in record["unknown_words"]
+    gt = record["ground_truth"]
+    assert gt["world"] == "v2" and gt["answer"] == truth["answer"] and gt["evidence"]
+    assert 0.0 <= gt["evidence_recall"]["kept"] <= gt["evidence_recall"]["represented"] <= 1.0
+
+
+def test_studio_scene_and_model_world_outside_the_server(tmp_path):
+    """The app's own functions: unknown world / family are InputErrors; a model folder whose training_state.json
+    says v2 puts v2 first in the picker, marked as the model's world."""
+    from app.ui import model_world, studio_scene, world_choices
+    from sparsevlm.errors import InputError
+    from sparsevlm.loading import load_model
+
+    with pytest.raises(InputError, match="the world must be one of v1, v2, independent, not 'mars'"):
+        studio_scene(1, "colour", "mars")
+    with pytest.raises(InputError, match="family must be one of"):
+        studio_scene(1, "weather", "v2")
+    folder = tmp_path / "m"
+    save_tiny(folder, "llama")
+    assert model_world(load_model(str(folder))) == "v1"
+    (folder / "training_state.json").write_text(json.dumps({"world": "v2"}))
+    assert model_world(load_model(str(folder))) == "v2"
+    choices = world_choices("v2")
+    assert [v for _, v in choices] == ["v2", "v1", "independent"] and "this model's world" in choices[0][0]
+    assert "pictures no model was trained on" in choices[2][0]
+
+
+def _recall_from_trace(trace: dict, evidence: list[int]) -> dict:
+    """Evidence recall at the last decoder layer, from the trace's stages (independent of app.render)."""
+    n_layers = len(trace["layers"])
+    stages = [s for s in trace["stages"] if s["after_layer"] < n_layers - 1]
+    ev = set(evidence)
+    if not stages:
+        return {"kept": 1.0, "represented": 1.0}
+    kept = set(stages[-1]["kept"])
+    represented = kept | {p for m in stages[-1]["merged"] for p in m["members"]}
+    return {"kept": len(ev & kept) / len(ev), "represented": len(ev & represented) / len(ev)}
+
+
+def test_studio_run_reports_ground_truth_and_evidence_recall(server, files):
+    c = Client(server.url, verbose=False)  # its own session: the scene's ground truth lives in it
+    image, question, truth, _ = new_scene(c, 5, "colour")
+    record = run_api(c, image, question, max_new_tokens=1, budget=64)
+    gt = record["ground_truth"]
+    assert gt["answer"] == truth["answer"] and gt["family"] == "colour" and gt["seed"] == 5
+    # the generator marks 14 px patches on its 24x24 grid; the tiny model sees 28 px patches on 12x12
+    expected = sorted({(p // 24 // 2) * 12 + (p % 24) // 2 for p in truth["evidence"]})
+    assert gt["evidence"] == expected and expected
+    want = _recall_from_trace(record["trace"], expected)
+    rec = gt["evidence_recall"]
+    assert rec["evidence_patches"] == len(expected)
+    assert rec["kept"] == pytest.approx(want["kept"]) and rec["represented"] == pytest.approx(want["represented"])
+    assert rec["merged_only"] == pytest.approx(want["represented"] - want["kept"])
+    steps = gt["evidence_recall_per_stage"]
+    assert [s["after_layer"] for s in steps] == [s["after_layer"] for s in record["trace"]["stages"]]
+    assert steps[-1]["kept"] == pytest.approx(want["kept"])
+    # the answer panel shows the true answer and the same figures
+    out = explain(c, image, question, max_new_tokens=1)
+    assert f"true answer <b>{truth['answer']}</b>" in out[0] and f"{rec['kept']:.0%} kept" in out[0]
+    # the evidence is outlined in white on the overlay (512x512: 42.67 px per model patch); not on another question
+    white = (255, 255, 255)
+    with_ev = np.asarray(Image.open(out[4]).convert("RGB"))
+    other_question = explain(c, image, "what colour is the circle ?", max_new_tokens=1)
+    without = np.asarray(Image.open(other_question[4]).convert("RGB"))
+    r, col = divmod(expected[0], 12)
+    x0, y0 = round(col * 512 / 12), round(r * 512 / 12)
+    left_edge = (slice(y0 + 8, y0 + 34), slice(max(0, x0 - 1), x0 + 2))
+    assert (with_ev[left_edge] == white).all(axis=-1).any(axis=1).mean() > 0.5
+    assert (without[left_edge] == white).all(axis=-1).mean() < 0.1
+    # an edited question or another picture is no longer the scene
+    assert run_api(c, image, "what colour is the circle ?", max_new_tokens=1)["ground_truth"] is None
+    assert run_api(c, files["rgb.png"], question, max_new_tokens=1)["ground_truth"] is None
+
+
+def test_studio_compare_has_the_evidence_column(server, files):
+    c = Client(server.url, verbose=False)
+    image, question, truth, _ = new_scene(c, 11, "shape")
+    gallery, table, data = c.predict(handle_file(image), question, 64, 1, api_name="/compare_view")
+    assert table["headers"][-1].startswith("evidence recall")
+    by_method = {d["method"]: d for d in data}
+    assert by_method["dense"]["evidence_recall"]["kept"] == 1.0  # dense keeps every patch
+    for row, d in zip(table["data"], data):
+        rec = d.get("evidence_recall")
+        if not d["available"]:
+            assert row[-1] == "" and rec is None
+            continue
+        assert 0.0 <= rec["kept"] <= rec["represented"] <= 1.0
+        assert row[-1].startswith(f"{rec['kept']:.0%} kept / {rec['represented']:.0%} represented")
+    # an upload: the column stays empty
+    _, table, data = c.predict(handle_file(str(files["rgb.png"])), question, 64, 1, api_name="/compare_view")
+    assert all(row[-1] == "" for row in table["data"]) and all(d.get("evidence_recall") is None for d in data)
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"question": "  "}, "empty"),
+        ({"image": "text.png"}, "not an image"),
+        ({"budget": 192}, "larger than the image grid"),
+        ({"method": "tome"}, "tome"),
+        ({"max_new_tokens": 100000}, "greater than maximum value 64"),
+    ],
+)
+def test_run_bad_input_is_a_clear_error(client, server, files, kw, needle):
+    image = files[kw.pop("image", "rgb.png")]
+    with pytest.raises(AppError, match=needle) as err:
+        run_api(client, image, **kw)
+    assert "Traceback" not in str(err.value)
+    assert server.alive()
 
 
 # --- bad inputs: a clear message, and the server stays up --------------------------------------------------
@@ -266,7 +552,7 @@ def test_unusual_modes_are_converted(client, files, name):
 def test_exif_rotation_is_honoured(client, files):
     out = explain(client, files["exif.jpg"], max_new_tokens=1)
     assert Image.open(out[4]).size == (384, 512)  # stored 640x480, displayed rotated to 480x640
-    assert out[-1]["pruned"]["model"]  # a real run happened
+    assert out[-1]["trace"]["model"]  # a real run happened
 
 
 @pytest.mark.parametrize("question,needle", [("", "empty"), ("   \n\t ", "empty")])
@@ -288,6 +574,37 @@ def test_question_longer_than_context(client, server, files):
 def test_budget_above_grid(client, server, files):
     with pytest.raises(AppError, match="larger than the image grid"):
         explain(client, files["rgb.png"], budget=192)
+    assert server.alive()
+
+
+# --- the model picker -----------------------------------------------------------------------------------------
+def test_picker_loads_a_second_model_and_switches_back(server, files):
+    c = Client(server.url, verbose=False)
+    other = Client(server.url, verbose=False)  # a second user who never switches
+    second = str(server.second_model_dir)
+    line, budget = c.predict(second, api_name="/load_model")
+    assert "tiny-qwen" in line and "llava-qwen2" in line and "no [CLS]" in line
+    assert "loaded in" in line and "unloaded tiny-llava" in line  # only one of the two fits the memory budget
+    assert budget in (192, 128, 96, 64) or budget.get("value") in (192, 128, 96, 64)
+    record = run_api(c, files["rgb.png"], max_new_tokens=2)
+    assert record["trace"]["model"]["name"] == "tiny-qwen" and record["trace"]["model"]["architecture"] == "llava-qwen2"
+    line, _ = c.predict(second, api_name="/load_model")
+    assert "already in memory" in line  # loaded once
+    # the other session still runs the default model (it is loaded again, and says nothing to this one)
+    assert run_api(other, files["rgb.png"], max_new_tokens=1)["trace"]["model"]["name"] == "tiny-llava"
+    line, _ = c.predict(str(server.model_dir), api_name="/load_model")
+    assert "tiny-llava" in line and "llava-llama" in line
+    assert run_api(c, files["rgb.png"], max_new_tokens=1)["trace"]["model"]["name"] == "tiny-llava"
+    assert server.alive()
+
+
+@pytest.mark.parametrize("name,needle", [("nobody/no-such-llava", "offline"), ("/no/such/folder", "does not exist"),
+                                         ("", "no model")])
+def test_picker_unknown_or_offline_model_names_the_local_ones(client, server, name, needle):
+    with pytest.raises(AppError, match=needle) as err:
+        client.predict(name, api_name="/load_model")
+    msg = str(err.value)
+    assert "available locally" in msg and str(server.second_model_dir) in msg and "Traceback" not in msg
     assert server.alive()
 
 
@@ -315,9 +632,9 @@ def test_concurrent_users_get_their_own_traces(server, files, tmp_path):
         t.join(300)
     assert set(results) == set(jobs)
     for key, (q, m) in jobs.items():
-        summary = results[key][-1]["pruned"]
-        assert summary["method"] == m
-        downloads, _ = exports[key]
+        record = results[key][-1]
+        assert record["trace"]["method"] == m and record["trace"]["question"] == " ".join(q.split())
+        downloads, _, _ = exports[key]
         trace = PruneTrace.from_json(Path(next(p for p in downloads if f"trace-{m}" in p)).read_text())
         assert trace.question == " ".join(q.split()) and trace.method == m
 

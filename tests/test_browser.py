@@ -19,6 +19,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from test_app_api import AppServer, scene
 
@@ -203,4 +204,113 @@ def test_bad_upload_shows_message_and_app_keeps_working(server, browser, tmp_pat
     drv.find_element(By.CSS_SELECTOR, "#sv-question textarea").send_keys("is there a square ?")
     drv.find_element(By.ID, "sv-run").click()
     wait(drv, lambda d: overlay_src(d) and "sv-badge" in d.find_element(By.ID, "sv-answer").get_attribute("innerHTML"))
+    assert server.alive()
+
+
+def test_scene_studio_and_the_word_notice(server, browser):
+    """New random scene fills image and question and shows the true answer; Run reports evidence recall; editing
+    the question to an unknown word shows the notice (with its suggestion) and drops the scene's ground truth."""
+    drv = browser
+    drv.get(server.url)
+    btn = wait(drv, lambda d: d.find_element(By.ID, "sv-new-scene"), 60)
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", btn)
+    btn.click()
+    wait(drv, lambda d: "true answer" in d.find_element(By.ID, "sv-truth").text, 60)
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-image img"), 30)
+    q = drv.find_element(By.CSS_SELECTOR, "#sv-question textarea")
+    assert q.get_attribute("value").startswith("what colour")  # the default family
+    assert drv.find_element(By.CSS_SELECTOR, "#sv-seed input").get_attribute("value") == "1"  # next seed
+    drv.find_element(By.ID, "sv-run").click()
+    wait(drv, lambda d: "Evidence recall" in d.find_element(By.ID, "sv-answer").text, 120)
+    assert "kept" in drv.find_element(By.ID, "sv-answer").text
+    shot(drv, "13-studio-run", full=False)
+    q.send_keys(Keys.CONTROL, "a")
+    q.send_keys("what color is it ?")
+    wait(drv, lambda d: "did you mean colour" in d.find_element(By.ID, "sv-notice").text, 60)
+    assert "true answer" not in drv.find_element(By.ID, "sv-truth").text
+    shot(drv, "14-word-notice", full=False)
+    # the world picker: the model's own world first (the tiny model records none: v1), then v2 by its label
+    world = drv.find_element(By.CSS_SELECTOR, "#sv-world input")
+    assert "this model's world" in world.get_attribute("value") and world.get_attribute("value").startswith("v1")
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", world)
+    world.click()
+    world.send_keys(Keys.CONTROL, "a")
+    world.send_keys("wider world")
+    world.send_keys(Keys.ENTER)
+    wait(drv, lambda d: d.find_element(By.CSS_SELECTOR, "#sv-world input").get_attribute("value").startswith("v2"),
+         30)
+    drv.execute_script("arguments[0].click()", drv.find_element(By.ID, "sv-new-scene"))
+    wait(drv, lambda d: "world v2" in d.find_element(By.ID, "sv-truth").text, 60)
+    shot(drv, "15-studio-world-v2", full=False)
+
+
+def test_export_mp4_plays_in_the_browser(server, browser):
+    drv = browser
+    if not overlay_src(drv):
+        test_click_example_shows_every_view(server, browser)
+    open_tab(drv, "Export")
+    drv.find_element(By.ID, "sv-export").click()
+    video = wait(drv, lambda d: d.find_element(By.CSS_SELECTOR, "#sv-export-mp4 video[src]"), 120)
+    # Chromium decodes the H.264 stream: it knows the frame size and the length (8 layers at 1.5 fps)
+    wait(drv, lambda d: d.execute_script("return arguments[0].readyState", video) >= 1, 60)
+    w, h, dur = drv.execute_script("const v = arguments[0]; return [v.videoWidth, v.videoHeight, v.duration]", video)
+    assert w > 0 and h > 0 and dur == pytest.approx(8 / 1.5, abs=0.7)
+    shot(drv, "10-export")
+
+
+def test_raw_tab_shows_the_run_record_and_the_api_page_lists_run(server, browser):
+    drv = browser
+    if not overlay_src(drv):
+        test_click_example_shows_every_view(server, browser)
+    open_tab(drv, "Raw trace")
+    record = wait(drv, lambda d: d.find_element(By.ID, "sv-record"))
+    wait(drv, lambda d: "dense_answer" in record.text and "trace" in record.text)
+    shot(drv, "11-raw-record", full=False)
+    link = next(e for e in drv.find_elements(By.CSS_SELECTOR, "footer a, footer button") if "API" in e.text)
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", link)
+    link.click()
+    # the API page's code snippets name each endpoint (the page's own labels also say "/run", so match the snippets)
+    wait(drv, lambda d: 'api_name="/run"' in d.find_element(By.TAG_NAME, "body").text, 60)
+    body = drv.find_element(By.TAG_NAME, "body").text
+    assert 'api_name="/compare"' in body and 'api_name="/load_model"' in body
+    shot(drv, "12-api-page")
+
+
+def pick_model(drv, name: str) -> None:
+    box = drv.find_element(By.CSS_SELECTOR, "#sv-model-picker input")
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    box.send_keys(name)
+    box.send_keys(Keys.ENTER)
+    time.sleep(0.5)
+    # a JS click: an earlier error toast may lie over the button
+    drv.execute_script("arguments[0].click()", drv.find_element(By.ID, "sv-load"))
+
+
+def test_model_picker_switches_models_and_explains_offline_ids(server, browser):
+    drv = browser
+    drv.get(server.url)
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-model-picker input"), 60)
+    assert "tiny-llava" in drv.find_element(By.ID, "sv-model").text
+    pick_model(drv, str(server.second_model_dir))
+    wait(drv, lambda d: "llava-qwen2" in d.find_element(By.ID, "sv-model").text, 120)
+    model_text = drv.find_element(By.ID, "sv-model").text
+    assert "llava-qwen2" in model_text and ("loaded in" in model_text or "already in memory" in model_text)
+    shot(drv, "13-picker-second-model", full=False)
+    # a run on the picked model: the trace names it
+    drv.find_elements(By.CSS_SELECTOR, "#sv-examples button, #sv-examples tr.tr-body, #sv-examples td")[0].click()
+    wait(drv, lambda d: overlay_src(d) and "sv-badge" in d.find_element(By.ID, "sv-answer").get_attribute("innerHTML"))
+    open_tab(drv, "Raw trace")
+    record = drv.find_element(By.ID, "sv-record")
+    wait(drv, lambda d: "tiny-qwen" in record.get_attribute("innerHTML") or "tiny-qwen" in record.text, 30)
+    # an id the offline hub cannot give: a clear message naming the local models, and the page keeps working
+    pick_model(drv, "nobody/no-such-llava")
+    wait(drv, lambda d: "available locally" in d.find_element(By.TAG_NAME, "body").text, 60)
+    assert str(server.model_dir) in drv.find_element(By.TAG_NAME, "body").text
+    shot(drv, "14-picker-offline-id", full=False)
+    pick_model(drv, str(server.model_dir))
+    wait(drv, lambda d: "tiny-llava" in d.find_element(By.ID, "sv-model").text
+         and "llava-llama" in d.find_element(By.ID, "sv-model").text, 120)
     assert server.alive()

@@ -76,9 +76,44 @@ def test_cli_run_json(model_dir, image_file, method):
         pruning = [row for row in out["layers"] if row["rank"] is not None]
         assert len(pruning) == 3 and all(row["visual_out"] < row["visual_in"] for row in pruning)
         assert any(r["rater"] for r in out["raters"])
-        assert abs(out["equal_tokens"] - 32) <= 1
+        assert out["accounting"] == "paper" and out["budget_counting"] == "output"
+        assert out["budget_met"] and abs(out["budget_figure"] - 32) <= 1
+        assert out["budget_figure"] == out["equal_tokens_output"]
+        assert out["equal_tokens_input"] > out["equal_tokens_output"]  # both figures, always
+        assert out["config"]["positions"] == "compact"  # v1.5's default
     if method == "dense":
         assert out["equal_tokens"] == 64 and out["cost"]["prefill_flops"] == out["cost"]["prefill_flops_dense"]
+
+
+@pytest.mark.parametrize("method,counting,positions", [
+    ("sparsevlm-v2", "output", "keep"), ("visionzip", "input", "compact"), ("divprune", "input", "compact"),
+    ("pyramiddrop", "input", "compact"), ("dart", "retained", "keep"),
+])
+def test_cli_runs_the_newer_methods(model_dir, image_file, method, counting, positions):
+    arch, d = model_dir
+    r = cli("run", "--model", str(d), "--image", str(image_file), "--question", "what colour is the shape?",
+            "--method", method, "--budget", "32", "--max-new-tokens", "2", "--json")
+    if method == "visionzip" and arch == "qwen2":  # SigLIP: no [CLS] to rank by; one line, no traceback
+        assert r.returncode != 0 and "Traceback" not in r.stderr and "[CLS]" in r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["method"] == method and out["config"]["positions"] == positions
+    assert out["accounting"] == "paper" and out["budget_counting"] == counting and out["budget_met"]
+    assert {"equal_tokens_input", "equal_tokens_output"} <= set(out)
+
+
+def test_cli_run_flops_accounting(model_dir, image_file):
+    _, d = model_dir
+    r = cli("run", "--model", str(d), "--image", str(image_file), "--question", "what colour is the shape?",
+            "--method", "fastv", "--budget", "32", "--accounting", "flops", "--max-new-tokens", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["accounting"] == "flops" and out["budget_counting"] == "input" and out["budget_met"]
+    assert abs(out["equal_tokens_input"] - 32) <= 1 and out["equal_tokens_output"] < out["equal_tokens_input"]
+    r = cli("run", "--model", str(d), "--image", str(image_file), "--question", "q", "--method", "fastv",
+            "--budget", "4", "--accounting", "flops")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "below what pruning after layer" in r.stderr
 
 
 def test_cli_cost_anchors():

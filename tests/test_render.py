@@ -237,3 +237,142 @@ def test_compare_rows():
     rows = render.compare_rows([("dense", dense, ""), ("sparsevlm", tr, ""), ("fastervlm", None, "needs [CLS]")])
     assert rows[1][2] == "yes" and "needs [CLS]" in rows[2][1]
     assert len(rows[0]) == len(render.COMPARE_HEADERS)
+
+
+def test_budget_line_names_the_accounting_and_counting_that_met_the_budget():
+    tr = make_trace()
+    c = tr.cost
+    c.equal_tokens, c.equal_tokens_reference = 82.4, 64.8
+    c.accounting, c.budget, c.budget_counting, c.budget_figure, c.budget_met = "paper", 64, "output", 64.8, True
+    assert render.budget_line(tr) == "budget 64 met by paper accounting (output-counted 64.8)"
+    c.accounting, c.budget_counting, c.budget_figure, c.budget_met = "flops", "input", 90.0, False
+    assert render.budget_line(tr) == "budget 64 NOT met by flops accounting (input-counted 90.0)"
+    row = render.compare_rows([("sparsevlm", tr, "")])[0]
+    assert row[3] == "82.4 / 64.8" and row[4] == render.budget_line(tr)
+    c.budget, c.budget_figure = None, None
+    assert "no budget" in render.budget_line(tr)
+
+
+# --- OpenCV renderers and the MP4 ------------------------------------------------------------------------------
+def _box_px(tr, patch, size):
+    x0, y0, x1, y1 = render.patch_box(tr, patch, size)
+    return int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1))
+
+
+def single_cluster_trace() -> PruneTrace:
+    """One cut after layer 0 of a 24x24 grid: patch 200 alone forms a recycled cluster, 0..99 are kept."""
+    tr = make_trace(image_size=(480, 480), input_region=(0.0, 0.0, 480.0, 480.0), n_layers=4)
+    st = tr.stages[0]
+    st.after_layer, st.kept, st.merged = 0, list(range(100)), [MergedToken(center=200, members=[200])]
+    tr.stages = [st]
+    return tr
+
+
+def test_cluster_outline_lies_on_the_cluster_boundary():
+    tr = single_cluster_trace()
+    img = np.asarray(render.render_layer(white((480, 480)), tr, 1, max_side=480)).astype(int)
+    colour = np.array(render.CLUSTER_COLOURS[0])
+    x0, y0, x1, y1 = _box_px(tr, 200, (480, 480))  # 20x20 px
+    on = np.argwhere(np.abs(img - colour).max(axis=2) <= 1)
+    assert len(on) > 40
+    # every outline pixel lies within 2 px of the patch's edges, none deep inside it or far away
+    ys, xs = on[:, 0], on[:, 1]
+    near_x = (np.abs(xs - x0) <= 2) | (np.abs(xs - (x1 - 1)) <= 2)
+    near_y = (np.abs(ys - y0) <= 2) | (np.abs(ys - (y1 - 1)) <= 2)
+    inside = (xs >= x0 - 2) & (xs <= x1 + 1) & (ys >= y0 - 2) & (ys <= y1 + 1)
+    centre_dot = (np.abs(xs - (x0 + x1) / 2) <= 6) & (np.abs(ys - (y0 + y1) / 2) <= 6)
+    assert (inside & (near_x | near_y | centre_dot)).all()
+    # and the outline closes: each of the four sides is drawn at its middle
+    mid_x, mid_y = (x0 + x1) // 2, (y0 + y1) // 2
+    for y, x in ((y0, mid_x), (y1 - 1, mid_x), (mid_y, x0), (mid_y, x1 - 1)):
+        assert np.abs(img[y, x] - colour).max() <= 1, (y, x)
+
+
+def test_evidence_outline_surrounds_the_evidence_patches():
+    tr = single_cluster_trace()
+    evidence = [300, 301, 324, 325]  # a 2x2 block of patches: rows 12-13, cols 12-13, kept? no: pruned
+    plain = np.asarray(render.render_layer(white((480, 480)), tr, 1, max_side=480)).astype(int)
+    img = np.asarray(render.render_layer(white((480, 480)), tr, 1, max_side=480, evidence=evidence)).astype(int)
+    x0, y0, _, _ = _box_px(tr, 300, (480, 480))
+    _, _, x1, y1 = _box_px(tr, 325, (480, 480))
+    changed = np.argwhere(np.abs(img - plain).max(axis=2) > 0)
+    ys, xs = changed[:, 0], changed[:, 1]
+    # only a band around the 40x40 block's border changes (white line, dark rim)
+    assert ((xs >= x0 - 3) & (xs <= x1 + 2) & (ys >= y0 - 3) & (ys <= y1 + 2)).all()
+    assert not ((xs > x0 + 4) & (xs < x1 - 5) & (ys > y0 + 4) & (ys < y1 - 5)).any()
+    assert tuple(img[y0, (x0 + x1) // 2]) == render.EVIDENCE_RGB
+    # the same outline on the heatmap view
+    heat = np.asarray(render.render_heatmap(white((480, 480)), tr, 1, max_side=480, evidence=evidence))
+    assert tuple(heat[y0, (x0 + x1) // 2]) == render.EVIDENCE_RGB
+
+
+def test_colormap_is_opencv_inferno():
+    ramp = render.colormap(np.linspace(0, 1, 5))
+    assert ramp.shape == (5, 3) and ramp.dtype == np.uint8
+    assert ramp[0].sum() < 30 and ramp[-1][0] > 240 and ramp[-1][1] > 240  # near black -> pale yellow
+    luminance = ramp.astype(float) @ [0.299, 0.587, 0.114]
+    assert (np.diff(luminance) > 0).all()
+    grid = render.colormap(np.zeros((4, 6)))
+    assert grid.shape == (4, 6, 3)
+
+
+def test_mp4_is_h264_with_one_frame_per_layer(tmp_path):
+    import imageio_ffmpeg
+
+    tr = make_trace(n_layers=8)
+    tr.stages = tr.stages[:2]
+    path = render.pruning_video(white(), tr, str(tmp_path / "p.mp4"), max_side=128)
+    data = open(path, "rb").read()
+    # browsers stream it: the index (moov) comes before the media data (mdat)
+    assert data[4:8] == b"ftyp" and 0 < data.find(b"moov") < data.find(b"mdat")
+    gen = imageio_ffmpeg.read_frames(path)
+    meta = next(gen)
+    assert meta["codec"].startswith("h264") and "yuv420p" in meta["pix_fmt"]
+    w, h = meta["size"]
+    assert w % 2 == 0 and h % 2 == 0
+    frames = [np.frombuffer(f, dtype=np.uint8).reshape(h, w, 3) for f in gen]
+    assert len(frames) == 8
+    # the frames are the layers' pictures: layer 0 keeps everything (bright), layer 7 prunes most (dark)
+    gif = Image.open(io.BytesIO(render.pruning_animation(white(), tr, max_side=128)))
+    gif.seek(0)
+    first = np.asarray(gif.convert("RGB"), dtype=float)
+    fh, fw = first.shape[:2]
+    assert np.abs(frames[0][:fh, :fw].astype(float) - first).mean() < 8
+    assert frames[0][40:, :].mean() > frames[7][40:, :].mean() + 40
+
+
+# --- ground truth of generated scenes -------------------------------------------------------------------------
+def test_evidence_recall_counts_kept_and_merged_patches_at_the_last_layer():
+    tr = make_trace()  # last stage (after layer 15): kept 0..107, clusters {108..113} and {114..119}
+    rec = render.evidence_recall(tr, [0, 1, 110, 115, 300])
+    assert rec == {"evidence_patches": 5, "kept": 2 / 5, "merged_only": 2 / 5, "represented": 4 / 5}
+    assert render.recall_text(rec) == "40% kept / 80% represented (of 5 patches)"
+    # after layer 2: kept 0..295, clusters of 296..319 (300 merged); after 6: kept 0..196, clusters of 197..214
+    assert render.evidence_recall_per_stage(tr, [0, 1, 110, 115, 300]) == [
+        {"after_layer": 2, "kept": 4 / 5, "represented": 1.0},
+        {"after_layer": 6, "kept": 4 / 5, "represented": 4 / 5},
+        {"after_layer": 15, "kept": 2 / 5, "represented": 4 / 5}]
+    assert render.evidence_recall(tr, []) is None and render.evidence_recall(tr, None) is None
+    dense = make_trace()
+    dense.stages, dense.method = [], "dense"
+    assert render.evidence_recall(dense, [300, 301])["kept"] == 1.0
+    rows = render.compare_rows([("dense", dense, ""), ("sparsevlm", tr, ""), ("fastervlm", None, "needs [CLS]")],
+                               evidence=[0, 1, 110, 115, 300])
+    assert [r[-1] for r in rows] == ["100% kept / 100% represented (of 5 patches)",
+                                     "40% kept / 80% represented (of 5 patches)", ""]
+    assert all(r[-1] == "" for r in render.compare_rows([("sparsevlm", tr, "")]))  # uploads: no evidence
+    html_ = render.truth_html({"seed": 3, "family": "colour", "answer": "red", "evidence": [0, 1, 110, 115, 300]}, tr)
+    assert "true answer <b>red</b>" in html_ and "40% kept / 80% represented" in html_ and "is right" in html_
+
+
+def test_regrid_patches_maps_evidence_onto_the_models_grid():
+    assert render.regrid_patches([0, 25, 47], (24, 24), (24, 24)) == [0, 25, 47]
+    assert render.regrid_patches([0, 1, 24, 25, 47], (24, 24), (12, 12)) == [0, 11]
+    assert render.regrid_patches([0], (12, 12), (24, 24)) == [0, 1, 24, 25]
+    assert render.regrid_patches([24 + 1], (24, 24), (16, 16)) == [0, 1, 16, 17]  # straddles two target cells
+
+
+def test_unknown_words_html():
+    assert render.unknown_words_html([]) == ""
+    h = render.unknown_words_html([("color", "colour"), ("<b>", None)])
+    assert "did you mean <b>colour</b>" in h and "&lt;b&gt;" in h and "&lt;unk&gt;" in h

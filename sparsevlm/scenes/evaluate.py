@@ -4,9 +4,9 @@
     python -m sparsevlm.scenes.evaluate --model DIR --world v2 --n 3000           # model v2's world
     python -m sparsevlm.scenes.evaluate --model DIR --world independent --n 700   # the independent renderer
 
-`--world`: v1 (`generator.py`, the shipped model's world; the default), v2 (`world.py`: its own held-out seeds)
-or independent (`independent.py`: the second held-out set, drawn by different code). Bars (issue 10): v2 >= 97%
-overall and >= 90% in every family; independent >= 90% overall.
+`--world` (default: the model's own, `worlds.world_of_model`): v1 (`generator.py`, the first model's world), v2
+(`world.py`: its own held-out seeds) or independent (`independent.py`: the second held-out set, drawn by
+different code). Bars (issue 10): v2 >= 97% overall and >= 90% in every family; independent >= 90% overall.
 
 Plain greedy `model.generate` on the single-turn LLaVA prompt, batched with left padding; an answer counts when
 the generated text (special tokens dropped) equals the one-word answer exactly. Prints a table and JSON.
@@ -23,25 +23,17 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from ..tokenizer import prompt_for
-from . import world as world_v2
-from .generator import FAMILIES, HELDOUT_SEED, heldout_sample, render
-from .independent import INDEPENDENT_SEED, independent_sample
+from . import worlds
+from .generator import FAMILIES
+from .worlds import DEFAULT_SEEDS, WORLDS, world_of_model
 
-WORLDS = ("v1", "v2", "independent")
-DEFAULT_SEEDS = {"v1": HELDOUT_SEED, "v2": world_v2.HELDOUT_SEED, "independent": INDEPENDENT_SEED}
+__all__ = ["DEFAULT_SEEDS", "WORLDS", "answer", "evaluate", "heldout_item", "load", "question_kind"]
 
 
 def heldout_item(index: int, seed: int, world: str = "v1"):
-    """(picture, Sample) number `index` of a world's held-out set."""
-    if world == "v1":
-        scene, sample = heldout_sample(index, seed)
-        return render(scene), sample
-    if world == "v2":
-        scene, sample = world_v2.heldout_sample(index, seed)
-        return world_v2.render(scene), sample
-    if world == "independent":
-        return independent_sample(index, seed)
-    raise ValueError(f"unknown world {world!r} ({', '.join(WORLDS)})")
+    """(picture, Sample) number `index` of a world's held-out set (`worlds.heldout_item`, kept for callers)."""
+    item = worlds.heldout_item(index, seed, world)
+    return item.image, item.sample
 
 
 def load(model_dir: str | Path) -> tuple[LlavaForConditionalGeneration, object]:
@@ -108,7 +100,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="assets/models/scenes-llava")
     p.add_argument("--n", type=int, default=3000, help="held-out questions (families round-robin)")
-    p.add_argument("--world", default="v1", choices=WORLDS)
+    p.add_argument("--world", default=None, choices=WORLDS,
+                   help="whose held-out set (default: the model's own world, training_state.json 'world')")
     p.add_argument("--seed", type=int, default=None, help="held-out seed (default: the world's own)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -116,8 +109,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    world = world_of_model(args.model) if args.world is None else args.world
     model, processor = load(args.model)
-    result = evaluate(model, processor, args.n, args.seed, args.batch_size, log_every=10, world=args.world)
+    result = evaluate(model, processor, args.n, args.seed, args.batch_size, log_every=10, world=world)
+    result["model"] = args.model
     print(f"{'family':<10} {'correct':>8} {'total':>6} {'accuracy':>9}")
     for name in (*FAMILIES, "overall"):
         if name in result:

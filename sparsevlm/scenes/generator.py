@@ -275,8 +275,8 @@ def ask(scene: Scene, family: str, rng: np.random.Generator) -> Sample | None:
         if rng.random() < 0.5:
             i = int(rng.integers(n))
             return Sample(f"is there a {objs[i].name} ?", "yes", family, covered_patches(scene, [i]))
-        colours = {o.colour for o in objs}
-        shapes = {o.shape for o in objs}
+        colours = sorted({o.colour for o in objs})  # sorted: set order follows the per-process str hash
+        shapes = sorted({o.shape for o in objs})
         hard = [(c, s) for c in colours for s in shapes if (c, s) not in present]
         if hard and rng.random() < 0.8:
             c, s = hard[int(rng.integers(len(hard)))]

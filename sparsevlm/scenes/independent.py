@@ -284,8 +284,8 @@ def ask_independent(scene: IndependentScene, family: str, rng: np.random.Generat
     raise ValueError(family)
 
 
-def independent_sample(index: int, seed: int = INDEPENDENT_SEED) -> tuple[Image.Image, Sample]:
-    """Sample `index` of the independent held-out set: families round-robin, 1-10 objects."""
+def independent_scene_sample(index: int, seed: int = INDEPENDENT_SEED) -> tuple[IndependentScene, Sample]:
+    """Scene and sample `index` of the independent held-out set: families round-robin, 1-10 objects."""
     family = FAMILIES[index % len(FAMILIES)]
     k = 0
     while True:
@@ -294,8 +294,14 @@ def independent_sample(index: int, seed: int = INDEPENDENT_SEED) -> tuple[Image.
         scene = make_independent_scene(s, int(rng.integers(1, 11)), with_card=family == "read" or rng.random() < 0.3)
         sample = ask_independent(scene, family, rng)
         if sample is not None:
-            return render_independent(scene), sample
+            return scene, sample
         k += 1
+
+
+def independent_sample(index: int, seed: int = INDEPENDENT_SEED) -> tuple[Image.Image, Sample]:
+    """Picture and sample `index` of the independent held-out set."""
+    scene, sample = independent_scene_sample(index, seed)
+    return render_independent(scene), sample
 
 
 def independent_set(n: int, seed: int = INDEPENDENT_SEED) -> list[tuple[Image.Image, Sample]]:

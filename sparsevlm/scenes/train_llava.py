@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 from ..tokenizer import build_tokenizer
 from . import world
 from .generator import FAMILIES
-from .model import ModelSize, build_model, build_processor, pixel_values
+from .model import ModelSize, build_model, pixel_values
 from .train import (
     DecoderProbe,
     GridHeads,
@@ -61,6 +60,7 @@ from .train import (
     grown_positions,
     kept_rows,
 )
+from .train import export as train_export
 
 N_VISUAL = world.GRID * world.GRID
 QUESTION_POS = 2 + N_VISUAL  # "USER", ":" then 576 visual tokens
@@ -401,7 +401,7 @@ def train(args: argparse.Namespace) -> None:
     model.load_state_dict(state)
     model.train()
     trainable(model, args.phase)
-    patch_heads = PatchHeads(model, size.vision_hidden) if args.phase == "vision" else None
+    patch_heads = PatchHeads(model, size.vision_hidden, balanced=True) if args.phase == "vision" else None
     grid_heads = GridHeads(model, size.hidden) if args.phase in ("align", "instruct") and args.grid_weight > 0 else None
     ref_probe = None
     if args.phase in ("text", "instruct") and args.referent_weight > 0:
@@ -470,6 +470,8 @@ def train(args: argparse.Namespace) -> None:
         elif args.phase == "vision":
             model.model.vision_tower(pixel_values=pixel_values([world.render(s) for s in scenes]))
             targets = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes])
+            # per-head accuracy on object / label patches, logged as train_acc (mean over the window's steps)
+            stats = {k: (v, 1) for k, v in patch_heads.foreground_accuracy(targets).items()}
             loss = patch_heads.loss(targets)
         else:
             ids, pos, labels, fams, w, _, ref, ref_mask = batch
@@ -545,21 +547,10 @@ def probe_text(model, conv: Conversations, n: int, max_objects: int, fused: int)
 
 
 def export(ckpt_dir: Path, dest: Path) -> None:
-    """Write a checkpoint as a from_pretrained-loadable model + processor (safetensors) at `dest`."""
-    state = torch.load(ckpt_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    tokenizer = v2_tokenizer()
-    model = build_model(ModelSize(**state["size"]), tokenizer)
-    model.load_state_dict(state["model"])
-    model.eval()
-    dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dest)
-    build_processor(tokenizer).save_pretrained(dest)
-    if (ckpt_dir / "log.jsonl").exists():
-        shutil.copy(ckpt_dir / "log.jsonl", dest / "training_log.jsonl")
-    info = {k: state[k] for k in ("step", "train_seconds", "args", "size", "phase")}
-    info["prior_seconds"] = state.get("prior_seconds", 0.0)
-    (dest / "training_state.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"exported step {state['step']} to {dest}")
+    """Write a v2 checkpoint as a from_pretrained-loadable model + processor (the v1 exporter, v2 vocabulary),
+    recording `"world": "v2"` in training_state.json."""
+    # "world" tells the app and the likeness script which pictures the model knows (worlds.world_of_model).
+    train_export(ckpt_dir, dest, tokenizer=v2_tokenizer(), state_keys=("phase",), extra={"world": "v2"})
 
 
 def main() -> None:

@@ -1,0 +1,167 @@
+"""What a pruning method is, as the engine's plumbing (hooks.py) sees it.
+
+A method is one small module with a `PruneMethod` subclass registered in `methods/__init__.py`. It never touches
+transformers: it declares a *plan* (where it acts and how many it keeps, from the budget, depth, grid and
+accounting) and, at each stage, *selects* from what the plumbing captured (`StageInput`). The plumbing cuts the
+sequence, inserts merged tokens, fixes positions / rotary embeddings / masks / cache and records the trace.
+
+Index conventions: "local" indices address the CURRENT visual tokens in sequence order (0..V_cur-1); the
+plumbing maps them back to original patches. Sequence indices (for attention rows) address the current full
+sequence: `[prefix | V_cur visual | text]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..config import PruneConfig
+from ..schedule import Counts
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a plan may depend on: decoder depth, the image grid, the vision tower, the attention heads."""
+
+    depth: int
+    grid_tokens: int
+    has_cls: bool  # the vision tower has a [CLS] token (CLIP yes, SigLIP no)
+    heads: int
+    kv_heads: int
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One place a method acts."""
+
+    after_layer: int  # -1: before the LLM, on the projector output; i >= 0: on the output of decoder layer i
+    keep: int | None = None  # tokens kept directly (None: decided at run time, e.g. from rank(P))
+    attention: bool = False  # capture layer `after_layer`'s q/k so StageInput.attention_rows / keys work
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[StageSpec, ...] = ()
+    positions: str = "keep"  # keep the original position ids or compact them to 0..n-1
+    vision_cls: bool = False  # capture the vision tower's feature layer (q/k, output): StageInput.vision
+    counts: Counts | None = None  # the accounting's planned counts and figures (None: adaptive counts)
+    note: str = ""  # how the counts were derived, shown in the trace
+
+
+@dataclass
+class Raters:
+    """Text raters chosen once before the decoder (SparseVLM's section 1), for the trace."""
+
+    relevance: torch.Tensor  # (Lt,) R over the text tokens
+    indices: torch.Tensor  # text-relative indices of the raters
+
+
+@dataclass
+class PrefillInput:
+    """Handed to `PruneMethod.prepare` once per call, before the decoder runs."""
+
+    projector: torch.Tensor  # (Lv, D) projector output (the visual block of the LLM input)
+    text_embeds: torch.Tensor  # (Lt, D) LLM input embeddings of the tokens after the image
+    memo: dict  # per-call scratch space of the method (reset every call)
+
+
+@dataclass
+class VisionInput:
+    """The vision tower's selected feature layer (captured when Plan.vision_cls)."""
+
+    q: torch.Tensor  # (1 + Lv, Dv) q_proj output of the layer ([CLS] first), before scaling
+    k: torch.Tensor  # (1 + Lv, Dv) k_proj output
+    hidden: torch.Tensor | None  # (1 + Lv, Dv) output hidden states of the layer
+    heads: int
+    head_dim: int
+    scale: float
+    cls_attention: Callable[[], torch.Tensor]  # () -> (Lv,) head-mean post-softmax [CLS] row over the patches
+    project: Callable[[torch.Tensor], torch.Tensor]  # the multimodal projector: (m, Dv) -> (m, D)
+
+
+@dataclass
+class StageInput:
+    """What the plumbing captured for one stage."""
+
+    index: int  # stage number in the plan
+    spec: StageSpec
+    prefix: int  # tokens before the image
+    visual: int  # current visual tokens V_cur
+    text: int  # tokens after the image
+    hidden: torch.Tensor  # (n, D) the current sequence: LLM input (stage -1) or layer `after_layer`'s output
+    positions: torch.Tensor  # (n,) current position ids
+    patches: list[int]  # original patch index of each current visual token (merged: its center)
+    projector: torch.Tensor  # (Lv, D) projector output of all patches
+    memo: dict
+    seed: int
+    # Head-mean post-softmax causal attention rows at layer `after_layer`: (r,) sequence indices -> (r, n).
+    attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # The same rows per head (SparseVLM v2's head selection): (r,) -> (H, r, n).
+    head_attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Same, at layer after_layer + 1 recomputed from `hidden` (its input): PyramidDrop-style ranking.
+    next_attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+    keys: Callable[[], torch.Tensor] | None = None  # () -> (Hkv, n, hd) post-RoPE keys of layer after_layer
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None  # the decoder's final norm (DART)
+    # The decoder's rotary embedding: (m,) position ids -> (cos, sin), each (m, head_dim) (v2's gravity prior).
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    vision: VisionInput | None = None
+
+    @property
+    def text_start(self) -> int:
+        return self.prefix + self.visual
+
+
+@dataclass
+class MergedGroup:
+    """A token the method adds after the kept ones: the merge of `members` (local indices)."""
+
+    center: int  # local index whose position id (and patch, for the overlay) the merged token takes; -1: none
+    members: list[int]
+    embedding: torch.Tensor  # (D,) in the space of StageInput.hidden
+
+
+@dataclass
+class Selection:
+    """A method's decision at one stage."""
+
+    keep: torch.Tensor  # local indices kept directly, ascending (sequence order is preserved)
+    scores: torch.Tensor  # (V_cur,) the score of each current visual token
+    formula: str  # the rule that ran, with its numbers filled in
+    merged: list[MergedGroup] = field(default_factory=list)
+    rank: int | None = None  # rank(P) where the method has a P
+    rows: int = 0  # attention rows used (raters, the last token, ...)
+    # Tokens placed BEFORE the kept ones, centre -1 and no members (VisionZip's vision [CLS] token).
+    lead: list[MergedGroup] = field(default_factory=list)
+    extras: dict = field(default_factory=dict)  # method-specific trace data (plain values or tensors)
+
+
+class PruneMethod:
+    """Base class of a registered method. Instances are stateless: per-call state goes in `memo`."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]  # for UIs
+    default_positions: ClassVar[str] = "keep"
+    # What `paper` accounting means for this method (docs and UI).
+    paper_counting: ClassVar[str] = ""
+    needs_cls: ClassVar[bool] = False
+
+    def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
+        raise NotImplementedError
+
+    def prepare(self, cfg: PruneConfig, inp: PrefillInput) -> Raters | None:
+        """Once per call before the decoder (e.g. SparseVLM's raters). Default: nothing."""
+        return None
+
+    def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
+        raise NotImplementedError
+
+    def positions(self, cfg: PruneConfig) -> str:
+        return cfg.positions or self.default_positions
+
+
+def top_k_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest-scoring local indices, in sequence order."""
+    return torch.topk(scores, min(k, len(scores))).indices.sort().values

@@ -1,0 +1,35 @@
+"""FastV (ECCV 2024): layers 0..K-1 run in full; the last token's head-mean attention row in layer K-1 ranks the
+visual tokens; layers K.. see only the top k (SPEC section 6; reference `if layer_idx == FASTV_k - 1`)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import algorithm as A
+from .. import schedule
+from ..config import PruneConfig
+from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, StageSpec, top_k_keep
+
+
+class FastV(PruneMethod):
+    name = "fastv"
+    label = "FastV"
+    default_positions = "keep"  # FastV keeps the original position ids
+    paper_counting = "FastV's own: the budget is the number of visual tokens kept after layer K-1"
+
+    def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
+        after = schedule.fastv_k(cfg, geo.depth) - 1
+        counts = schedule.single_stage(cfg, geo.grid_tokens, after, geo.depth, "FastV")
+        return Plan((StageSpec(after, counts.direct[0], attention=True),), self.positions(cfg), counts=counts,
+                    note=counts.note)
+
+    def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
+        n = inp.hidden.shape[0]
+        last = torch.tensor([n - 1], device=inp.hidden.device)
+        p = inp.attention_rows(last)[:, inp.prefix : inp.text_start]
+        scores = A.visual_significance(p)
+        k = min(inp.spec.keep, inp.visual)
+        layer = inp.spec.after_layer
+        return Selection(top_k_keep(scores, k), scores,
+                         f"FastV K = {layer + 1}: keep top {k} of {inp.visual} by the last token's attention in "
+                         f"layer {layer}", rank=A.attention_rank(p), rows=1)

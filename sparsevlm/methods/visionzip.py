@@ -1,0 +1,180 @@
+"""VisionZip as pure tensor functions (METHODS.md section 2; dvlab-research/VisionZip clip_encoder.py L42-85).
+
+In the vision tower, before the projector: D dominant tokens ([CLS] + the D-1 patches the [CLS] row attends to
+most, summed over heads) and C contextual tokens (the remaining tokens merged onto C evenly spaced targets by
+cosine similarity of the layer's head-mean keys). The LLM sees D + C tokens ([CLS] included) at every layer.
+Inputs, all from the vision layer whose output is the selected feature layer (CLIP layer 22 of 24 for LLaVA):
+its [CLS] attention row, its head-mean keys, its output hidden states. Batch 1; token 0 is [CLS].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
+from ..errors import ConfigError
+from .base import MergedGroup, ModelGeometry, Plan, PruneMethod, StageInput, StageSpec
+from .base import Selection as EngineSelection
+from .stage_plan import Selection, StagePlan, check_accounting, check_budget, make_plan, sorted_topk, to_counts
+
+FORMULA = (
+    "dominant: [CLS] + top-(D-1) of c_j = Σ_h A_h[CLS, j]; contextual: rest merged onto C evenly spaced targets "
+    "by cos(k̄_i, k̄_t), token = x_t + mean(members)"
+)
+NAME = "visionzip"
+# Official README L127-128 / L141 gives 54+10 for 64; 108+20 and 162+30 are from LightCompress (UNCONFIRMED
+# officially); all three are the 27:5 split used here for every budget.
+SPLITS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
+DOMINANT_SHARE = 27 / 32
+
+
+@dataclass
+class VisionZipResult:
+    """The D + C features handed to the projector, and the selection for the trace."""
+
+    features: torch.Tensor  # (D + C, C_hidden): [CLS], dominant patches ascending, contextual in target order
+    selection: Selection  # indices are PATCH indices 0..N-1 ([CLS] excluded); groups = (target, members)
+
+
+def require_cls(has_cls: bool, encoder: str = "this vision tower") -> None:
+    """VisionZip's dominant rule reads the [CLS] attention row; SigLIP-like towers have no [CLS]."""
+    if not has_cls:
+        raise ConfigError(
+            f"VisionZip ranks patches by the [CLS] token's attention, and {encoder} has no [CLS] token "
+            "(the official code supports CLIP only)"
+        )
+
+
+def split(budget: int) -> tuple[int, int]:
+    """(dominant D including [CLS], contextual C) with D + C = budget, in the published 27:5 ratio."""
+    if budget in SPLITS:
+        return SPLITS[budget]
+    d = max(1, min(budget, round(budget * DOMINANT_SHARE)))
+    return d, budget - d
+
+
+def cls_attention(cls_row: torch.Tensor) -> torch.Tensor:
+    """c_j = sum over heads of the post-softmax [CLS] row at patch j (clip_encoder.py L51-52: SUM, not mean).
+
+    cls_row: (H, 1 + N) attention of the [CLS] query over all tokens. Returns (N,) float32.
+    """
+    return cls_row[:, 1:].float().sum(dim=0)
+
+
+def head_mean_keys(keys: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """k̄ = keys averaged over heads (utils.py L89: raw k_proj output, bias included, before scaling).
+
+    keys: (1 + N, H * hd). Returns (1 + N, hd).
+    """
+    n, width = keys.shape
+    return keys.reshape(n, num_heads, width // num_heads).mean(dim=1)
+
+
+def select(scores: torch.Tensor, metric: torch.Tensor, hidden: torch.Tensor, dominant: int,
+           contextual: int) -> VisionZipResult:
+    """Dominant + contextual tokens.
+
+    scores: (N,) c_j over patches; metric: (1 + N, dk) head-mean keys; hidden: (1 + N, C) the layer's output,
+    token 0 = [CLS]. dominant counts [CLS] (D - 1 patches are chosen).
+    """
+    n = scores.shape[0]
+    dominant = max(1, min(dominant, n + 1))
+    dom_patches = sorted_topk(scores, dominant - 1)  # main.py L7 passes dominant - 1; masked_select => ascending
+    dom_tokens = torch.cat([torch.zeros(1, dtype=torch.long), dom_patches + 1])
+    is_dom = torch.zeros(n + 1, dtype=torch.bool)
+    is_dom[dom_tokens] = True
+    rest = (~is_dom).nonzero().flatten()  # Rm, ascending token indices (L60-62)
+    features = [hidden[dom_tokens]]
+    groups: list[tuple[int, list[int]]] = []
+    cosines: list[list[float]] = []
+    n_rest = rest.shape[0]
+    if contextual > 0 and n_rest > 0:
+        k_hat = torch.nn.functional.normalize(metric[rest].float(), dim=-1)  # L64
+        step = max(1, n_rest // contextual)  # L67-68: evenly spaced positions in the remaining list
+        tgt = torch.arange(0, n_rest, step)[:contextual]
+        is_tgt = torch.zeros(n_rest, dtype=torch.bool)
+        is_tgt[tgt] = True
+        others = (~is_tgt).nonzero().flatten()
+        sim = k_hat[others] @ k_hat[tgt].T  # L71-72
+        assign = sim.argmax(dim=1) if others.numel() else torch.zeros(0, dtype=torch.long)  # hard one-hot L73-74
+        ctx = []
+        for i, t in enumerate(tgt.tolist()):
+            members = others[assign == i]
+            merged = hidden[rest[t]].float()
+            if members.numel():
+                # L75-80: target PLUS the mean of its members (not an average that includes the target)
+                merged = merged + hidden[rest[members]].float().mean(dim=0)
+            ctx.append(merged.to(hidden.dtype))
+            groups.append((int(rest[t]) - 1, [int(rest[u]) - 1 for u in members]))
+            cosines.append([float(sim[j, i]) for j in (assign == i).nonzero().flatten().tolist()])
+        features.append(torch.stack(ctx))
+    out = torch.cat(features)
+    slot_patches = [[-1]] + [[int(p)] for p in dom_patches] + [[t, *m] for t, m in groups]  # -1 = [CLS]
+    return VisionZipResult(
+        features=out,
+        selection=Selection(
+            kept=dom_patches,
+            scores=scores.float(),
+            groups=groups,
+            extras={"cls_slot": 0, "slot_patches": slot_patches, "member_cosines": cosines,
+                    "dominant": dominant, "contextual": len(groups)},
+        ),
+    )
+
+
+def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENCE_DEPTH,
+         accounting: str = "paper") -> StagePlan:
+    """Before the LLM: every decoder layer sees D + C = budget tokens, so both countings equal the budget."""
+    check_accounting(accounting)
+    check_budget(budget, visual)
+    d, c = split(budget)
+    note = f"{d} dominant ([CLS] + {d - 1} patches) + {c} contextual"
+    if budget not in SPLITS:
+        note += " (27:5 split derived from the published 54+10)"
+    elif budget != 64:
+        note += " (LightCompress's split; the official repo shows only 54+10)"
+    return make_plan(NAME, visual, depth, (-1,), (budget,), budget, accounting, "input", note,
+                     {"dominant": d, "contextual": c})
+
+
+# --- the registered method --------------------------------------------------------------------------------------
+class VisionZip(PruneMethod):
+    """VisionZip in the engine, before the LLM: the vision feature layer's [CLS] row (recomputed from its captured
+    q/k, summed over heads), its raw k_proj output (head mean) and its output hidden states give D dominant +
+    C contextual features, projected by the model's own projector; the LLM receives [CLS], the dominant patches
+    in raster order, then the contextual tokens, with contiguous positions (as llava_arch.py L213-241).
+
+    Dominant patch tokens are the projector outputs of their features (identical to projecting
+    hidden_states[-2][p+1]); [CLS] and the contextual tokens are projected here. Closest-faithful deviation:
+    the reference softmaxes the [CLS] row in fp16, this in fp32. [CLS] is required: SigLIP towers are refused.
+    """
+
+    name = NAME
+    label = "VisionZip"
+    default_positions = "compact"  # the image block becomes D + C contiguous tokens
+    paper_counting = "D dominant ([CLS] included) + C contextual tokens before the LLM: every layer sees D + C"
+    needs_cls = True
+
+    def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
+        require_cls(geo.has_cls)
+        sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
+        d = sp.extras["dominant"]
+        counts = to_counts(sp, direct=(d - 1,))  # D - 1 patches kept directly; [CLS] + C merged tokens on top
+        return Plan((StageSpec(-1, d - 1),), self.positions(cfg), vision_cls=True, counts=counts, note=counts.note)
+
+    def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
+        vis = inp.vision
+        d, c = split(cfg.budget)
+        scores = vis.cls_attention() * vis.heads  # head mean x heads = the reference's sum over heads
+        res = select(scores, head_mean_keys(vis.k, vis.heads), vis.hidden, d, c)
+        sel = res.selection
+        n_dom = len(sel.kept)
+        proj = vis.project(res.features[None].to(inp.hidden.dtype))[0].to(inp.hidden.dtype)
+        cls = [MergedGroup(-1, [], proj[0])]
+        contextual = [MergedGroup(t, [t, *m], proj[1 + n_dom + i]) for i, (t, m) in enumerate(sel.groups)]
+        formula = (f"{FORMULA} | D = {d} ([CLS] + {n_dom} patches), C = {len(contextual)}: the LLM sees "
+                   f"{1 + n_dom + len(contextual)} tokens; [CLS] softmax in fp32 (reference: fp16)")
+        extras = {**sel.extras, "targets": [t for t, _ in sel.groups], "formula": FORMULA}
+        return EngineSelection(sel.kept, scores, formula, merged=contextual, lead=cls, extras=extras)

@@ -1,0 +1,309 @@
+"""The models the explorer knows by name: the embedded scenes-llava and four public LLaVA checkpoints.
+
+Each preset's exact configuration (config.json, the image processor's resize / crop / pad, processor_config.json,
+chat template, image token, tokenizer specials) is data in `sparsevlm/preset_configs/<slug>.json`, written from
+the public checkpoints and marked field by field as verified or not (`sources`, `unverified`). Tests rebuild every
+preset from that data at a reduced width and run every method on it (tests/test_presets.py).
+
+Parameter counts are exact: the model is instantiated from its config on the meta device (no memory, no weights)
+and its parameters counted. Memory figures are the weights alone (fp32: 4 bytes, fp16/bf16: 2 bytes per
+parameter); activations and the KV cache come on top (the cost calculator gives the KV cache).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .methods import METHODS, get_method
+
+PRESET_DIR = Path(__file__).resolve().parent / "preset_configs"
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "models" / "scenes-llava"
+DEFAULT_PRESET = "scenes-llava"
+# After model v2 ships (scripts/ship_v2.sh), the first embedded model lives here and stays selectable.
+EMBEDDED_V1_DIR = EMBEDDED_DIR.parent / "scenes-llava-v1"
+V1_PRESET = "scenes-llava-v1"
+LIKENESS_FILE = "likeness_1050.json"  # the model folder's own likeness summary (python -m sparsevlm.scenes.likeness)
+
+# Methods that rank patches by the vision tower's [CLS] attention and cannot run on a tower without one (SigLIP).
+
+# slug of the data file, what the hardware should be, one line about the model.
+_PUBLIC = {
+    "bczhou/tiny-llava-v1-hf": (
+        "tiny-llava-v1-hf",
+        "CPU (a free CPU Space: 2 vCPU / 16 GB) or any GPU; fp32 on CPU needs ~5.6 GB of RAM",
+        "TinyLLaVA v1: TinyLlama-1.1B decoder (22 layers, GQA 32/4), CLIP ViT-L/14-336 with [CLS], 576 tokens",
+    ),
+    "llava-hf/llava-interleave-qwen-0.5b-hf": (
+        "llava-interleave-qwen-0.5b-hf",
+        "CPU (slow: 729 visual tokens) or any GPU (ZeroGPU, T4 and up)",
+        "LLaVA-NeXT-Interleave 0.5B: Qwen1.5-0.5B decoder (24 layers), SigLIP-so400m/14-384 without [CLS], "
+        "729 tokens (single image, no anyres)",
+    ),
+    "llava-hf/llava-1.5-7b-hf": (
+        "llava-1.5-7b-hf",
+        "GPU with >= 16 GB in fp16 (ZeroGPU, A10G 24 GB, L4, A100); the paper's model",
+        "LLaVA-1.5-7B: Vicuna-7B decoder (32 layers), CLIP ViT-L/14-336 with [CLS], 576 tokens",
+    ),
+    "llava-hf/llava-1.5-13b-hf": (
+        "llava-1.5-13b-hf",
+        "GPU with >= 28 GB in fp16 (ZeroGPU H200 slice, A100 40/80 GB, L40S 48 GB)",
+        "LLaVA-1.5-13B: Vicuna-13B decoder (40 layers), CLIP ViT-L/14-336 with [CLS], 576 tokens",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model the explorer knows by name. `data` holds the exact checkpoint files (see the module docstring)."""
+
+    name: str  # the hub id, or "scenes-llava" for the embedded model
+    summary: str
+    hardware: str
+    data: dict = field(repr=False, compare=False, hash=False)
+    local_path: str | None = None  # the embedded model's folder; None for hub checkpoints
+
+    # --- shape ------------------------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        """config.json as published (a deep copy: callers may edit it)."""
+        return copy.deepcopy(self.data["config"])
+
+    @property
+    def text_type(self) -> str:
+        return self.data["config"]["text_config"]["model_type"]
+
+    @property
+    def architecture(self) -> str:
+        return f"llava-{self.text_type}"
+
+    @property
+    def decoder_layers(self) -> int:
+        return int(self._text_config().num_hidden_layers)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        v = self.data["config"]["vision_config"]
+        side = v["image_size"] // v["patch_size"]
+        return (side, side)
+
+    @property
+    def visual_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def has_cls(self) -> bool:
+        """The LLaVA feature strategy 'default' drops the tower's [CLS] (CLIP); 'full' keeps every token (SigLIP)."""
+        return self.data["config"].get("vision_feature_select_strategy", "default") == "default"
+
+    @property
+    def vision_feature_layer(self) -> int:
+        return int(self.data["config"].get("vision_feature_layer", -2))
+
+    @property
+    def select_strategy(self) -> str:
+        return self.data["config"].get("vision_feature_select_strategy", "default")
+
+    @property
+    def image_token(self) -> str:
+        return (self.data.get("processor_config") or {}).get("image_token", "<image>")
+
+    @property
+    def image_token_id(self) -> int:
+        c = self.data["config"]
+        return int(c.get("image_token_index", c.get("image_token_id", 32000)))
+
+    @property
+    def image_processing(self) -> str:
+        """In words: how an upload becomes the square model input (what the overlay maps back through)."""
+        p = self.data["preprocessor_config"]
+        size = p.get("size", {})
+        if p.get("do_pad"):
+            return f"pad to a square, resize to {size}"
+        if p.get("do_center_crop") and "shortest_edge" in size:
+            crop = p["crop_size"]
+            return (f"resize the shortest edge to {size['shortest_edge']}, center-crop "
+                    f"{crop['width']}x{crop['height']} (the long side's ends are cut off)")
+        return f"resize to {size.get('width')}x{size.get('height')} (aspect ratio not kept, nothing cut)"
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Registered methods that apply: the [CLS]-based ones need a tower with a [CLS] token."""
+        return tuple(m for m in METHODS if self.has_cls or not get_method(m).needs_cls)
+
+    @property
+    def not_applicable(self) -> dict[str, str]:
+        if self.has_cls:
+            return {}
+        return {m: "needs the vision tower's [CLS] attention; this tower has no [CLS]"
+                for m in METHODS if get_method(m).needs_cls}
+
+    # --- size -------------------------------------------------------------------------------------------------
+    @property
+    def parameters(self) -> int:
+        return _count_parameters(self.name)
+
+    def weight_bytes(self, bytes_per_parameter: int) -> int:
+        return self.parameters * bytes_per_parameter
+
+    def _text_config(self):
+        from transformers import AutoConfig
+
+        t = dict(self.data["config"]["text_config"])
+        return AutoConfig.for_model(t.pop("model_type"), **t)
+
+    def describe(self) -> dict:
+        """The row `python -m sparsevlm models --json` prints."""
+        gib = 2**30
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "local_path": self.local_path,
+            "architecture": self.architecture,
+            "decoder_layers": self.decoder_layers,
+            "grid": list(self.grid),
+            "visual_tokens": self.visual_tokens,
+            "vision_cls": self.has_cls,
+            "vision_feature_layer": self.vision_feature_layer,
+            "vision_feature_select_strategy": self.select_strategy,
+            "image_processing": self.image_processing,
+            "image_token": self.image_token,
+            "image_token_id": self.image_token_id,
+            "parameters": self.parameters,
+            "weights_gib_fp32": round(self.weight_bytes(4) / gib, 2),
+            "weights_gib_fp16": round(self.weight_bytes(2) / gib, 2),
+            "memory_note": "weights only (computed from the exact parameter count); activations and the KV "
+                           "cache come on top",
+            "methods": list(self.methods),
+            "not_applicable": self.not_applicable,
+            "hardware": self.hardware,
+            "unverified": list(self.data.get("unverified", [])),
+        }
+
+
+def _embedded_data(d: Path = EMBEDDED_DIR, name: str = DEFAULT_PRESET) -> dict:
+    """An embedded model's preset data, read from its own folder (its files are the exact configuration)."""
+    if not (d / "config.json").is_file():
+        raise ConfigError(f"the embedded model folder {d} is missing (no config.json)")
+    proc = json.loads((d / "processor_config.json").read_text())
+    template = (d / "chat_template.jinja").read_text() if (d / "chat_template.jinja").is_file() else None
+    return {
+        "name": name,
+        "config": json.loads((d / "config.json").read_text()),
+        "preprocessor_config": proc.pop("image_processor"),
+        "processor_config": proc,
+        "chat_template": template,
+        "prompt_format": "USER: <image>\n{question} ASSISTANT:",
+        "tokenizer": {"class": "word-level (sparsevlm/tokenizer.py)"},
+        "sources": [f"the files in {d.name}/ (this repository)"],
+        "unverified": [],
+    }
+
+
+def _world_of(d: Path) -> str:
+    """The picture world a scenes model was trained on (training_state.json "world"; absent = v1). Read here
+    rather than through sparsevlm.scenes.worlds: the engine never imports the scenes package."""
+    try:
+        return str(json.loads((d / "training_state.json").read_text()).get("world", "v1"))
+    except (OSError, ValueError, AttributeError):
+        return "v1"
+
+
+def _raters_measured(d: Path) -> str:
+    """'; its text raters are N% content words (measured ...)' from the folder's likeness summary, if it has one."""
+    try:
+        s = json.loads((d / LIKENESS_FILE).read_text())["summary"]
+        content = s["raters"]["classes"]["content"]["share_of_raters"][0]
+        top = ", ".join(f"`{w['word']}`" for w in s["raters"]["top_words"][:3])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
+    return (f"; its text raters are {100 * content:.0f}% content words, {top} lead (measured on "
+            f"{s['questions']} held-out questions, {LIKENESS_FILE})")
+
+
+def _embedded_preset(d: Path, name: str, lead: str) -> Preset:
+    """A preset for a scenes model folder; its shape and size are read from the folder, never typed."""
+    data = _embedded_data(d, name)
+    text = data["config"]["text_config"]
+    size_mib = sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) / 2**20
+    depth = text["num_hidden_layers"]
+    llava_depth = " - LLaVA-1.5-7B's depth and grid" if depth == 32 else ""
+    summary = (f"{lead} (world {_world_of(d)}); CLIP 336/14 with [CLS] (576 tokens), {depth}-layer Llama decoder "
+               f"x {text['hidden_size']}{llava_depth}{_raters_measured(d)}")
+    hardware = f"any CPU ({size_mib:.0f} MiB{'; the default for a CPU Space' if name == DEFAULT_PRESET else ''})"
+    return Preset(name, summary, hardware, data, local_path=str(d))
+
+
+def _load_presets() -> dict[str, Preset]:
+    presets: dict[str, Preset] = {}
+    try:
+        presets[DEFAULT_PRESET] = _embedded_preset(EMBEDDED_DIR, DEFAULT_PRESET,
+                                                   "the embedded model: trained here on generated scenes")
+    except ConfigError:
+        pass  # a checkout without the embedded model still lists the hub presets
+    if (EMBEDDED_V1_DIR / "config.json").is_file():  # only once model v2 has replaced it as the default
+        presets[V1_PRESET] = _embedded_preset(
+            EMBEDDED_V1_DIR, V1_PRESET,
+            "the first embedded model (v1): trained from scratch with a loss on the answer word only, not LLaVA's "
+            "recipe")
+    for name, (slug, hardware, summary) in _PUBLIC.items():
+        data = json.loads((PRESET_DIR / f"{slug}.json").read_text())
+        presets[name] = Preset(name, summary, hardware, data)
+    return presets
+
+
+# Five small JSON reads at import: cheap, and PRESETS stays a plain dict.
+PRESETS: dict[str, Preset] = _load_presets()
+
+
+def get_preset(name: str) -> Preset | None:
+    """A preset by its name; also by the short name after the slash (e.g. 'llava-1.5-7b-hf')."""
+    if name in PRESETS:
+        return PRESETS[name]
+    for p in PRESETS.values():
+        if name == p.name.rsplit("/", 1)[-1]:
+            return p
+    return None
+
+
+@functools.cache
+def _count_parameters(name: str) -> int:
+    """Exact parameter count: the model built from its config on the meta device (no memory is allocated)."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig.from_dict(PRESETS[name].config)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    # Tied embeddings (Qwen1.5-0.5B) are one tensor: count each parameter object once.
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def models_table() -> list[dict]:
+    return [p.describe() for p in PRESETS.values()]
+
+
+def format_models(rows: list[dict]) -> str:
+    """The human-readable listing of `python -m sparsevlm models`."""
+    lines = ["| model | decoder | grid | params | weights fp32 / fp16 | methods | hardware |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rows_, cols = r["grid"]
+        methods = ", ".join(r["methods"])
+        if r["not_applicable"]:
+            methods += " (not " + ", ".join(r["not_applicable"]) + ": no [CLS])"
+        params = r["parameters"]
+        size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
+        lines.append(
+            f"| {r['name']} | {r['architecture']}, {r['decoder_layers']} layers | {rows_}x{cols} = "
+            f"{r['visual_tokens']}{' + [CLS] dropped' if r['vision_cls'] else ', no [CLS]'} | {size} | "
+            f"{r['weights_gib_fp32']:.2f} / {r['weights_gib_fp16']:.2f} GiB | {methods} | {r['hardware']} |"
+        )
+    lines.append("")
+    lines.append("weights only, computed from the exact parameter count; activations and the KV cache come on top. "
+                 "Any other hub id or local LLaVA folder loads too.")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""The parts of the GPU path that run on a CPU: measured KV-cache bytes from the cache object (equal to the computed
+ones), peak GPU memory reported as n/a off CUDA, device / dtype / attention choice, the ZeroGPU wrapper, and the
+7B benchmark shape. tests/test_cuda.py holds the checks that need a GPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparsevlm import cost as C
+from sparsevlm.config import PruneConfig
+from sparsevlm.errors import ModelLoadError
+from sparsevlm.gpu import gpu
+from sparsevlm.loading import from_objects, pick_attention, pick_device_dtype
+from sparsevlm.pipeline import run
+from sparsevlm.presets import PRESETS
+from sparsevlm.testing import tiny_llava
+from sparsevlm.trace import PruneTrace
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def lm(request):
+    model, processor = tiny_llava(request.param, layers=8, image_size=112)
+    return from_objects(model, processor)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.fromarray(np.random.RandomState(0).randint(0, 255, (90, 140, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("method", ["dense", "sparsevlm", "fastv", "random"])
+def test_measured_kv_bytes_equal_computed(lm, image, method):
+    n_new = 4
+    t = run(lm, image, "what colour is the shape ?", PruneConfig(method=method, budget=24), max_new_tokens=n_new).trace
+    m = t.memory
+    assert m.kv_bytes_prefill == t.cost.kv_bytes  # measured on the cache object == computed from the layer counts
+    # The cache holds, per layer, exactly the tokens that layer processed in the prefill.
+    fixed = t.prefix_tokens + t.text_tokens
+    assert m.kv_tokens_per_layer == [fixed + r.visual_in for r in t.layers]
+    if method != "dense":
+        assert m.kv_bytes_prefill < t.cost.kv_bytes_dense
+    # generate() then appends one entry per layer for every decoded token but the last (never fed back).
+    shape = C.DecoderShape.from_config(lm.model.config)
+    per_token = len(t.layers) * 2 * shape.kv_dim * 4  # fp32
+    assert m.kv_bytes_final == m.kv_bytes_prefill + (t.generated_tokens - 1) * per_token
+    assert m.peak_gpu_bytes is None and m.peak_gpu_note.startswith("n/a")
+
+
+def test_memory_round_trips_through_json(lm, image):
+    t = run(lm, image, "what colour is the shape ?", PruneConfig(method="sparsevlm", budget=24), max_new_tokens=2).trace
+    back = PruneTrace.from_json(t.to_json())
+    assert back.memory == t.memory
+    s = t.summary()["memory_measured"]
+    assert s["kv_bytes_prefill"] == t.cost.kv_bytes and s["peak_gpu_bytes"] is None
+
+
+def test_device_dtype_and_attention_choice(monkeypatch):
+    assert pick_device_dtype("cpu") == (torch.device("cpu"), torch.float32)
+    assert pick_device_dtype("cpu", "bf16")[1] == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        pick_device_dtype("cpu", "int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA is not available"):
+            pick_device_dtype("cuda")
+    monkeypatch.delenv("SPARSEVLM_ATTENTION", raising=False)
+    assert pick_attention(torch.device("cpu"), torch.float32) == "sdpa"
+    monkeypatch.setenv("SPARSEVLM_ATTENTION", "eager")
+    assert pick_attention(torch.device("cpu"), torch.float32) == "eager"
+    monkeypatch.setenv("SPARSEVLM_ATTENTION", "fast")
+    with pytest.raises(ModelLoadError, match="SPARSEVLM_ATTENTION"):
+        pick_attention(torch.device("cpu"), torch.float32)
+
+
+def test_gpu_decorator_is_a_no_op_without_spaces(monkeypatch):
+    monkeypatch.setitem(sys.modules, "spaces", None)  # import spaces -> ImportError, as on a machine without it
+
+    def f(x):
+        return x + 1
+
+    assert gpu(f) is f
+    assert gpu(duration=30)(f) is f
+
+
+def test_gpu_decorator_uses_spaces_gpu_when_importable(monkeypatch):
+    calls = []
+    spaces = types.ModuleType("spaces")
+
+    def GPU(fn=None, duration=None):  # noqa: N802 - the name spaces exports
+        if fn is None:
+            return lambda f: (calls.append(("GPU", duration)), f)[1]
+        calls.append(("GPU", None))
+        return fn
+
+    spaces.GPU = GPU
+    monkeypatch.setitem(sys.modules, "spaces", spaces)
+
+    @gpu
+    def a():
+        return 1
+
+    @gpu(duration=90)
+    def b():
+        return 2
+
+    assert (a(), b()) == (1, 2)
+    assert calls == [("GPU", None), ("GPU", 90)]
+
+
+def test_bench_7b_is_the_full_published_shape():
+    from sparsevlm.bench import build
+
+    lm = build("7b", "meta", torch.float16)  # meta: the shape without memory
+    params = sum(p.numel() for p in lm.model.parameters())
+    assert params == PRESETS["llava-hf/llava-1.5-7b-hf"].parameters == 7_063_427_072
+    assert lm.num_layers == 32 and lm.grid == (24, 24) and lm.has_cls
+    assert lm.model.config.text_config.hidden_size == 4096
+    assert lm.dtype == torch.float16
+
+
+def test_bench_7b_refuses_a_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the 7b benchmark would run (tests/test_cuda.py covers the GPU)")
+    out = subprocess.run([sys.executable, "-m", "sparsevlm", "bench", "--width", "7b"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cost_preset_matches_the_published_config():
+    """The cost calculator's presets are the real checkpoints' decoder shapes."""
+    from transformers import LlavaConfig
+
+    pairs = [("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf"), ("llava-1.5-13b", "llava-hf/llava-1.5-13b-hf"),
+             ("llava-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf")]
+    for cost_name, preset in pairs:
+        published = C.DecoderShape.from_config(LlavaConfig.from_dict(PRESETS[preset].config))
+        assert C.PRESETS[cost_name] == published, cost_name

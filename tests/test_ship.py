@@ -1,0 +1,245 @@
+"""Shipping model v2 (issue 10): examples per world, the model card writer and its gate, the v1 preset after the swap,
+the pruning benchmark on the model's own world, and scripts/ship_v2.sh rehearsed end to end on a placeholder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparsevlm.scenes import generator
+from sparsevlm.scenes import world as world_v2
+from sparsevlm.scenes.examples import write_examples
+from sparsevlm.scenes.generator import FAMILIES
+from sparsevlm.scenes.model_card import accuracy_floor, card, check_bars, eval_records, own_eval
+from sparsevlm.scenes.worlds import world_of_model
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = ROOT / "assets" / "models" / "scenes-llava"
+# The first model: the embedded default until model v2 ships, then moved aside to scenes-llava-v1.
+V1_DIR = EMBEDDED.parent / "scenes-llava-v1" if (EMBEDDED.parent / "scenes-llava-v1").is_dir() else EMBEDDED
+V1_LIKENESS = ROOT / "docs" / "likeness-scenes-llava-v1.json"
+
+
+# --- examples ------------------------------------------------------------------------------------------------------
+def test_shipped_examples_are_what_examples_py_writes_for_the_embedded_models_world(tmp_path):
+    """Today v1's (so `--world v1` reproduces them byte for byte); after the swap, v2's."""
+    write_examples(tmp_path, world=world_of_model(EMBEDDED))
+    shipped = sorted(p.name for p in (ROOT / "assets" / "examples").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == shipped
+    for name in shipped:
+        assert (tmp_path / name).read_bytes() == (ROOT / "assets" / "examples" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("world", ["v1", "v2"])
+def test_examples_are_too_busy_for_64_tokens(tmp_path, world):
+    """Every example scene's objects cover more than 64 patches, so a 64-token budget cannot keep them all."""
+    mod = {"v1": generator, "v2": world_v2}[world]
+    items = write_examples(tmp_path, world=world)
+    assert [it["family"] for it in items] == list(FAMILIES)
+    for it in items:
+        assert it.get("world", "v1") == world
+        rng = np.random.default_rng([it["seed"], 5])  # how write_examples drew the scene
+        scene = mod.make_scene(it["seed"], int(rng.integers(9, 13)), with_label=True)
+        covered = np.zeros(576, dtype=bool)
+        for i in range(len(scene.objects)):
+            mask = np.asarray(mod.object_mask(scene, i), dtype=bool)
+            covered |= mask.reshape(24, 14, 24, 14).mean(axis=(1, 3)).reshape(-1) >= generator.COVER_FRACTION
+        assert covered.sum() > 64, (it["image"], int(covered.sum()))
+
+
+def test_unknown_example_world_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown example world"):
+        write_examples(tmp_path, world="independent")
+
+
+# --- model card, gate, floors -----------------------------------------------------------------------------------------
+def _result(world: str | None, per_family: dict[str, tuple[int, int]]) -> dict:
+    """A result in the shape `python -m sparsevlm.scenes.evaluate --json` writes."""
+    r = {f: {"correct": c, "total": t, "accuracy": c / t} for f, (c, t) in per_family.items()}
+    c, t = sum(c for c, _ in per_family.values()), sum(t for _, t in per_family.values())
+    r["overall"] = {"correct": c, "total": t, "accuracy": c / t}
+    r["detail"] = {}
+    if world:
+        r["world"] = world
+    return r
+
+
+def _folder(tmp_path: Path, world: str) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    shutil.copy(V1_DIR / "config.json", d / "config.json")
+    d.joinpath("training_state.json").write_text(json.dumps({"world": world, "phase": "instruct", "step": 5,
+                                                             "train_seconds": 120.0, "args": {"lr": 0.0005}}))
+    return d
+
+
+def test_model_card_reads_every_figure_from_the_folder(tmp_path):
+    d = _folder(tmp_path, "v2")
+    good = dict.fromkeys(FAMILIES, (423, 429))
+    d.joinpath("eval_heldout_3003.json").write_text(json.dumps(_result("v2", good)))
+    d.joinpath("eval_heldout_21.json").write_text(json.dumps(_result("v2", dict.fromkeys(FAMILIES, (1, 3)))))
+    d.joinpath("eval_independent_3003.json").write_text(json.dumps(_result("independent", {
+        **good, "read": (300, 429)})))
+    shutil.copy(V1_LIKENESS, d / "likeness_1050.json")
+    assert own_eval(d)["file"] == "eval_heldout_3003.json"  # the largest evaluation of the model's own world
+    assert set(eval_records(d)) == {"v2", "independent"}
+    text = card(d)
+    assert "98.6% (423/429)" in text and "**98.6% (2961/3003)**" in text  # 423/429 and 7 x 423 / 7 x 429
+    assert "69.9% (300/429)" in text  # the independent set's reading
+    summary = json.loads(V1_LIKENESS.read_text())["summary"]
+    content = summary["raters"]["classes"]["content"]["share_of_raters"][0]
+    assert f"| content | {100 * content:.1f}% |" in text
+    assert "phase `instruct`, step 5, 2 CPU-minutes" in text
+    assert "$T --phase align --out $C/v2-align" in text  # every phase's command, from scripts/train_v2.sh
+    # The gate: own world 98.6% overall and per family meets 97 / 90; the independent set's 94.5% meets 90%.
+    assert check_bars(d) == [] and "**met**" in text
+
+
+def test_the_gate_names_every_bar_that_is_missed(tmp_path):
+    d = _folder(tmp_path, "v2")
+    assert check_bars(d) == [f"no evaluation on the v2 held-out set in {d}",
+                             f"no evaluation on the independent set in {d}"]
+    d.joinpath("eval_heldout_3003.json").write_text(json.dumps(_result("v2", {
+        **dict.fromkeys(FAMILIES, (429, 429)), "count": (380, 429)})))
+    d.joinpath("eval_independent_700.json").write_text(json.dumps(_result("independent", dict.fromkeys(FAMILIES,
+                                                                                                       (80, 100)))))
+    missing = check_bars(d)
+    assert missing == ["independent: only 700 questions evaluated (the bar needs 3000)",
+                       "v2 held-out count 88.6% < 90%", "independent overall 80.0% < 90%"]
+    assert "**not met**" in card(d)
+    # An evaluation of another world never stands in for the model's own (v1's file has no "world" key).
+    shutil.copy(V1_DIR / "eval_heldout_3000.json", d / "eval_heldout_3000.json")
+    assert own_eval(d)["file"] == "eval_heldout_3003.json" and eval_records(d)["v1"]["overall"]["total"] == 3000
+
+
+def test_the_first_models_recorded_figure_is_read_back():
+    assert world_of_model(V1_DIR) == "v1"
+    assert own_eval(V1_DIR)["overall"]["correct"] == 2975  # eval_heldout_3000.json's own count (no "world" key)
+
+
+def test_accuracy_floor():
+    assert accuracy_floor(1.0, 21) == pytest.approx(1 - 1 / 21)
+    assert 0.85 < accuracy_floor(0.9917, 21) < 0.9917
+    assert accuracy_floor(0.3, 21) == 0.0
+
+
+# --- presets -------------------------------------------------------------------------------------------------------
+def test_v1_preset_appears_once_its_folder_exists(tmp_path, monkeypatch):
+    from sparsevlm import presets
+
+    assert (presets.V1_PRESET in presets.PRESETS) == presets.EMBEDDED_V1_DIR.is_dir()  # only once it moved aside
+    v1 = tmp_path / "scenes-llava-v1"
+    v1.mkdir()
+    for f in ("config.json", "processor_config.json", "chat_template.jinja", "training_state.json"):
+        shutil.copy(V1_DIR / f, v1 / f)
+    shutil.copy(V1_LIKENESS, v1 / presets.LIKENESS_FILE)
+    monkeypatch.setattr(presets, "EMBEDDED_V1_DIR", v1)
+    loaded = presets._load_presets()
+    assert list(loaded)[:2] == ["scenes-llava", "scenes-llava-v1"]
+    p = loaded["scenes-llava-v1"]
+    assert p.local_path == str(v1) and p.decoder_layers == 32
+    content = json.loads(V1_LIKENESS.read_text())["summary"]["raters"]["classes"]["content"]["share_of_raters"][0]
+    assert "loss on the answer word only" in p.summary and "(world v1)" in p.summary
+    assert f"its text raters are {100 * content:.0f}% content words, `?`, `is`, `the` lead" in p.summary
+    mib = sum(f.stat().st_size for f in EMBEDDED.rglob("*") if f.is_file()) / 2**20
+    assert f"(world {world_of_model(EMBEDDED)})" in loaded["scenes-llava"].summary
+    assert f"any CPU ({mib:.0f} MiB; the default for a CPU Space)" == loaded["scenes-llava"].hardware
+
+
+# --- the pruning benchmark asks the model's own world -------------------------------------------------------------
+@pytest.mark.parametrize("world", [None, "v2"])
+def test_engine_eval_uses_the_models_world(tmp_path, world):
+    from sparsevlm.evaluate import evaluate
+    from sparsevlm.loading import load_model
+    from sparsevlm.testing import tiny_llava
+
+    model, processor = tiny_llava(image_size=112, layers=4)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    if world:
+        (tmp_path / "training_state.json").write_text(json.dumps({"world": world}))
+    result = evaluate(load_model(str(tmp_path), device="cpu", dtype="float32"), 2, seed=0, labels=["dense"], log=None)
+    assert result["world"] == (world or "v1")
+    assert result["rows"][0]["questions"] == 2
+
+
+# --- scripts/ship_v2.sh on a placeholder checkpoint ------------------------------------------------------------------
+def _tiny_v2_checkpoint(folder: Path) -> None:
+    import torch
+
+    from sparsevlm.scenes.model import ModelSize, build_model
+    from sparsevlm.scenes.train_llava import v2_tokenizer
+
+    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=4, heads=2, kv_heads=1,
+                     intermediate=64)
+    torch.manual_seed(0)
+    model = build_model(size, v2_tokenizer())
+    folder.mkdir()
+    torch.save({"model": model.state_dict(), "size": size.to_dict(), "step": 3, "train_seconds": 1.0,
+                "args": {"phase": "instruct"}, "phase": "instruct"}, folder / "checkpoint.pt")
+
+
+def _ship(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "N_EVAL": "7", "N_LIKE": "3", "THREADS": "1"}
+    return subprocess.run(["bash", "scripts/ship_v2.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_ship_v2_rehearsal_on_a_placeholder(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _tiny_v2_checkpoint(ckpt)
+    before = _digest(V1_DIR / "model.safetensors")  # what the script's --dest copy starts from
+    dest = tmp_path / "dest"
+
+    out = _ship(str(ckpt), "--dest", str(dest), "--quick")
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    new, old = dest / "models" / "scenes-llava", dest / "models" / "scenes-llava-v1"
+    assert world_of_model(new) == "v2" and world_of_model(old) == "v1"
+    assert _digest(old / "model.safetensors") == before  # v1 moved aside as it was
+    assert (old / "likeness_1050.json").read_bytes() == V1_LIKENESS.read_bytes()
+    for name in ("eval_heldout_7.json", "eval_independent_7.json", "likeness_3.json", "likeness_compare.md"):
+        assert (new / name).is_file(), name
+    evals = eval_records(new)
+    assert evals["v2"]["overall"]["total"] == 7 and evals["independent"]["overall"]["total"] == 7
+    readme = (new / "README.md").read_text()
+    assert f"**{100 * evals['v2']['overall']['accuracy']:.1f}% ({evals['v2']['overall']['correct']}/7)**" in readme
+    assert "**not met**" in readme and "(quick run: the bars are reported, not enforced)" in log
+    assert "+ nice -n 15 python -m sparsevlm.scenes.evaluate --model" in log  # each step's command is printed
+    examples = json.loads((dest / "examples" / "examples.json").read_text())
+    assert [e["world"] for e in examples] == ["v2"] * len(FAMILIES)
+
+    again = _ship(str(ckpt), "--dest", str(dest), "--quick")  # idempotent: every finished step is skipped
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "eval_heldout_7.json exists" in again.stdout and "already holds this export" in again.stdout
+    assert "train_llava" not in again.stderr and "sparsevlm.scenes.evaluate" not in again.stderr
+
+    # Without --quick the gate holds: a model below the bars is not installed (here in a --dest folder).
+    gated = tmp_path / "gated"
+    held = _ship(str(ckpt), "--dest", str(gated))
+    assert held.returncode != 0 and "not shipped" in held.stderr
+    assert world_of_model(gated / "models" / "scenes-llava") == "v1"
+    assert not (gated / "models" / "scenes-llava-v1").exists()
+
+    assert _digest(V1_DIR / "model.safetensors") == before  # assets/ untouched
+
+
+def test_ship_v2_refuses_bad_arguments(tmp_path):
+    assert _ship().returncode == 2
+    no_ckpt = _ship(str(tmp_path))
+    assert no_ckpt.returncode == 1 and "no checkpoint.pt" in no_ckpt.stderr
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    quick = _ship(str(tmp_path), "--quick")
+    assert quick.returncode == 1 and "--quick needs --dest" in quick.stderr

@@ -1,0 +1,102 @@
+"""The three picture worlds behind one interface (sparsevlm/scenes/worlds.py)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparsevlm.scenes import generator, independent, world
+from sparsevlm.scenes.generator import FAMILIES
+from sparsevlm.scenes.worlds import (
+    DEFAULT_SEEDS,
+    WORLDS,
+    WorldError,
+    heldout_item,
+    studio_item,
+    world_of_model,
+    world_order,
+)
+
+
+@pytest.mark.parametrize("name", WORLDS)
+def test_heldout_items_of_every_world_give_picture_question_and_evidence_objects(name):
+    for i in range(14):
+        item = heldout_item(i, world=name)
+        s = item.sample
+        assert item.image.size == (336, 336) and item.world == name
+        assert s.family == FAMILIES[i % len(FAMILIES)]
+        assert all(0 <= j < 576 for j in s.evidence)
+        objs = item.objects()
+        assert objs and all(o.mask.shape == (336, 336) and o.mask.any() for o in objs)
+        if s.family in ("colour", "shape"):
+            t = item.target()
+            assert t is not None, (name, i, s.question)
+            assert t.patches() == list(s.evidence)
+            assert s.answer == (t.colour if s.family == "colour" else t.shape)
+        if s.family == "read":
+            assert item.target() is None  # the label card is not an object with colour and shape words
+
+
+def test_heldout_items_are_the_worlds_own_sets():
+    """Same samples as each world's own held-out function (nothing re-implemented here)."""
+    for i in (0, 3, 9):
+        assert heldout_item(i, world="v1").sample == generator.heldout_sample(i)[1]
+        assert heldout_item(i, world="v2").sample == world.heldout_sample(i)[1]
+        img, s = independent.independent_sample(i)
+        item = heldout_item(i, world="independent")
+        assert item.sample == s and np.array_equal(np.asarray(item.image), np.asarray(img))
+    assert heldout_item(2, DEFAULT_SEEDS["v2"] + 5, "v2").sample == world.heldout_sample(2, DEFAULT_SEEDS["v2"] + 5)[1]
+
+
+@pytest.mark.parametrize("name", WORLDS)
+def test_studio_items_are_deterministic_and_cover_every_family(name):
+    for family in FAMILIES:
+        a, b = studio_item(5, family, name), studio_item(5, family, name)
+        assert a.sample == b.sample and a.sample.family == family
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        assert a.image.size == (336, 336)
+        assert a.sample.evidence or family in ("exist", "count")
+    assert not np.array_equal(np.asarray(studio_item(5, "colour", name).image),
+                              np.asarray(studio_item(6, "colour", name).image))
+
+
+def test_unknown_world_or_family_is_a_clear_error():
+    with pytest.raises(WorldError, match="unknown world 'v3'.*v1, v2, independent"):
+        heldout_item(0, world="v3")
+    with pytest.raises(WorldError, match="unknown world"):
+        studio_item(0, "colour", "mars")
+    with pytest.raises(WorldError, match="unknown question family 'weather'"):
+        studio_item(0, "weather", "v2")
+
+
+def test_world_of_model_reads_training_state(tmp_path):
+    models = Path(__file__).resolve().parent.parent / "assets" / "models"
+    first = models / ("scenes-llava-v1" if (models / "scenes-llava-v1").is_dir() else "scenes-llava")
+    assert world_of_model(first) == "v1"  # the first model predates the key
+    assert world_of_model(tmp_path) == "v1"  # no training_state.json (e.g. a hub model's folder)
+    assert world_of_model(None) == "v1"
+    (tmp_path / "training_state.json").write_text(json.dumps({"step": 1, "world": "v2"}))
+    assert world_of_model(tmp_path) == "v2"
+    (tmp_path / "training_state.json").write_text("not json")
+    assert world_of_model(tmp_path) == "v1"
+    assert world_order("v2") == ["v2", "v1", "independent"]
+    assert world_order("v1") == list(WORLDS)
+
+
+def test_v1_export_records_no_world(tmp_path):
+    """v1's exporter is unchanged: no "world" key, which world_of_model reads as v1."""
+    from sparsevlm.scenes.model import ModelSize, build_model
+    from sparsevlm.scenes.train import export, scenes_tokenizer
+
+    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, kv_heads=1,
+                     intermediate=64)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    model = build_model(size, scenes_tokenizer())
+    torch.save({"model": model.state_dict(), "size": size.to_dict(), "step": 3, "train_seconds": 1.0, "args": {}},
+               ckpt / "checkpoint.pt")
+    export(ckpt, tmp_path / "out")
+    assert "world" not in json.loads((tmp_path / "out" / "training_state.json").read_text())
+    assert world_of_model(tmp_path / "out") == "v1"
