@@ -56,7 +56,16 @@ from ..errors import SparseVLMError
 from ..schedule import scaled_layers
 from ..tokenizer import prompt_for
 from .generator import GRID, PATCH
-from .worlds import DEFAULT_SEEDS, WORLD_LABELS, WORLDS, EvidenceObject, heldout_item, world_of_model
+from .worlds import (
+    DEFAULT_SEEDS,
+    WORLD_LABELS,
+    WORLDS,
+    EvidenceObject,
+    WorldError,
+    check_world,
+    heldout_item,
+    world_of_model,
+)
 
 TOP_K = 64
 CORE_FRACTION = 0.5  # an evidence patch is "core" when the object covers at least half of it
@@ -664,8 +673,10 @@ def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_ev
     from ..loading import load_model
 
     world = world_of_model(model_path) if world is None else world
-    if world not in WORLDS:
-        raise SparseVLMError(f"unknown world {world!r}: choose one of {', '.join(WORLDS)}")
+    try:
+        check_world(world)
+    except WorldError as e:  # the CLI turns SparseVLMError into its message
+        raise SparseVLMError(str(e)) from None
     seed = DEFAULT_SEEDS[world] if seed is None else seed
     loaded = load_model(model_path, device="cpu", dtype="float32")
     m = Measurer(loaded.model, loaded.processor, k)
