@@ -356,3 +356,33 @@ def test_balanced_patch_heads_do_not_drown_the_few_object_patches():
     balanced, acc = cost_of_the_object_errors(True)
     assert balanced > 10 * plain  # 12 of 576 patches: plain weighs them 2%, balanced half
     assert acc == {"colour": 0.0, "shape": 0.0, "char": 0.0}
+
+
+def test_reinit_rows_separates_collapsed_words_and_leaves_the_rest(tok):
+    """--reinit-words: the text phase left the label characters' LM-head rows near-identical (mean cosine 0.96,
+    so no hidden state can pick one) - new random rows for the named words in the input embeddings and the LM
+    head, every other weight untouched; unknown words are a clear error."""
+    from sparsevlm.scenes.model import ModelSize, build_model
+    from sparsevlm.scenes.train_llava import reinit_rows
+
+    model = build_model(ModelSize(layers=2, hidden=32, intermediate=64, vision_layers=2, vision_hidden=32), tok)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    emb_key = next(k for k in state if k.endswith("embed_tokens.weight"))
+    words = list("23456789ehkx")
+    ids = tok.convert_tokens_to_ids(words)
+    for key in (emb_key, "lm_head.weight"):
+        state[key][ids] = state[key][ids[0]].clone()  # collapsed: every row the same
+    before = {k: v.clone() for k, v in state.items()}
+    out = reinit_rows(state, tok, words, seed=3)
+    for key in (emb_key, "lm_head.weight"):
+        v = torch.nn.functional.normalize(out[key][ids], dim=-1)
+        off = (v @ v.T)[~torch.eye(len(ids), dtype=torch.bool)]
+        assert off.abs().max() < 0.9, key
+        assert 0.5 < out[key][ids].std() / before[key].std() < 2.0  # the matrix's own scale
+        others = [i for i in range(len(tok)) if i not in ids]
+        assert torch.equal(out[key][others], before[key][others])
+    for k in state:
+        if k not in (emb_key, "lm_head.weight"):
+            assert torch.equal(out[k], before[k]), k
+    with pytest.raises(SystemExit, match="colour-ish"):
+        reinit_rows(state, tok, ["colour-ish"], seed=3)
