@@ -386,3 +386,71 @@ def test_reinit_rows_separates_collapsed_words_and_leaves_the_rest(tok):
             assert torch.equal(out[k], before[k]), k
     with pytest.raises(SystemExit, match="colour-ish"):
         reinit_rows(state, tok, ["colour-ish"], seed=3)
+
+
+def test_where_targets_are_the_named_objects_cells_at_the_answer_position(tok):
+    """--where-weight: at the position that predicts a position / relation answer, the named objects' centres
+    (6x6 cells of the picture, in the order the question names them); nothing for other families. Targets come
+    from the scene's geometry - never from attention or patches a method scores."""
+    from sparsevlm.scenes.train_llava import WHERE_BINS, Conversations, where_vector
+
+    scene = world.make_scene(11, 4, with_label=True)
+    a, b = scene.objects[0], scene.objects[1]
+
+    def cell(o):
+        return [min(WHERE_BINS - 1, int(o.centre[1] * WHERE_BINS // world.IMAGE_SIZE)),
+                min(WHERE_BINS - 1, int(o.centre[0] * WHERE_BINS // world.IMAGE_SIZE))]
+
+    rel = FAMILIES.index("relation")
+    assert where_vector(scene, f"Is the {b.name} left of the {a.name}?", rel) == cell(b) + cell(a)
+    assert where_vector(scene, f"which column is the {a.name} in ?", FAMILIES.index("position")) == cell(a) + [
+        -100, -100]
+    assert where_vector(scene, f"what colour is the {a.shape} ?", 0) is None
+    conv = Conversations(tok)
+    turns = [(f"which row is the {a.name} in ?", "top", FAMILIES.index("position")),
+             (f"what shape is the {a.colour} one ?", a.shape, 1),
+             (f"is the {a.name} above the {b.name} ?", "yes", rel)]
+    ids, _, labels, _, _, _ = conv.build(scene, turns, visual=True)
+    assert sorted(conv.last_where) == [t for t in sorted(conv.last_refs) if t != sorted(conv.last_refs)[1]]
+    batch = conv.collate([(ids, *conv.build(scene, turns, visual=True)[1:])], [conv.last_refs], [conv.last_where])
+    where = batch[-1]
+    assert where.shape == (1, len(ids), 4)
+    at = sorted(conv.last_where)
+    assert where[0, at[0]].tolist() == cell(a) + [-100, -100] and where[0, at[1]].tolist() == cell(a) + cell(b)
+    assert (where[0, [t for t in range(len(ids)) if t not in at]] == -100).all()
+
+
+def test_instruct_phase_trains_and_resumes_with_the_where_head(tmp_path):
+    """Two tiny instruction-tuning runs: a new phase with --where-weight trains, saves the head, and resumes."""
+    import subprocess
+    import sys
+
+    from sparsevlm.scenes.model import ModelSize, build_model
+    from sparsevlm.scenes.train_llava import v2_tokenizer
+
+    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, kv_heads=1,
+                     intermediate=64)
+    start = tmp_path / "start"
+    start.mkdir()
+    torch.save({"model": build_model(size, v2_tokenizer()).state_dict(), "size": size.to_dict(), "step": 0,
+                "train_seconds": 0.0}, start / "checkpoint.pt")
+    cmd = [sys.executable, "-m", "sparsevlm.scenes.train_llava", "--phase", "instruct", "--out",
+           str(tmp_path / "run"), "--init-from", str(start / "checkpoint.pt"), "--batch", "2", "--turns", "4",
+           "--background-keep-start", "0.05", "--referent-weight", "1", "--referent-layer", "0",
+           "--where-weight", "1", "--where-layer", "1", "--log-every", "1", "--ckpt-minutes", "0"]
+    for until in ("2", "3"):
+        r = subprocess.run([*cmd, "--until", until], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 3 and saved["where_head"] is not None
+    assert "resumed instruct at step 2" in r.stdout
+    logs = [line for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if line]
+    assert all(json_line_has_where(line) for line in logs)
+
+
+def json_line_has_where(line: str) -> bool:
+    import json
+    import math
+
+    rec = json.loads(line)
+    return "where_loss" in rec and math.isfinite(rec["where_loss"])

@@ -54,6 +54,7 @@ from .train import (
     DecoderProbe,
     GridHeads,
     PatchHeads,
+    WhereHead,
     background_keep_at,
     decoder_logits,
     grow_decoder,
@@ -84,6 +85,28 @@ def referent_vector(question: str, family: int) -> list[float]:
     if 0 <= family < len(FAMILIES):
         out[len(REFERENT_WORDS) + family] = 1.0
     return out
+
+
+WHERE_BINS = 6  # the where head's cells per side of the picture (6x6, 56 px each)
+WHERE_FAMILIES = (FAMILIES.index("position"), FAMILIES.index("relation"))
+
+
+def where_vector(scene, question: str, family: int) -> list[int] | None:
+    """Targets of the where head (`train.WhereHead`) for one turn: the 6x6 cells (row, column) of the centres
+    of the objects a position or relation question names, in the order it names them (-100 for a second object
+    a position question does not have); None for the other families. From the scene's geometry only."""
+    if family not in WHERE_FAMILIES:
+        return None
+    text = question.lower()
+    named = sorted((text.find(o.name), o) for o in scene.objects if o.name in text)
+    out = []
+    for _, o in named[:2]:
+        x, y = o.centre
+        out += [min(WHERE_BINS - 1, int(y * WHERE_BINS // world.IMAGE_SIZE)),
+                min(WHERE_BINS - 1, int(x * WHERE_BINS // world.IMAGE_SIZE))]
+    if not out:
+        return None
+    return out + [-100] * (4 - len(out))
 
 
 class ReferentProbe(DecoderProbe):
@@ -164,6 +187,7 @@ class Conversations:
         groups): groups[k] is the tuple of token ids whose embeddings are averaged at position k."""
         ids, pos, labels, fams, weights, groups = [], [], [], [], [], []
         refs: dict[int, list[float]] = {}  # index of the position that predicts an answer -> referent_vector
+        where: dict[int, list[int]] = {}  # the same positions of position / relation turns -> where_vector
 
         def add(tokens, positions, supervised_family=None, w=0.0):
             # Token k is predicted from token k-1: the label sits on the previous position. A pooled token
@@ -198,14 +222,19 @@ class Conversations:
             nxt += len(qi)
             ai = [*self.ids(a), self.eos]
             refs[len(ids) - 1] = referent_vector(q, fam)
+            wv = where_vector(scene, q, fam)
+            if wv is not None:
+                where[len(ids) - 1] = wv
             add(ai, list(range(nxt, nxt + len(ai))), supervised_family=fam)
             nxt += len(ai)
         self.last_refs = refs  # read by collate (kept out of the tuple the tests unpack)
+        self.last_where = where
         return ids, pos, labels, fams, weights, groups
 
-    def collate(self, seqs, refs: list[dict[int, list[float]]] | None = None):
+    def collate(self, seqs, refs: list[dict[int, list[float]]] | None = None,
+                where: list[dict[int, list[int]]] | None = None):
         """Batch tensors; with `refs` (one `last_refs` per sequence) also the referent targets and their mask,
-        appended to the tuple."""
+        and with `where` (one `last_where` each) the where targets [batch, length, 4], appended to the tuple."""
         length = max(len(s[0]) for s in seqs)
         b = len(seqs)
         ids = torch.full((b, length), self.pad, dtype=torch.long)
@@ -233,7 +262,13 @@ class Conversations:
             for t, vec in r.items():
                 ref[k, t] = torch.tensor(vec)
                 ref_mask[k, t] = True
-        return ids, pos, labels, fams, weights, groups, ref, ref_mask
+        if where is None:
+            return ids, pos, labels, fams, weights, groups, ref, ref_mask
+        wt = torch.full((b, length, 4), -100, dtype=torch.long)
+        for k, r in enumerate(where):
+            for t, vec in r.items():
+                wt[k, t] = torch.tensor(vec)
+        return ids, pos, labels, fams, weights, groups, ref, ref_mask, wt
 
 
 def caption_turn(scene, rng: np.random.Generator) -> tuple[str, str, int]:
@@ -391,7 +426,7 @@ def family_weights(spec: str) -> dict[str, float]:
 def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
     """The step's batch: a pure function of (seed, step)."""
     seeds = [args.seed * 1_000_000 + step * args.batch + b for b in range(args.batch)]
-    seqs, scenes, refs = [], [], []
+    seqs, scenes, refs, where = [], [], [], []
     caption_p = {"text": args.caption_p, "align": 1.0, "instruct": args.caption_p}.get(args.phase, 0.0)
     for s in seeds:
         if args.phase == "align":
@@ -405,7 +440,8 @@ def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
             seqs.append(conv.build(scene, turns, visual=args.phase != "text", lm_weight=args.lm_weight,
                                    fused=fused))
             refs.append(conv.last_refs)
-    return seeds, scenes, (conv.collate(seqs, refs) if seqs else None)
+            where.append(conv.last_where)
+    return seeds, scenes, (conv.collate(seqs, refs, where) if seqs else None)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -432,6 +468,9 @@ def train(args: argparse.Namespace) -> None:
     ref_probe = None
     if args.phase in ("text", "instruct") and args.referent_weight > 0:
         ref_probe = ReferentProbe(model, size.hidden, args.referent_layer)
+    where_head = None
+    if args.phase == "instruct" and args.where_weight > 0:
+        where_head = WhereHead(model, size.hidden, args.where_layer, slots=WHERE_BINS)
     projector = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" in n]
     others = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" not in n]
     for heads in (patch_heads, grid_heads):
@@ -441,17 +480,19 @@ def train(args: argparse.Namespace) -> None:
                           {"params": projector, "lr_scale": args.projector_lr_scale}) if g["params"]]
     opt = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     # The referent probe has a group of its own, last, so a run that adds it resumes a checkpoint saved without.
-    probe_group = {"params": list(ref_probe.parameters()), "lr_scale": 1.0} if ref_probe is not None else None
+    # The where head's group comes after it: a checkpoint saved without either gets them added after loading.
+    extra = [{"params": list(h.parameters()), "lr_scale": 1.0} for h in (ref_probe, where_head) if h is not None]
     step, train_seconds = 0, 0.0
-    if probe_group is not None and (saved is None or len(saved["optim"]["param_groups"]) > len(param_groups)):
-        opt.add_param_group(probe_group)
-        probe_group = None
+    have = len(extra) if saved is None else max(0, len(saved["optim"]["param_groups"]) - len(param_groups))
+    for g in extra[:have]:
+        opt.add_param_group(g)
     if saved is not None:
         opt.load_state_dict(saved["optim"])
-        if probe_group is not None:
-            opt.add_param_group(probe_group)
+        for g in extra[have:]:
+            opt.add_param_group(g)
         step, train_seconds = saved["step"], saved["train_seconds"]
-        for key, heads in (("patch_heads", patch_heads), ("grid_heads", grid_heads), ("referent_probe", ref_probe)):
+        for key, heads in (("patch_heads", patch_heads), ("grid_heads", grid_heads), ("referent_probe", ref_probe),
+                           ("where_head", where_head)):
             if heads is not None and saved.get(key) is not None:
                 heads.load_state_dict(saved[key])
         print(f"resumed {args.phase} at step {step} ({train_seconds / 60:.1f} min) from {ckpt_path}", flush=True)
@@ -472,13 +513,14 @@ def train(args: argparse.Namespace) -> None:
                     "phase": args.phase, "args": vars(args),
                     "patch_heads": patch_heads.state_dict() if patch_heads is not None else None,
                     "grid_heads": grid_heads.state_dict() if grid_heads is not None else None,
-                    "referent_probe": ref_probe.state_dict() if ref_probe is not None else None}, tmp)
+                    "referent_probe": ref_probe.state_dict() if ref_probe is not None else None,
+                    "where_head": where_head.state_dict() if where_head is not None else None}, tmp)
         os.replace(tmp, ckpt_path)
 
     stop: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # finish the step, save, exit
     last_ckpt = time.time()
-    window: dict = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "n": 0, "t": 0.0, "stats": {}}
+    window: dict = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "n": 0, "t": 0.0, "stats": {}}
     while step < args.until and not stop:
         t0 = time.time()
         lr = lr_at(step, args)
@@ -486,10 +528,10 @@ def train(args: argparse.Namespace) -> None:
             g["lr"] = lr * g["lr_scale"]
         max_obj = min(world.MAX_OBJECTS, args.curriculum_start + step // max(1, args.curriculum_every))
         seeds, scenes, batch = make_batch(args, conv, step, max_obj, weights)
-        aux, ref_loss = torch.zeros(()), torch.zeros(())
+        aux, ref_loss, where_loss = torch.zeros(()), torch.zeros(()), torch.zeros(())
         stats: dict = {}
         if args.phase == "text":
-            ids, pos, labels, fams, w, pooled, ref, ref_mask = batch
+            ids, pos, labels, fams, w, pooled, ref, ref_mask = batch[:8]
             loss, stats = weighted_loss(text_forward(model, pooled, pos), labels, fams, w)
             if ref_probe is not None:
                 ref_loss = ref_probe.loss(ref, ref_mask, [torch.arange(ids.shape[1])] * ids.shape[0])
@@ -500,7 +542,7 @@ def train(args: argparse.Namespace) -> None:
             stats = {k: (v, 1) for k, v in patch_heads.foreground_accuracy(targets).items()}
             loss = patch_heads.loss(targets)
         else:
-            ids, pos, labels, fams, w, _, ref, ref_mask = batch
+            ids, pos, labels, fams, w, _, ref, ref_mask, where_t = batch
             share = background_keep_at(step, args.background_keep_start, args.background_full_at)
             keep = torch.stack([keep_mask(sc, s, share) for sc, s in zip(scenes, seeds, strict=True)])
             px = pixel_values([world.render(s) for s in scenes])
@@ -515,7 +557,9 @@ def train(args: argparse.Namespace) -> None:
                 aux = grid_heads.loss()
             if ref_probe is not None:
                 ref_loss = ref_probe.loss(ref, ref_mask, rows)
-        total = loss + args.grid_weight * aux + args.referent_weight * ref_loss
+            if where_head is not None:
+                where_loss = where_head.loss(where_t, rows)
+        total = loss + args.grid_weight * aux + args.referent_weight * ref_loss + args.where_weight * where_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for g in param_groups for p in g["params"]], args.clip)
@@ -526,6 +570,7 @@ def train(args: argparse.Namespace) -> None:
         window["loss"] += float(loss.detach())
         window["aux"] += float(aux.detach())
         window["ref"] += float(ref_loss.detach())
+        window["where"] += float(where_loss.detach())
         window["n"] += 1
         window["t"] += dt
         for f, (c, n) in stats.items():
@@ -534,13 +579,14 @@ def train(args: argparse.Namespace) -> None:
         if step % args.log_every == 0:
             rec = {"phase": args.phase, "step": step, "loss": window["loss"] / window["n"],
                    "aux_loss": window["aux"] / window["n"], "referent_loss": window["ref"] / window["n"],
+                   "where_loss": window["where"] / window["n"],
                    "train_acc": {f: round(c / n, 4) for f, (c, n) in window["stats"].items()},
                    "s_per_step": round(window["t"] / window["n"], 3), "lr": lr, "max_objects": max_obj,
                    "train_minutes": round(train_seconds / 60, 2), "time": time.strftime("%H:%M:%S")}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(json.dumps(rec), flush=True)
-            window = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "n": 0, "t": 0.0, "stats": {}}
+            window = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "n": 0, "t": 0.0, "stats": {}}
         if time.time() - last_ckpt > args.ckpt_minutes * 60:
             save()
             last_ckpt = time.time()
@@ -608,6 +654,9 @@ def main() -> None:
     p.add_argument("--referent-weight", type=float, default=0.0,
                    help="text / instruct: weight of the referent probe (what the question names, at the answer "
                    "position; 0: off)")
+    p.add_argument("--where-weight", type=float, default=0.0,
+                   help="instruct: where head (the named objects' cells at position / relation answers; 0: off)")
+    p.add_argument("--where-layer", type=int, default=3, help="decoder layer the where head reads")
     p.add_argument("--referent-layer", type=int, default=1, help="decoder layer the referent probe reads")
     p.add_argument("--family-weights", default="", help="e.g. count=2,relation=2")
     p.add_argument("--reinit-words", default="",
