@@ -99,11 +99,7 @@ def where_vector(scene, question: str, family: int) -> list[int] | None:
         return None
     text = question.lower()
     named = sorted((text.find(o.name), o) for o in scene.objects if o.name in text)
-    out = []
-    for _, o in named[:2]:
-        x, y = o.centre
-        out += [min(WHERE_BINS - 1, int(y * WHERE_BINS // world.IMAGE_SIZE)),
-                min(WHERE_BINS - 1, int(x * WHERE_BINS // world.IMAGE_SIZE))]
+    out = [min(WHERE_BINS - 1, int(v * WHERE_BINS // world.IMAGE_SIZE)) for _, o in named[:2] for v in o.centre[::-1]]
     if not out:
         return None
     return out + [-100] * (4 - len(out))
