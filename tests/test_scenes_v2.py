@@ -401,10 +401,13 @@ def test_where_targets_are_the_named_objects_cells_at_the_answer_position(tok):
         return [min(WHERE_BINS - 1, int(o.centre[1] * WHERE_BINS // world.IMAGE_SIZE)),
                 min(WHERE_BINS - 1, int(o.centre[0] * WHERE_BINS // world.IMAGE_SIZE))]
 
+    def order(o1, o2):  # --order-weight: o1 entirely before (0) / after (1) o2, or neither (2); x then y
+        return [0 if o1.box[2 + k] < o2.box[k] else 1 if o2.box[2 + k] < o1.box[k] else 2 for k in (0, 1)]
+
     rel = FAMILIES.index("relation")
-    assert where_vector(scene, f"Is the {b.name} left of the {a.name}?", rel) == cell(b) + cell(a)
+    assert where_vector(scene, f"Is the {b.name} left of the {a.name}?", rel) == cell(b) + cell(a) + order(b, a)
     assert where_vector(scene, f"which column is the {a.name} in ?", FAMILIES.index("position")) == cell(a) + [
-        -100, -100]
+        -100] * 4
     assert where_vector(scene, f"what colour is the {a.shape} ?", 0) is None
     conv = Conversations(tok)
     turns = [(f"which row is the {a.name} in ?", "top", FAMILIES.index("position")),
@@ -415,9 +418,10 @@ def test_where_targets_are_the_named_objects_cells_at_the_answer_position(tok):
     assert sorted(conv.last_where) == [answers[0], answers[2]]
     batch = conv.collate([(ids, *conv.build(scene, turns, visual=True)[1:])], [conv.last_refs], [conv.last_where])
     where = batch[-1]
-    assert where.shape == (1, len(ids), 4)
+    assert where.shape == (1, len(ids), 6)
     at = sorted(conv.last_where)
-    assert where[0, at[0]].tolist() == cell(a) + [-100, -100] and where[0, at[1]].tolist() == cell(a) + cell(b)
+    assert where[0, at[0]].tolist() == cell(a) + [-100] * 4
+    assert where[0, at[1]].tolist() == cell(a) + cell(b) + order(a, b)
     assert (where[0, [t for t in range(len(ids)) if t not in at]] == -100).all()
 
 
@@ -440,12 +444,35 @@ def test_instruct_phase_trains_and_resumes_with_the_where_head(tmp_path):
     cmd = [sys.executable, "-m", "sparsevlm.scenes.train_llava", "--phase", "instruct", "--out",
            str(tmp_path / "run"), "--init-from", str(start / "checkpoint.pt"), "--batch", "2", "--turns", "4",
            "--background-keep-start", "0.05", "--referent-weight", "1", "--referent-layer", "0",
-           "--where-weight", "1", "--where-layer", "1", "--log-every", "1", "--ckpt-minutes", "0"]
-    for until in ("2", "3"):
-        r = subprocess.run([*cmd, "--until", until], capture_output=True, text=True, timeout=600)
+           "--where-weight", "1", "--where-layer", "1", "--order-weight", "1", "--order-layer", "1",
+           "--family-weights", "relation=20", "--log-every", "1", "--ckpt-minutes", "0"]
+    for until, extra in (("2", []), ("3", ["--workers", "2"])):
+        r = subprocess.run([*cmd, "--until", until, *extra], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert saved["step"] == 3 and saved["where_head"] is not None
+    assert saved["step"] == 3 and saved["where_head"] is not None and saved["order_head"] is not None
     assert "resumed instruct at step 2" in r.stdout
     logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if line]
-    assert logs and all(math.isfinite(rec["where_loss"]) for rec in logs)
+    assert len(logs) == 3 and all(math.isfinite(rec["where_loss"]) for rec in logs)
+    assert all(rec["order_loss"] > 0 for rec in logs)  # relation turns in every batch: the head is trained
+
+
+def test_worker_feed_draws_the_same_batches_as_the_training_process():
+    """--workers: batches drawn ahead by forked processes are the ones the process itself would draw."""
+    import argparse
+
+    from sparsevlm.scenes.train_llava import Conversations, family_weights, step_feed, v2_tokenizer
+
+    args = argparse.Namespace(seed=3, batch=2, phase="instruct", caption_p=0.2, turns=3, fused_p=0.5,
+                              fused_spread=4, lm_weight=0.1, curriculum_start=2, curriculum_every=1,
+                              background_keep_start=0.2, background_full_at=4, until=4, workers=0)
+    conv, weights = Conversations(v2_tokenizer()), family_weights("")
+    here, _ = step_feed(args, conv, 1, weights)
+    ahead, pool = step_feed(argparse.Namespace(**{**vars(args), "workers": 2}), conv, 1, weights)
+    try:
+        for a, b in zip(here, ahead, strict=True):
+            assert a["max_obj"] == b["max_obj"]
+            assert all(torch.equal(x, y) for x, y in zip(a["batch"], b["batch"], strict=True))
+            assert torch.equal(a["keep"], b["keep"]) and torch.equal(a["pixels"], b["pixels"])
+    finally:
+        pool.terminate()

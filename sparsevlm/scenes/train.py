@@ -272,7 +272,7 @@ class PatchHeads(torch.nn.Module):
 
     def loss(self, targets: torch.Tensor) -> torch.Tensor:
         feats = self.features[:, 1:]  # drop [CLS], as the "default" strategy does
-        cell = torch.arange(feats.shape[1])
+        cell = torch.arange(feats.shape[1], device=feats.device)
         where = torch.stack([cell // GRID, cell % GRID]).expand(feats.shape[0], 2, -1)
         targets = torch.cat([targets, where], dim=1)
         losses = []
@@ -326,7 +326,7 @@ class GridHeads(torch.nn.Module):
 
     def loss(self) -> torch.Tensor:
         feats, self.features = self.features, None
-        cell = torch.arange(feats.shape[1])
+        cell = torch.arange(feats.shape[1], device=feats.device)
         losses = [
             F.cross_entropy(head(feats).flatten(0, 1), target.repeat(feats.shape[0]))
             for head, target in zip(self.heads, (cell // GRID, cell % GRID), strict=True)
@@ -366,14 +366,14 @@ def decoder_logits(model, ids, pixels, keep, labels, fams, pad: int):
     batch = len(rows)
     e = embeds.new_zeros((batch, length, embeds.shape[-1]))
     e[:] = model.get_input_embeddings().weight[pad]
-    pos = torch.arange(length).repeat(batch, 1)
-    lab = torch.full((batch, length), -100, dtype=labels.dtype)
-    fam = torch.full((batch, length), -1, dtype=fams.dtype)
+    pos = torch.arange(length, device=ids.device).repeat(batch, 1)
+    lab = torch.full((batch, length), -100, dtype=labels.dtype, device=ids.device)
+    fam = torch.full((batch, length), -1, dtype=fams.dtype, device=ids.device)
     for b, r in enumerate(rows):
         n = len(r)
         e[b, :n] = embeds[b, r]
         pos[b, :n] = r
-        pos[b, n:] = r[-1] + 1 + torch.arange(length - n)
+        pos[b, n:] = r[-1] + 1 + torch.arange(length - n, device=ids.device)
         lab[b, :n] = labels[b, r]
         fam[b, :n] = fams[b, r]
     hidden = model.model.language_model(inputs_embeds=e, position_ids=pos).last_hidden_state

@@ -92,17 +92,47 @@ WHERE_FAMILIES = (FAMILIES.index("position"), FAMILIES.index("relation"))
 
 
 def where_vector(scene, question: str, family: int) -> list[int] | None:
-    """Targets of the where head (`train.WhereHead`) for one turn: the 6x6 cells (row, column) of the centres
-    of the objects a position or relation question names, in the order it names them (-100 for a second object
-    a position question does not have); None for the other families. From the scene's geometry only."""
+    """Targets of the where head (`train.WhereHead`) and the order head (`OrderHead`) for one turn: the 6x6
+    cells (row, column) of the centres of the objects a position or relation question names, in the order it
+    names them, then - relation only - the first object's order to the second along x and along y: 0 entirely
+    before (left of / above), 1 entirely after, 2 neither (their boxes overlap on that axis). -100 where a
+    position question has no second object; None for the other families. From the scene's geometry only."""
     if family not in WHERE_FAMILIES:
         return None
     text = question.lower()
-    named = sorted((text.find(o.name), o) for o in scene.objects if o.name in text)
-    out = [min(WHERE_BINS - 1, int(v * WHERE_BINS // world.IMAGE_SIZE)) for _, o in named[:2] for v in o.centre[::-1]]
+    named = [o for _, o in sorted((text.find(o.name), o) for o in scene.objects if o.name in text)][:2]
+    out = [min(WHERE_BINS - 1, int(v * WHERE_BINS // world.IMAGE_SIZE)) for o in named for v in o.centre[::-1]]
     if not out:
         return None
-    return out + [-100] * (4 - len(out))
+    if len(named) == 2:
+        a, b = (o.box for o in named)
+        out += [0 if a[2 + k] < b[k] else 1 if b[2 + k] < a[k] else 2 for k in (0, 1)]
+    return out + [-100] * (6 - len(out))
+
+
+class OrderHead(DecoderProbe):
+    """Auxiliary head (training only, dropped at export): at the position that predicts a relation answer, the
+    output of decoder layer `layer` must say whether the first named object lies entirely before, after, or
+    neither, of the second - along x and along y (`where_vector`'s last two targets).
+
+    Why: with the where head the hidden state after layer 3 names both objects' 6x6 cells (95% each, 147
+    held-out single-turn relation questions, step 4200 of v2-instruct-where), yet the relation answer stayed at
+    chance (46%, nearly always "yes"): the decoder carried both positions to the answer and never learned to
+    compare them. This asks for the comparison itself, from the scene's geometry; the answer still has to
+    combine it with the asked word (left of / right of / above / below / under). Reads no attention weights
+    and nothing a pruning method scores.
+    """
+
+    def __init__(self, model, hidden: int, layer: int):
+        super().__init__(model, hidden, layer, 6)
+
+    def loss(self, order: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+        """`order` [batch, full length, 2]: -100 except at relation answers."""
+        b, t = (order[..., 0] != -100).nonzero(as_tuple=True)
+        logits = self.read(b, t, rows).reshape(-1, 2, 3)
+        if not len(b):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.flatten(0, 1), order[b, t].flatten(), ignore_index=-100)
 
 
 class ReferentProbe(DecoderProbe):
@@ -230,7 +260,7 @@ class Conversations:
     def collate(self, seqs, refs: list[dict[int, list[float]]] | None = None,
                 where: list[dict[int, list[int]]] | None = None):
         """Batch tensors; with `refs` (one `last_refs` per sequence) also the referent targets and their mask,
-        and with `where` (one `last_where` each) the where targets [batch, length, 4], appended to the tuple."""
+        and with `where` (one `last_where` each) the where and order targets [batch, length, 6], appended to the tuple."""
         length = max(len(s[0]) for s in seqs)
         b = len(seqs)
         ids = torch.full((b, length), self.pad, dtype=torch.long)
@@ -260,7 +290,7 @@ class Conversations:
                 ref_mask[k, t] = True
         if where is None:
             return ids, pos, labels, fams, weights, groups, ref, ref_mask
-        wt = torch.full((b, length, 4), -100, dtype=torch.long)
+        wt = torch.full((b, length, 6), -100, dtype=torch.long)
         for k, r in enumerate(where):
             for t, vec in r.items():
                 wt[k, t] = torch.tensor(vec)
@@ -440,8 +470,49 @@ def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
     return seeds, scenes, (conv.collate(seqs, refs, where) if seqs else None)
 
 
+def prepared_step(args, conv: Conversations, step: int, weights) -> dict:
+    """Everything a step needs from the CPU side (a pure function of seed and step, so a pool of workers can
+    draw steps ahead): the collated batch and, with pictures, the pixels and the kept visual tokens."""
+    max_obj = min(world.MAX_OBJECTS, args.curriculum_start + step // max(1, args.curriculum_every))
+    seeds, scenes, batch = make_batch(args, conv, step, max_obj, weights)
+    out = {"max_obj": max_obj, "scenes": scenes, "batch": batch, "keep": None, "pixels": None}
+    if args.phase in ("align", "instruct"):
+        share = background_keep_at(step, args.background_keep_start, args.background_full_at)
+        out["keep"] = torch.stack([keep_mask(sc, s, share) for sc, s in zip(scenes, seeds, strict=True)])
+        out["pixels"] = pixel_values([world.render(s) for s in scenes])
+    return out
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(args, weights) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(args=args, weights=weights, conv=Conversations(v2_tokenizer()))
+
+
+def _worker_step(step: int) -> dict:
+    return prepared_step(_WORKER["args"], _WORKER["conv"], step, _WORKER["weights"])
+
+
+def step_feed(args, conv: Conversations, start: int, weights):
+    """Iterator over prepared steps from `start` to `--until`: in this process, or with `--workers` N drawn
+    ahead by N forked processes (same batches: each is a function of seed and step). Start it before the model
+    moves to a GPU, so the workers fork from a process without CUDA."""
+    steps = range(start, args.until)
+    if args.workers <= 0:
+        return (prepared_step(args, conv, s, weights) for s in steps), None
+    import multiprocessing as mp
+
+    pool = mp.get_context("fork").Pool(args.workers, initializer=_worker_init, initargs=(args, weights))
+    return pool.imap(_worker_step, steps, chunksize=1), pool
+
+
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
@@ -467,6 +538,15 @@ def train(args: argparse.Namespace) -> None:
     where_head = None
     if args.phase == "instruct" and args.where_weight > 0:
         where_head = WhereHead(model, size.hidden, args.where_layer, slots=WHERE_BINS)
+    order_head = None
+    if args.phase == "instruct" and args.order_weight > 0:
+        order_head = OrderHead(model, size.hidden, args.order_layer)
+    weights = family_weights(args.family_weights)
+    step0 = saved["step"] if saved is not None else 0
+    feed, pool = step_feed(args, conv, step0, weights) if step0 < args.until else (iter(()), None)
+    for part in (model, patch_heads, grid_heads, ref_probe, where_head, order_head):
+        if part is not None:
+            part.to(dev)
     projector = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" in n]
     others = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" not in n]
     for heads in (patch_heads, grid_heads):
@@ -476,8 +556,10 @@ def train(args: argparse.Namespace) -> None:
                           {"params": projector, "lr_scale": args.projector_lr_scale}) if g["params"]]
     opt = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     # The referent probe has a group of its own, last, so a run that adds it resumes a checkpoint saved without.
-    # The where head's group comes after it: a checkpoint saved without either gets them added after loading.
-    extra = [{"params": list(h.parameters()), "lr_scale": 1.0} for h in (ref_probe, where_head) if h is not None]
+    # The where head's group comes after it, then the order head's: a checkpoint saved without them gets them
+    # added after loading.
+    extra = [{"params": list(h.parameters()), "lr_scale": 1.0} for h in (ref_probe, where_head, order_head)
+             if h is not None]
     step, train_seconds = 0, 0.0
     have = len(extra) if saved is None else max(0, len(saved["optim"]["param_groups"]) - len(param_groups))
     for g in extra[:have]:
@@ -488,7 +570,7 @@ def train(args: argparse.Namespace) -> None:
             opt.add_param_group(g)
         step, train_seconds = saved["step"], saved["train_seconds"]
         for key, heads in (("patch_heads", patch_heads), ("grid_heads", grid_heads), ("referent_probe", ref_probe),
-                           ("where_head", where_head)):
+                           ("where_head", where_head), ("order_head", order_head)):
             if heads is not None and saved.get(key) is not None:
                 heads.load_state_dict(saved[key])
         print(f"resumed {args.phase} at step {step} ({train_seconds / 60:.1f} min) from {ckpt_path}", flush=True)
@@ -499,7 +581,6 @@ def train(args: argparse.Namespace) -> None:
     if step >= args.until:
         print(f"phase {args.phase} already at step {step} >= --until {args.until}: nothing to do", flush=True)
         return
-    weights = family_weights(args.family_weights)
     log = open(out / "log.jsonl", "a")  # noqa: SIM115 - open for the whole run
 
     def save() -> None:
@@ -510,38 +591,43 @@ def train(args: argparse.Namespace) -> None:
                     "patch_heads": patch_heads.state_dict() if patch_heads is not None else None,
                     "grid_heads": grid_heads.state_dict() if grid_heads is not None else None,
                     "referent_probe": ref_probe.state_dict() if ref_probe is not None else None,
-                    "where_head": where_head.state_dict() if where_head is not None else None}, tmp)
+                    "where_head": where_head.state_dict() if where_head is not None else None,
+                    "order_head": order_head.state_dict() if order_head is not None else None}, tmp)
         os.replace(tmp, ckpt_path)
 
     stop: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # finish the step, save, exit
     last_ckpt = time.time()
-    window: dict = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "n": 0, "t": 0.0, "stats": {}}
+    run_start = time.time()
+    window: dict = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "order": 0.0, "n": 0, "t": 0.0, "stats": {}}
     while step < args.until and not stop:
+        if args.minutes and time.time() - run_start > args.minutes * 60:
+            print(f"--minutes {args.minutes} reached at step {step}", flush=True)
+            break
         t0 = time.time()
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        max_obj = min(world.MAX_OBJECTS, args.curriculum_start + step // max(1, args.curriculum_every))
-        seeds, scenes, batch = make_batch(args, conv, step, max_obj, weights)
-        aux, ref_loss, where_loss = torch.zeros(()), torch.zeros(()), torch.zeros(())
+        prep = next(feed)
+        max_obj, scenes = prep["max_obj"], prep["scenes"]
+        batch = None if prep["batch"] is None else tuple(x.to(dev) for x in prep["batch"])
+        zero = torch.zeros((), device=dev)
+        aux, ref_loss, where_loss, order_loss = zero, zero, zero, zero
         stats: dict = {}
         if args.phase == "text":
             ids, pos, labels, fams, w, pooled, ref, ref_mask = batch[:8]
             loss, stats = weighted_loss(text_forward(model, pooled, pos), labels, fams, w)
             if ref_probe is not None:
-                ref_loss = ref_probe.loss(ref, ref_mask, [torch.arange(ids.shape[1])] * ids.shape[0])
+                ref_loss = ref_probe.loss(ref, ref_mask, [torch.arange(ids.shape[1], device=dev)] * ids.shape[0])
         elif args.phase == "vision":
-            model.model.vision_tower(pixel_values=pixel_values([world.render(s) for s in scenes]))
-            targets = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes])
+            model.model.vision_tower(pixel_values=pixel_values([world.render(s) for s in scenes]).to(dev))
+            targets = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes]).to(dev)
             # per-head accuracy on object / label patches, logged as train_acc (mean over the window's steps)
             stats = {k: (v, 1) for k, v in patch_heads.foreground_accuracy(targets).items()}
             loss = patch_heads.loss(targets)
         else:
             ids, pos, labels, fams, w, _, ref, ref_mask, where_t = batch
-            share = background_keep_at(step, args.background_keep_start, args.background_full_at)
-            keep = torch.stack([keep_mask(sc, s, share) for sc, s in zip(scenes, seeds, strict=True)])
-            px = pixel_values([world.render(s) for s in scenes])
+            keep, px = prep["keep"].to(dev), prep["pixels"].to(dev)
             # decoder_logits shortens the sequences to the kept tokens; weights follow the same rows.
             logits, lab, fam = decoder_logits(model, ids, px, keep, labels, fams, conv.pad)
             wl = torch.zeros_like(lab, dtype=torch.float)
@@ -554,8 +640,11 @@ def train(args: argparse.Namespace) -> None:
             if ref_probe is not None:
                 ref_loss = ref_probe.loss(ref, ref_mask, rows)
             if where_head is not None:
-                where_loss = where_head.loss(where_t, rows)
-        total = loss + args.grid_weight * aux + args.referent_weight * ref_loss + args.where_weight * where_loss
+                where_loss = where_head.loss(where_t[..., :4], rows)
+            if order_head is not None:
+                order_loss = order_head.loss(where_t[..., 4:], rows)
+        total = (loss + args.grid_weight * aux + args.referent_weight * ref_loss + args.where_weight * where_loss
+                 + args.order_weight * order_loss)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for g in param_groups for p in g["params"]], args.clip)
@@ -567,6 +656,7 @@ def train(args: argparse.Namespace) -> None:
         window["aux"] += float(aux.detach())
         window["ref"] += float(ref_loss.detach())
         window["where"] += float(where_loss.detach())
+        window["order"] += float(order_loss.detach())
         window["n"] += 1
         window["t"] += dt
         for f, (c, n) in stats.items():
@@ -575,18 +665,21 @@ def train(args: argparse.Namespace) -> None:
         if step % args.log_every == 0:
             rec = {"phase": args.phase, "step": step, "loss": window["loss"] / window["n"],
                    "aux_loss": window["aux"] / window["n"], "referent_loss": window["ref"] / window["n"],
-                   "where_loss": window["where"] / window["n"],
+                   "where_loss": window["where"] / window["n"], "order_loss": window["order"] / window["n"],
                    "train_acc": {f: round(c / n, 4) for f, (c, n) in window["stats"].items()},
                    "s_per_step": round(window["t"] / window["n"], 3), "lr": lr, "max_objects": max_obj,
                    "train_minutes": round(train_seconds / 60, 2), "time": time.strftime("%H:%M:%S")}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(json.dumps(rec), flush=True)
-            window = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "n": 0, "t": 0.0, "stats": {}}
+            window = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "order": 0.0, "n": 0, "t": 0.0,
+                      "stats": {}}
         if time.time() - last_ckpt > args.ckpt_minutes * 60:
             save()
             last_ckpt = time.time()
     save()
+    if pool is not None:
+        pool.terminate()
     print(f"phase {args.phase}: saved step {step} to {ckpt_path}", flush=True)
 
 
@@ -653,6 +746,10 @@ def main() -> None:
     p.add_argument("--where-weight", type=float, default=0.0,
                    help="instruct: where head (the named objects' cells at position / relation answers; 0: off)")
     p.add_argument("--where-layer", type=int, default=3, help="decoder layer the where head reads")
+    p.add_argument("--order-weight", type=float, default=0.0,
+                   help="instruct: order head (first named object before / after / neither the second, along x "
+                        "and y, at relation answers; 0: off)")
+    p.add_argument("--order-layer", type=int, default=5, help="decoder layer the order head reads")
     p.add_argument("--referent-layer", type=int, default=1, help="decoder layer the referent probe reads")
     p.add_argument("--family-weights", default="", help="e.g. count=2,relation=2")
     p.add_argument("--reinit-words", default="",
@@ -664,6 +761,9 @@ def main() -> None:
     p.add_argument("--background-full-at", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is lent")
+    p.add_argument("--workers", type=int, default=0, help="processes drawing batches ahead (0: none)")
+    p.add_argument("--minutes", type=float, default=0.0, help="stop (and save) after this many minutes (0: no limit)")
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--vision-hidden", type=int, default=128)
