@@ -476,3 +476,23 @@ def test_worker_feed_draws_the_same_batches_as_the_training_process():
             assert torch.equal(a["keep"], b["keep"]) and torch.equal(a["pixels"], b["pixels"])
     finally:
         pool.terminate()
+
+
+def test_a_finished_phase_with_weights_only_is_left_alone(tmp_path):
+    """A phase trained on a lent GPU comes back as weights without optimizer state (the device's file limit):
+    rerunning the chain must see the phase is done, not fail looking for the optimizer."""
+    import subprocess
+    import sys
+
+    from sparsevlm.scenes.model import ModelSize, build_model
+    from sparsevlm.scenes.train_llava import v2_tokenizer
+
+    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, kv_heads=1,
+                     intermediate=64)
+    (tmp_path / "run").mkdir()
+    torch.save({"model": build_model(size, v2_tokenizer()).state_dict(), "size": size.to_dict(), "step": 7,
+                "train_seconds": 1.0}, tmp_path / "run" / "checkpoint.pt")
+    r = subprocess.run([sys.executable, "-m", "sparsevlm.scenes.train_llava", "--phase", "instruct", "--out",
+                        str(tmp_path / "run"), "--until", "7"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "already at step 7" in r.stdout

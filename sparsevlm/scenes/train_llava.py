@@ -519,6 +519,9 @@ def train(args: argparse.Namespace) -> None:
     tokenizer = v2_tokenizer()
     conv = Conversations(tokenizer)
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    if saved is not None and saved["step"] >= args.until:  # (a device may return the weights without "optim")
+        print(f"phase {args.phase} already at step {saved['step']} >= --until {args.until}: nothing to do", flush=True)
+        return
     if saved is not None:
         state, size, prior = saved["model"], ModelSize(**saved["size"]), saved.get("prior_seconds", 0.0)
     else:
