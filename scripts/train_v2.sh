@@ -57,15 +57,10 @@ $T $DEV --phase instruct --out $C/v2-instruct-order --init-from $C/v2-instruct-w
    --referent-weight 1 --log-every 50 --seed 7
 # grow the decoder to 32 layers (block expansion: the 8 trained layers sit at 0,2,6,15,18,22,27,31, so the where
 # and order heads read the grown layers 15 and 22 - the trained layers 3 and 5). On the H100, 14 workers, stopped
-# by the next device call after step 1950; its last checkpoint (1697) is what the next phase starts from.
+# by the next device call after step 1950; its last checkpoint (step 1697, weights only) is the model.
 $T $DEV --phase instruct --out $C/v2-grow32 --init-from $C/v2-instruct-order/checkpoint.pt --grow --layers 32 \
    --until 1697 --batch 16 --turns 12 --caption-p 0.2 --lr 3e-4 --warmup 100 --background-keep-start 1 \
    --family-weights read=2,relation=3,position=2,count=3 --where-weight 1 --where-layer 15 --order-weight 1 \
    --order-layer 22 --referent-weight 1 --referent-layer 2 --log-every 50 --seed 8
-# ... and a short decay on the CPU (fresh optimizer and heads: the device returned the weights only).
-$T --phase instruct --out $C/v2-grow32-decay --init-from $C/v2-grow32/checkpoint.pt --until 500 --batch 8 \
-   --turns 12 --caption-p 0.2 --lr 1e-4 --lr-end 1e-5 --decay-from 50 --warmup 30 --background-keep-start 1 \
-   --where-weight 1 --where-layer 15 --order-weight 1 --order-layer 22 --referent-weight 1 --referent-layer 2 \
-   --family-weights read=2,relation=3,position=2,count=3 --seed 9
 echo "all phases done; measure, gate on the bars and ship with:"
-echo "bash scripts/ship_v2.sh $C/v2-grow32-decay"
+echo "bash scripts/ship_v2.sh $C/v2-grow32"
