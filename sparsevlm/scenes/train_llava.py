@@ -26,8 +26,11 @@ Phases:
   block expansion (`train.grow_decoder`).
 
 No loss reads attention weights, the projector-vs-embedding similarity, [CLS] attention or any pruning score.
-The only auxiliary losses are the per-patch heads on the vision tower (vision phase) and the grid heads on the
-projector output (each visual token's own row and column; `--grid-weight`).
+The auxiliary losses, all on hidden states with targets from the scene's geometry or the question's text: the
+per-patch heads on the vision tower (vision phase), the grid heads on the projector output (each visual token's
+own row and column; `--grid-weight`), and on decoder layers at answer positions the referent probe (which words the
+question named), the where head (the named objects' cells) and the order head (the first named object before /
+after / neither the second) - `--referent-weight`, `--where-weight`, `--order-weight`. All are dropped at export.
 Early in `align` / `instruct` a share of the pure-background visual tokens is left out of the decoder at their
 original positions (`train.decoder_logits`), chosen by the generator's ground truth, ramping to all of them.
 """
