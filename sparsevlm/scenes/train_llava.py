@@ -263,7 +263,8 @@ class Conversations:
     def collate(self, seqs, refs: list[dict[int, list[float]]] | None = None,
                 where: list[dict[int, list[int]]] | None = None):
         """Batch tensors; with `refs` (one `last_refs` per sequence) also the referent targets and their mask,
-        and with `where` (one `last_where` each) the where and order targets [batch, length, 6], appended to the tuple."""
+        and with `where` (one `last_where` each) the where and order targets [batch, length, 6], appended to the
+        tuple."""
         length = max(len(s[0]) for s in seqs)
         b = len(seqs)
         ids = torch.full((b, length), self.pad, dtype=torch.long)
