@@ -44,7 +44,7 @@ def select(x: torch.Tensor, n: int) -> Selection:
     order = [int(torch.argmax(nearest))]  # ties -> first index, as torch.argmax
     gaps = [float(nearest[order[0]])]
     min_dist = dist[order[0]].clone()
-    taken = torch.zeros(count, dtype=torch.bool)
+    taken = torch.zeros(count, dtype=torch.bool, device=min_dist.device)
     taken[order[0]] = True
     for _ in range(1, n):
         # The reference relies on a picked token's distance to itself being ~0; masking only differs when more

@@ -84,9 +84,11 @@ def gravity_prior(
     `attention_scaling` s, which multiplies cos and sin) are given, as for scaled RoPE variants. Returns (r, n).
     """
     if inv_freq is None:
-        inv_freq = rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device=row_positions.device) / head_dim
+        inv_freq = rope_theta ** (-exponents)  # (hd/2,)
     delta = row_positions.double()[:, None] - col_positions.double()[None, :]
-    g = torch.cos(delta[..., None] * inv_freq.double()).sum(-1) * (2.0 * attention_scaling**2 / math.sqrt(head_dim))
+    inv_freq = inv_freq.double().to(delta.device)
+    g = torch.cos(delta[..., None] * inv_freq).sum(-1) * (2.0 * attention_scaling**2 / math.sqrt(head_dim))
     return g.float()
 
 

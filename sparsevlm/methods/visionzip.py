@@ -82,8 +82,9 @@ def select(scores: torch.Tensor, metric: torch.Tensor, hidden: torch.Tensor, dom
     n = scores.shape[0]
     dominant = max(1, min(dominant, n + 1))
     dom_patches = sorted_topk(scores, dominant - 1)  # main.py L7 passes dominant - 1; masked_select => ascending
-    dom_tokens = torch.cat([torch.zeros(1, dtype=torch.long), dom_patches + 1])
-    is_dom = torch.zeros(n + 1, dtype=torch.bool)
+    dev = scores.device
+    dom_tokens = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), dom_patches.to(dev) + 1])
+    is_dom = torch.zeros(n + 1, dtype=torch.bool, device=dev)
     is_dom[dom_tokens] = True
     rest = (~is_dom).nonzero().flatten()  # Rm, ascending token indices (L60-62)
     features = [hidden[dom_tokens]]
@@ -93,12 +94,13 @@ def select(scores: torch.Tensor, metric: torch.Tensor, hidden: torch.Tensor, dom
     if contextual > 0 and n_rest > 0:
         k_hat = torch.nn.functional.normalize(metric[rest].float(), dim=-1)  # L64
         step = max(1, n_rest // contextual)  # L67-68: evenly spaced positions in the remaining list
-        tgt = torch.arange(0, n_rest, step)[:contextual]
-        is_tgt = torch.zeros(n_rest, dtype=torch.bool)
+        tgt = torch.arange(0, n_rest, step, device=dev)[:contextual]
+        is_tgt = torch.zeros(n_rest, dtype=torch.bool, device=dev)
         is_tgt[tgt] = True
         others = (~is_tgt).nonzero().flatten()
         sim = k_hat[others] @ k_hat[tgt].T  # L71-72
-        assign = sim.argmax(dim=1) if others.numel() else torch.zeros(0, dtype=torch.long)  # hard one-hot L73-74
+        # hard one-hot L73-74
+        assign = sim.argmax(dim=1) if others.numel() else torch.zeros(0, dtype=torch.long, device=dev)
         ctx = []
         for i, t in enumerate(tgt.tolist()):
             members = others[assign == i]
