@@ -232,6 +232,13 @@ def test_ship_v2_rehearsal_on_a_placeholder(tmp_path):
     assert held.returncode != 0 and "not shipped" in held.stderr
     assert world_of_model(gated / "models" / "scenes-llava") == "v1"
     assert not (gated / "models" / "scenes-llava-v1").exists()
+    # --below-bars installs it anyway, and says so: the log and the card name the bars it misses.
+    below = _ship(str(ckpt), "--dest", str(gated), "--below-bars")
+    assert below.returncode == 0, (below.stdout + below.stderr)[-3000:]
+    assert "shipped BELOW issue 10's bars" in below.stdout
+    assert world_of_model(gated / "models" / "scenes-llava") == "v2"
+    assert world_of_model(gated / "models" / "scenes-llava-v1") == "v1"
+    assert "**not met**" in (gated / "models" / "scenes-llava" / "README.md").read_text()
 
     assert _digest(V1_DIR / "model.safetensors") == before  # assets/ untouched
 
