@@ -98,6 +98,10 @@ def test_model_card_reads_every_figure_from_the_folder(tmp_path):
     assert f"| content | {100 * content:.1f}% |" in text
     assert "phase `instruct`, step 5, 2 CPU-minutes" in text
     assert "$T --phase align --out $C/v2-align" in text  # every phase's command, from scripts/train_v2.sh
+    # A phase trained on a lent GPU says so (its minutes are not CPU-minutes).
+    state = json.loads(d.joinpath("training_state.json").read_text())
+    d.joinpath("training_state.json").write_text(json.dumps({**state, "args": {"device": "cuda"}}))
+    assert "step 5, 2 minutes on a CUDA GPU (`--device cuda`) in the last phase" in card(d)
     # The gate: own world 98.6% overall and per family meets 97 / 90; the independent set's 94.5% meets 90%.
     assert check_bars(d) == [] and "**met**" in text
 
