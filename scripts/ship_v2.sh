@@ -3,6 +3,8 @@
 #
 #   bash scripts/ship_v2.sh checkpoints/v2-grow32                     # the real swap, in assets/ (bars enforced)
 #   bash scripts/ship_v2.sh CKPT_DIR --dest /tmp/ship --quick         # a rehearsal: nothing in assets/ touched
+#   bash scripts/ship_v2.sh checkpoints/v2-grow32 --below-bars        # the swap although bars are missed (the
+#                                                                     # card and this log name each one)
 #
 # Steps, each printed before it runs and skipped when its output exists (rerun to resume; a checkpoint newer than
 # the export starts over from the export):
@@ -16,6 +18,8 @@
 # --dest DIR: DIR stands in for assets/ (DIR/models/..., DIR/examples; the staging folder is DIR/staging); when
 #   DIR has no models yet it gets a copy of today's assets/models/scenes-llava to move aside.
 # --quick: small n (N_EVAL, N_LIKE; default 14 and 7), the gate reports but does not stop; needs --dest.
+# --below-bars: full n, the gate reports but does not stop: a deliberate swap to a model that is better than v1 on
+#   what was measured but misses some of issue 10's bars; the model card says "not met" and names them.
 # Environment: THREADS (torch threads, default 1), N_EVAL, N_LIKE, NICE (default 15), PYTHON (default python).
 set -euo pipefail
 CALLER=$PWD
@@ -25,12 +29,13 @@ usage() { echo "usage: bash scripts/ship_v2.sh CKPT_DIR [--dest DIR] [--quick]" 
 die() { echo "ship_v2: $*" >&2; exit 1; }
 run() { echo "+ $*" >&2; "$@"; }  # every step's command is printed before it runs
 world_of() { $PY -c "import sys; from sparsevlm.scenes.worlds import world_of_model; print(world_of_model(sys.argv[1]))" "$1"; }
-CKPT="" DEST="" QUICK=0
+CKPT="" DEST="" QUICK=0 BELOW=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dest) [ $# -ge 2 ] || usage; DEST=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    --below-bars) BELOW=1; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     -*) usage ;;
     *) [ -z "$CKPT" ] || usage; CKPT=$1; shift ;;
   esac
@@ -95,6 +100,9 @@ run $PY -m sparsevlm.scenes.model_card --model "$STAGE" --write
 if ! run $PY -m sparsevlm.scenes.model_card --model "$STAGE" --check-bars; then
   if [ $QUICK = 1 ]; then
     echo "(quick run: the bars are reported, not enforced)"
+  elif [ $BELOW = 1 ]; then
+    SHIPPED_BELOW=1
+    echo "(--below-bars: installing although the bars above are not met)"
   else
     die "not shipped: model v2 does not meet issue 10's bars (figures in $STAGE/README.md); assets/ unchanged"
   fi
@@ -122,6 +130,7 @@ run $PY -m sparsevlm.scenes.model_card --model "$NEW" --write  # the card names 
 run $PY -m sparsevlm.scenes.examples --world v2 --out "$ROOT/examples" > /dev/null
 
 echo "shipped: $NEW (world $(world_of "$NEW")), v1 at $OLD; sizes:"
+[ "${SHIPPED_BELOW:-0}" = 0 ] || echo "shipped BELOW issue 10's bars: $NEW/README.md names each bar it misses"
 du -sh "$NEW" "$OLD" "$ROOT/examples"
 echo "left to a person: README.md's embedded-model section and docs/model-v2.md from $NEW/README.md (prose is not"
 echo "generated), then the full test suite (tests/test_embedded_model.py checks both models) and a commit."

@@ -51,7 +51,7 @@ $T --phase instruct --out $C/v2-instruct-where --init-from $C/v2-instruct/checkp
 # 6.9 min (batch 16; three variants side by side, docs/model-v2.md "Session 7"); `--device cuda --workers 4`
 # there, the same batches on a CPU (each is a function of seed and step), only slower.
 DEV="--device ${DEVICE:-cpu} --workers ${WORKERS:-0}"
-$T $DEV --phase instruct --out $C/v2-instruct-order --init-from $C/v2-instruct-where/checkpoint.pt --until 2500 \
+$T $DEV --phase instruct --out $C/v2-instruct-order --init-from $C/v2-instruct-where/checkpoint.pt --until 2529 \
    --batch 16 --turns 12 --caption-p 0.2 --lr 5e-4 --warmup 50 --background-keep-start 1 \
    --family-weights read=2,relation=4,position=2 --where-weight 1 --where-layer 3 --order-weight 1 --order-layer 5 \
    --referent-weight 1 --log-every 50 --seed 7

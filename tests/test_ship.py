@@ -98,6 +98,10 @@ def test_model_card_reads_every_figure_from_the_folder(tmp_path):
     assert f"| content | {100 * content:.1f}% |" in text
     assert "phase `instruct`, step 5, 2 CPU-minutes" in text
     assert "$T --phase align --out $C/v2-align" in text  # every phase's command, from scripts/train_v2.sh
+    # A phase trained on a lent GPU says so (its minutes are not CPU-minutes).
+    state = json.loads(d.joinpath("training_state.json").read_text())
+    d.joinpath("training_state.json").write_text(json.dumps({**state, "args": {"device": "cuda"}}))
+    assert "step 5, 2 minutes on a CUDA GPU (`--device cuda`) in the last phase" in card(d)
     # The gate: own world 98.6% overall and per family meets 97 / 90; the independent set's 94.5% meets 90%.
     assert check_bars(d) == [] and "**met**" in text
 
@@ -232,6 +236,13 @@ def test_ship_v2_rehearsal_on_a_placeholder(tmp_path):
     assert held.returncode != 0 and "not shipped" in held.stderr
     assert world_of_model(gated / "models" / "scenes-llava") == "v1"
     assert not (gated / "models" / "scenes-llava-v1").exists()
+    # --below-bars installs it anyway, and says so: the log and the card name the bars it misses.
+    below = _ship(str(ckpt), "--dest", str(gated), "--below-bars")
+    assert below.returncode == 0, (below.stdout + below.stderr)[-3000:]
+    assert "shipped BELOW issue 10's bars" in below.stdout
+    assert world_of_model(gated / "models" / "scenes-llava") == "v2"
+    assert world_of_model(gated / "models" / "scenes-llava-v1") == "v1"
+    assert "**not met**" in (gated / "models" / "scenes-llava" / "README.md").read_text()
 
     assert _digest(V1_DIR / "model.safetensors") == before  # assets/ untouched
 

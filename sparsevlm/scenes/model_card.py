@@ -132,6 +132,11 @@ def _likeness_lines(model_dir: Path) -> list[str]:
     return lines
 
 
+def _where_trained(state: dict) -> str:
+    device = str((state.get("args") or {}).get("device", "cpu"))
+    return "CPU-minutes" if device == "cpu" else f"minutes on a CUDA GPU (`--device {device}`)"
+
+
 def card(model_dir: str | Path) -> str:
     """The model card (markdown) of a scenes model folder, every figure read from the folder's files."""
     d = Path(model_dir)
@@ -156,8 +161,8 @@ def card(model_dir: str | Path) -> str:
         f"- Folder size without this card: {size / 2**20:.1f} MiB (computed).",
         f"- World: {WORLD_LABELS.get(world, world)}.",
         f"- Training state: phase `{state.get('phase', '?')}`, step {state.get('step', '?')}, "
-        f"{state.get('train_seconds', float('nan')) / 60:.0f} CPU-minutes in the last phase (recorded by the "
-        "exporter).",
+        f"{state.get('train_seconds', float('nan')) / 60:.0f} {_where_trained(state)} in the last phase (recorded "
+        "by the exporter).",
         "",
         "## Dense exact match on held-out questions (measured)",
         "",
