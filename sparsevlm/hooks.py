@@ -298,7 +298,8 @@ class PruneHooks:
         def cls_attention() -> torch.Tensor:
             qh = q[:1].view(1, h, hd).transpose(0, 1)  # the [CLS] row
             kh = k.view(-1, h, hd).transpose(0, 1)
-            return A.rows_attention(qh, kh, torch.tensor([k.shape[0]]), attn.scale)[0, 1:]  # no causality in ViT
+            every_key = torch.tensor([k.shape[0]], device=k.device)  # no causality in ViT: the row sees all keys
+            return A.rows_attention(qh, kh, every_key, attn.scale)[0, 1:]
 
         return VisionInput(q, k, out[0] if out is not None else None, h, hd, attn.scale, cls_attention,
                            self.llava.multi_modal_projector)
