@@ -206,14 +206,15 @@ class WhereHead(DecoderProbe):
     its targets are the named objects' slots. Dropped at export.
     """
 
-    def __init__(self, model, hidden: int, layer: int, slots: int = 6):
-        super().__init__(model, hidden, layer, 4 * slots)
-        self.slots = slots
+    def __init__(self, model, hidden: int, layer: int, slots: int = 6, targets: int = 4):
+        super().__init__(model, hidden, layer, targets * slots)
+        self.slots, self.targets = slots, targets
 
     def loss(self, where: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
-        """`where` [batch, full length, 4] indexes the full sequences (see `where_targets`)."""
+        """`where` [batch, full length, targets] indexes the full sequences (see `where_targets`); -100 where
+        there is no target."""
         b, t = (where[..., 0] != -100).nonzero(as_tuple=True)
-        logits = self.read(b, t, rows).reshape(-1, 4, self.slots)
+        logits = self.read(b, t, rows).reshape(-1, self.targets, self.slots)
         if not len(b):
             return logits.sum() * 0.0
         return F.cross_entropy(logits.flatten(0, 1), where[b, t].flatten(), ignore_index=-100)

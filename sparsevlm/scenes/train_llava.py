@@ -113,7 +113,7 @@ def where_vector(scene, question: str, family: int) -> list[int] | None:
     return out + [-100] * (6 - len(out))
 
 
-class OrderHead(DecoderProbe):
+class OrderHead(WhereHead):
     """Auxiliary head (training only, dropped at export): at the position that predicts a relation answer, the
     output of decoder layer `layer` must say whether the first named object lies entirely before, after, or
     neither, of the second - along x and along y (`where_vector`'s last two targets).
@@ -127,15 +127,7 @@ class OrderHead(DecoderProbe):
     """
 
     def __init__(self, model, hidden: int, layer: int):
-        super().__init__(model, hidden, layer, 6)
-
-    def loss(self, order: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
-        """`order` [batch, full length, 2]: -100 except at relation answers."""
-        b, t = (order[..., 0] != -100).nonzero(as_tuple=True)
-        logits = self.read(b, t, rows).reshape(-1, 2, 3)
-        if not len(b):
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.flatten(0, 1), order[b, t].flatten(), ignore_index=-100)
+        super().__init__(model, hidden, layer, slots=3, targets=2)  # x and y, each before / after / neither
 
 
 class ReferentProbe(DecoderProbe):
@@ -523,8 +515,9 @@ def train(args: argparse.Namespace) -> None:
     tokenizer = v2_tokenizer()
     conv = Conversations(tokenizer)
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
-    if saved is not None and saved["step"] >= args.until:  # (a device may return the weights without "optim")
-        print(f"phase {args.phase} already at step {saved['step']} >= --until {args.until}: nothing to do", flush=True)
+    step0 = saved["step"] if saved is not None else 0
+    if step0 >= args.until:  # checked first: a device may return the weights without "optim"
+        print(f"phase {args.phase} already at step {step0} >= --until {args.until}: nothing to do", flush=True)
         return
     if saved is not None:
         state, size, prior = saved["model"], ModelSize(**saved["size"]), saved.get("prior_seconds", 0.0)
@@ -549,8 +542,7 @@ def train(args: argparse.Namespace) -> None:
     if args.phase == "instruct" and args.order_weight > 0:
         order_head = OrderHead(model, size.hidden, args.order_layer)
     weights = family_weights(args.family_weights)
-    step0 = saved["step"] if saved is not None else 0
-    feed, pool = step_feed(args, conv, step0, weights) if step0 < args.until else (iter(()), None)
+    feed, pool = step_feed(args, conv, step0, weights)
     for part in (model, patch_heads, grid_heads, ref_probe, where_head, order_head):
         if part is not None:
             part.to(dev)
@@ -585,9 +577,6 @@ def train(args: argparse.Namespace) -> None:
     n_train = sum(p.numel() for g in param_groups for p in g["params"])
     print(f"phase {args.phase}: {n_train / 1e6:.2f}M trainable parameters, size {size.to_dict()}, "
           f"vocabulary {len(tokenizer)}", flush=True)
-    if step >= args.until:
-        print(f"phase {args.phase} already at step {step} >= --until {args.until}: nothing to do", flush=True)
-        return
     log = open(out / "log.jsonl", "a")  # noqa: SIM115 - open for the whole run
 
     def save() -> None:
@@ -606,7 +595,10 @@ def train(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # finish the step, save, exit
     last_ckpt = time.time()
     run_start = time.time()
-    window: dict = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "order": 0.0, "n": 0, "t": 0.0, "stats": {}}
+    def fresh_window() -> dict:
+        return {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "order": 0.0, "n": 0, "t": 0.0, "stats": {}}
+
+    window = fresh_window()
     while step < args.until and not stop:
         if args.minutes and time.time() - run_start > args.minutes * 60:
             print(f"--minutes {args.minutes} reached at step {step}", flush=True)
@@ -679,8 +671,7 @@ def train(args: argparse.Namespace) -> None:
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(json.dumps(rec), flush=True)
-            window = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "order": 0.0, "n": 0, "t": 0.0,
-                      "stats": {}}
+            window = fresh_window()
         if time.time() - last_ckpt > args.ckpt_minutes * 60:
             save()
             last_ckpt = time.time()
