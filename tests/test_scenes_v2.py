@@ -496,3 +496,72 @@ def test_a_finished_phase_with_weights_only_is_left_alone(tmp_path):
                         str(tmp_path / "run"), "--until", "7"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "already at step 7" in r.stdout
+
+
+def test_varied_labels_change_only_the_card_and_keep_the_questions():
+    """`world.vary_label` (training pictures, --label-fonts): another typeface on the card, nothing else changed;
+    held-out pictures keep the one face (label_style None)."""
+    lettered = 0
+    for seed in range(40):
+        plain, qa = world.training_scene(seed, 6, 6)
+        if plain.label is None:
+            continue
+        varied, qb = world.training_scene(seed, 6, 6)
+        world.vary_label(varied, seed)
+        assert [q.to_dict() for q in qa] == [q.to_dict() for q in qb]
+        a, b = np.asarray(world.render(plain)).astype(int), np.asarray(world.render(varied)).astype(int)
+        if varied.label_style is None:  # the default share: exactly the held-out look
+            assert np.array_equal(a, b)
+            continue
+        lettered += 1
+        x0, y0, x1, y1 = varied.label_box
+        outside = np.ones(a.shape[:2], bool)
+        outside[y0 : y1 + 1, x0 : x1 + 1] = False
+        assert np.array_equal(a[outside], b[outside])
+        card = b[y0 + 3 : y1 - 2, x0 + 3 : x1 - 2]
+        assert (card.max(-1) < 100).mean() > 0.03  # ink on the card: the character is drawn
+        again = world.vary_label(world.training_scene(seed, 6, 6)[0], seed)
+        assert again.label_style == varied.label_style  # a function of the seed
+    assert lettered >= 5
+    assert world.heldout_sample(6)[0].label_style is None
+    assert None in world.label_fonts()  # Pillow's own face is always one of them
+
+
+def test_instruct_from_an_exported_folder_trains_the_tower_with_its_patch_heads(tmp_path):
+    """--init-from an exported model folder (the shipped model, say), with --tower-lr-scale, --patch-weight and
+    --label-fonts: the tower learns beside the decoder and the per-patch heads log their loss."""
+    import json
+    import subprocess
+    import sys
+
+    from sparsevlm.scenes.model import ModelSize, build_model
+    from sparsevlm.scenes.train_llava import export, trainable, v2_tokenizer
+
+    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, kv_heads=1,
+                     intermediate=64)
+    model = build_model(size, v2_tokenizer())
+    with pytest.raises(ValueError):
+        trainable(model, "align", tower=True)
+    trainable(model, "instruct", tower=True)
+    assert all(p.requires_grad for p in model.model.vision_tower.parameters())
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"model": model.state_dict(), "size": size.to_dict(), "step": 3, "train_seconds": 60.0, "args": {},
+                "phase": "instruct"}, ckpt / "checkpoint.pt")
+    export(ckpt, tmp_path / "exported")
+    r = subprocess.run([sys.executable, "-m", "sparsevlm.scenes.train_llava", "--phase", "instruct", "--out",
+                        str(tmp_path / "run"), "--init-from", str(tmp_path / "exported"), "--until", "2",
+                        "--batch", "2", "--turns", "3", "--tower-lr-scale", "0.5", "--patch-weight", "1",
+                        "--label-fonts", "--lr", "1e-2", "--warmup", "1", "--log-every", "1", "--ckpt-minutes", "0"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 2 and saved["patch_heads"] is not None
+    assert saved["prior_seconds"] == 60.0  # the exported model's training time carries over
+    start = model.state_dict()
+    tower = [k for k in start if "vision_tower" in k and k.endswith("weight") and start[k].dim() == 2]
+    assert any(not torch.equal(saved["model"][k], start[k]) for k in tower)  # the tower learned
+    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if line]
+    assert all(rec["patch_loss"] > 0 for rec in logs)
+    assert len(saved["optim"]["param_groups"]) == 3  # decoder + heads, projector, tower (its own lr share)
+    assert saved["optim"]["param_groups"][2]["lr_scale"] == 0.5

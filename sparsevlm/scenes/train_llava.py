@@ -23,7 +23,9 @@ Phases:
   to make the frozen decoder caption the picture (`world.describe`).
 - `instruct` (LLaVA stage 2): decoder and projector trainable, multi-turn question/answer conversations over
   the seven families plus an occasional caption turn; with `--grow` the decoder is first grown to `--layers` by
-  block expansion (`train.grow_decoder`).
+  block expansion (`train.grow_decoder`). `--tower-lr-scale` > 0 trains the vision tower as well (at that share
+  of the rate), `--patch-weight` keeps the vision phase's per-patch heads on it, `--label-fonts` letters the
+  training labels in varied typefaces (`world.vary_label`). `--init-from` takes an exported model folder too.
 
 No loss reads attention weights, the projector-vs-embedding similarity, [CLS] attention or any pruning score.
 The auxiliary losses, all on hidden states with targets from the scene's geometry or the question's text: the
@@ -65,6 +67,7 @@ from .train import (
     kept_rows,
 )
 from .train import export as train_export
+from .train import initial_state as train_initial_state
 
 N_VISUAL = world.GRID * world.GRID
 QUESTION_POS = 2 + N_VISUAL  # "USER", ":" then 576 visual tokens
@@ -347,8 +350,11 @@ def keep_mask(scene, seed: int, share: float) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- train
 
 
-def trainable(model, phase: str) -> None:
-    """Which parts learn in each phase (LLaVA: CLIP frozen throughout; stage 1 the projector only)."""
+def trainable(model, phase: str, tower: bool = False) -> None:
+    """Which parts learn in each phase (LLaVA-1.5: CLIP frozen throughout; stage 1 the projector only).
+
+    `tower` (instruct only, `--tower-lr-scale` > 0): the vision tower learns too, as in the issue's stage 2
+    ("everything trainable") and LLaVA-OneVision's, which trains its vision tower at a fifth of the LLM's rate."""
     model.requires_grad_(False)
     lm = model.model.language_model
     if phase == "text":
@@ -362,8 +368,12 @@ def trainable(model, phase: str) -> None:
         lm.requires_grad_(True)
         model.lm_head.requires_grad_(True)
         model.model.multi_modal_projector.requires_grad_(True)
+        if tower:
+            model.model.vision_tower.requires_grad_(True)
     else:
         raise ValueError(phase)
+    if tower and phase != "instruct":
+        raise ValueError("only instruction tuning trains the vision tower with the decoder")
     # The Llama embedding table is inside language_model; it learns in text/instruct, is frozen in align.
 
 
@@ -371,7 +381,10 @@ def starting_state(args, tokenizer) -> tuple[dict, ModelSize, float]:
     """Weights of a new phase: an earlier phase's checkpoint (grown with --grow), or for the first phase a
     fresh decoder with the shipped model's vision tower (`--vision-from`)."""
     if args.init_from:
-        st = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        # An exported model folder (the shipped model, say) or an earlier phase's checkpoint.pt; from a folder the
+        # auxiliary heads start fresh, as they are dropped at export.
+        st = (train_initial_state(Path(args.init_from)) | {"train_seconds": 0.0} if Path(args.init_from).is_dir()
+              else torch.load(args.init_from, map_location="cpu", weights_only=False))
         size = ModelSize(**st["size"])
         model_state = st["model"]
         if args.grow and args.layers != size.layers:
@@ -456,6 +469,8 @@ def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
             turns = [caption_turn(scene, np.random.default_rng([s, 26]))]
         else:
             scene, turns = scene_turns(s, args.turns, max_obj, caption_p, weights)
+        if args.label_fonts:
+            world.vary_label(scene, s)
         scenes.append(scene)
         if args.phase != "vision":
             fused = args.fused_spread if np.random.default_rng([s, 27]).random() < args.fused_p else 0
@@ -476,6 +491,8 @@ def prepared_step(args, conv: Conversations, step: int, weights) -> dict:
         share = background_keep_at(step, args.background_keep_start, args.background_full_at)
         out["keep"] = torch.stack([keep_mask(sc, s, share) for sc, s in zip(scenes, seeds, strict=True)])
         out["pixels"] = pixel_values([world.render(s) for s in scenes])
+        if args.patch_weight > 0:
+            out["patch_targets"] = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes])
     return out
 
 
@@ -529,8 +546,11 @@ def train(args: argparse.Namespace) -> None:
     model = build_model(size, tokenizer, seed=args.seed)
     model.load_state_dict(state)
     model.train()
-    trainable(model, args.phase)
-    patch_heads = PatchHeads(model, size.vision_hidden, balanced=True) if args.phase == "vision" else None
+    train_tower = args.phase == "instruct" and args.tower_lr_scale > 0
+    trainable(model, args.phase, tower=train_tower)
+    patch_heads = None
+    if args.phase == "vision" or (args.phase == "instruct" and args.patch_weight > 0):
+        patch_heads = PatchHeads(model, size.vision_hidden, balanced=True)
     grid_heads = GridHeads(model, size.hidden) if args.phase in ("align", "instruct") and args.grid_weight > 0 else None
     ref_probe = None
     if args.phase in ("text", "instruct") and args.referent_weight > 0:
@@ -546,13 +566,20 @@ def train(args: argparse.Namespace) -> None:
     for part in (model, patch_heads, grid_heads, ref_probe, where_head, order_head):
         if part is not None:
             part.to(dev)
-    projector = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" in n]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" not in n]
+    def part(n: str) -> str:
+        return ("projector" if "multi_modal_projector" in n else "tower" if train_tower and "vision_tower" in n
+                else "others")
+
+    named = [(part(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    projector = [p for k, p in named if k == "projector"]
+    tower = [p for k, p in named if k == "tower"]
+    others = [p for k, p in named if k == "others"]
     for heads in (patch_heads, grid_heads):
         if heads is not None:
             others += list(heads.parameters())
     param_groups = [g for g in ({"params": others, "lr_scale": 1.0},
-                          {"params": projector, "lr_scale": args.projector_lr_scale}) if g["params"]]
+                          {"params": projector, "lr_scale": args.projector_lr_scale},
+                          {"params": tower, "lr_scale": args.tower_lr_scale}) if g["params"]]
     opt = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     # The referent probe has a group of its own, last, so a run that adds it resumes a checkpoint saved without.
     # The where head's group comes after it, then the order head's: a checkpoint saved without them gets them
@@ -596,7 +623,8 @@ def train(args: argparse.Namespace) -> None:
     last_ckpt = time.time()
     run_start = time.time()
     def fresh_window() -> dict:
-        return {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "order": 0.0, "n": 0, "t": 0.0, "stats": {}}
+        return {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "order": 0.0, "patch": 0.0, "n": 0, "t": 0.0,
+                "stats": {}}
 
     window = fresh_window()
     while step < args.until and not stop:
@@ -611,7 +639,7 @@ def train(args: argparse.Namespace) -> None:
         max_obj, scenes = prep["max_obj"], prep["scenes"]
         batch = None if prep["batch"] is None else tuple(x.to(dev) for x in prep["batch"])
         zero = torch.zeros((), device=dev)
-        aux, ref_loss, where_loss, order_loss = zero, zero, zero, zero
+        aux, ref_loss, where_loss, order_loss, patch_loss = zero, zero, zero, zero, zero
         stats: dict = {}
         if args.phase == "text":
             ids, pos, labels, fams, w, pooled, ref, ref_mask = batch[:8]
@@ -642,8 +670,12 @@ def train(args: argparse.Namespace) -> None:
                 where_loss = where_head.loss(where_t[..., :4], rows)
             if order_head is not None:
                 order_loss = order_head.loss(where_t[..., 4:], rows)
+            if patch_heads is not None:  # the tower's own per-patch heads, as in the vision phase
+                targets = prep["patch_targets"].to(dev)
+                stats.update({f"patch_{k}": (v, 1) for k, v in patch_heads.foreground_accuracy(targets).items()})
+                patch_loss = patch_heads.loss(targets)
         total = (loss + args.grid_weight * aux + args.referent_weight * ref_loss + args.where_weight * where_loss
-                 + args.order_weight * order_loss)
+                 + args.order_weight * order_loss + args.patch_weight * patch_loss)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for g in param_groups for p in g["params"]], args.clip)
@@ -656,6 +688,7 @@ def train(args: argparse.Namespace) -> None:
         window["ref"] += float(ref_loss.detach())
         window["where"] += float(where_loss.detach())
         window["order"] += float(order_loss.detach())
+        window["patch"] += float(patch_loss.detach())
         window["n"] += 1
         window["t"] += dt
         for f, (c, n) in stats.items():
@@ -665,6 +698,7 @@ def train(args: argparse.Namespace) -> None:
             rec = {"phase": args.phase, "step": step, "loss": window["loss"] / window["n"],
                    "aux_loss": window["aux"] / window["n"], "referent_loss": window["ref"] / window["n"],
                    "where_loss": window["where"] / window["n"], "order_loss": window["order"] / window["n"],
+                   "patch_loss": window["patch"] / window["n"],
                    "train_acc": {f: round(c / n, 4) for f, (c, n) in window["stats"].items()},
                    "s_per_step": round(window["t"] / window["n"], 3), "lr": lr, "max_objects": max_obj,
                    "train_minutes": round(train_seconds / 60, 2), "time": time.strftime("%H:%M:%S")}
@@ -717,7 +751,8 @@ def main() -> None:
     p.add_argument("--phase", choices=("text", "vision", "align", "instruct"), default="text")
     p.add_argument("--out", required=True, help="checkpoint + log folder (resumed from)")
     p.add_argument("--export", default=None, help="export the checkpoint in --out to this folder and exit")
-    p.add_argument("--init-from", default=None, help="an earlier phase's checkpoint.pt (when --out has none)")
+    p.add_argument("--init-from", default=None,
+                   help="an earlier phase's checkpoint.pt, or an exported model folder (when --out has none)")
     p.add_argument("--vision-from", default=str(SHIPPED),
                    help="first phase only: take the vision tower from this exported model ('' for a fresh one)")
     p.add_argument("--grow", action="store_true", help="with --init-from: grow the decoder to --layers")
@@ -735,6 +770,12 @@ def main() -> None:
     p.add_argument("--lr-end", type=float, default=3e-5)
     p.add_argument("--decay-from", type=int, default=None, help="decay lr linearly from this step to --until")
     p.add_argument("--projector-lr-scale", type=float, default=1.0)
+    p.add_argument("--tower-lr-scale", type=float, default=0.0,
+                   help="instruct: train the vision tower too, at this share of --lr (0: frozen, as LLaVA-1.5)")
+    p.add_argument("--patch-weight", type=float, default=0.0,
+                   help="instruct: the vision phase's per-patch heads on the tower as an auxiliary loss (0: off)")
+    p.add_argument("--label-fonts", action="store_true",
+                   help="letter training labels in varied typefaces (world.vary_label); held-out pictures are not")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--grid-weight", type=float, default=0.5, help="grid heads on the projector output (0: off)")
