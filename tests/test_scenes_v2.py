@@ -458,14 +458,17 @@ def test_instruct_phase_trains_and_resumes_with_the_where_head(tmp_path):
 
 
 def test_worker_feed_draws_the_same_batches_as_the_training_process():
-    """--workers: batches drawn ahead by forked processes are the ones the process itself would draw."""
+    """--workers: batches drawn ahead by forked processes are the ones the process itself would draw - labels in
+    varied typefaces and the per-patch targets of --patch-weight included. The arguments come from the command
+    line's own parser, so every flag has the default a run has."""
     import argparse
 
-    from sparsevlm.scenes.train_llava import Conversations, family_weights, step_feed, v2_tokenizer
+    from sparsevlm.scenes.train_llava import Conversations, family_weights, parser, step_feed, v2_tokenizer
 
-    args = argparse.Namespace(seed=3, batch=2, phase="instruct", caption_p=0.2, turns=3, fused_p=0.5,
-                              fused_spread=4, lm_weight=0.1, curriculum_start=2, curriculum_every=1,
-                              background_keep_start=0.2, background_full_at=4, until=4, workers=0)
+    args = parser().parse_args(["--out", "unused", "--seed", "3", "--batch", "2", "--phase", "instruct",
+                                "--caption-p", "0.2", "--turns", "3", "--curriculum-start", "2",
+                                "--curriculum-every", "1", "--background-keep-start", "0.2",
+                                "--background-full-at", "4", "--until", "4", "--label-fonts", "--patch-weight", "0.5"])
     conv, weights = Conversations(v2_tokenizer()), family_weights("")
     here, _ = step_feed(args, conv, 1, weights)
     ahead, pool = step_feed(argparse.Namespace(**{**vars(args), "workers": 2}), conv, 1, weights)
@@ -474,6 +477,7 @@ def test_worker_feed_draws_the_same_batches_as_the_training_process():
             assert a["max_obj"] == b["max_obj"]
             assert all(torch.equal(x, y) for x, y in zip(a["batch"], b["batch"], strict=True))
             assert torch.equal(a["keep"], b["keep"]) and torch.equal(a["pixels"], b["pixels"])
+            assert torch.equal(a["patch_targets"], b["patch_targets"])
     finally:
         pool.terminate()
 

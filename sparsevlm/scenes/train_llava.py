@@ -746,7 +746,8 @@ def export(ckpt_dir: Path, dest: Path) -> None:
     train_export(ckpt_dir, dest, tokenizer=v2_tokenizer(), state_keys=("phase",), extra={"world": "v2"})
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line; tests build their arguments through it, so a new flag has its default everywhere."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phase", choices=("text", "vision", "align", "instruct"), default="text")
     p.add_argument("--out", required=True, help="checkpoint + log folder (resumed from)")
@@ -814,7 +815,11 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=256)
     p.add_argument("--probe-text", type=int, default=0,
                    help="print probe_text of the checkpoint in --out on this many conversations per setting and exit")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.probe_text:
         torch.set_num_threads(args.threads)
         st = torch.load(Path(args.out) / "checkpoint.pt", map_location="cpu", weights_only=False)
