@@ -68,9 +68,12 @@ $T $DEV --phase instruct --out $C/v2-grow32 --init-from $C/v2-instruct-order/che
 # "everything trainable"; LLaVA-OneVision trains its tower at 1/5 of the LLM's rate) and the vision phase's
 # per-patch heads kept beside it, training labels lettered in every system typeface (world.vary_label; never
 # OpenCV's Hershey faces, which the independent renderer uses), shape / count / read weighted. The where / order /
-# referent heads are left out: position and relation were at 99.5%+. On this CPU, 2 threads, ~3.4 s/step.
-$T --phase instruct --out $C/v2-fonts --init-from $C/v2-grow32/checkpoint.pt --until ${FONTS_STEPS:-1500} \
-   --batch 8 --turns 12 --caption-p 0.2 --lr 2e-4 --warmup 50 --decay-from 1000 --lr-end 2e-5 \
+# referent heads are left out: position and relation were at 99.5%+. The phase starts from grow32's export (the
+# model installed in session 7; an export drops the auxiliary heads and the optimizer, which start fresh here), as
+# session 8 ran it: the grow32 checkpoint itself had not survived. On this CPU, 2 threads, ~4.6 s/step.
+[ -f $C/v2-grow32-export/config.json ] || $T --out $C/v2-grow32 --export $C/v2-grow32-export
+$T --phase instruct --out $C/v2-fonts --init-from $C/v2-grow32-export --until ${FONTS_STEPS:-1200} \
+   --batch 8 --turns 12 --caption-p 0.2 --lr 2e-4 --warmup 50 --decay-from 800 --lr-end 2e-5 \
    --background-keep-start 1 --family-weights read=3,shape=3,count=3,colour=1.5,relation=1.5,position=1.5 \
    --tower-lr-scale 0.2 --patch-weight 0.5 --label-fonts --log-every 20 --seed 11
 echo "all phases done; measure, gate on the bars and ship with:"
