@@ -107,8 +107,8 @@ def test_answers_held_out_questions_of_its_world(loaded, model_dir):
 
 # Fixed scenes a shipped model is known to get wrong, each with its measured context. Model v2 was installed below
 # issue 10's bars (scripts/ship_v2.sh --below-bars; count 91.4% on 3000 held-out questions since session 8, 87.6%
-# before), and scene 0's count question is one of its misses in both exports. Listed, not skipped: the test fails on any other miss, and fails as well once this
-# one is answered right, so the entry cannot outlive the miss.
+# before), and scene 0's count question is one of its misses in both exports. Listed, not skipped: the test fails
+# on any other miss, and fails as well once this one is answered right, so the entry cannot outlive the miss.
 KNOWN_MISSES = {("v2", "count"): "How many squares are in the image ? -> 'four' (five)"}
 
 
