@@ -531,6 +531,42 @@ def test_varied_labels_change_only_the_card_and_keep_the_questions():
     assert None in world.label_fonts()  # Pillow's own face is always one of them
 
 
+def test_stroke_labels_letter_every_character_on_the_card_only():
+    """`vary_label(..., stroke_share=1)`: the card lettered in the project's own stroke hand (strokes.py), every
+    label character has a glyph, the rest of the picture is untouched, and the characters stay apart."""
+    from sparsevlm.scenes.generator import LABEL_CHARS
+    from sparsevlm.scenes.strokes import GLYPHS
+
+    assert set(LABEL_CHARS) <= set(GLYPHS)
+    lettered = 0
+    for seed in range(30):
+        plain, qa = world.training_scene(seed, 6, 6)
+        if plain.label is None:
+            continue
+        varied, qb = world.training_scene(seed, 6, 6)
+        world.vary_label(varied, seed, default_share=0.0, stroke_share=1.0)
+        assert varied.label_style.strokes and [q.to_dict() for q in qa] == [q.to_dict() for q in qb]
+        a, b = np.asarray(world.render(plain)).astype(int), np.asarray(world.render(varied)).astype(int)
+        x0, y0, x1, y1 = varied.label_box
+        outside = np.ones(a.shape[:2], bool)
+        outside[y0 : y1 + 1, x0 : x1 + 1] = False
+        assert np.array_equal(a[outside], b[outside])
+        assert (b[y0 + 3 : y1 - 2, x0 + 3 : x1 - 2].max(-1) < 120).mean() > 0.01  # ink: the character is drawn
+        lettered += 1
+    assert lettered >= 5
+    # one card, one hand (same seed): each character's ink differs from every other's
+    scene = next(s for s in (world.training_scene(k, 2, 2)[0] for k in range(50)) if s.label is not None)
+    inks = {}
+    for ch in LABEL_CHARS:
+        scene.label = ch
+        world.vary_label(scene, 3, default_share=0.0, stroke_share=1.0)
+        x0, y0, x1, y1 = scene.label_box
+        inks[ch] = np.asarray(world.render(scene).convert("L"))[y0:y1, x0:x1] < 120
+    for i, p in enumerate(LABEL_CHARS):
+        for q in LABEL_CHARS[i + 1 :]:
+            assert (inks[p] != inks[q]).mean() > 0.02, (p, q)
+
+
 def test_instruct_from_an_exported_folder_trains_the_tower_with_its_patch_heads(tmp_path):
     """--init-from an exported model folder (the shipped model, say), with --tower-lr-scale, --patch-weight and
     --label-fonts: the tower learns beside the decoder and the per-patch heads log their loss."""

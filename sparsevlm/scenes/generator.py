@@ -393,6 +393,14 @@ def training_scene(
     rng = np.random.default_rng([seed, 3])
     n_objects = int(rng.integers(1, max_objects + 1))
     scene = make_scene(seed, n_objects, with_label=bool(rng.random() < 0.5))
+    return scene, draw_questions(scene, rng, n_turns, family_weights, ask)
+
+
+def draw_questions(scene, rng: np.random.Generator, n_turns: int, family_weights: dict[str, float] | None,
+                   ask, same=lambda a, b: a == b) -> list[Sample]:
+    """Up to `n_turns` questions on `scene` by `ask(scene, family, rng)` (either world's), families drawn by
+    weight (read only where there is a label, and once a picture: repeats teach nothing new), no question asked
+    twice (as `same` compares them)."""
     weights = family_weights or {f: 1.0 for f in FAMILIES}
     fams = [f for f in FAMILIES if weights.get(f, 0) > 0 and (f != "read" or scene.label is not None)]
     p = np.array([weights[f] for f in fams], dtype=float)
@@ -403,11 +411,11 @@ def training_scene(
         tries += 1
         fam = fams[int(rng.choice(len(fams), p=p))]
         if fam == "read" and any(s.family == "read" for s in samples):
-            continue  # one reading question per picture is enough: repeats teach nothing new
+            continue
         s = ask(scene, fam, rng)
-        if s is not None and all(s.question != t.question for t in samples):
+        if s is not None and all(not same(s.question, t.question) for t in samples):
             samples.append(s)
-    return scene, samples
+    return samples
 
 
 HELDOUT_SEED = 10_000_000  # training seeds stay far below this
@@ -415,22 +423,31 @@ HELDOUT_SEED = 10_000_000  # training seeds stay far below this
 
 def heldout_sample(index: int, seed: int = HELDOUT_SEED) -> tuple[Scene, Sample]:
     """Held-out sample `index`: families round-robin, 3-12 objects, a label when the question reads one."""
+    return draw_heldout(index, seed, 4, 3, make_scene, ask)
+
+
+def draw_heldout(index: int, seed: int, stream: int, min_objects: int, make_scene, ask):
+    """Held-out (scene, sample) `index` of a world given by its `make_scene` and `ask`: families round-robin,
+    min_objects..MAX_OBJECTS objects, a label when the question reads one (and 30% of the time otherwise); a
+    scene the family cannot ask about is passed over for the next seed."""
     family = FAMILIES[index % len(FAMILIES)]
     k = 0
     while True:
         s = seed + index * 101 + k
-        rng = np.random.default_rng([s, 4])
-        scene = make_scene(s, int(rng.integers(3, MAX_OBJECTS + 1)), with_label=family == "read" or rng.random() < 0.3)
+        rng = np.random.default_rng([s, stream])
+        scene = make_scene(s, int(rng.integers(min_objects, MAX_OBJECTS + 1)),
+                           with_label=family == "read" or rng.random() < 0.3)
         sample = ask(scene, family, rng)
         if sample is not None:
             return scene, sample
         k += 1
 
 
+def render_set(draw, render, n: int, seed: int) -> list[tuple[Image.Image, Sample]]:
+    """The first `n` samples `draw(i, seed)` with their pictures `render(scene)`."""
+    return [(render(scene), sample) for scene, sample in (draw(i, seed) for i in range(n))]
+
+
 def heldout_set(n: int, seed: int = HELDOUT_SEED) -> list[tuple[Image.Image, Sample]]:
     """The first `n` held-out samples with their pictures."""
-    out = []
-    for i in range(n):
-        scene, sample = heldout_sample(i, seed)
-        out.append((render(scene), sample))
-    return out
+    return render_set(heldout_sample, render, n, seed)

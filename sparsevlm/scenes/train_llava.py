@@ -470,7 +470,7 @@ def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
         else:
             scene, turns = scene_turns(s, args.turns, max_obj, caption_p, weights)
         if args.label_fonts:
-            world.vary_label(scene, s)
+            world.vary_label(scene, s, stroke_share=args.stroke_labels)
         scenes.append(scene)
         if args.phase != "vision":
             fused = args.fused_spread if np.random.default_rng([s, 27]).random() < args.fused_p else 0
@@ -777,6 +777,9 @@ def parser() -> argparse.ArgumentParser:
                    help="instruct: the vision phase's per-patch heads on the tower as an auxiliary loss (0: off)")
     p.add_argument("--label-fonts", action="store_true",
                    help="letter training labels in varied typefaces (world.vary_label); held-out pictures are not")
+    p.add_argument("--stroke-labels", type=float, default=0.0,
+                   help="with --label-fonts: this share of the varied labels lettered in the project's own stroke "
+                        "hand (strokes.py) instead of an outline font")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--grid-weight", type=float, default=0.5, help="grid heads on the projector output (0: off)")
