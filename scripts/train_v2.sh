@@ -76,5 +76,13 @@ $T --phase instruct --out $C/v2-fonts --init-from $C/v2-grow32-export --until ${
    --batch 8 --turns 12 --caption-p 0.2 --lr 2e-4 --warmup 50 --decay-from 800 --lr-end 2e-5 \
    --background-keep-start 1 --family-weights read=3,shape=3,count=3,colour=1.5,relation=1.5,position=1.5 \
    --tower-lr-scale 0.2 --patch-weight 0.5 --label-fonts --log-every 20 --seed 11
+# ... then the same phase on, with 18% of the training labels (30% of the varied ones) lettered in the project's
+# own stroke hand (strokes.py; docs/model-v2.md "Session 9"): with outline faces alone the model read 47% of the
+# independent renderer's stroke-font cards. From v2-fonts' checkpoint (its patch and grid heads start fresh:
+# --init-from loads the model), count and read weighted x4. On this CPU, 2 threads, ~4 s/step.
+$T --phase instruct --out $C/v2-strokes --init-from $C/v2-fonts/checkpoint.pt --until ${STROKES_STEPS:-1000} \
+   --batch 8 --turns 12 --caption-p 0.2 --lr 1.5e-4 --warmup 30 --decay-from 600 --lr-end 1.5e-5 \
+   --background-keep-start 1 --family-weights read=4,shape=3,count=4,colour=1.5,relation=1.5,position=1.5 \
+   --tower-lr-scale 0.2 --patch-weight 0.5 --label-fonts --stroke-labels 0.3 --log-every 20 --seed 12
 echo "all phases done; measure, gate on the bars and ship with:"
-echo "bash scripts/ship_v2.sh $C/v2-fonts"
+echo "bash scripts/ship_v2.sh $C/v2-strokes"
