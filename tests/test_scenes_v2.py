@@ -502,25 +502,33 @@ def test_a_finished_phase_with_weights_only_is_left_alone(tmp_path):
     assert "already at step 7" in r.stdout
 
 
-def test_varied_labels_change_only_the_card_and_keep_the_questions():
-    """`world.vary_label` (training pictures, --label-fonts): another typeface on the card, nothing else changed;
-    held-out pictures keep the one face (label_style None)."""
-    lettered = 0
-    for seed in range(40):
+def _labelled_and_varied(seeds, **vary):
+    """For each seed whose training scene has a label: (varied scene, plain picture, varied picture, outside-card
+    mask), after checking that `vary_label(**vary)` kept the scene's questions."""
+    for seed in seeds:
         plain, qa = world.training_scene(seed, 6, 6)
         if plain.label is None:
             continue
         varied, qb = world.training_scene(seed, 6, 6)
-        world.vary_label(varied, seed)
+        world.vary_label(varied, seed, **vary)
         assert [q.to_dict() for q in qa] == [q.to_dict() for q in qb]
         a, b = np.asarray(world.render(plain)).astype(int), np.asarray(world.render(varied)).astype(int)
+        x0, y0, x1, y1 = varied.label_box
+        outside = np.ones(a.shape[:2], bool)
+        outside[y0 : y1 + 1, x0 : x1 + 1] = False
+        yield seed, varied, a, b, outside
+
+
+def test_varied_labels_change_only_the_card_and_keep_the_questions():
+    """`world.vary_label` (training pictures, --label-fonts): another typeface on the card, nothing else changed;
+    held-out pictures keep the one face (label_style None)."""
+    lettered = 0
+    for seed, varied, a, b, outside in _labelled_and_varied(range(40)):
         if varied.label_style is None:  # the default share: exactly the held-out look
             assert np.array_equal(a, b)
             continue
         lettered += 1
         x0, y0, x1, y1 = varied.label_box
-        outside = np.ones(a.shape[:2], bool)
-        outside[y0 : y1 + 1, x0 : x1 + 1] = False
         assert np.array_equal(a[outside], b[outside])
         card = b[y0 + 3 : y1 - 2, x0 + 3 : x1 - 2]
         assert (card.max(-1) < 100).mean() > 0.03  # ink on the card: the character is drawn
@@ -539,17 +547,9 @@ def test_stroke_labels_letter_every_character_on_the_card_only():
 
     assert set(LABEL_CHARS) <= set(GLYPHS)
     lettered = 0
-    for seed in range(30):
-        plain, qa = world.training_scene(seed, 6, 6)
-        if plain.label is None:
-            continue
-        varied, qb = world.training_scene(seed, 6, 6)
-        world.vary_label(varied, seed, default_share=0.0, stroke_share=1.0)
-        assert varied.label_style.strokes and [q.to_dict() for q in qa] == [q.to_dict() for q in qb]
-        a, b = np.asarray(world.render(plain)).astype(int), np.asarray(world.render(varied)).astype(int)
+    for _, varied, a, b, outside in _labelled_and_varied(range(30), default_share=0.0, stroke_share=1.0):
+        assert varied.label_style.strokes
         x0, y0, x1, y1 = varied.label_box
-        outside = np.ones(a.shape[:2], bool)
-        outside[y0 : y1 + 1, x0 : x1 + 1] = False
         assert np.array_equal(a[outside], b[outside])
         assert (b[y0 + 3 : y1 - 2, x0 + 3 : x1 - 2].max(-1) < 120).mean() > 0.01  # ink: the character is drawn
         lettered += 1

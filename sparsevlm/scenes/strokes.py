@@ -61,6 +61,7 @@ def draw_strokes(
     slant = rng.uniform(-0.25, 0.25)
     width = int(rng.integers(1, 8))
     k = SUPERSAMPLE
+    r = width * k / 2  # round stroke ends
     tile = Image.new("L", (w_card * k, h_card * k), card)
     d = ImageDraw.Draw(tile)
     for stroke in GLYPHS[char]:
@@ -68,8 +69,7 @@ def draw_strokes(
         px = (w_card - w) / 2 + pts[:, 0] * w + slant * (0.5 - pts[:, 1]) * h
         py = (h_card - h) / 2 + pts[:, 1] * h
         d.line([(float(a) * k, float(b) * k) for a, b in zip(px, py)], fill=ink, width=width * k, joint="curve")
-        for a, b in ((px[0], py[0]), (px[-1], py[-1])):  # round ends
-            r = width * k / 2
+        for a, b in ((px[0], py[0]), (px[-1], py[-1])):
             d.ellipse([a * k - r, b * k - r, a * k + r, b * k + r], fill=ink)
     small = tile.resize((w_card, h_card), Image.LANCZOS).convert("RGB")
     img.paste(small, (x0 + 2, y0 + 2))
