@@ -459,8 +459,8 @@ def test_instruct_phase_trains_and_resumes_with_the_where_head(tmp_path):
 
 def test_worker_feed_draws_the_same_batches_as_the_training_process():
     """--workers: batches drawn ahead by forked processes are the ones the process itself would draw - labels in
-    varied typefaces and the per-patch targets of --patch-weight included. The arguments come from the command
-    line's own parser, so every flag has the default a run has."""
+    varied typefaces and strokes, tinted backgrounds and the per-patch targets of --patch-weight included. The
+    arguments come from the command line's own parser, so every flag has the default a run has."""
     import argparse
 
     from sparsevlm.scenes.train_llava import Conversations, family_weights, parser, step_feed, v2_tokenizer
@@ -468,9 +468,12 @@ def test_worker_feed_draws_the_same_batches_as_the_training_process():
     args = parser().parse_args(["--out", "unused", "--seed", "3", "--batch", "2", "--phase", "instruct",
                                 "--caption-p", "0.2", "--turns", "3", "--curriculum-start", "2",
                                 "--curriculum-every", "1", "--background-keep-start", "0.2",
-                                "--background-full-at", "4", "--until", "4", "--label-fonts", "--patch-weight", "0.5"])
+                                "--background-full-at", "4", "--until", "4", "--label-fonts", "--patch-weight", "0.5",
+                                "--stroke-labels", "0.3", "--tinted-backgrounds", "0.5"])
     conv, weights = Conversations(v2_tokenizer()), family_weights("")
-    here, _ = step_feed(args, conv, 1, weights)
+    here = list(step_feed(args, conv, 1, weights)[0])
+    grey = list(step_feed(argparse.Namespace(**{**vars(args), "tinted_backgrounds": 0.0}), conv, 1, weights)[0])
+    assert any(not torch.equal(a["pixels"], g["pixels"]) for a, g in zip(here, grey, strict=True))
     ahead, pool = step_feed(argparse.Namespace(**{**vars(args), "workers": 2}), conv, 1, weights)
     try:
         for a, b in zip(here, ahead, strict=True):
@@ -605,3 +608,37 @@ def test_instruct_from_an_exported_folder_trains_the_tower_with_its_patch_heads(
     assert all(rec["patch_loss"] > 0 for rec in logs)
     assert len(saved["optim"]["param_groups"]) == 3  # decoder + heads, projector, tower (its own lr share)
     assert saved["optim"]["param_groups"][2]["lr_scale"] == 0.5
+
+
+def test_tinted_backgrounds_change_only_the_background_and_keep_the_questions():
+    """`world.vary_background(scene, seed, share)` (training pictures, train_llava --tinted-backgrounds): `share` of
+    the scenes get a hued base colour - pastel on light scenes, deep on dark ones - where every held-out scene is
+    grey within +-10 per channel. Objects, card and questions stay; no tint comes near an object colour."""
+    from sparsevlm.scenes.generator import COLOURS
+
+    tinted = 0
+    for seed in range(40):
+        plain, qa = world.training_scene(seed, 6, 6)
+        same, _ = world.training_scene(seed, 6, 6)
+        assert world.vary_background(same, seed, 0.0).base == plain.base  # share 0: exactly the held-out look
+        varied, qb = world.training_scene(seed, 6, 6)
+        world.vary_background(varied, seed, 1.0)
+        assert [q.to_dict() for q in qa] == [q.to_dict() for q in qb]
+        base = np.array(varied.base)
+        assert base.max() - base.min() > 20  # a hue, not a grey
+        assert (base.mean() < 100) == varied.dark  # light stays light, dark stays dark
+        assert min(np.linalg.norm(base - np.array(c)) for c in COLOURS.values()) > 70
+        a, b = np.asarray(world.render(plain)).astype(int), np.asarray(world.render(varied)).astype(int)
+        things = np.zeros(a.shape[:2], bool)
+        for i in range(len(plain.objects)):
+            things |= world.object_mask(plain, i)
+        if plain.label is not None:
+            things |= world.object_mask(plain, -1)
+        assert np.array_equal(a[things], b[things])
+        shift = np.array(varied.base) - np.array(plain.base)  # the whole background moves by the new base
+        assert np.abs((b - a)[~things].mean(0) - shift).max() < 3 and np.abs(shift).max() > 0
+        assert world.vary_background(world.training_scene(seed, 6, 6)[0], seed, 1.0).base == varied.base
+        tinted += 1
+    assert tinted == 40
+    assert max(world.heldout_sample(i)[0].base[c] - world.heldout_sample(i)[0].base[d]
+               for i in range(20) for c in range(3) for d in range(3)) <= 20

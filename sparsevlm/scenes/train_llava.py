@@ -471,6 +471,8 @@ def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
             scene, turns = scene_turns(s, args.turns, max_obj, caption_p, weights)
         if args.label_fonts:
             world.vary_label(scene, s, stroke_share=args.stroke_labels)
+        if args.tinted_backgrounds:
+            world.vary_background(scene, s, args.tinted_backgrounds)
         scenes.append(scene)
         if args.phase != "vision":
             fused = args.fused_spread if np.random.default_rng([s, 27]).random() < args.fused_p else 0
@@ -780,6 +782,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stroke-labels", type=float, default=0.0,
                    help="with --label-fonts: this share of the varied labels lettered in the project's own stroke "
                         "hand (strokes.py) instead of an outline font")
+    p.add_argument("--tinted-backgrounds", type=float, default=0.0,
+                   help="this share of the training scenes on a hued background (world.vary_background): pastel "
+                        "when light, deep when dark; held-out pictures are not")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--grid-weight", type=float, default=0.5, help="grid heads on the projector output (0: off)")
