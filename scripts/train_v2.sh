@@ -84,5 +84,23 @@ $T --phase instruct --out $C/v2-strokes --init-from $C/v2-fonts/checkpoint.pt --
    --batch 8 --turns 12 --caption-p 0.2 --lr 1.5e-4 --warmup 30 --decay-from 600 --lr-end 1.5e-5 \
    --background-keep-start 1 --family-weights read=4,shape=3,count=4,colour=1.5,relation=1.5,position=1.5 \
    --tower-lr-scale 0.2 --patch-weight 0.5 --label-fonts --stroke-labels 0.3 --log-every 20 --seed 12
+# ... then the same phase on once more (docs/model-v2.md "Session 10"): half of the varied labels in the stroke hand,
+# count x6 and read x5 (the independent renderer's weak families), existence x2, a lower peak rate. On this CPU,
+# 2 threads, ~4.1 s/step.
+$T --phase instruct --out $C/v2-strokes2 --init-from $C/v2-strokes/checkpoint.pt --until ${STROKES2_STEPS:-1100} \
+   --batch 8 --turns 12 --caption-p 0.2 --lr 1e-4 --warmup 30 --decay-from 600 --lr-end 1e-5 \
+   --background-keep-start 1 --family-weights read=5,shape=3,count=6,exist=2,colour=1.5,relation=1.5,position=1.5 \
+   --tower-lr-scale 0.2 --patch-weight 0.5 --label-fonts --stroke-labels 0.5 --log-every 20 --seed 13
+# ... then on from v2-strokes2's last checkpoint (model, optimizer and per-patch heads: a copy resumed, so nothing
+# starts fresh) with 40% of the training scenes on a hued background (world.vary_background; the independent
+# renderer's pastel / deep backgrounds made the model over-count objects of the background's hue), 350 steps at a
+# low rate. (--init-from is not read when --out holds a checkpoint; the session-10 run's recorded arguments name
+# v2-strokes there, likewise unread.) On this CPU, 2 threads, ~4.2 s/step.
+[ -f $C/v2-tinted/checkpoint.pt ] || { mkdir -p $C/v2-tinted && cp $C/v2-strokes2/checkpoint.pt $C/v2-tinted/; }
+$T --phase instruct --out $C/v2-tinted --init-from $C/v2-strokes2/checkpoint.pt --until ${TINTED_STEPS:-1450} \
+   --batch 8 --turns 12 --caption-p 0.2 --lr 5e-5 --warmup 30 --decay-from 1100 --lr-end 5e-6 \
+   --background-keep-start 1 --family-weights read=5,shape=3,count=6,exist=2,colour=1.5,relation=1.5,position=1.5 \
+   --tower-lr-scale 0.2 --patch-weight 0.5 --label-fonts --stroke-labels 0.5 --tinted-backgrounds 0.4 \
+   --log-every 20 --seed 13
 echo "all phases done; measure, gate on the bars and ship with:"
-echo "bash scripts/ship_v2.sh $C/v2-strokes"
+echo "bash scripts/ship_v2.sh $C/v2-tinted"
