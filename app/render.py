@@ -554,11 +554,19 @@ def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
             change = f"{(a - b) / b * 100:+.0f}%"
         rows.append([name, round(a, digits), "" if b is None else round(b, digits), change, unit, kind])
 
-    add("vision tower + projector", tp.vision, td.vision if td else None, "ms", "measured")
+    if td is None or "vision" not in tp.shared:
+        add("vision tower + projector", tp.vision, td.vision if td else None, "ms", "measured")
+    else:  # one measurement for both runs: the same figure, not a change
+        add("vision tower + projector (runs once per request, shared by both runs)", tp.vision, td.vision, "ms",
+            "measured")
+    if td is not None:  # the same work in both runs: never a difference, whatever the two timings say
+        rows[-1][3] = "same work, measured once" if "vision" in tp.shared else "same work in both runs"
     add("text raters", tp.raters, td.raters if td else None, "ms", "measured", 2)
     add("pruning overhead (scores, rank, clustering)", tp.prune_overhead, td.prune_overhead if td else None,
         "ms", "measured", 2)
     add("prefill = time to first token", tp.prefill, td.prefill if td else None, "ms", "measured")
+    add("  of which the decoder (incl. pruning overhead)", tp.llm_prefill, td.llm_prefill if td else None, "ms",
+        "measured")
     add("decode, per new token", tp.decode_per_token, td.decode_per_token if td else None, "ms", "measured", 2)
     add("new tokens generated", tp.decode_tokens, td.decode_tokens if td else None, "tokens", "measured", 0)
     add("total", tp.total, td.total if td else None, "ms", "measured")

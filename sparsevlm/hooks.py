@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -62,6 +63,69 @@ class _Token:
     members: list[int] | None = None  # None: an original, unmerged patch token
 
 
+def _vision_feature_layer(model) -> torch.nn.Module:
+    """The vision encoder layer whose output is LLaVA's selected feature layer (hidden_states[-2] for CLIP)."""
+    tower = model.model.vision_tower
+    enc_layers = getattr(tower, "vision_model", tower).encoder.layers
+    idx = model.config.vision_feature_layer
+    idx = idx if idx >= 0 else len(enc_layers) + idx  # hidden_states[-2] is the output of layer L-2
+    return enc_layers[idx]
+
+
+@dataclass
+class SharedWork:
+    """What every run of one request (one image, one question, one model) computes once and shares.
+
+    `image` is the vision tower + projector's output as generate() takes it (`mm_encoder_outputs["image"]`), with
+    the feature layer's q/k/output captured for the methods that rank by [CLS] attention; `vision_ms` its one
+    measurement. `store` keeps what methods compute before the decoder from the same inputs (text raters), with
+    the milliseconds it took, so a second method asking for it reuses it; `uses` counts the runs that read each.
+    """
+
+    image: Any
+    vision: dict
+    vision_ms: float
+    store: dict = field(default_factory=dict)  # key -> (value, ms)
+    uses: dict = field(default_factory=dict)  # key -> runs that read it
+
+    def once(self, key: tuple, compute, device: torch.device) -> tuple[Any, float]:
+        """(value, ms): compute() timed the first time `key` is asked for, the stored result afterwards."""
+        if key not in self.store:
+            t0 = time.perf_counter()
+            value = compute()
+            _sync(device)
+            self.store[key] = (value, (time.perf_counter() - t0) * 1e3)
+        self.uses[key] = self.uses.get(key, 0) + 1
+        return self.store[key]
+
+
+def encode_image(model, pixel_values: torch.Tensor) -> SharedWork:
+    """Run the vision tower + projector once, as generate() would, timing it and capturing the feature layer's
+    q/k/output. Hand the result to every run of the request (`PruneHooks.share`)."""
+    layer = _vision_feature_layer(model)
+    captured: dict = {}
+
+    def capture(kind):
+        def hook(module, args, output):
+            captured[("vision", kind)] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [layer.self_attn.q_proj.register_forward_hook(capture("q")),
+               layer.self_attn.k_proj.register_forward_hook(capture("k")), layer.register_forward_hook(capture("out"))]
+    device = pixel_values.device
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        image = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        _sync(device)
+        ms = (time.perf_counter() - t0) * 1e3
+    finally:
+        for h in handles:
+            h.remove()
+    return SharedWork(image=image, vision=captured, vision_ms=ms)
+
+
 @dataclass
 class CallRecord:
     """The plain record of one call (ints, floats, strings, lists): what `pipeline.build_trace` reads."""
@@ -81,6 +145,7 @@ class CallRecord:
     vision_in_forward: bool  # plain forward(): the vision time is inside the first forward's time
     counts: Counts | None  # the accounting's planned counts (None: adaptive or dense)
     note: str
+    shared_keys: list = field(default_factory=list)  # SharedWork keys this call read (raters, ...)
 
     def layer_records(self) -> list[LayerRecord]:
         by_layer = {s.after_layer: k for k, s in enumerate(self.stages)}
@@ -114,8 +179,9 @@ class CallState:
     forward_ms: list[float] = field(default_factory=list)
     vision_ms: float = 0.0
     raters_ms: float = 0.0
-    t_vision: float = 0.0
+    t_vision: float | None = None  # set while the vision tower + projector runs (None: not timing)
     vision_in_forward: bool = False  # plain forward(): vision time is inside the first forward's time
+    shared_keys: list = field(default_factory=list)  # SharedWork keys read by this call
 
 
 class PruneHooks:
@@ -155,7 +221,14 @@ class PruneHooks:
         self._in_forward = False
         self._vision_before_forward = False
         self._t_forward = 0.0
+        self._shared: SharedWork | None = None
         self.state = CallState()
+
+    def share(self, work: SharedWork | None) -> PruneHooks:
+        """Calls whose image arrives pre-encoded (generate's `mm_encoder_outputs`) take the vision captures and
+        the vision time from `work`, and reuse what it stores (raters) instead of computing it again."""
+        self._shared = work
+        return self
 
     # --- install / remove --------------------------------------------------------------------------------------
     def install(self) -> PruneHooks:
@@ -180,13 +253,11 @@ class PruneHooks:
                 reg(attn.k_proj.register_forward_hook(self._make_capture(i, "k")))
             reg(self.layers[i].register_forward_hook(self._make_prune(i)))
         if self.plan.vision_cls:
-            enc_layers = getattr(self.llava.vision_tower, "vision_model", self.llava.vision_tower).encoder.layers
-            idx = self.model.config.vision_feature_layer
-            idx = idx if idx >= 0 else len(enc_layers) + idx  # hidden_states[-2] is the output of layer L-2
-            attn = enc_layers[idx].self_attn
+            layer = _vision_feature_layer(self.model)
+            attn = layer.self_attn
             reg(attn.q_proj.register_forward_hook(self._make_capture("vision", "q")))
             reg(attn.k_proj.register_forward_hook(self._make_capture("vision", "k")))
-            reg(enc_layers[idx].register_forward_hook(self._make_capture("vision", "out")))
+            reg(layer.register_forward_hook(self._make_capture("vision", "out")))
             self.vision_attn = attn
         return self
 
@@ -224,8 +295,13 @@ class PruneHooks:
         self.state.t_vision = time.perf_counter()
 
     def _on_vision_end(self, module, args, output):
+        # Only the projector call that ends a vision tower pass counts: a method may call the projector again
+        # on its own tokens (VisionZip's merged ones), which is pruning work, not image encoding.
+        if self.state.t_vision is None:
+            return
         _sync(self.device)
         self.state.vision_ms += (time.perf_counter() - self.state.t_vision) * 1e3
+        self.state.t_vision = None
 
     def _make_capture(self, layer, kind):
         def hook(module, args, output):
@@ -251,8 +327,13 @@ class PruneHooks:
             where = (input_ids[0] == self.image_token_id).nonzero().flatten()
             if len(where) != self.grid_tokens:
                 raise ConfigError(f"expected {self.grid_tokens} image tokens in the prompt, found {len(where)}")
-            if not self._vision_before_forward:  # a plain forward(): the call starts here
-                self.state = CallState(vision_in_forward=True)
+            if not self._vision_before_forward:  # a plain forward(), or an image encoded before: the call starts here
+                if kwargs.get("pixel_values") is not None:
+                    self.state = CallState(vision_in_forward=True)
+                elif self._shared is not None:
+                    self.state = CallState(vision_ms=self._shared.vision_ms, captured=dict(self._shared.vision))
+                else:
+                    self.state = CallState()
             self._vision_before_forward = False
             st = self.state
             st.prefix, st.visual_total = int(where[0]), len(where)
@@ -277,19 +358,34 @@ class PruneHooks:
         st.positions = pos if pos is not None else torch.arange(n, device=emb.device)[None]
         st.projector = emb[0, st.prefix : st.prefix + st.visual_total]
         t0 = time.perf_counter()
-        raters = self.method.prepare(self.config, PrefillInput(st.projector, emb[0, st.prefix + st.visual_total :],
-                                                               st.memo))
+        inp = PrefillInput(st.projector, emb[0, st.prefix + st.visual_total :], st.memo, self._once)
+        raters = self.method.prepare(self.config, inp)
         if raters is not None:
             _sync(self.device)
             st.raters_ms = (time.perf_counter() - t0) * 1e3
+            if raters.ms is not None:  # computed once for the request: its one measurement
+                st.raters_ms = raters.ms
             st.raters = raters.indices
             st.relevance = raters.relevance.tolist()
         if -1 in self.stage_specs:
             kwargs = self._prune_before_llm(emb, kwargs)
         return args, kwargs
 
+    def _once(self, key: tuple, compute):
+        """(value, ms) of work every run of the request shares (SharedWork.once); computed here without one."""
+        self.state.shared_keys.append(key)
+        if self._shared is None:
+            t0 = time.perf_counter()
+            value = compute()
+            _sync(self.device)
+            return value, (time.perf_counter() - t0) * 1e3
+        return self._shared.once(key, compute, self.device)
+
     def _vision_input(self) -> VisionInput:
         st, attn = self.state, self.vision_attn
+        if ("vision", "q") not in st.captured:
+            raise ConfigError(f"{self.config.method} reads the vision tower's attention: pass pixel values, or an "
+                              "image encoded by hooks.encode_image and handed over with PruneHooks.share")
         q = st.captured[("vision", "q")][0]  # (1 + Lv, Dv)
         k = st.captured[("vision", "k")][0]
         out = st.captured.get(("vision", "out"))
@@ -520,6 +616,7 @@ class PruneHooks:
             vision_in_forward=st.vision_in_forward,
             counts=self.plan.counts,
             note=self.plan.note,
+            shared_keys=list(st.shared_keys),
         )
 
     def layer_records(self) -> list[LayerRecord]:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from . import cost as C
 from .config import PruneConfig
-from .errors import InputError
-from .hooks import CallRecord, PruneHooks
+from .errors import ConfigError, InputError
+from .hooks import CallRecord, PruneHooks, SharedWork, encode_image
 from .loading import LoadedModel
 from .schedule import BUDGET_TOLERANCE, budget_figure, equal_tokens, equal_tokens_reference
 from .tokenizer import prompt_for
@@ -24,6 +24,7 @@ MAX_QUESTION_CHARS = 2000
 class RunResult:
     answer: str
     trace: PruneTrace
+    shared_keys: list = field(default_factory=list)  # request-level work this run read (hooks.SharedWork keys)
 
 
 def kv_cache_bytes(cache) -> tuple[int, list[int]]:
@@ -97,6 +98,43 @@ def check_question(question: str) -> str:
     return question
 
 
+@dataclass
+class Prepared:
+    """One request's inputs, made once: the checked question, the processor's tensors and the encoded image
+    (vision tower + projector, `hooks.SharedWork`). Every run of the request starts from it."""
+
+    question: str
+    prompt: str
+    inputs: dict  # the processor's tensors except pixel_values (input_ids, attention_mask, ...)
+    n_prompt: int
+    image_size: tuple[int, int]
+    work: SharedWork
+
+
+def _check_request(question: str, max_new_tokens: int) -> str:
+    question = check_question(question)
+    if not 1 <= int(max_new_tokens) <= 512:
+        raise InputError("max new tokens must lie between 1 and 512")
+    return question
+
+
+def prepare(lm: LoadedModel, image: Image.Image, question: str, max_new_tokens: int = 16) -> Prepared:
+    """Check the question, run the processor and encode the image once (timed: `SharedWork.vision_ms`)."""
+    question = _check_request(question, max_new_tokens)
+    prompt = build_prompt(lm.processor, question)
+    inputs = lm.processor(images=image, text=prompt, return_tensors="pt").to(lm.device)
+    pixel_values = inputs.pop("pixel_values").to(lm.dtype)
+    n_prompt = inputs["input_ids"].shape[1]
+    if n_prompt + max_new_tokens > lm.context_length:
+        raise InputError(
+            f"the prompt is {n_prompt} tokens (image {lm.visual_tokens} + question) and {max_new_tokens} new tokens "
+            f"would not fit the model's context of {lm.context_length}: shorten the question"
+        )
+    with torch.inference_mode():
+        work = encode_image(lm.model, pixel_values)
+    return Prepared(question, prompt, dict(inputs), n_prompt, tuple(image.size), work)
+
+
 def run(
     lm: LoadedModel,
     image: Image.Image,
@@ -109,24 +147,63 @@ def run(
     seed: int = 0,
 ) -> RunResult:
     """Answer `question` about `image` with `config`'s pruning installed; the trace records every decision."""
-    question = check_question(question)
-    if not 1 <= int(max_new_tokens) <= 512:
-        raise InputError("max new tokens must lie between 1 and 512")
+    _check_request(question, max_new_tokens)
+    config.validate(lm.visual_tokens)  # a bad config is reported before any model work
+    prepared = prepare(lm, image, question, max_new_tokens)
+    return run_prepared(lm, prepared, config, max_new_tokens, do_sample, temperature, top_p, seed)
+
+
+def run_shared(
+    lm: LoadedModel,
+    image: Image.Image,
+    question: str,
+    configs: list[PruneConfig],
+    max_new_tokens: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[RunResult | ConfigError]:
+    """Several configs on one image and question, as one request: the processor, the vision tower + projector and
+    the text raters (where methods use the same rule) run once and are shared, so each decision is exactly what
+    `run` gives alone. Per config: its result, or the ConfigError saying why it cannot run on this model (e.g.
+    [CLS] attention on a tower without [CLS]). The shared parts are named in each trace's `timings_ms.shared`.
+    """
+    prepared = prepare(lm, image, question, max_new_tokens)
+    out: list[RunResult | ConfigError] = []
+    for config in configs:
+        try:
+            config.validate(lm.visual_tokens)
+            out.append(run_prepared(lm, prepared, config, max_new_tokens, do_sample, temperature, top_p, seed))
+        except ConfigError as exc:
+            out.append(exc)
+    ran = [r for r in out if isinstance(r, RunResult)]
+    for r in ran:
+        shared = ["vision"] if len(ran) > 1 else []
+        if r.trace.raters and any(prepared.work.uses.get(k, 0) > 1 for k in r.shared_keys):
+            shared.append("raters")
+        r.trace.timings_ms.shared = shared
+    return out
+
+
+def run_prepared(
+    lm: LoadedModel,
+    prepared: Prepared,
+    config: PruneConfig,
+    max_new_tokens: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> RunResult:
+    """One run from a request's prepared inputs (`prepare`): generate with the encoded image handed over."""
     config.validate(lm.visual_tokens)
-    prompt = build_prompt(lm.processor, question)
-    inputs = lm.processor(images=image, text=prompt, return_tensors="pt").to(lm.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(lm.dtype)
-    n_prompt = inputs["input_ids"].shape[1]
-    if n_prompt + max_new_tokens > lm.context_length:
-        raise InputError(
-            f"the prompt is {n_prompt} tokens (image {lm.visual_tokens} + question) and {max_new_tokens} new tokens "
-            f"would not fit the model's context of {lm.context_length}: shorten the question"
-        )
     gen = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample)}
     if do_sample:
         gen.update(temperature=float(temperature), top_p=float(top_p))
         torch.manual_seed(seed)
-    hooks = PruneHooks(lm.model, config)
+    work = prepared.work
+    hooks = PruneHooks(lm.model, config).share(work)
     probe = _CacheProbe()
     on_cuda = lm.device.type == "cuda"
     handle = lm.model.register_forward_hook(probe)
@@ -136,12 +213,14 @@ def run(
                 torch.cuda.synchronize(lm.device)
                 torch.cuda.reset_peak_memory_stats(lm.device)
             t0 = time.perf_counter()
-            out = lm.model.generate(**inputs, **gen)
+            out = lm.model.generate(**prepared.inputs, mm_encoder_outputs={"image": work.image}, **gen)
             if on_cuda:
                 torch.cuda.synchronize(lm.device)
-            total_ms = (time.perf_counter() - t0) * 1e3
+            # The image was encoded before generate (as generate itself does first): its time belongs to the call.
+            total_ms = work.vision_ms + (time.perf_counter() - t0) * 1e3
     finally:
         handle.remove()
+    n_prompt = prepared.n_prompt
     new_ids = out[0, n_prompt:]
     answer = lm.processor.decode(new_ids, skip_special_tokens=True).strip()
     memory = Memory(
@@ -151,9 +230,10 @@ def run(
         peak_gpu_bytes=int(torch.cuda.max_memory_allocated(lm.device)) if on_cuda else None,
         peak_gpu_note="" if on_cuda else f"n/a: the model runs on {lm.device.type}, not a CUDA GPU",
     )
-    trace = build_trace(lm, hooks.record(), config, question, prompt, inputs["input_ids"][0], image.size, answer,
-                        len(new_ids), total_ms, memory)
-    return RunResult(answer, trace)
+    record = hooks.record()
+    trace = build_trace(lm, record, config, prepared.question, prepared.prompt, prepared.inputs["input_ids"][0],
+                        prepared.image_size, answer, len(new_ids), total_ms, memory)
+    return RunResult(answer, trace, record.shared_keys)
 
 
 def budget_figures(record: CallRecord, config: PruneConfig) -> dict:

@@ -78,7 +78,10 @@ class Timings:
     llm_prefill: float = 0.0  # the decoder's prefill alone (pruning overhead included, vision excluded)
     decode_per_token: float = 0.0
     decode_tokens: int = 0
-    total: float = 0.0
+    total: float = 0.0  # vision + generate(): at least prefill + decode_per_token x decode_tokens
+    # Parts measured once for the whole request and shared by all its runs (the pruned and the dense run, every
+    # method of a comparison): "vision", "raters". Their figure is that one measurement, the same in each trace.
+    shared: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -227,6 +230,7 @@ class PruneTrace:
                 "decode_per_token": t.decode_per_token,
                 "decode_tokens": t.decode_tokens,
                 "total": t.total,
+                "shared": list(t.shared),
             },
             "cost": {
                 "prefill_flops_dense": c.prefill_flops_dense,

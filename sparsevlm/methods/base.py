@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
+from .. import algorithm as A
 from ..config import PruneConfig
 from ..schedule import Counts
 
@@ -57,6 +58,7 @@ class Raters:
 
     relevance: torch.Tensor  # (Lt,) R over the text tokens
     indices: torch.Tensor  # text-relative indices of the raters
+    ms: float | None = None  # measured time of the one computation when the request shares it (PrefillInput.once)
 
 
 @dataclass
@@ -66,6 +68,26 @@ class PrefillInput:
     projector: torch.Tensor  # (Lv, D) projector output (the visual block of the LLM input)
     text_embeds: torch.Tensor  # (Lt, D) LLM input embeddings of the tokens after the image
     memo: dict  # per-call scratch space of the method (reset every call)
+    # (key, compute) -> (value, ms): work that depends only on the request's inputs (image, question, model), done
+    # once for every run of the request that asks for the same key (e.g. raters by rule) and timed once.
+    once: Callable[[tuple, Callable[[], Any]], tuple[Any, float]] | None = None
+
+    def shared(self, key: tuple, compute: Callable[[], Any]) -> tuple[Any, float | None]:
+        """(value, ms of its one computation), or (compute(), None) where nothing is shared."""
+        if self.once is None:
+            return compute(), None
+        return self.once(key, compute)
+
+
+def text_raters(inp: PrefillInput, rule: str) -> Raters:
+    """SparseVLM's text raters (algorithm.text_relevance / select_raters): the same for every method and run of a
+    request with the same rule, so computed once per request."""
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        relevance = A.text_relevance(inp.projector, inp.text_embeds)
+        return relevance, A.select_raters(relevance, rule)
+
+    (relevance, indices), ms = inp.shared(("raters", rule), compute)
+    return Raters(relevance, indices, ms)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .base import (
     Selection,
     StageInput,
     StageSpec,
+    text_raters,
 )
 
 
@@ -39,10 +40,9 @@ class SparseVLM(PruneMethod):
                     note=f"adaptive count ({cfg.count_mode}): the kept count follows rank(P); no budget")
 
     def prepare(self, cfg: PruneConfig, inp: PrefillInput) -> Raters:
-        relevance = A.text_relevance(inp.projector, inp.text_embeds)
-        raters = A.select_raters(relevance, cfg.rater_rule)
-        inp.memo["raters"] = raters
-        return Raters(relevance, raters)
+        raters = text_raters(inp, cfg.rater_rule)
+        inp.memo["raters"] = raters.indices
+        return raters
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
         v, layer = inp.visual, inp.spec.after_layer

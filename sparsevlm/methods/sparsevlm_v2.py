@@ -14,7 +14,7 @@ import torch
 from ..algorithm import select_raters, text_relevance
 from ..config import FIXED_BUDGETS, REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
 from ..schedule import scaled_layers
-from .base import ModelGeometry, Plan, PrefillInput, PruneMethod, Raters, StageInput, StageSpec
+from .base import ModelGeometry, Plan, PrefillInput, PruneMethod, Raters, StageInput, StageSpec, text_raters
 from .base import Selection as EngineSelection
 from .stage_plan import (
     Selection,
@@ -236,9 +236,9 @@ class SparseVLMv2(PruneMethod):
         return Plan(stages, self.positions(cfg), counts=counts, note=counts.note)
 
     def prepare(self, cfg: PruneConfig, inp: PrefillInput) -> Raters:
-        offsets, m = raters(inp.projector, inp.text_embeds)
-        inp.memo["raters"] = offsets
-        return Raters(m, offsets)
+        shared = text_raters(inp, "gt")  # what `raters` computes, shared with SparseVLM's (same rule) in a request
+        inp.memo["raters"] = shared.indices
+        return shared
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
         rows = inp.memo["raters"].to(inp.hidden.device) + inp.text_start
