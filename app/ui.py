@@ -28,7 +28,7 @@ from sparsevlm.gpu import gpu
 from sparsevlm.images import load_image
 from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, model_bytes
 from sparsevlm.methods import METHODS, get_method
-from sparsevlm.pipeline import check_question, run
+from sparsevlm.pipeline import RunResult, check_question, run, run_shared
 from sparsevlm.presets import PRESETS
 from sparsevlm.scenes import generator  # the studio draws scenes with it (the app may; the engine never does)
 from sparsevlm.scenes.worlds import WORLD_LABELS, WORLDS, WorldError, studio_item, world_of_model, world_order
@@ -337,13 +337,24 @@ def reachable_budget(lm: Any) -> float | None:
 def model_runs(lm: LoadedModel, image: Image.Image, question: str, config: PruneConfig, max_new_tokens: int,
                with_dense: bool) -> tuple[PruneTrace, PruneTrace | None]:
     """All the model (GPU) work of one request: the pruned run, and the dense run to compare with (the same
-    trace when the method is dense). Plain data in and out, so ZeroGPU can run it in its worker."""
-    pruned = run(lm, image, question, config, max_new_tokens=max_new_tokens).trace
-    if config.method == "dense":
-        return pruned, pruned
-    if not with_dense:
-        return pruned, None
-    return pruned, run(lm, image, question, PruneConfig(method="dense"), max_new_tokens=max_new_tokens).trace
+    trace when the method is dense), on one encoding of the image. Plain data in and out, so ZeroGPU can run it
+    in its worker."""
+    if config.method == "dense" or not with_dense:
+        pruned = run(lm, image, question, config, max_new_tokens=max_new_tokens).trace
+        return pruned, (pruned if config.method == "dense" else None)
+    pruned, dense = run_shared(lm, image, question, [config, PruneConfig(method="dense")], max_new_tokens,
+                               raise_errors=True)
+    return pruned.trace, dense.trace
+
+
+@gpu(duration=120)
+def compare_model_runs(lm: LoadedModel, image: Image.Image, question: str, configs: list[PruneConfig],
+                       max_new_tokens: int) -> list[tuple[str, PruneTrace | None, str]]:
+    """All the model work of "Compare all methods": every config on one encoding of the image; per method its
+    trace, or None and why it cannot run on this model (e.g. [CLS] attention on a tower without [CLS])."""
+    results = run_shared(lm, image, question, configs, max_new_tokens)
+    return [(c.method, r.trace, "") if isinstance(r, RunResult) else (c.method, None, str(r))
+            for c, r in zip(configs, results)]
 
 
 def budget_choice(lm: LoadedModel, **layout: Any) -> gr.Radio:
@@ -456,16 +467,10 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
         q = check_question(question)
         image = load_image(image_src)
         truth = scene_truth(scene, image, q, tuple(lm.grid))
-        results: list[tuple[str, PruneTrace | None, str]] = []
-        for i, method in enumerate(COMPARE_METHODS):
-            progress(i / len(COMPARE_METHODS), desc=f"running {render.method_label(method)}")
-            cfg = build_config(method, budget)
-            try:
-                tr = execute(model, image, question, cfg, max_new_tokens, False).pruned
-            except SparseVLMError as exc:  # e.g. FasterVLM on a vision tower without [CLS]
-                results.append((method, None, str(exc)))
-                continue
-            results.append((method, tr, ""))
+        n_new = DEFAULT_NEW_TOKENS if max_new_tokens in (None, "") else _whole(max_new_tokens, "max new tokens")
+        configs = [build_config(method, budget) for method in COMPARE_METHODS]
+        progress(0.1, desc=f"running {len(configs)} methods on one encoding of the image")
+        results = compare_model_runs(lm, image, q, configs, n_new)
         return image, results, (truth["evidence"] if truth else None)
 
     def compare_json(image, question, budget, max_new_tokens, model, scene, progress=gr.Progress()):  # noqa: B008

@@ -163,11 +163,13 @@ def run_shared(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    raise_errors: bool = False,
 ) -> list[RunResult | ConfigError]:
     """Several configs on one image and question, as one request: the processor, the vision tower + projector and
     the text raters (where methods use the same rule) run once and are shared, so each decision is exactly what
     `run` gives alone. Per config: its result, or the ConfigError saying why it cannot run on this model (e.g.
-    [CLS] attention on a tower without [CLS]). The shared parts are named in each trace's `timings_ms.shared`.
+    [CLS] attention on a tower without [CLS]); raise_errors: raise it instead, before the configs after it run.
+    The shared parts are named in each trace's `timings_ms.shared`.
     """
     prepared = prepare(lm, image, question, max_new_tokens)
     out: list[RunResult | ConfigError] = []
@@ -176,6 +178,8 @@ def run_shared(
             config.validate(lm.visual_tokens)
             out.append(run_prepared(lm, prepared, config, max_new_tokens, do_sample, temperature, top_p, seed))
         except ConfigError as exc:
+            if raise_errors:
+                raise
             out.append(exc)
     ran = [r for r in out if isinstance(r, RunResult)]
     for r in ran:
