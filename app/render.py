@@ -7,38 +7,42 @@ hand-built trace and the CLI or a notebook can reuse them.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
 import plotly.graph_objects as go
 from PIL import Image, ImageDraw, ImageFont
 
-from sparsevlm.methods import METHOD_LABELS as REGISTERED_LABELS
+from sparsevlm.methods import METHODS, get_method
 from sparsevlm.trace import PruneTrace, Stage
 
-# What ranks the visual tokens, per method; the labels themselves come from the engine's registry (one place).
-RANKS_BY: dict[str, str] = {
-    "sparsevlm": "text-guided",
-    "sparsevlm-v2": "text-guided, gravity-corrected",
-    "fastv": "last-token attention",
-    "fastervlm": "[CLS] attention",
-    "visionzip": "[CLS] attention + merging",
-    "divprune": "diversity",
-    "pyramiddrop": "last-instruction attention",
-    "dart": "duplication",
-    "random": "no ranking",
-}
-# The one table of method labels: name -> (label, what ranks the visual tokens).
-METHOD_TABLE: dict[str, tuple[str, str]] = {
-    name: (label, RANKS_BY.get(name, "")) for name, label in REGISTERED_LABELS.items()
-}
+
+class _RanksBy(Mapping[str, str]):
+    """What ranks the visual tokens, per method: declared on each method class (`ranks_by`), read live from the
+    engine's registry, so a newly registered method appears here with nothing else to edit."""
+
+    def __getitem__(self, name: str) -> str:
+        if name not in METHODS:
+            raise KeyError(name)
+        return get_method(name).ranks_by
+
+    def __len__(self) -> int:
+        return len(METHODS)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(METHODS)
+
+
+RANKS_BY: Mapping[str, str] = _RanksBy()
 
 
 def method_label(method: str, long: bool = False) -> str:
     """Short label ("FastV"), or with what ranks the tokens ("FastV (last-token attention)")."""
-    label, how = METHOD_TABLE.get(method, (method, ""))
-    return f"{label} ({how})" if long and how else label
+    if method not in METHODS:
+        return method
+    m = get_method(method)
+    return f"{m.label} ({m.ranks_by})" if long and m.ranks_by else m.label
 
 
 # Cluster outlines: a qualitative palette that stays readable on top of photos.

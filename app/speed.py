@@ -56,7 +56,7 @@ def compare_bench(model: str | None, image_path: str, question: str, budget: int
     from sparsevlm.errors import ConfigError
     from sparsevlm.loading import DEFAULT_MODEL, load_model
     from sparsevlm.methods import METHODS
-    from sparsevlm.pipeline import RunResult, run, run_shared
+    from sparsevlm.pipeline import Decoding, RunResult, run, run_shared
 
     from . import render
 
@@ -74,7 +74,7 @@ def compare_bench(model: str | None, image_path: str, question: str, budget: int
         return out
 
     def shared() -> list:
-        return run_shared(lm, image, question, configs, max_new_tokens)
+        return run_shared(lm, image, question, configs, Decoding(max_new_tokens))
 
     def views(results: list) -> None:  # what the page draws from the traces after the model work
         rows = [(c.method, r.trace, "") if isinstance(r, RunResult) else (c.method, None, str(r))

@@ -28,7 +28,7 @@ from sparsevlm.gpu import gpu
 from sparsevlm.images import load_image
 from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, model_bytes
 from sparsevlm.methods import METHODS, get_method
-from sparsevlm.pipeline import RunResult, check_question, run, run_shared
+from sparsevlm.pipeline import Decoding, RunResult, check_question, run, run_shared
 from sparsevlm.presets import PRESETS
 from sparsevlm.scenes import generator  # the studio draws scenes with it (the app may; the engine never does)
 from sparsevlm.scenes.worlds import WORLD_LABELS, WORLDS, WorldError, studio_item, world_of_model, world_order
@@ -342,8 +342,8 @@ def model_runs(lm: LoadedModel, image: Image.Image, question: str, config: Prune
     if config.method == "dense" or not with_dense:
         pruned = run(lm, image, question, config, max_new_tokens=max_new_tokens).trace
         return pruned, (pruned if config.method == "dense" else None)
-    pruned, dense = run_shared(lm, image, question, [config, PruneConfig(method="dense")], max_new_tokens,
-                               raise_errors=True)
+    pruned, dense = run_shared(lm, image, question, [config, PruneConfig(method="dense")],
+                               Decoding(max_new_tokens), raise_errors=True)
     return pruned.trace, dense.trace
 
 
@@ -352,7 +352,7 @@ def compare_model_runs(lm: LoadedModel, image: Image.Image, question: str, confi
                        max_new_tokens: int) -> list[tuple[str, PruneTrace | None, str]]:
     """All the model work of "Compare all methods": every config on one encoding of the image; per method its
     trace, or None and why it cannot run on this model (e.g. [CLS] attention on a tower without [CLS])."""
-    results = run_shared(lm, image, question, configs, max_new_tokens)
+    results = run_shared(lm, image, question, configs, Decoding(max_new_tokens))
     return [(c.method, r.trace, "") if isinstance(r, RunResult) else (c.method, None, str(r))
             for c, r in zip(configs, results)]
 

@@ -1,4 +1,6 @@
-"""Command line: `python -m sparsevlm {run,cost,bench,eval}`. Bad arguments exit non-zero with one line."""
+"""Command line: `python -m sparsevlm {run,cost,models,methods,bench,eval}`.
+
+Bad arguments exit non-zero with one line."""
 
 from __future__ import annotations
 
@@ -67,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="the model presets: grid, depth, parameters, memory, methods, hardware")
     m.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("methods", help="the registered pruning methods: what ranks the tokens, [CLS], positions")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--markdown", action="store_true", help="a Markdown table (the README's method table)")
 
     b = sub.add_parser("bench", help="prefill latency of every method, side by side")
     b.add_argument("--width", default=None, choices=("cpu", "7b"), help="default: 7b on CUDA, cpu otherwise")
@@ -169,6 +175,34 @@ def cmd_models(a) -> int:
     return 0
 
 
+def methods_table() -> list[dict]:
+    """One row per registered method, from what each method class declares."""
+    from .methods import get_method
+
+    return [{"name": m.name, "label": m.label, "ranks_by": m.ranks_by, "needs_cls": m.needs_cls,
+             "captures": sorted(m.captures), "positions": m.default_positions, "paper_counting": m.paper_counting}
+            for m in (get_method(name) for name in METHODS)]
+
+
+def cmd_methods(a) -> int:
+    rows = methods_table()
+    if a.json:
+        print(json.dumps(rows))
+        return 0
+    if a.markdown:
+        print("| method | `--method` | ranks the visual tokens by | needs [CLS] | positions | paper accounting |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(f"| {r['label']} | `{r['name']}` | {r['ranks_by'] or '-'} | {'yes' if r['needs_cls'] else 'no'} | "
+                  f"{r['positions']} | {r['paper_counting']} |")
+        return 0
+    width = max(len(r["name"]) for r in rows) + 2
+    for r in rows:
+        cls = ", needs [CLS]" if r["needs_cls"] else ""
+        print(f"{r['name']:<{width}}{r['label']}: {r['ranks_by'] or '-'}{cls}; positions {r['positions']}")
+    return 0
+
+
 def cmd_bench(a) -> int:
     import torch
 
@@ -190,7 +224,8 @@ def cmd_eval(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "cost": cmd_cost, "models": cmd_models, "bench": cmd_bench, "eval": cmd_eval}
+        commands = {"run": cmd_run, "cost": cmd_cost, "models": cmd_models, "methods": cmd_methods,
+                    "bench": cmd_bench, "eval": cmd_eval}
         return commands[a.command](a)
     except SparseVLMError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -247,12 +247,12 @@ class PruneHooks:
             i = spec.after_layer
             if i < 0:
                 continue
-            if spec.attention:
+            if self._captures_attention(spec):
                 attn = self.layers[i].self_attn
                 reg(attn.q_proj.register_forward_hook(self._make_capture(i, "q")))
                 reg(attn.k_proj.register_forward_hook(self._make_capture(i, "k")))
             reg(self.layers[i].register_forward_hook(self._make_prune(i)))
-        if self.plan.vision_cls:
+        if self._captures_vision():
             layer = _vision_feature_layer(self.model)
             attn = layer.self_attn
             reg(attn.q_proj.register_forward_hook(self._make_capture("vision", "q")))
@@ -260,6 +260,12 @@ class PruneHooks:
             reg(layer.register_forward_hook(self._make_capture("vision", "out")))
             self.vision_attn = attn
         return self
+
+    def _captures_attention(self, spec: StageSpec) -> bool:
+        return spec.attention or "attention" in self.method.captures
+
+    def _captures_vision(self) -> bool:
+        return self.plan.vision_cls or "vision" in self.method.captures
 
     def remove(self) -> None:
         for h in self._handles:
@@ -409,13 +415,13 @@ class PruneHooks:
         )
         i = spec.after_layer
         if i >= 0:
-            if spec.attention:
+            if self._captures_attention(spec):
                 inp.attention_rows = lambda rows: self._rows_attention(i, rows)
                 inp.head_attention_rows = lambda rows: self._rows_attention(i, rows, per_head=True)
                 inp.keys = lambda: self._keys(i)
             if i + 1 < self.depth:
                 inp.next_attention_rows = lambda rows: self._next_rows_attention(i, hidden, rows)
-        if self.plan.vision_cls:
+        if self._captures_vision():
             inp.vision = self._vision_input()
         return inp
 

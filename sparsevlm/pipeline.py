@@ -13,6 +13,7 @@ from .config import PruneConfig
 from .errors import ConfigError, InputError
 from .hooks import CallRecord, PruneHooks, SharedWork, encode_image
 from .loading import LoadedModel
+from .methods import get_method
 from .schedule import BUDGET_TOLERANCE, budget_figure, equal_tokens, equal_tokens_reference
 from .tokenizer import prompt_for
 from .trace import Cost, Memory, PruneTrace, Rater, Timings
@@ -135,6 +136,17 @@ def prepare(lm: LoadedModel, image: Image.Image, question: str, max_new_tokens: 
     return Prepared(question, prompt, dict(inputs), n_prompt, tuple(image.size), work)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How a run generates: greedy by default, or sampling with temperature and top_p from `seed`."""
+
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
 def run(
     lm: LoadedModel,
     image: Image.Image,
@@ -148,35 +160,31 @@ def run(
 ) -> RunResult:
     """Answer `question` about `image` with `config`'s pruning installed; the trace records every decision."""
     _check_request(question, max_new_tokens)
-    config.validate(lm.visual_tokens)  # a bad config is reported before any model work
+    _check_config(lm, config)  # an unknown method and a bad config are reported before any model work
     prepared = prepare(lm, image, question, max_new_tokens)
-    return run_prepared(lm, prepared, config, max_new_tokens, do_sample, temperature, top_p, seed)
+    return run_prepared(lm, prepared, config, Decoding(max_new_tokens, do_sample, temperature, top_p, seed))
 
 
-def run_shared(
-    lm: LoadedModel,
-    image: Image.Image,
-    question: str,
-    configs: list[PruneConfig],
-    max_new_tokens: int = 16,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    raise_errors: bool = False,
-) -> list[RunResult | ConfigError]:
+def _check_config(lm: LoadedModel, config: PruneConfig) -> None:
+    get_method(config.method)
+    config.validate(lm.visual_tokens)
+
+
+def run_shared(lm: LoadedModel, image: Image.Image, question: str, configs: list[PruneConfig],
+               decoding: Decoding | None = None, raise_errors: bool = False) -> list[RunResult | ConfigError]:
     """Several configs on one image and question, as one request: the processor, the vision tower + projector and
     the text raters (where methods use the same rule) run once and are shared, so each decision is exactly what
     `run` gives alone. Per config: its result, or the ConfigError saying why it cannot run on this model (e.g.
     [CLS] attention on a tower without [CLS]); raise_errors: raise it instead, before the configs after it run.
     The shared parts are named in each trace's `timings_ms.shared`.
     """
-    prepared = prepare(lm, image, question, max_new_tokens)
+    decoding = decoding or Decoding()
+    prepared = prepare(lm, image, question, decoding.max_new_tokens)
     out: list[RunResult | ConfigError] = []
     for config in configs:
         try:
-            config.validate(lm.visual_tokens)
-            out.append(run_prepared(lm, prepared, config, max_new_tokens, do_sample, temperature, top_p, seed))
+            _check_config(lm, config)
+            out.append(run_prepared(lm, prepared, config, decoding))
         except ConfigError as exc:
             if raise_errors:
                 raise
@@ -190,22 +198,15 @@ def run_shared(
     return out
 
 
-def run_prepared(
-    lm: LoadedModel,
-    prepared: Prepared,
-    config: PruneConfig,
-    max_new_tokens: int = 16,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-) -> RunResult:
+def run_prepared(lm: LoadedModel, prepared: Prepared, config: PruneConfig,
+                 decoding: Decoding | None = None) -> RunResult:
     """One run from a request's prepared inputs (`prepare`): generate with the encoded image handed over."""
+    d = decoding or Decoding()
     config.validate(lm.visual_tokens)
-    gen = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample)}
-    if do_sample:
-        gen.update(temperature=float(temperature), top_p=float(top_p))
-        torch.manual_seed(seed)
+    gen = {"max_new_tokens": int(d.max_new_tokens), "do_sample": bool(d.do_sample)}
+    if d.do_sample:
+        gen.update(temperature=float(d.temperature), top_p=float(d.top_p))
+        torch.manual_seed(d.seed)
     work = prepared.work
     hooks = PruneHooks(lm.model, config).share(work)
     probe = _CacheProbe()

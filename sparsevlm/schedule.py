@@ -18,6 +18,7 @@ Two accountings meet a budget:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .algorithm import recycle_sizes
@@ -154,6 +155,27 @@ def make_counts(layers, direct, totals, visual: int, depth: int, budget: int, co
 _counts = make_counts
 
 
+def fit_scale(family: Callable[[float], list[int]], figure: Callable[[list[int]], float], budget: float, hi: float,
+              rule: str, iterations: int = 80) -> tuple[list[int], float]:
+    """Counts from a one-parameter family (non-decreasing in alpha) whose figure hits the budget, and the alpha
+    below it: bisection of alpha in [0, hi]. The one list-scaling function of the engine.
+
+    rule "closest": the counts whose figure is nearest the budget (the smaller figure on a tie); "floor": the
+    largest figure <= budget.
+    """
+    lo_a, hi_a = 0.0, hi
+    for _ in range(iterations):
+        mid = (lo_a + hi_a) / 2
+        if figure(family(mid)) > budget:
+            hi_a = mid
+        else:
+            lo_a = mid
+    below, above = family(lo_a), family(hi_a)
+    if rule == "floor":
+        return (below if figure(below) <= budget else above), lo_a
+    return min((below, above), key=lambda c: (abs(figure(c) - budget), figure(c))), lo_a
+
+
 def sparsevlm_fixed(cfg: PruneConfig, visual: int, depth: int) -> Counts:
     """SparseVLM's fixed-budget schedule: directly kept counts per pruning layer, recycled clusters on top."""
     layers = sparsevlm_layers(cfg, depth)
@@ -203,14 +225,7 @@ def sparsevlm_fixed(cfg: PruneConfig, visual: int, depth: int) -> Counts:
                        f"paper accounting: budget {budget} is below what pruning after layer {layers[0]} of {depth} "
                        f"can reach; ran the smallest schedule (1 token kept directly per stage, "
                        f"{figure(smallest):.1f} equal tokens counted at each pruning layer's output)")
-    lo, hi = 0.0, visual / max(min(shape), 1e-9) + 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if figure(direct_for(mid)) > budget:
-            hi = mid
-        else:
-            lo = mid
-    best = min((direct_for(lo), direct_for(hi)), key=lambda d: abs(figure(d) - budget))
+    best, lo = fit_scale(direct_for, figure, budget, visual / max(min(shape), 1e-9) + 1.0, "closest", iterations=60)
     which = "each pruning layer's output (the reference's counting)" if counting == "output" else \
         "each layer's input (equal prefill cost)"
     return _counts(layers, best, totals(best), visual, depth, budget, counting,

@@ -15,7 +15,7 @@ from sparsevlm.config import PruneConfig
 from sparsevlm.errors import ConfigError
 from sparsevlm.loading import from_objects
 from sparsevlm.methods import METHODS
-from sparsevlm.pipeline import RunResult, run, run_shared
+from sparsevlm.pipeline import Decoding, RunResult, run, run_shared
 from sparsevlm.testing import tiny_llava
 from sparsevlm.trace import PruneTrace, Timings
 
@@ -79,7 +79,7 @@ def test_latency_panel_shows_shared_vision_once_and_never_as_a_change():
 def test_shared_runs_measure_vision_once_and_decide_as_runs_alone(lm):
     """run_shared encodes the image once for every config; each decision equals the method run alone."""
     configs = [PruneConfig(method=m, budget=16) for m in METHODS]
-    together = run_shared(lm, _image(), QUESTION, configs, max_new_tokens=4)
+    together = run_shared(lm, _image(), QUESTION, configs, Decoding(max_new_tokens=4))
     assert len(together) == len(configs)
     ran = [r for r in together if isinstance(r, RunResult)]
     assert {r.trace.timings_ms.vision for r in ran} == {ran[0].trace.timings_ms.vision}  # one measurement

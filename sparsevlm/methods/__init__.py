@@ -1,9 +1,13 @@
 """The registry of pruning methods: one module per method, registered here by name.
 
-Adding a method = one module with a `PruneMethod` subclass (see base.py) and one line in `_REGISTRY`.
+Adding a method = one module with a `PruneMethod` subclass (see base.py) declaring its name, label, what it ranks
+by, whether it needs [CLS] and what it captures, and one line in `_BUILT_IN`. Everything else (the CLI's choices,
+the app's labels and tables, the benchmark) reads the registry. `register` adds a method at run time.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
 
 from ..errors import ConfigError
 from .base import (
@@ -29,14 +33,70 @@ from .sparsevlm import SparseVLM
 from .sparsevlm_v2 import SparseVLMv2
 from .visionzip import VisionZip
 
-_REGISTRY: dict[str, PruneMethod] = {m.name: m for m in (
+_BUILT_IN: tuple[PruneMethod, ...] = (
     Dense(), SparseVLM(), FastV(), FasterVLM(), RandomSubset(),
     SparseVLMv2(), VisionZip(), DivPrune(), PyramidDrop(), DART(),
-)}
+)
+_REGISTRY: dict[str, PruneMethod] = {}
 
-METHODS: tuple[str, ...] = tuple(_REGISTRY)
+
+def register(method: PruneMethod) -> PruneMethod:
+    """Add a method under its `name` (a name already taken is a ConfigError); returns it."""
+    name = getattr(method, "name", None)
+    if not isinstance(method, PruneMethod) or not isinstance(name, str) or not name:
+        raise ConfigError("a method is a PruneMethod instance with a non-empty `name`")
+    if name in _REGISTRY:
+        raise ConfigError(f"a method named {name!r} is registered already")
+    _REGISTRY[name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    """Remove a method added with `register` (built-in methods stay)."""
+    if any(m.name == name for m in _BUILT_IN):
+        raise ConfigError(f"{name!r} is a built-in method")
+    _REGISTRY.pop(name, None)
+
+
+for _m in _BUILT_IN:
+    register(_m)
+
+
+class _Names(Sequence[str]):
+    """The registered method names, in registration order; always current (methods registered later appear)."""
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return tuple(_REGISTRY)[i]
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(_REGISTRY))
+
+    def __contains__(self, name: object) -> bool:
+        return name in _REGISTRY
+
+    def __repr__(self) -> str:
+        return repr(tuple(_REGISTRY))
+
+
+class _Labels(Mapping[str, str]):
+    """name -> label of every registered method; always current."""
+
+    def __getitem__(self, name: str) -> str:
+        return _REGISTRY[name].label
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(_REGISTRY))
+
+
+METHODS: Sequence[str] = _Names()
 # Labels for UIs, in one place.
-METHOD_LABELS: dict[str, str] = {name: m.label for name, m in _REGISTRY.items()}
+METHOD_LABELS: Mapping[str, str] = _Labels()
 
 
 def get_method(name: str) -> PruneMethod:
@@ -47,6 +107,6 @@ def get_method(name: str) -> PruneMethod:
 
 
 __all__ = [
-    "METHODS", "METHOD_LABELS", "get_method", "MergedGroup", "ModelGeometry", "Plan", "PrefillInput", "PruneMethod",
-    "Raters", "Selection", "StageInput", "StageSpec", "VisionInput",
+    "METHODS", "METHOD_LABELS", "get_method", "register", "unregister", "MergedGroup", "ModelGeometry", "Plan",
+    "PrefillInput", "PruneMethod", "Raters", "Selection", "StageInput", "StageSpec", "VisionInput",
 ]

@@ -161,14 +161,23 @@ class Selection:
 
 
 class PruneMethod:
-    """Base class of a registered method. Instances are stateless: per-call state goes in `memo`."""
+    """Base class of a registered method. Instances are stateless: per-call state goes in `memo`.
 
-    name: ClassVar[str]
+    What the app, the CLI and the docs need to know about a method is declared here, on the class, and read from
+    the registry (methods/__init__.py): nothing else lists the methods.
+    """
+
+    name: ClassVar[str]  # the registry key (CLI --method, PruneConfig.method, traces)
     label: ClassVar[str]  # for UIs
+    ranks_by: ClassVar[str] = ""  # what ranks the visual tokens, in a few words (UIs, the method table)
     default_positions: ClassVar[str] = "keep"
     # What `paper` accounting means for this method (docs and UI).
     paper_counting: ClassVar[str] = ""
-    needs_cls: ClassVar[bool] = False
+    needs_cls: ClassVar[bool] = False  # ranks by the vision tower's [CLS] token (a tower without one cannot run it)
+    # What the plumbing captures for `select`: "attention" = the q/k projections of each pruning layer
+    # (StageInput.attention_rows, head_attention_rows, keys); "vision" = the vision tower's feature layer
+    # (StageInput.vision). Stages before the LLM capture no layer attention.
+    captures: ClassVar[frozenset[str]] = frozenset()
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         raise NotImplementedError
@@ -185,5 +194,7 @@ class PruneMethod:
 
 
 def top_k_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k highest-scoring local indices, in sequence order."""
-    return torch.topk(scores, min(k, len(scores))).indices.sort().values
+    """Indices of the k highest scores (k clamped to 0..n), in ascending position order: every method keeps
+    raster order. The one top-k of the engine."""
+    k = max(0, min(int(k), scores.shape[0]))
+    return torch.topk(scores, k).indices.sort().values

@@ -146,6 +146,8 @@ class DART(PruneMethod):
 
     name = NAME
     label = "DART"
+    ranks_by = "duplication"
+    captures = frozenset({"attention"})
     default_positions = "keep"  # position_ids = keep_indexs (L359)
     paper_counting = ("MAX_NUM_TRUNCTION = budget: 4 image pivots + 8 x (budget // 8) claimed tokens kept after "
                       "layer K - 1; the budget counts the claimed tokens (retained = kept - 4 pivots)")
@@ -154,7 +156,7 @@ class DART(PruneMethod):
         sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
         extra = min(PIVOT_IMAGE, geo.grid_tokens) if sp.counting == "retained" else 0
         counts = to_counts(sp, kept_extra=extra)
-        return Plan((StageSpec(sp.after_layers[0], sp.counts[0], attention=True),), self.positions(cfg),
+        return Plan((StageSpec(sp.after_layers[0], sp.counts[0]),), self.positions(cfg),
                     counts=counts, note=counts.note)
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:

@@ -80,6 +80,7 @@ class DivPrune(PruneMethod):
 
     name = NAME
     label = "DivPrune"
+    ranks_by = "diversity"
     default_positions = "compact"
     paper_counting = "n = round(SUBSET_RATIO x 576) tokens kept before the LLM: every layer sees n"
 

@@ -11,6 +11,8 @@ from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, Stage
 class FasterVLM(PruneMethod):
     name = "fastervlm"
     label = "FasterVLM"
+    ranks_by = "[CLS] attention"
+    captures = frozenset({"vision"})
     # The official code hands the LLM a shorter image block: contiguous positions.
     default_positions = "compact"
     paper_counting = "k patches kept before the LLM: every layer sees k (input and output counting agree)"
@@ -23,7 +25,7 @@ class FasterVLM(PruneMethod):
                 "(no [CLS] token, e.g. SigLIP) has none: choose another method"
             )
         counts = schedule.single_stage(cfg, geo.grid_tokens, -1, geo.depth, "FasterVLM")
-        return Plan((StageSpec(-1, counts.direct[0]),), self.positions(cfg), vision_cls=True, counts=counts,
+        return Plan((StageSpec(-1, counts.direct[0]),), self.positions(cfg), counts=counts,
                     note=counts.note)
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:

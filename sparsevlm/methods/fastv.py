@@ -14,13 +14,15 @@ from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, Stage
 class FastV(PruneMethod):
     name = "fastv"
     label = "FastV"
+    ranks_by = "last-token attention"
+    captures = frozenset({"attention"})
     default_positions = "keep"  # FastV keeps the original position ids
     paper_counting = "FastV's own: the budget is the number of visual tokens kept after layer K-1"
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         after = schedule.fastv_k(cfg, geo.depth) - 1
         counts = schedule.single_stage(cfg, geo.grid_tokens, after, geo.depth, "FastV")
-        return Plan((StageSpec(after, counts.direct[0], attention=True),), self.positions(cfg), counts=counts,
+        return Plan((StageSpec(after, counts.direct[0]),), self.positions(cfg), counts=counts,
                     note=counts.note)
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:

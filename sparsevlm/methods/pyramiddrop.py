@@ -12,19 +12,17 @@ from __future__ import annotations
 import torch
 
 from ..config import FIXED_BUDGETS, REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
-from ..schedule import scaled_layers
-from .base import ModelGeometry, Plan, PruneMethod, StageInput, StageSpec
+from ..schedule import fit_scale, scaled_layers
+from .base import ModelGeometry, Plan, PruneMethod, StageInput, StageSpec, top_k_keep
 from .base import Selection as EngineSelection
 from .stage_plan import (
     Selection,
     StagePlan,
     check_accounting,
     check_budget,
-    fit_scale,
     floor_or_error,
     make_plan,
     measure,
-    sorted_topk,
     to_counts,
 )
 
@@ -55,7 +53,7 @@ def last_token_scores(q_last: torch.Tensor, keys: torch.Tensor, visual_start: in
 
 def select(scores: torch.Tensor, keep: int) -> Selection:
     """Keep the top `keep` visual tokens in position order (L1405-1407)."""
-    return Selection(kept=sorted_topk(scores, keep), scores=scores.float(), extras={"keep": int(keep)})
+    return Selection(kept=top_k_keep(scores, keep), scores=scores.float(), extras={"keep": int(keep)})
 
 
 def stage_counts(visual: int, ratios: tuple[float, ...]) -> list[int]:
@@ -103,7 +101,7 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
     def family(lam: float) -> list[int]:
         return stage_counts(visual, tuple(lam ** (i + 1) for i in range(len(layers))))
 
-    counts = fit_scale(family, figure, budget, 1.0, "floor" if accounting == "paper" else "closest")
+    counts, _ = fit_scale(family, figure, budget, 1.0, "floor" if accounting == "paper" else "closest")
     lam_lo = max((counts[0] / visual), 0.0)
     note = f"before layers {[x + 1 for x in layers]}, ratios lambda^i (lambda ~ {lam_lo:.3f}), counts {counts}"
     if not (depth == REFERENCE_DEPTH and visual == REFERENCE_GRID_TOKENS and budget in FIXED_BUDGETS):
@@ -126,6 +124,7 @@ class PyramidDrop(PruneMethod):
 
     name = NAME
     label = "PyramidDrop"
+    ranks_by = "last-instruction attention"
     default_positions = "compact"  # pdrop_rank_drop renumbers position ids at every drop
     paper_counting = "PyramidDrop's average tokens: the mean over layers of the visual tokens each layer processes"
 

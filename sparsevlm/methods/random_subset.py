@@ -12,6 +12,7 @@ from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, Stage
 class RandomSubset(PruneMethod):
     name = "random"
     label = "Random"
+    ranks_by = "no ranking"
     # Before the LLM the sequence is shortened, so positions are contiguous (like FasterVLM's official code).
     default_positions = "compact"
     paper_counting = "k patches kept before the LLM: every layer sees k (input and output counting agree)"

@@ -26,6 +26,8 @@ from .base import (
 class SparseVLM(PruneMethod):
     name = "sparsevlm"
     label = "SparseVLM"
+    ranks_by = "text-guided"
+    captures = frozenset({"attention"})
     default_positions = "compact"  # v1 / v1.5 renumber the survivors 0..N-1
     paper_counting = ("reference v1.5 lists as directly kept counts, recycled clusters on top; each pruning layer "
                       "counted at its output")
@@ -33,10 +35,10 @@ class SparseVLM(PruneMethod):
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         if cfg.count_mode == "fixed":
             counts = schedule.sparsevlm_fixed(cfg, geo.grid_tokens, geo.depth)
-            stages = tuple(StageSpec(layer, d, attention=True) for layer, d in zip(counts.layers, counts.direct))
+            stages = tuple(StageSpec(layer, d) for layer, d in zip(counts.layers, counts.direct))
             return Plan(stages, self.positions(cfg), counts=counts, note=counts.note)
         layers = schedule.sparsevlm_layers(cfg, geo.depth)
-        return Plan(tuple(StageSpec(layer, None, attention=True) for layer in layers), self.positions(cfg),
+        return Plan(tuple(StageSpec(layer, None) for layer in layers), self.positions(cfg),
                     note=f"adaptive count ({cfg.count_mode}): the kept count follows rank(P); no budget")
 
     def prepare(self, cfg: PruneConfig, inp: PrefillInput) -> Raters:

@@ -13,19 +13,27 @@ import torch
 
 from ..algorithm import select_raters, text_relevance
 from ..config import FIXED_BUDGETS, REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
-from ..schedule import scaled_layers
-from .base import ModelGeometry, Plan, PrefillInput, PruneMethod, Raters, StageInput, StageSpec, text_raters
+from ..schedule import fit_scale, scaled_layers
+from .base import (
+    ModelGeometry,
+    Plan,
+    PrefillInput,
+    PruneMethod,
+    Raters,
+    StageInput,
+    StageSpec,
+    text_raters,
+    top_k_keep,
+)
 from .base import Selection as EngineSelection
 from .stage_plan import (
     Selection,
     StagePlan,
     check_accounting,
     check_budget,
-    fit_scale,
     floor_or_error,
     make_plan,
     measure,
-    sorted_topk,
     to_counts,
 )
 
@@ -156,7 +164,7 @@ def select(
     scores = corrected[heads].mean(dim=(0, 1))
     k = kept_count(keep, v_cur)
     return Selection(
-        kept=sorted_topk(scores, k),
+        kept=top_k_keep(scores, k),
         scores=scores,
         extras={
             "raw_scores": raw[heads].mean(dim=(0, 1)),
@@ -207,7 +215,7 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
     figure = measure(counting, visual, layers, depth)
     if accounting == "flops":
         floor_or_error(NAME, budget, figure([1] * len(layers)), f"pruning after layer {layers[0]} of {depth}")
-    counts = fit_scale(family, figure, budget, visual / max(min(shape), 1e-9) + 1.0, "closest")
+    counts, _ = fit_scale(family, figure, budget, visual / max(min(shape), 1e-9) + 1.0, "closest")
     return make_plan(NAME, visual, depth, layers, tuple(counts), budget, accounting, counting,
                      f"v2 list for {shape_key} scaled so {counting}-counted equal tokens hit {budget}")
 
@@ -225,6 +233,8 @@ class SparseVLMv2(PruneMethod):
 
     name = NAME
     label = "SparseVLM v2 (SparseVLM+)"
+    ranks_by = "text-guided, gravity-corrected"
+    captures = frozenset({"attention"})
     default_positions = "keep"  # v2 keeps the survivors' original position ids (modelling L311-312)
     paper_counting = ("reference v2 lists as kept counts after layers 2/6/15, no recycling; each pruning layer "
                       "counted at its output (the code's logged Equal Tokens)")
@@ -232,7 +242,7 @@ class SparseVLMv2(PruneMethod):
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
         counts = to_counts(sp)
-        stages = tuple(StageSpec(layer, k, attention=True) for layer, k in zip(sp.after_layers, sp.counts))
+        stages = tuple(StageSpec(layer, k) for layer, k in zip(sp.after_layers, sp.counts))
         return Plan(stages, self.positions(cfg), counts=counts, note=counts.note)
 
     def prepare(self, cfg: PruneConfig, inp: PrefillInput) -> Raters:

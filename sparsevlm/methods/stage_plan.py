@@ -8,7 +8,8 @@ A method that acts "before layer K" (PyramidDrop, DART) acts after layer K - 1.
 Counting (SPEC section 7): *input* counting = mean over decoder layers of the visual tokens each layer processes
 (a pruning layer counts at its input; what FLOPs follow); *output* counting = the same with each pruning layer
 counted at its output. For a stage before the LLM both are the same. The figures are computed by schedule.py
-(`figures`, `layer_counts`, `make_counts`), the one place counting lives; `to_counts` hands a plan to the engine.
+(`figures`, `layer_counts`, `make_counts`, `fit_scale`), the one place counting lives; `to_counts` hands a
+plan to the engine.
 """
 
 from __future__ import annotations
@@ -129,26 +130,6 @@ def measure(counting: str, visual: int, after_layers: tuple[int, ...], depth: in
     return f
 
 
-def fit_scale(
-    family: Callable[[float], list[int]], figure: Callable[[list[int]], float], budget: float, hi: float, rule: str
-) -> list[int]:
-    """Counts from a one-parameter family (non-decreasing in alpha) whose figure hits the budget.
-
-    rule "closest": the counts whose figure is nearest the budget; "floor": the largest figure <= budget.
-    """
-    lo_a, hi_a = 0.0, hi
-    for _ in range(80):
-        mid = (lo_a + hi_a) / 2
-        if figure(family(mid)) > budget:
-            hi_a = mid
-        else:
-            lo_a = mid
-    below, above = family(lo_a), family(hi_a)
-    if rule == "floor":
-        return below if figure(below) <= budget else above
-    return min((below, above), key=lambda c: (abs(figure(c) - budget), figure(c)))
-
-
 def floor_or_error(method: str, budget: int, reachable: float, what: str) -> None:
     """flops accounting: a budget the method cannot reach at this depth is a clear error."""
     if budget < reachable - 1e-9:
@@ -156,9 +137,3 @@ def floor_or_error(method: str, budget: int, reachable: float, what: str) -> Non
             f"{method}: budget {budget} is below what it can reach here ({what}: at least {reachable:.1f} "
             f"equal tokens by input counting); use a larger budget or accounting 'paper'"
         )
-
-
-def sorted_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores, in ascending position order (every method keeps raster order)."""
-    k = max(0, min(int(k), scores.shape[0]))
-    return torch.topk(scores, k).indices.sort().values

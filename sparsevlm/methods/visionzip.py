@@ -15,9 +15,9 @@ import torch
 
 from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
 from ..errors import ConfigError
-from .base import MergedGroup, ModelGeometry, Plan, PruneMethod, StageInput, StageSpec
+from .base import MergedGroup, ModelGeometry, Plan, PruneMethod, StageInput, StageSpec, top_k_keep
 from .base import Selection as EngineSelection
-from .stage_plan import Selection, StagePlan, check_accounting, check_budget, make_plan, sorted_topk, to_counts
+from .stage_plan import Selection, StagePlan, check_accounting, check_budget, make_plan, to_counts
 
 FORMULA = (
     "dominant: [CLS] + top-(D-1) of c_j = Σ_h A_h[CLS, j]; contextual: rest merged onto C evenly spaced targets "
@@ -81,7 +81,7 @@ def select(scores: torch.Tensor, metric: torch.Tensor, hidden: torch.Tensor, dom
     """
     n = scores.shape[0]
     dominant = max(1, min(dominant, n + 1))
-    dom_patches = sorted_topk(scores, dominant - 1)  # main.py L7 passes dominant - 1; masked_select => ascending
+    dom_patches = top_k_keep(scores, dominant - 1)  # main.py L7 passes dominant - 1; masked_select => ascending
     dev = scores.device
     dom_tokens = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), dom_patches.to(dev) + 1])
     is_dom = torch.zeros(n + 1, dtype=torch.bool, device=dev)
@@ -155,6 +155,8 @@ class VisionZip(PruneMethod):
 
     name = NAME
     label = "VisionZip"
+    ranks_by = "[CLS] attention + merging"
+    captures = frozenset({"vision"})
     default_positions = "compact"  # the image block becomes D + C contiguous tokens
     paper_counting = "D dominant ([CLS] included) + C contextual tokens before the LLM: every layer sees D + C"
     needs_cls = True
@@ -164,7 +166,7 @@ class VisionZip(PruneMethod):
         sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
         d = sp.extras["dominant"]
         counts = to_counts(sp, direct=(d - 1,))  # D - 1 patches kept directly; [CLS] + C merged tokens on top
-        return Plan((StageSpec(-1, d - 1),), self.positions(cfg), vision_cls=True, counts=counts, note=counts.note)
+        return Plan((StageSpec(-1, d - 1),), self.positions(cfg), counts=counts, note=counts.note)
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
         vis = inp.vision
