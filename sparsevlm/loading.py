@@ -507,15 +507,27 @@ class ModelCache:
             self._models.move_to_end(key)
             return unloaded
 
+    def _held(self, key: object, progress: Progress | None) -> LoadedModel | None:
+        """The model kept under `key`, now the most recently used; None when none is."""
+        if not isinstance(key, str) or key.strip() not in self._models:
+            return None
+        key = key.strip()
+        self._models.move_to_end(key)
+        if progress:
+            progress(1.0, f"{self._models[key][0].name} is already loaded")
+        return self._models[key][0]
+
     def get(self, name_or_path: str, progress: Progress | None = None) -> tuple[LoadedModel, list[str]]:
+        with self._lock:  # a model already held is found by its key, even one that `put` added under any name
+            held = self._held(name_or_path, progress)
+        if held is not None:
+            return held, []
         target = resolve(name_or_path, self.access)
         key = self.key(target)
         with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                if progress:
-                    progress(1.0, f"{self._models[key][0].name} is already loaded")
-                return self._models[key][0], []
+            held = self._held(key, progress)
+            if held is not None:
+                return held, []
             need = estimate_bytes(target, self.dtype)
             if need is not None and need > self.max_bytes:
                 raise ModelLoadError(
