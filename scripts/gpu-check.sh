@@ -69,7 +69,7 @@ step page "$LIMIT_PAGE" "$PY" scripts/gpu_check.py page --device "$DEVICE" --wid
   --out "$WORK/page.json"
 
 "$PY" scripts/gpu_check.py report --tests "$WORK/test_cuda.xml" --bench "$WORK/bench.json" --page "$WORK/page.json" \
-  --steps "$WORK/steps.jsonl" --out "$OUT/bench-gpu" || exit 1
+  --steps "$WORK/steps.jsonl" --device "$DEVICE" --out "$OUT/bench-gpu" || exit 1
 FAILED=$(grep -vc '"rc": 0,' "$WORK/steps.jsonl")
 say "done in $(( $(date +%s) - START )) s; $FAILED of 3 steps failed"
 [ "$FAILED" = 0 ]

@@ -114,14 +114,15 @@ def _load(path: Path | None) -> dict | None:
         return None
 
 
-def report(tests: Path | None, bench: Path | None, page_json: Path | None, out: Path, steps: Path | None) -> dict:
+def report(tests: Path | None, bench: Path | None, page_json: Path | None, out: Path, steps: Path | None,
+           device: str = "unknown") -> dict:
     from sparsevlm.bench import format_table
 
     data = {"tests": _tests(tests), "bench": _load(bench), "page": _load(page_json),
             "steps": [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
             if steps is not None and steps.is_file() else [], "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     b, p, t = data["bench"], data["page"], data["tests"]
-    device = (b or p or {}).get("device", "unknown")
+    device = (b or p or {}).get("device", device)
     lines = ["# GPU check", "", f"`scripts/gpu-check.sh`, {data['when']}, device `{device}`."]
     if not str(device).startswith("cuda"):
         lines += ["", "**Dry run off CUDA: this checks the script, its timings say nothing about a GPU.**"]
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--page", type=Path)
     rp.add_argument("--steps", type=Path, help="one JSON line per step: step, seconds, rc, limit_s")
     rp.add_argument("--out", type=Path, required=True, help="path without suffix: .md and .json are written")
+    rp.add_argument("--device", default="unknown", help="the device asked for (shown when no step reports one)")
     a = p.parse_args(argv)
     if a.command == "page":
         result = page(a.device, a.width, a.requests)
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: the page answered on {result['device']}: /explain p50 {result['request_ms_p50']} ms, "
               f"/compare_view {result['compare_ms']} ms")
         return 0 if result["answered_on_device"] else 1
-    report(a.tests, a.bench, a.page, a.out, a.steps)
+    report(a.tests, a.bench, a.page, a.out, a.steps, a.device)
     print(f"gpu-check: wrote {a.out.with_suffix('.md')} and {a.out.with_suffix('.json')}")
     return 0
 
