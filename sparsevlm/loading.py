@@ -182,7 +182,9 @@ class ModelAccess:
         $SPARSEVLM_PUBLIC is 1/true/yes/on)."""
         if public is None:
             public = public_from_env()
-        names = tuple(str(_lexical(n)) if _looks_like_path(n) else n.strip() for n in started if n and n.strip())
+        given = [n.strip() for n in started if n and n.strip()]
+        # Both readings of each name: 'models/x' may be a folder here or a hub id; resolve() tells which.
+        names = tuple(dict.fromkeys([*given, *(str(_lexical(n)) for n in given)]))
         return cls(roots=tuple(model_roots()), started=names, public=public)
 
     def allows_folder(self, folder: Path) -> bool:

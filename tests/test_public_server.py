@@ -139,6 +139,14 @@ def test_public_rules_refuse_hub_ids_beyond_presets_and_cache(folders, monkeypat
     assert resolve("owner/uncached-llava", ModelAccess.for_server(public=False)) == "owner/uncached-llava"
 
 
+def test_a_relative_start_folder_with_one_slash_is_a_folder(folders, monkeypatch):
+    """`python -m app --model start/tiny-llava` run from the folder above: a folder here, not a hub id."""
+    monkeypatch.chdir(folders["root"])
+    access = ModelAccess.for_server("start/tiny-llava", "owner/started-llava", public=True)
+    assert resolve("start/tiny-llava", access) == folders["start"].resolve()
+    assert resolve("owner/started-llava", access) == "owner/started-llava"
+
+
 def test_public_setting_from_the_environment(monkeypatch):
     for value, public in (("1", True), ("true", True), ("on", True), ("0", False), ("", False)):
         monkeypatch.setenv("SPARSEVLM_PUBLIC", value)
