@@ -21,6 +21,9 @@ RUN useradd -m -u 1000 user
 # The hub is reachable on Spaces (the model picker downloads checkpoints into the user's cache); timeouts keep
 # a hub that does not answer from hanging a request. Set HF_HUB_OFFLINE=1 (a Space variable) to serve only
 # local models: unknown ids then fail at once with the list of local ones.
+# SPARSEVLM_PUBLIC=1: the picker loads the presets and local models only, never another hub id a visitor types
+# (set it to 0 in a private Space to allow any hub id). Local folders load only from assets/models,
+# $SPARSEVLM_MODELS_DIR and the --model folder, whatever the setting.
 ENV HOME=/home/user \
     PATH=/home/user/.local/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -30,6 +33,7 @@ ENV HOME=/home/user \
     HF_HUB_ETAG_TIMEOUT=10 \
     HF_HUB_DOWNLOAD_TIMEOUT=60 \
     GRADIO_ANALYTICS_ENABLED=False \
+    SPARSEVLM_PUBLIC=1 \
     PORT=7860
 WORKDIR /home/user/app
 

@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weights the model picker may keep loaded at once, in GiB; the least recently used model is "
                         "unloaded beyond it (env SPARSEVLM_MODEL_MEMORY_GIB; default: 90%% of the GPU's memory, or "
                         "half the machine's available RAM)")
+    p.add_argument("--public", action="store_true", default=None,
+                   help="a public server: the model picker offers the presets and local models only and downloads no "
+                        "other hub model (env SPARSEVLM_PUBLIC=1)")
     return p.parse_args(argv)
 
 
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from sparsevlm.errors import ModelLoadError
-    from sparsevlm.loading import ModelCache, resolve
+    from sparsevlm.loading import ModelAccess, ModelCache, resolve
 
     model_arg = args.model
     if model_arg == str(DEFAULT_MODEL) and not DEFAULT_MODEL.is_dir():
@@ -53,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         limit = None if args.model_memory_gib is None else int(args.model_memory_gib * 2**30)
-        models = ModelCache(limit, device=args.device, dtype=args.dtype)
-        default = ModelCache.key(resolve(model_arg))
+        # Local folders load from the model roots and the folder named here only, whatever visitors type.
+        access = ModelAccess.for_server(model_arg, public=args.public)
+        models = ModelCache(limit, device=args.device, dtype=args.dtype, access=access)
+        default = ModelCache.key(resolve(model_arg, access))
         lm, _ = models.get(default)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -571,8 +571,10 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
         scene_state = gr.State(None)  # the studio scene's ground truth while the inputs still show it
         gr.HTML(INTRO)
         with gr.Row(equal_height=True):
+            public = bool(models.access and models.access.public)  # no hub ids beyond the presets and the cache
             model_in = gr.Dropdown(model_choices(default_model), value=default_model, allow_custom_value=True,
-                                   label="Model: a preset, a Hugging Face hub id or a local folder", scale=5,
+                                   label="Model: a preset or a local model" if public else
+                                   "Model: a preset, a Hugging Face hub id or a local folder", scale=5,
                                    elem_id="sv-model-picker")
             load_btn = gr.Button("Load model", scale=1, min_width=120, elem_id="sv-load")
         model_out = gr.HTML(model_line(first), label="Model", elem_id="sv-model")

@@ -152,10 +152,10 @@ say "packages in place"
 "$PY" -m pip check || fail "pip check found inconsistent dependencies"
 say "requirements installed: torch $("$PY" -c 'import torch; print(torch.__version__)'), $("$PY" -m pip list --format=freeze 2>/dev/null | wc -l) distributions"
 
-# 2. The image's contents: what `COPY . .` copies (tracked and untracked files; .dockerignore'd ones left out).
+# 2. The image's contents: what `COPY . .` copies - every file of the build context, tracked by git or not, less
+#    what .dockerignore excludes, read with Docker's own pattern rules (scripts/docker_context.py).
 mkdir -p "$WORK/app" "$WORK/home"
-git ls-files -co --exclude-standard -z | grep -zvE '^(\.git/|checkpoints/|runs/|tests/screenshots/|\.whl/)' \
-  | xargs -0 tar -cf - | tar -xf - -C "$WORK/app"
+say "$("$HOST_PY" scripts/docker_context.py . --copy-to "$WORK/app")"
 
 # 3. Start it as the image's CMD does, as uid 1000, hub offline.
 CMD=$("$HOST_PY" -c "
@@ -163,7 +163,9 @@ import json, re, sys
 m = re.search(r'^CMD\s+(\[.*\])\s*$', open('Dockerfile').read(), re.M)
 cmd = json.loads(m.group(1))
 print(' '.join(sys.argv[1] if a == '7860' else a for a in cmd))" "$PORT")
-say "starting: $CMD  (in $WORK/app)"
+# The image's own setting for a public server (ENV SPARSEVLM_PUBLIC in the Dockerfile).
+PUBLIC=$(sed -n 's/^[[:space:]]*SPARSEVLM_PUBLIC=\([^[:space:]\\]*\).*/\1/p' Dockerfile | head -1)
+say "starting: $CMD  (in $WORK/app, SPARSEVLM_PUBLIC=${PUBLIC:-unset})"
 RUN_AS=()
 if [ "$(id -u)" = 0 ]; then
   chown -R 1000:1000 "$WORK/app" "$WORK/home"
@@ -175,7 +177,7 @@ fi
 ( cd "$WORK/app" && exec setsid env -i PATH="$WORK/venv/bin:/usr/bin:/bin" HOME="$WORK/home" \
     HF_HOME="$WORK/home/.cache/huggingface" GRADIO_TEMP_DIR="$WORK/home/.cache/gradio" \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False \
-    PYTHONUNBUFFERED=1 PORT="$PORT" "${RUN_AS[@]}" $CMD ) >"$WORK/app.log" 2>&1 &
+    PYTHONUNBUFFERED=1 PORT="$PORT" ${PUBLIC:+SPARSEVLM_PUBLIC="$PUBLIC"} "${RUN_AS[@]}" $CMD ) >"$WORK/app.log" 2>&1 &
 APP_PID=$!
 
 # 4. The page and the API must answer.

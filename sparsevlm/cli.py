@@ -75,11 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--markdown", action="store_true", help="a Markdown table (the README's method table)")
 
     b = sub.add_parser("bench", help="prefill latency of every method, side by side")
-    b.add_argument("--width", default=None, choices=("cpu", "7b"), help="default: 7b on CUDA, cpu otherwise")
+    b.add_argument("--width", default=None, choices=("cpu", "7b", "tiny"),
+                   help="default: 7b on CUDA, cpu otherwise; tiny: a seconds-long dry run of the code path")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     b.add_argument("--runs", type=_positive_int, default=5)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--accounting", default="both", choices=(*ACCOUNTINGS, "both"))
     b.add_argument("--json", action="store_true")
+    b.add_argument("--out", default=None, help="also write the result JSON to this file")
 
     e = sub.add_parser("eval", help="accuracy and evidence recall of every method on generated scenes")
     e.add_argument("--model", default=None)
@@ -208,9 +211,12 @@ def cmd_bench(a) -> int:
 
     from .bench import bench, format_table
 
-    width = a.width or ("7b" if torch.cuda.is_available() else "cpu")
+    width = a.width or ("7b" if torch.cuda.is_available() and a.device in (None, "cuda") else "cpu")
     accountings = ACCOUNTINGS if a.accounting == "both" else (a.accounting,)
-    result = bench(width=width, runs=a.runs, warmup=a.warmup, accountings=accountings)
+    result = bench(width=width, runs=a.runs, warmup=a.warmup, device=a.device, accountings=accountings)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result) if a.json else format_table(result))
     return 0
 

@@ -25,7 +25,13 @@ log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 
 SUPPORTED_DECODERS = ("llama", "qwen2")
-DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "assets" / "models" / "scenes-llava")
+MODELS_ROOT = Path(__file__).resolve().parent.parent / "assets" / "models"
+DEFAULT_MODEL = str(MODELS_ROOT / "scenes-llava")
+# Longest model name accepted (a hub id is at most 96 + 1 + 96 characters; a folder path rarely passes 300), and the
+# longest single path component most file systems allow: longer names get a clear message, never an OSError.
+MAX_NAME_CHARS = 1024
+MAX_PART_BYTES = 255
+PUBLIC_ENV = "SPARSEVLM_PUBLIC"
 
 
 @dataclass
@@ -118,16 +124,21 @@ def _is_llava_folder(p: Path) -> bool:
         return False
 
 
+def model_roots() -> list[Path]:
+    """The folders whose model subfolders a server may load: assets/models and $SPARSEVLM_MODELS_DIR (if set)."""
+    roots = [MODELS_ROOT]
+    if os.environ.get("SPARSEVLM_MODELS_DIR", "").strip():
+        roots.append(_lexical(os.environ["SPARSEVLM_MODELS_DIR"].strip()))
+    return roots
+
+
 def available_local_models() -> list[str]:
     """Models that load without a network: the presets with a local folder, LLaVA folders under assets/models
     and $SPARSEVLM_MODELS_DIR, and LLaVA checkpoints already in the Hugging Face cache."""
     from .presets import PRESETS
 
     found: list[str] = [p.name for p in PRESETS.values() if p.local_path and Path(p.local_path).is_dir()]
-    roots = [Path(__file__).resolve().parent.parent / "assets" / "models"]
-    if os.environ.get("SPARSEVLM_MODELS_DIR"):
-        roots.append(Path(os.environ["SPARSEVLM_MODELS_DIR"]).expanduser())
-    for root in roots:
+    for root in model_roots():
         if root.is_dir():
             for d in sorted(root.iterdir()):
                 if d.is_dir() and _is_llava_folder(d) and d.name not in found and str(d) not in found:
@@ -151,28 +162,153 @@ def _unavailable(what: str, reason: str) -> ModelLoadError:
     )
 
 
-def resolve(name_or_path: str) -> Preset | Path | str:
-    """What a name means: a Preset (by name, or short name such as 'llava-1.5-7b-hf'), an existing local model
-    folder (Path), or another hub id (str, 'owner/name'). Raises ModelLoadError for anything else."""
-    from .presets import PRESETS, get_preset
+@dataclass(frozen=True)
+class ModelAccess:
+    """Which models a server may load, whatever a visitor types into the picker or sends to the API.
 
-    if not isinstance(name_or_path, str) or not name_or_path.strip():
+    Local folders load only from the model roots (assets/models, $SPARSEVLM_MODELS_DIR) and the folders named at
+    start; any other path gets one message that does not say whether it exists. `public` also refuses hub ids
+    outside the presets and the local Hugging Face cache, so visitors cannot make the server download a model.
+    Code that loads a model itself (no access given) may load any folder.
+    """
+
+    roots: tuple[Path, ...] = ()
+    started: tuple[str, ...] = ()  # names given at start (--model): folders (normalized) or hub ids, always allowed
+    public: bool = False
+
+    @classmethod
+    def for_server(cls, *started: str, public: bool | None = None) -> ModelAccess:
+        """The server's rules: the model roots as set now, what it was started with, and `public` (default:
+        $SPARSEVLM_PUBLIC is 1/true/yes/on)."""
+        if public is None:
+            public = public_from_env()
+        given = [n.strip() for n in started if n and n.strip()]
+        # Both readings of each name: 'models/x' may be a folder here or a hub id; resolve() tells which.
+        names = tuple(dict.fromkeys([*given, *(str(_lexical(n)) for n in given)]))
+        return cls(roots=tuple(model_roots()), started=names, public=public)
+
+    def allows_folder(self, folder: Path) -> bool:
+        """`folder` (absolute, normalized) is a start folder or lies under a root."""
+        if str(folder) in self.started:
+            return True
+        return any(folder != root and folder.is_relative_to(root) for root in self.roots)
+
+
+def public_from_env() -> bool:
+    """$SPARSEVLM_PUBLIC as a switch (1/true/yes/on)."""
+    return os.environ.get(PUBLIC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _lexical(name: str) -> Path:
+    """The absolute, normalized form of a path, computed without touching the disk (no stat, no symlink lookup),
+    so deciding whether a name is allowed reveals nothing about what exists."""
+    return Path(os.path.normpath(os.path.abspath(os.path.expanduser(name))))
+
+
+def _looks_like_path(name: str) -> bool:
+    name = name.strip()
+    return name.startswith((".", "/", "~", os.sep)) or name.count("/") != 1 or " " in name
+
+
+def _shown(name: str) -> str:
+    """A name as messages echo it: at most 80 characters."""
+    return repr(name if len(name) <= 80 else name[:60] + "..." + name[-17:])
+
+
+def check_model_name(name: object) -> str:
+    """The stripped name, or a clear ModelLoadError for an empty, overlong or malformed one (control characters,
+    a path part the file system cannot hold). Runs before any look at the disk or the hub."""
+    if not isinstance(name, str) or not name.strip():
         raise _unavailable("no model was given", "pass a preset name, a hub id or a local folder")
-    name = name_or_path.strip()
+    name = name.strip()
+    if len(name) > MAX_NAME_CHARS:
+        raise ModelLoadError(f"the model name is {len(name):,} characters long; at most {MAX_NAME_CHARS:,} are "
+                             "accepted (a preset name, a hub id such as owner/model, or a folder path)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ModelLoadError(f"the model name {_shown(name)} contains control characters (a line break, a tab, a "
+                             "NUL ...): type a preset name, a hub id or a folder path")
+    longest = max(len(part.encode("utf-8", "surrogatepass")) for part in name.replace(os.sep, "/").split("/"))
+    if longest > MAX_PART_BYTES:
+        raise ModelLoadError(f"the model name {_shown(name)} has a part of {longest} bytes between slashes; "
+                             f"folder names hold at most {MAX_PART_BYTES}")
+    return name
+
+
+def _check_hub_id(name: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise _unavailable(f"{_shown(name)} is neither a preset, a local model folder nor a hub id",
+                           "a hub id is owner/name in letters, digits, '-', '_' and '.', at most 96 characters "
+                           "each side") from None
+
+
+def _in_hub_cache(hub_id: str) -> bool:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(hub_id, local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - not cached (or an unreadable cache): not a local model
+        return False
+
+
+def _local_folder(p: Path) -> Preset | Path:
+    """An existing folder the caller may load: its preset (the embedded model's folder) or the folder itself."""
+    from .presets import PRESETS
+
+    try:
+        exists, has_config = p.exists(), (p / "config.json").is_file()
+    except OSError as e:  # unreadable or otherwise unusable path: one line, not a traceback
+        raise ModelLoadError(f"cannot read the model folder {_shown(str(p))}: {e.strerror or type(e).__name__}") \
+            from None
+    if not exists:
+        raise _unavailable(f"model folder {p} does not exist", "check the path")
+    if not has_config:
+        raise ModelLoadError(f"{p} has no config.json: not a saved transformers model folder")
+    for preset in PRESETS.values():  # the embedded model's folder is its preset
+        if preset.local_path and Path(preset.local_path).resolve() == p.resolve():
+            return preset
+    return p.resolve()
+
+
+def resolve(name_or_path: str, access: ModelAccess | None = None) -> Preset | Path | str:
+    """What a name means: a Preset (by name, or short name such as 'llava-1.5-7b-hf'), an existing local model
+    folder (Path), or another hub id (str, 'owner/name'). Raises ModelLoadError for anything else.
+
+    With `access` (a server's rules), folders outside its roots and start folders are refused with one message
+    whether or not they exist, and a public server refuses hub ids that are neither presets nor cached."""
+    from .presets import get_preset
+
+    name = check_model_name(name_or_path)
     preset = get_preset(name)
     if preset is not None:
         return preset
-    p = Path(name).expanduser()
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise ModelLoadError(f"{p} has no config.json: not a saved transformers model folder")
-        for preset in PRESETS.values():  # the embedded model's folder is its preset
-            if preset.local_path and Path(preset.local_path).resolve() == p.resolve():
-                return preset
-        return p.resolve()
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or " " in name
-    if looks_local:
-        raise _unavailable(f"model folder {name} does not exist", "check the path")
+    if access is None:
+        p = Path(name).expanduser()
+        try:
+            on_disk = p.exists()
+        except OSError:
+            on_disk = False
+        if on_disk:
+            return _local_folder(p)
+        if _looks_like_path(name):
+            raise _unavailable(f"model folder {name} does not exist", "check the path")
+        _check_hub_id(name)
+        return name
+    candidate = _lexical(name)
+    if access.allows_folder(candidate) and (_looks_like_path(name) or candidate.is_dir()):
+        return _local_folder(candidate)  # inside the server's own folders: saying what is missing there is fine
+    if _looks_like_path(name):  # one message whether the path exists or not
+        raise _unavailable(f"{_shown(name)} is not a model this server offers",
+                           "local models load only from the server's model folders")
+    _check_hub_id(name)
+    if access.public and name not in access.started and not _in_hub_cache(name):
+        raise _unavailable(f"{_shown(name)} is not a model this server offers",
+                           "this public server loads its presets and local models only, it downloads no other hub "
+                           "model")
     return name
 
 
@@ -338,8 +474,10 @@ class ModelCache:
     so. One lock serializes loading: two requests for the same model load it once.
     """
 
-    def __init__(self, max_bytes: int | None = None, device: str | None = None, dtype: str | None = None):
+    def __init__(self, max_bytes: int | None = None, device: str | None = None, dtype: str | None = None,
+                 access: ModelAccess | None = None):
         self.device, self.dtype = pick_device_dtype(device, dtype)
+        self.access = access  # a server's rules for what may be loaded (None: anything)
         self._device_arg, self._dtype_arg = device, dtype
         self.max_bytes = int(max_bytes) if max_bytes is not None else default_budget_bytes(self.device)
         self._models: OrderedDict[str, tuple[LoadedModel, int]] = OrderedDict()
@@ -371,15 +509,27 @@ class ModelCache:
             self._models.move_to_end(key)
             return unloaded
 
+    def _held(self, key: object, progress: Progress | None) -> LoadedModel | None:
+        """The model kept under `key`, now the most recently used; None when none is."""
+        if not isinstance(key, str) or key.strip() not in self._models:
+            return None
+        key = key.strip()
+        self._models.move_to_end(key)
+        if progress:
+            progress(1.0, f"{self._models[key][0].name} is already loaded")
+        return self._models[key][0]
+
     def get(self, name_or_path: str, progress: Progress | None = None) -> tuple[LoadedModel, list[str]]:
-        target = resolve(name_or_path)
+        with self._lock:  # a model already held is found by its key, even one that `put` added under any name
+            held = self._held(name_or_path, progress)
+        if held is not None:
+            return held, []
+        target = resolve(name_or_path, self.access)
         key = self.key(target)
         with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                if progress:
-                    progress(1.0, f"{self._models[key][0].name} is already loaded")
-                return self._models[key][0], []
+            held = self._held(key, progress)
+            if held is not None:
+                return held, []
             need = estimate_bytes(target, self.dtype)
             if need is not None and need > self.max_bytes:
                 raise ModelLoadError(
@@ -388,7 +538,8 @@ class ModelCache:
                     f"{self.max_bytes / 2**30:.2f} GiB: pick a smaller model or run on a bigger machine"
                 )
             unloaded = self._make_room(need or 0, keep=key)
-            lm = load_model(name_or_path, device=self._device_arg, dtype=self._dtype_arg, progress=progress)
+            # The key names what `resolve` allowed (a preset, the folder as resolved, a hub id): load exactly that.
+            lm = load_model(key, device=self._device_arg, dtype=self._dtype_arg, progress=progress)
             size = model_bytes(lm.model)
             # The estimate may be missing (a hub id not yet downloaded): check again with the real size.
             unloaded += self._make_room(size, keep=key)

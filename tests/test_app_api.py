@@ -598,8 +598,8 @@ def test_picker_loads_a_second_model_and_switches_back(server, files):
     assert server.alive()
 
 
-@pytest.mark.parametrize("name,needle", [("nobody/no-such-llava", "offline"), ("/no/such/folder", "does not exist"),
-                                         ("", "no model")])
+@pytest.mark.parametrize("name,needle", [("nobody/no-such-llava", "offline"),
+                                         ("/no/such/folder", "is not a model this server offers"), ("", "no model")])
 def test_picker_unknown_or_offline_model_names_the_local_ones(client, server, name, needle):
     with pytest.raises(AppError, match=needle) as err:
         client.predict(name, api_name="/load_model")

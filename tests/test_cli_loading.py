@@ -1,7 +1,14 @@
-"""The command line as a user scripts it, and model loading from folders and (offline) hub ids."""
+"""The command line as a user scripts it, and model loading from folders and (offline) hub ids.
+
+The commands run in-process through `sparsevlm.cli.main` (what `python -m sparsevlm` calls), with stdout and
+stderr captured, so each does not pay for a new interpreter importing torch; one test runs the real entry point
+in a subprocess.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -12,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sparsevlm.cli import main
 from sparsevlm.errors import ModelLoadError
 from sparsevlm.loading import load_model
 from sparsevlm.testing import tiny_llava
@@ -19,10 +27,15 @@ from sparsevlm.testing import tiny_llava
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "0"}
-    return subprocess.run([sys.executable, "-m", "sparsevlm", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m sparsevlm ARGS` in this process: exit code, stdout and stderr as a subprocess would give them."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's errors exit
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["python", "-m", "sparsevlm", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -128,7 +141,7 @@ def test_cli_cost_anchors():
     "args,message",
     [
         (["run", "--image", "missing.png", "--question", "q"], "not found"),
-        (["run", "--image", "requirements.txt", "--question", "q"], "not an image"),
+        (["run", "--image", str(ROOT / "requirements.txt"), "--question", "q"], "not an image"),
         (["run", "--image", "IMG", "--question", "q", "--method", "magic"], "invalid choice"),
         (["run", "--image", "IMG", "--question", "q", "--budget", "0"], "at least 1"),
         (["run", "--image", "IMG", "--question", "   "], "question is empty"),
@@ -144,3 +157,16 @@ def test_cli_bad_arguments_one_line_no_traceback(args, message, image_file, mode
     assert "Traceback" not in r.stderr
     lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_the_entry_point_runs_in_its_own_process():
+    """`python -m sparsevlm` itself: JSON on stdout with exit code 0, and an error as one line with exit code 2."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([sys.executable, "-m", "sparsevlm", "cost", "--preset", "llava-1.5-7b", "--json"],
+                        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["visual_kv_bytes"] == 288 * 2**20
+    bad = subprocess.run([sys.executable, "-m", "sparsevlm", "run", "--image", "missing.png", "--question", "q"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert [line for line in bad.stderr.splitlines() if line.strip()] == ["error: image file not found: missing.png"]

@@ -4,14 +4,13 @@ what was unloaded), clear messages for offline or unknown ids. Real models saved
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from sparsevlm.cli import main
 from sparsevlm.errors import ModelLoadError
-from sparsevlm.loading import ModelCache, available_local_models, estimate_bytes, model_bytes, resolve
+from sparsevlm.loading import ModelCache, available_local_models, estimate_bytes, from_objects, model_bytes, resolve
 from sparsevlm.presets import PRESETS, Preset
 from sparsevlm.testing import tiny_llava
 
@@ -55,6 +54,18 @@ def test_both_kept_when_they_fit(two_models):
     assert unloaded == [] and cache.loaded() == [str(a), str(b)]
     cache.get(str(a))
     assert cache.loaded() == [str(b), str(a)]  # least recently used first
+
+
+def test_a_model_put_in_is_found_by_its_key():
+    """A model built in code (a benchmark's random 7B shape) is served under the name it was put in with, a
+    name no folder or hub id has."""
+    model, processor = tiny_llava("llama", layers=2, image_size=56)
+    lm = from_objects(model, processor, name="random LLaVA in memory")
+    cache = ModelCache(max_bytes=2**30)
+    assert cache.put("random LLaVA in memory", lm) == []
+    assert cache.get("random LLaVA in memory") == (lm, [])
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        ModelCache(max_bytes=2**30).get("random LLaVA in memory")  # in another cache it is just a name
 
 
 def test_estimate_matches_loaded_size(two_models):
@@ -112,11 +123,9 @@ def test_available_local_models_lists_extra_folders(two_models, monkeypatch):
     assert str(two_models[0]) in found
 
 
-def test_models_command_json():
-    out = subprocess.run([sys.executable, "-m", "sparsevlm", "models", "--json"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
-    assert out.returncode == 0, out.stderr
-    d = json.loads(out.stdout)
+def test_models_command_json(capsys):
+    assert main(["models", "--json"]) == 0  # `python -m sparsevlm models --json`, in this process
+    d = json.loads(capsys.readouterr().out)
     rows = {r["name"]: r for r in d["presets"]}
     # The first model stays selectable as scenes-llava-v1 once model v2 has replaced it (scripts/ship_v2.sh).
     embedded = ["scenes-llava", *(["scenes-llava-v1"] if (ROOT / "assets/models/scenes-llava-v1").is_dir() else [])]
@@ -135,9 +144,8 @@ def test_models_command_json():
     assert rows["llava-hf/llava-1.5-7b-hf"]["weights_gib_fp16"] * 2 == pytest.approx(
         rows["llava-hf/llava-1.5-7b-hf"]["weights_gib_fp32"], abs=0.02)
     assert d["available_locally"][0] == "scenes-llava"
-    text = subprocess.run([sys.executable, "-m", "sparsevlm", "models"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
-    assert text.returncode == 0 and "| llava-hf/llava-1.5-13b-hf | llava-llama, 40 layers |" in text.stdout
+    assert main(["models"]) == 0
+    assert "| llava-hf/llava-1.5-13b-hf | llava-llama, 40 layers |" in capsys.readouterr().out
 
 
 def test_memory_budget_from_the_environment(monkeypatch):
