@@ -11,7 +11,7 @@
 #   1. export the checkpoint (train_llava.export: records "world": "v2") into a staging folder;
 #   2. evaluate on held-out questions of v2 and of the independent renderer (JSON into the model folder);
 #   3. measure likeness (likeness --json) and put it beside v1's (likeness --compare);
-#   4. write the model card from those JSON files (python -m sparsevlm.scenes.model_card --write);
+#   4. write the model card from those JSON files (python -m training.model_card --write);
 #   5. the gate: issue 10's bars (model_card --check-bars); the real run stops here unless they are met;
 #   6. move v1 aside (models/scenes-llava -> models/scenes-llava-v1, with its likeness summary) and install v2;
 #   7. regenerate the one-click examples from v2's world.
@@ -75,7 +75,7 @@ json_step() {
 # 1. export
 if [ ! -f "$STAGE/config.json" ] || [ "$CKPT/checkpoint.pt" -nt "$STAGE/model.safetensors" ]; then
   rm -rf "$STAGE"
-  run $PY -m sparsevlm.scenes.train_llava --out "$CKPT" --export "$STAGE"
+  run $PY -m training.train_llava --out "$CKPT" --export "$STAGE"
 else
   echo "= $STAGE is the export of $CKPT/checkpoint.pt"
 fi
@@ -83,21 +83,21 @@ fi
 
 # 2. held-out evaluations (the model's own world: eval_heldout_N.json, as the v1 folder names its own)
 json_step "$STAGE/eval_heldout_$N_EVAL.json" \
-  $PY -m sparsevlm.scenes.evaluate --model "$STAGE" --world v2 --n "$N_EVAL" --threads "$THREADS" --json
+  $PY -m training.evaluate --model "$STAGE" --world v2 --n "$N_EVAL" --threads "$THREADS" --json
 json_step "$STAGE/eval_independent_$N_EVAL.json" \
-  $PY -m sparsevlm.scenes.evaluate --model "$STAGE" --world independent --n "$N_EVAL" --threads "$THREADS" --json
+  $PY -m training.evaluate --model "$STAGE" --world independent --n "$N_EVAL" --threads "$THREADS" --json
 
 # 3. likeness, and beside v1's
-json_step "$STAGE/likeness_$N_LIKE.json" $PY -m sparsevlm.scenes.likeness --model "$STAGE" --n "$N_LIKE" \
+json_step "$STAGE/likeness_$N_LIKE.json" $PY -m training.likeness --model "$STAGE" --n "$N_LIKE" \
   --threads "$THREADS" --md "$STAGE/likeness_$N_LIKE.md" --json > /dev/null
-run $PY -m sparsevlm.scenes.likeness --compare "$V1_LIKENESS" "$STAGE/likeness_$N_LIKE.json" \
+run $PY -m training.likeness --compare "$V1_LIKENESS" "$STAGE/likeness_$N_LIKE.json" \
   --md "$STAGE/likeness_compare.md" > /dev/null
 
 # 4. the model card, from those files
-run $PY -m sparsevlm.scenes.model_card --model "$STAGE" --write
+run $PY -m training.model_card --model "$STAGE" --write
 
 # 5. the gate
-if ! run $PY -m sparsevlm.scenes.model_card --model "$STAGE" --check-bars; then
+if ! run $PY -m training.model_card --model "$STAGE" --check-bars; then
   if [ $QUICK = 1 ]; then
     echo "(quick run: the bars are reported, not enforced)"
   elif [ $BELOW = 1 ]; then
@@ -124,10 +124,10 @@ else
   rm -rf "$NEW"
   run mv "$NEW.part" "$NEW"
 fi
-run $PY -m sparsevlm.scenes.model_card --model "$NEW" --write  # the card names the installed folder
+run $PY -m training.model_card --model "$NEW" --write  # the card names the installed folder
 
 # 7. the one-click examples, from the model's world
-run $PY -m sparsevlm.scenes.examples --world v2 --out "$ROOT/examples" > /dev/null
+run $PY -m training.examples --world v2 --out "$ROOT/examples" > /dev/null
 
 echo "shipped: $NEW (world $(world_of "$NEW")), v1 at $OLD; sizes:"
 [ "${SHIPPED_BELOW:-0}" = 0 ] || echo "shipped BELOW issue 10's bars: $NEW/README.md names each bar it misses"

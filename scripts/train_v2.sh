@@ -6,7 +6,7 @@
 #   setsid nohup bash scripts/train_v2.sh > checkpoints/v2.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
-T="python -m sparsevlm.scenes.train_llava --threads ${THREADS:-1}"
+T="python -m training.train_llava --threads ${THREADS:-1}"
 C=checkpoints
 # (a) language pretraining: decoder (8 layers x 128) on text alone; half the scenes as one word per token, half
 # as pooled words (one vector per item, at its patches' positions); 2 objects at most at first, 12 from step 600.

@@ -27,7 +27,7 @@ DEFAULT_PRESET = "scenes-llava"
 # After model v2 ships (scripts/ship_v2.sh), the first embedded model lives here and stays selectable.
 EMBEDDED_V1_DIR = EMBEDDED_DIR.parent / "scenes-llava-v1"
 V1_PRESET = "scenes-llava-v1"
-LIKENESS_FILE = "likeness_1050.json"  # the model folder's own likeness summary (python -m sparsevlm.scenes.likeness)
+LIKENESS_FILE = "likeness_1050.json"  # the model folder's own likeness summary (python -m training.likeness)
 
 # Methods that rank patches by the vision tower's [CLS] attention and cannot run on a tower without one (SigLIP).
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from sparsevlm.scenes.evaluate import answer
 from sparsevlm.scenes.generator import FAMILIES
-from sparsevlm.scenes.model_card import BAR_QUESTIONS, accuracy_floor, own_eval
 from sparsevlm.scenes.worlds import heldout_item, studio_item, world_of_model
 from sparsevlm.tokenizer import prompt_for
+from training.evaluate import answer
+from training.model_card import BAR_QUESTIONS, accuracy_floor, own_eval
 
 MODELS = Path(__file__).resolve().parents[1] / "assets" / "models"
 MAX_BYTES = 40 * 1024 * 1024
@@ -36,7 +36,7 @@ MODEL_DIRS = [d for d in _dirs if (d / "config.json").is_file()]
 pytestmark = pytest.mark.skipif(
     not MODEL_DIRS,
     reason=f"embedded model not exported yet ({_dirs[0]} has no config.json); "
-    "run python -m sparsevlm.scenes.train --export assets/models/scenes-llava",
+    "run python -m training.parts --export assets/models/scenes-llava",
 )
 
 

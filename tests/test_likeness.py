@@ -15,11 +15,11 @@ from PIL import Image
 from sparsevlm.config import PruneConfig
 from sparsevlm.errors import SparseVLMError
 from sparsevlm.hooks import PruneHooks
-from sparsevlm.scenes import likeness as L
-from sparsevlm.scenes.evaluate import load
 from sparsevlm.scenes.generator import COLOURS, PLURALS, SHAPES, heldout_sample
 from sparsevlm.testing import tiny_llava
 from sparsevlm.tokenizer import prompt_for
+from training import likeness as L
+from training.evaluate import load
 
 # The first embedded model (world v1; tests/data holds its figures): scenes-llava until model v2 ships
 # (scripts/ship_v2.sh), then moved aside to scenes-llava-v1.
@@ -214,14 +214,14 @@ def test_every_word_of_the_v2_vocabulary_and_the_independent_questions_is_classi
 
 def test_v1_results_on_the_shipped_model_are_those_of_the_code_before_the_worlds(tmp_path):
     """tests/data/likeness_v1_main_n14.json was written by main's likeness.py (before worlds.py) with
-    `PYTHONHASHSEED=0 python -m sparsevlm.scenes.likeness --n 14 --json ... --records`: same figures now."""
+    `PYTHONHASHSEED=0 python -m training.likeness --n 14 --json ... --records`: same figures now."""
     import os
     import subprocess
     import sys
 
     out = tmp_path / "now.json"
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}  # the v1 exist-no questions need it
-    subprocess.run([sys.executable, "-m", "sparsevlm.scenes.likeness", "--model",
+    subprocess.run([sys.executable, "-m", "training.likeness", "--model",
                     str(MODEL.relative_to(MODEL.parent.parent.parent)),
                     "--n", "14",
                     "--json", str(out), "--records"], check=True, env=env, cwd=MODEL.parent.parent.parent,

@@ -21,7 +21,7 @@ from sparsevlm.scenes.generator import (
     render,
     training_example,
 )
-from sparsevlm.scenes.model import scenes_tokenizer
+from training.model import scenes_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,8 @@ def test_answers_are_single_words_in_the_vocabulary(heldout):
 
 
 def test_evaluation_splits_position_and_relation_by_what_they_ask():
-    from sparsevlm.scenes.evaluate import question_kind
     from sparsevlm.scenes.generator import COLUMNS, ROWS, heldout_sample
+    from training.evaluate import question_kind
 
     kinds = set()
     for i in range(4, 200, 7):  # position questions (family index 4 of 7, round-robin)

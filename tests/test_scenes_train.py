@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sparsevlm.scenes.generator import FAMILIES, Sample, covered_patches, make_scene, training_scene
-from sparsevlm.scenes.model import ModelSize, build_model, scenes_tokenizer
-from sparsevlm.scenes.train import (
+from training.model import ModelSize, build_model, scenes_tokenizer
+from training.parts import (
     N_VISUAL,
     REFERENT_WORDS,
     Batcher,

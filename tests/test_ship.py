@@ -15,10 +15,10 @@ import pytest
 
 from sparsevlm.scenes import generator
 from sparsevlm.scenes import world as world_v2
-from sparsevlm.scenes.examples import write_examples
 from sparsevlm.scenes.generator import FAMILIES
-from sparsevlm.scenes.model_card import accuracy_floor, card, check_bars, eval_records, own_eval
 from sparsevlm.scenes.worlds import world_of_model
+from training.examples import write_examples
+from training.model_card import accuracy_floor, card, check_bars, eval_records, own_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "assets" / "models" / "scenes-llava"
@@ -61,7 +61,7 @@ def test_unknown_example_world_is_a_clear_error(tmp_path):
 
 # --- model card, gate, floors -----------------------------------------------------------------------------------------
 def _result(world: str | None, per_family: dict[str, tuple[int, int]]) -> dict:
-    """A result in the shape `python -m sparsevlm.scenes.evaluate --json` writes."""
+    """A result in the shape `python -m training.evaluate --json` writes."""
     r = {f: {"correct": c, "total": t, "accuracy": c / t} for f, (c, t) in per_family.items()}
     c, t = sum(c for c, _ in per_family.values()), sum(t for _, t in per_family.values())
     r["overall"] = {"correct": c, "total": t, "accuracy": c / t}
@@ -178,8 +178,8 @@ def test_engine_eval_uses_the_models_world(tmp_path, world):
 def _tiny_v2_checkpoint(folder: Path) -> None:
     import torch
 
-    from sparsevlm.scenes.model import ModelSize, build_model
-    from sparsevlm.scenes.train_llava import v2_tokenizer
+    from training.model import ModelSize, build_model
+    from training.train_llava import v2_tokenizer
 
     size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=4, heads=2, kv_heads=1,
                      intermediate=64)
@@ -221,14 +221,14 @@ def test_ship_v2_rehearsal_on_a_placeholder(tmp_path):
     readme = (new / "README.md").read_text()
     assert f"**{100 * evals['v2']['overall']['accuracy']:.1f}% ({evals['v2']['overall']['correct']}/7)**" in readme
     assert "**not met**" in readme and "(quick run: the bars are reported, not enforced)" in log
-    assert "+ nice -n 15 python -m sparsevlm.scenes.evaluate --model" in log  # each step's command is printed
+    assert "+ nice -n 15 python -m training.evaluate --model" in log  # each step's command is printed
     examples = json.loads((dest / "examples" / "examples.json").read_text())
     assert [e["world"] for e in examples] == ["v2"] * len(FAMILIES)
 
     again = _ship(str(ckpt), "--dest", str(dest), "--quick")  # idempotent: every finished step is skipped
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert "eval_heldout_7.json exists" in again.stdout and "already holds this export" in again.stdout
-    assert "train_llava" not in again.stderr and "sparsevlm.scenes.evaluate" not in again.stderr
+    assert "train_llava" not in again.stderr and "training.evaluate" not in again.stderr
 
     # Without --quick the gate holds: a model below the bars is not installed (here in a --dest folder).
     gated = tmp_path / "gated"

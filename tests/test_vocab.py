@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from sparsevlm.scenes import world
-from sparsevlm.scenes.model import scenes_tokenizer
 from sparsevlm.testing import tiny_llava
 from sparsevlm.tokenizer import build_tokenizer
 from sparsevlm.vocab import edit_distance, nearest_word, split_words, unknown_words, unknown_words_notice
+from training.model import scenes_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

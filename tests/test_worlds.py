@@ -87,8 +87,8 @@ def test_world_of_model_reads_training_state(tmp_path):
 
 def test_v1_export_records_no_world(tmp_path):
     """v1's exporter is unchanged: no "world" key, which world_of_model reads as v1."""
-    from sparsevlm.scenes.model import ModelSize, build_model
-    from sparsevlm.scenes.train import export, scenes_tokenizer
+    from training.model import ModelSize, build_model
+    from training.parts import export, scenes_tokenizer
 
     size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, kv_heads=1,
                      intermediate=64)

@@ -1,10 +1,10 @@
 """Model v2, trained the way LLaVA is trained, on the v2 world (`world.py`); resumable, seeded, JSONL logs.
 
-    python -m sparsevlm.scenes.train_llava --phase text     --out checkpoints/v2-text     --until N
-    python -m sparsevlm.scenes.train_llava --phase vision   --out checkpoints/v2-vision   --init-from ... --until N
-    python -m sparsevlm.scenes.train_llava --phase align    --out checkpoints/v2-align    --init-from ... --until N
-    python -m sparsevlm.scenes.train_llava --phase instruct --out checkpoints/v2-instruct --init-from ... --until N
-    python -m sparsevlm.scenes.train_llava --out checkpoints/v2-grow32 --export assets/models/scenes-llava-v2
+    python -m training.train_llava --phase text     --out checkpoints/v2-text     --until N
+    python -m training.train_llava --phase vision   --out checkpoints/v2-vision   --init-from ... --until N
+    python -m training.train_llava --phase align    --out checkpoints/v2-align    --init-from ... --until N
+    python -m training.train_llava --phase instruct --out checkpoints/v2-instruct --init-from ... --until N
+    python -m training.train_llava --out checkpoints/v2-grow32 --export assets/models/scenes-llava-v2
 
 `scripts/train_v2.sh` chains the phases with their arguments; rerunning it resumes where it stopped (each phase
 runs until its checkpoint reaches `--until` steps; a finished phase exits at once).
@@ -51,11 +51,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..tokenizer import build_tokenizer
-from . import world
-from .generator import FAMILIES
+from sparsevlm.scenes import world
+from sparsevlm.scenes.generator import FAMILIES
+from sparsevlm.tokenizer import build_tokenizer
+
 from .model import ModelSize, build_model, pixel_values
-from .train import (
+from .parts import (
     DecoderProbe,
     GridHeads,
     PatchHeads,
@@ -66,8 +67,8 @@ from .train import (
     grown_positions,
     kept_rows,
 )
-from .train import export as train_export
-from .train import initial_state as train_initial_state
+from .parts import export as train_export
+from .parts import initial_state as train_initial_state
 
 N_VISUAL = world.GRID * world.GRID
 QUESTION_POS = 2 + N_VISUAL  # "USER", ":" then 576 visual tokens

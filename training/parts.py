@@ -1,7 +1,7 @@
 """Train scenes-llava from scratch on generated scenes; resumable, seeded, logs curves to JSONL.
 
-    python -m sparsevlm.scenes.train --out DIR [options]      # train (resumes from DIR/checkpoint.pt)
-    python -m sparsevlm.scenes.train --out DIR --export assets/models/scenes-llava
+    python -m training.parts --out DIR [options]      # train (resumes from DIR/checkpoint.pt)
+    python -m training.parts --out DIR --export assets/models/scenes-llava
 
 The shipped model's recipe, phase by phase (each phase starts from the last one's checkpoint.pt with --init-from;
 exact commands in the model card, assets/models/scenes-llava/README.md):
@@ -34,9 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import REFERENCE_PRUNE_LAYERS_32
-from ..schedule import scaled_layers
-from .generator import (
+from sparsevlm.config import REFERENCE_PRUNE_LAYERS_32
+from sparsevlm.scenes.generator import (
     COLOURS,
     FAMILIES,
     GRID,
@@ -50,6 +49,8 @@ from .generator import (
     render,
     training_scene,
 )
+from sparsevlm.schedule import scaled_layers
+
 from .model import (
     ModelSize,
     build_model,

@@ -1,7 +1,7 @@
 """Write the app's one-click examples: generated scenes (one per question family) and examples.json.
 
-    python -m sparsevlm.scenes.examples --out assets/examples               # v1 world (today's examples)
-    python -m sparsevlm.scenes.examples --world v2 --out assets/examples    # model v2's world (scripts/ship_v2.sh)
+    python -m training.examples --out assets/examples               # v1 world (today's examples)
+    python -m training.examples --world v2 --out assets/examples    # model v2's world (scripts/ship_v2.sh)
 
 Scenes come from their own seed range (neither training nor the held-out set) and are busy: 9-12 objects, so
 a 64-token budget cannot keep every object. `--world` should be the embedded model's own world
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import generator
-from . import world as world_v2
-from .generator import FAMILIES
+from sparsevlm.scenes import generator
+from sparsevlm.scenes import world as world_v2
+from sparsevlm.scenes.generator import FAMILIES
 
 EXAMPLES_SEED = 20_000_000
 EXAMPLE_WORLDS = ("v1", "v2")  # the worlds a model is trained on (the independent renderer is a test set only)
