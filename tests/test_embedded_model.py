@@ -1,9 +1,8 @@
-"""The embedded scenes-llava model(s): load offline, LLaVA-1.5 shape, fit the size cap, answer their own world.
+"""The embedded scenes-llava model: loads offline, has LLaVA-1.5's shape, fits the size cap, answers its own world.
 
-Every check follows the model's own world (`worlds.world_of_model`: v1 for the first model, v2 once model v2
-ships) and takes its accuracy floor from the figure measured for that export and recorded in its folder
-(`eval_heldout_<n>.json`, read by `model_card.own_eval`), so swapping the model (scripts/ship_v2.sh) needs no edit
-here. After the swap the first model lives in `scenes-llava-v1` and is checked the same way.
+Every check follows the model's own world (`worlds.world_of_model`) and takes its accuracy floor from the figure
+measured for that export and recorded in its folder (`eval_heldout_<n>.json`, read by `model_card.own_eval`), so
+installing another model (scripts/ship_v2.sh) needs no edit here.
 SPARSEVLM_EMBEDDED_TEST_MODEL=DIR runs the same checks on another folder (e.g. a ship_v2.sh --dest rehearsal).
 """
 
@@ -28,7 +27,7 @@ MAX_BYTES = 40 * 1024 * 1024
 N_PER_FAMILY = 3
 FIXED_SEED = 0  # the studio's scene 0 of each family (studio_item(0, family, world)): fixed, not picked
 
-_dirs = [MODELS / "scenes-llava", MODELS / "scenes-llava-v1"]
+_dirs = [MODELS / "scenes-llava"]
 if os.environ.get("SPARSEVLM_EMBEDDED_TEST_MODEL"):
     _dirs = [Path(os.environ["SPARSEVLM_EMBEDDED_TEST_MODEL"])]
 MODEL_DIRS = [d for d in _dirs if (d / "config.json").is_file()]
@@ -36,7 +35,7 @@ MODEL_DIRS = [d for d in _dirs if (d / "config.json").is_file()]
 pytestmark = pytest.mark.skipif(
     not MODEL_DIRS,
     reason=f"embedded model not exported yet ({_dirs[0]} has no config.json); "
-    "run python -m training.parts --export assets/models/scenes-llava",
+    "train it (scripts/train_v2.sh) and install it (scripts/ship_v2.sh)",
 )
 
 

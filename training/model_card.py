@@ -29,7 +29,7 @@ BAR_QUESTIONS = 3000
 BAR_OWN_OVERALL = 0.97
 BAR_OWN_FAMILY = 0.90
 BAR_INDEPENDENT_OVERALL = 0.90
-TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_v2.sh"  # every phase's command
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_v2.sh"  # every phase's command
 
 
 def eval_records(model_dir: str | Path) -> dict[str, dict]:

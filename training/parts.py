@@ -1,176 +1,34 @@
-"""Train scenes-llava from scratch on generated scenes; resumable, seeded, logs curves to JSONL.
+"""Pieces of the trainer (`train_llava.py`) that are not tied to one phase: the auxiliary heads, the shortened
+decoder forward, block expansion of the decoder, and the export to a plain LLaVA folder.
 
-    python -m training.parts --out DIR [options]      # train (resumes from DIR/checkpoint.pt)
-    python -m training.parts --out DIR --export assets/models/scenes-llava
+- `PatchHeads`: per-patch targets on the vision tower's feature layer (the tower phase and, optionally, later);
+- `GridHeads`: each visual token's own row and column, read from the projector's output;
+- `DecoderProbe` / `WhereHead`: linear heads on a decoder layer's output at the positions that predict answers;
+- `decoder_logits`: LLaVA's forward with some pure-background visual tokens left out of the decoder (at their
+  original positions), so early training sees the objects among fewer distractors;
+- `grow_decoder`: block expansion (a deeper decoder that computes exactly what the shallow one did);
+- `export` / `initial_state`: a checkpoint to a `from_pretrained` folder and back.
 
-The shipped model's recipe, phase by phase (each phase starts from the last one's checkpoint.pt with --init-from;
-exact commands in the model card, assets/models/scenes-llava/README.md):
-
-1. vision tower on per-patch heads alone (--vision-only);
-2. an 8-layer decoder on the frozen tower (--reinit-decoder --layers 8 --freeze-vision --referent-weight 1
-   --mastery 0.9), pure-background visual tokens dropped early (--background-keep-start / --background-full-at);
-3. the same decoder continued with the where and grid heads (--where-weight 1 --grid-weight 0.5), weighted
-   toward position and relation questions;
-4. grown to 32 layers by block expansion and fine-tuned on full pictures (--grow --layers 32).
-
-Each sequence holds one picture and many question/answer turns (the LLaVA multi-turn chat format); the loss is
-on answer tokens (and the end-of-turn token) only, so each picture's 576 visual tokens pay for many answers.
-The data stream is a pure function of (seed, step), so a resumed run sees the same data an uninterrupted run
-would (the mastery curriculum's level is saved in the checkpoint).
+Every head reads hidden states and has targets from the scene's geometry or the question's text; none reads
+attention weights or anything a pruning method scores. All are dropped at export.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 import json
-import math
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from sparsevlm.config import REFERENCE_PRUNE_LAYERS_32
-from sparsevlm.scenes.generator import (
-    COLOURS,
-    FAMILIES,
-    GRID,
-    LABEL_CHARS,
-    MAX_OBJECTS,
-    PLURALS,
-    SHAPES,
-    covered_patches,
-    heldout_set,
-    patch_targets,
-    render,
-    training_scene,
-)
+from sparsevlm.scenes.generator import COLOURS, GRID, LABEL_CHARS, SHAPES
 from sparsevlm.schedule import scaled_layers
 
-from .model import (
-    ModelSize,
-    build_model,
-    build_processor,
-    pixel_values,
-    scenes_tokenizer,
-)
+from .model import ModelSize, build_model, build_processor
 
 N_VISUAL = GRID * GRID
-
-
-def max_objects_at(step: int, start: int, every: int) -> int:
-    """Curriculum: the largest object count of a training scene at `step`."""
-    return min(MAX_OBJECTS, start + step // every)
-
-
-class Batcher:
-    """Builds multi-turn training batches: input ids, labels (answers only) and the family of each label."""
-
-    def __init__(self, tokenizer, n_turns: int):
-        self.tok = tokenizer
-        self.n_turns = n_turns
-        self.image_id = tokenizer.convert_tokens_to_ids("<image>")
-        self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id
-
-    @functools.lru_cache(maxsize=100_000)  # noqa: B019 - one Batcher per process
-    def _ids(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tok(text, add_special_tokens=False)["input_ids"])
-
-    def sequence(self, samples) -> tuple[list[int], list[int], list[int]]:
-        ids, labels, fams, _ = self.sequence_with_refs(samples)
-        return ids, labels, fams
-
-    def sequence_with_refs(self, samples):
-        """(ids, labels, families, refs): refs[i] is the question's referent words (see `referent_vector`) at
-        the position that predicts an answer word, None elsewhere."""
-        ids: list[int] = []
-        labels: list[int] = []
-        fams: list[int] = []
-        refs: list = []
-        for t, s in enumerate(samples):
-            if t == 0:
-                head = self._ids("USER:") + (self.image_id,) * N_VISUAL + self._ids(f"{s.question} ASSISTANT:")
-            else:
-                head = self._ids(f"USER: {s.question} ASSISTANT:")
-            ans = self._ids(s.answer) + (self.eos,)
-            ids += [*head, *ans]
-            labels += [-100] * len(head) + list(ans)
-            fams += [-1] * len(head) + [FAMILIES.index(s.family)] * len(ans)
-            refs += [None] * (len(head) - 1) + [referent_vector(s.question)] + [None] * len(ans)
-        return ids, labels, fams, refs
-
-    def batch(self, seeds: list[int], max_objects: int, weights: dict[str, float], background_keep: float = 1.0):
-        """Tensors for one step. `keep` marks the visual tokens the decoder sees: every token an object or the
-        label touches, and a random `background_keep` share of the pure-background ones (see `decoder_logits`)."""
-        images, seqs, targets, keeps, wheres = [], [], [], [], []
-        for seed in seeds:
-            scene, samples = training_scene(seed, self.n_turns, max_objects, weights)
-            while not samples:  # no question of the asked families fits this scene: another one (below held-out)
-                seed = (seed * 31 + 17) % 9_000_000
-                scene, samples = training_scene(seed, self.n_turns, max_objects, weights)
-            images.append(render(scene))
-            seqs.append(self.sequence_with_refs(samples))
-            wheres.append([where_targets(scene, smp) for smp in samples])
-            targets.append(torch.from_numpy(patch_targets(scene)))
-            keep = torch.ones(N_VISUAL, dtype=torch.bool)
-            if background_keep < 1.0:
-                items = list(range(len(scene.objects))) + ([-1] if scene.label is not None else [])
-                fg = torch.zeros(N_VISUAL, dtype=torch.bool)
-                fg[covered_patches(scene, items)] = True
-                rng = torch.Generator().manual_seed(seed)
-                keep = fg | (torch.rand(N_VISUAL, generator=rng) < background_keep)
-            keeps.append(keep)
-        length = max(len(s[0]) for s in seqs)
-        ids = torch.full((len(seqs), length), self.pad, dtype=torch.long)
-        labels = torch.full((len(seqs), length), -100, dtype=torch.long)
-        fams = torch.full((len(seqs), length), -1, dtype=torch.long)
-        mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        refs = torch.zeros((len(seqs), length, len(REFERENT_WORDS)))
-        ref_mask = torch.zeros((len(seqs), length), dtype=torch.bool)
-        where = torch.full((len(seqs), length, 4), -100, dtype=torch.long)
-        for b, (i, lab, f, r) in enumerate(seqs):
-            ids[b, : len(i)] = torch.tensor(i)
-            labels[b, : len(i)] = torch.tensor(lab)
-            fams[b, : len(i)] = torch.tensor(f)
-            mask[b, : len(i)] = 1
-            answer_at = [t for t, vec in enumerate(r) if vec is not None]  # one per turn, in turn order
-            for t, w in zip(answer_at, wheres[b], strict=True):
-                refs[b, t] = torch.tensor(r[t])
-                ref_mask[b, t] = True
-                where[b, t] = torch.tensor(w)
-        self.last_refs = (refs, ref_mask)  # read by train(); kept out of the return value the tests unpack
-        self.last_where = where
-        return ids, mask, pixel_values(images), labels, fams, torch.stack(targets), torch.stack(keeps)
-
-
-REFERENT_WORDS = (*COLOURS, *SHAPES, *PLURALS.values(), "small", "big")
-
-
-def referent_vector(question: str) -> list[float]:
-    """Which colour / shape / size words the question names (multi-hot over REFERENT_WORDS); read from the
-    question's text alone."""
-    words = set(question.split())
-    return [1.0 if w in words else 0.0 for w in REFERENT_WORDS]
-
-
-def where_targets(scene, sample) -> list[int]:
-    """Slot (row, column) of the objects a position or relation question names, in the order it names them:
-    [row_a, col_a, row_b, col_b], -100 where there is none (other families; b for position questions).
-    Objects are found by name ("red circle"): a scene's (colour, shape) pairs are distinct."""
-    out = [-100] * 4
-    if sample.family not in ("position", "relation"):
-        return out
-    named = sorted(
-        (sample.question.index(f" {o.name} "), o) for o in scene.objects if f" {o.name} " in sample.question
-    )
-    for k, (_, o) in enumerate(named[:2]):
-        out[2 * k : 2 * k + 2] = [o.slot_row, o.slot_col]
-    return out
 
 
 class DecoderProbe(torch.nn.Module):
@@ -196,15 +54,15 @@ class DecoderProbe(torch.nn.Module):
 
 class WhereHead(DecoderProbe):
     """Auxiliary training head on the decoder: at the position that predicts the answer to a position or
-    relation question, the hidden state after decoder layer `layer` must say the slot row and column (of the
-    6x6 layout) of the object(s) the question names.
+    relation question, the hidden state after decoder layer `layer` must say the cell (row and column of a
+    `slots` x `slots` grid over the picture) of the object(s) the question names.
 
     Why: both families need the decoder to fetch where a named object is and carry it to the answer position;
-    the answer alone (three words, or yes/no) is a weak signal for that. Measured: after 3335 steps of the
-    recipe without it, position stood at 61% and relation at 52% (chance) held-out, while the look-up of colour
-    and shape, which needs the same attention, was at 99%. With it (and `GridHeads`), both reached 100% on 700
-    held-out questions at 8 layers. Like the referent head it reads nothing about patches or attention weights:
-    its targets are the named objects' slots. Dropped at export.
+    the answer alone (three words, or yes/no) is a weak signal for that. Measured on an 8-layer decoder trained
+    without it: position 61% and relation 52% (chance) held-out, while the look-up of colour and shape, which
+    needs the same attention, was at 99%; with it (and `GridHeads`) both reached 100% on 700 held-out questions.
+    It reads nothing about patches or attention weights: its targets are the named objects' cells. Dropped at
+    export.
     """
 
     def __init__(self, model, hidden: int, layer: int, slots: int = 6, targets: int = 4):
@@ -212,34 +70,13 @@ class WhereHead(DecoderProbe):
         self.slots, self.targets = slots, targets
 
     def loss(self, where: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
-        """`where` [batch, full length, targets] indexes the full sequences (see `where_targets`); -100 where
-        there is no target."""
+        """`where` [batch, full length, targets] indexes the full sequences (`train_llava.where_vector`); -100
+        where there is no target."""
         b, t = (where[..., 0] != -100).nonzero(as_tuple=True)
         logits = self.read(b, t, rows).reshape(-1, self.targets, self.slots)
         if not len(b):
             return logits.sum() * 0.0
         return F.cross_entropy(logits.flatten(0, 1), where[b, t].flatten(), ignore_index=-100)
-
-
-class ReferentHead(DecoderProbe):
-    """Auxiliary training head on the decoder: at the position that predicts an answer, the hidden state after
-    decoder layer `layer` must say which colour, shape and size words the question named.
-
-    Why: answering "what colour is the circle?" needs two steps the decoder must discover together - carry
-    "circle" to the answer position, then attend from there to the circle's patches. Neither helps the loss
-    before the other exists, and the decoder sat on the answer prior for hundreds of steps (measured: colour
-    with two objects stuck at 0.75 = right on one-object scenes, a coin flip on two-object ones). This head
-    teaches the first step from the question text alone. It never sees the picture, the evidence patches or
-    any attention weights, so it favours no pruning method. Dropped at export.
-    """
-
-    def __init__(self, model, hidden: int, layer: int):
-        super().__init__(model, hidden, layer, len(REFERENT_WORDS))
-
-    def loss(self, refs: torch.Tensor, ref_mask: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
-        """`refs`/`ref_mask` index the full sequences."""
-        b, t = ref_mask.nonzero(as_tuple=True)
-        return F.binary_cross_entropy_with_logits(self.read(b, t, rows), refs[b, t])
 
 
 class PatchHeads(torch.nn.Module):
@@ -258,7 +95,7 @@ class PatchHeads(torch.nn.Module):
 
     def __init__(self, model, vision_hidden: int, balanced: bool = False):
         """`balanced`: the colour, shape and character heads average their background and their foreground
-        patches separately (half each). Plain per-patch cross-entropy (v1, balanced=False) lets the ~500
+        patches separately (half each). Plain per-patch cross-entropy (balanced=False) lets the ~500
         background patches drown the few object and label patches: on v2's small objects and small card a tower
         trained that way knew every patch's colour but its shape only 32% and the label character 8% of the time."""
         super().__init__()
@@ -382,66 +219,14 @@ def decoder_logits(model, ids, pixels, keep, labels, fams, pad: int):
     return model.lm_head(hidden), lab, fam
 
 
-def answer_loss(model, ids, mask, pixels, labels, fams, eos: int, keep=None, pad: int = 0):
-    """Mean cross-entropy over answer tokens, plus per-family (correct, total) of the answer words."""
-    # Right padding + causal attention: real tokens never see the pads, so no mask is needed, and without one
-    # SDPA takes its fused causal kernel (about twice as fast here as the masked path).
-    del mask
-    if keep is None:
-        keep = torch.ones((ids.shape[0], N_VISUAL), dtype=torch.bool)
-    logits, labels, fams = decoder_logits(model, ids, pixels, keep, labels, fams, pad)
-    logits, labels, fams = logits[:, :-1], labels[:, 1:], fams[:, 1:]
-    sel = labels != -100
-    loss = F.cross_entropy(logits[sel].float(), labels[sel])
-    pred = logits.argmax(-1)
-    stats = {}
-    with torch.no_grad():
-        for k, fam in enumerate(FAMILIES):
-            m = sel & (fams == k) & (labels != eos)
-            if m.any():
-                stats[fam] = (int((pred[m] == labels[m]).sum()), int(m.sum()))
-    return loss, stats
-
-
-@torch.no_grad()
-def heldout_accuracy(model, batcher: Batcher, data, batch_size: int = 16) -> dict[str, float]:
-    """Teacher-forced exact match of the whole answer (word + end token) on single-turn held-out questions."""
-    model.eval()
-    correct = {f: 0 for f in FAMILIES}
-    total = {f: 0 for f in FAMILIES}
-    for start in range(0, len(data), batch_size):
-        chunk = data[start : start + batch_size]
-        seqs = [batcher.sequence([s]) for _, s in chunk]
-        length = max(len(s[0]) for s in seqs)
-        ids = torch.full((len(seqs), length), batcher.pad, dtype=torch.long)
-        labels = torch.full((len(seqs), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        for b, (i, lab, _) in enumerate(seqs):
-            ids[b, : len(i)] = torch.tensor(i)
-            labels[b, : len(i)] = torch.tensor(lab)
-            mask[b, : len(i)] = 1
-        logits = model(input_ids=ids, pixel_values=pixel_values([im for im, _ in chunk])).logits  # right-padded
-        pred = logits[:, :-1].argmax(-1)
-        lab = labels[:, 1:]
-        ok = ((pred == lab) | (lab == -100)).all(dim=1)
-        for b, (_, s) in enumerate(chunk):
-            correct[s.family] += int(ok[b])
-            total[s.family] += 1
-    model.train()
-    acc = {f: correct[f] / total[f] for f in FAMILIES if total[f]}
-    acc["overall"] = sum(correct.values()) / max(1, sum(total.values()))
-    return acc
-
-
-def export(ckpt_dir: Path, dest: Path, tokenizer=None, state_keys: tuple[str, ...] = (),
+def export(ckpt_dir: Path, dest: Path, tokenizer, state_keys: tuple[str, ...] = (),
            extra: dict | None = None) -> None:
     """Write the checkpoint as a from_pretrained-loadable model + processor (safetensors) at `dest`.
 
-    `tokenizer`: the vocabulary the checkpoint was trained with (default: the v1 scenes tokenizer);
+    `tokenizer`: the vocabulary the checkpoint was trained with;
     `state_keys`: checkpoint entries recorded in training_state.json beside step, time, arguments and size;
-    `extra`: further entries for training_state.json (v2 records its "world"; v1 writes none, absent means v1)."""
+    `extra`: further entries for training_state.json (the trainer records the model's "world")."""
     state = torch.load(ckpt_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    tokenizer = tokenizer or scenes_tokenizer()
     model = build_model(ModelSize(**state["size"]), tokenizer)
     model.load_state_dict(state["model"])
     model.eval()
@@ -522,312 +307,9 @@ def grow_decoder(state: dict, layers: int, new_layers: int, fresh: dict) -> dict
     return out
 
 
-def learning_rate(step: int, lr: float, warmup: int, start: int = 0, steps: int = 0, end: float | None = None):
-    """Linear warm-up over the first `warmup` steps; with `end`, then a linear decay to `end` over the `steps`
-    steps this invocation runs from `start` (a resumed invocation decays over its own steps)."""
-    rate = lr * min(1.0, (step + 1) / warmup)
-    if end is not None:
-        rate += (end - rate) * (step - start) / max(1, steps - 1)
-    return rate
-
-
 def background_keep_at(step: int, start: float, full_at: int) -> float:
     """Share of pure-background visual tokens the decoder sees at `step`: grows linearly to 1 at `full_at`."""
     if full_at <= 0 or start >= 1.0:
         return 1.0
     return min(1.0, start + (1.0 - start) * step / full_at)
 
-
-def train(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    tokenizer = scenes_tokenizer()
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
-    init = None
-    if state is None and args.init_from:
-        init = initial_state(Path(args.init_from))
-    given = state or init
-    if init and args.reinit_decoder:  # a fresh decoder may have another depth than the weights it starts from
-        init["size"] = {**init["size"], "layers": args.layers}
-        init["model"] = {k: v for k, v in init["model"].items() if "language_model.layers." not in k}
-    elif init and args.grow:
-        grown_size = ModelSize(**{**init["size"], "layers": args.layers})
-        fresh = build_model(grown_size, tokenizer, seed=args.seed + 1).state_dict()
-        init["model"] = grow_decoder(init["model"], init["size"]["layers"], args.layers, fresh)
-        print(f"grown from {init['size']['layers']} decoder layers, kept at "
-              f"{grown_positions(init['size']['layers'], args.layers)}")
-        init["size"] = grown_size.to_dict()
-    size = ModelSize(**given["size"]) if given else ModelSize(
-        vision_hidden=args.vision_hidden,
-        vision_layers=args.vision_layers,
-        hidden=args.hidden,
-        layers=args.layers,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        intermediate=args.intermediate,
-    )
-    model = build_model(size, tokenizer, seed=args.seed)
-    model.train()
-    if args.freeze_vision:
-        # As LLaVA-1.5 does (its CLIP stays frozen in both stages): the tower keeps what it learned (here with
-        # the per-patch heads) and a step skips its backward pass, which at 576 patches is most of a step's cost
-        # once background tokens are dropped from the decoder.
-        model.model.vision_tower.requires_grad_(False)
-    aux = PatchHeads(model, size.vision_hidden)
-    ref_head = ReferentHead(model, size.hidden, args.referent_layer) if args.referent_weight > 0 else None
-    where_head = WhereHead(model, size.hidden, args.where_layer) if args.where_weight > 0 else None
-    grid_heads = GridHeads(model, size.hidden) if args.grid_weight > 0 else None
-    projector = [p for n, p in model.named_parameters() if "multi_modal_projector" in n]
-    others = [p for n, p in model.named_parameters() if "multi_modal_projector" not in n]
-    others += list(aux.parameters())
-    if ref_head is not None:
-        others += list(ref_head.parameters())
-    if where_head is not None:
-        others += list(where_head.parameters())
-    if grid_heads is not None:
-        others += list(grid_heads.parameters())
-    opt = torch.optim.AdamW(
-        [{"params": others, "lr_scale": 1.0}, {"params": projector, "lr_scale": args.projector_lr_scale}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-        weight_decay=0.01,
-    )
-    step, train_seconds, prior_seconds = 0, 0.0, 0.0
-    max_obj, level_start = args.curriculum_start, 0  # the mastery curriculum's level and when it began
-    if state:
-        model.load_state_dict(state["model"])
-        aux.load_state_dict(state["aux"], strict=False)
-        if ref_head is not None and state.get("referent_head") is not None:
-            ref_head.load_state_dict(state["referent_head"])
-        if where_head is not None and state.get("where_head") is not None:
-            where_head.load_state_dict(state["where_head"])
-        if grid_heads is not None and state.get("grid_heads") is not None:
-            grid_heads.load_state_dict(state["grid_heads"])
-        opt.load_state_dict(state["optim"])
-        step, train_seconds = state["step"], state["train_seconds"]
-        prior_seconds = state.get("prior_seconds", 0.0)
-        max_obj, level_start = state.get("curriculum", (max_obj, level_start))
-        print(f"resumed from step {step} ({train_seconds / 60:.1f} min trained) from {ckpt_path}")
-    elif init:
-        # With --reinit-decoder the decoder layers keep build_model's fresh init (vision tower, projector,
-        # embeddings and head come from the given weights).
-        model.load_state_dict(init["model"], strict=not args.reinit_decoder)
-        if init["aux"] is not None:
-            aux.load_state_dict(init["aux"], strict=False)  # heads added since start fresh
-        # The decoder heads carry over too (with --grow, point --referent-layer / --where-layer at the layers
-        # their old ones went to: grown_positions).
-        for head, key in ((ref_head, "referent_head"), (where_head, "where_head"), (grid_heads, "grid_heads")):
-            if head is not None and init.get("heads", {}).get(key) is not None:
-                head.load_state_dict(init["heads"][key])
-        prior_seconds = init["prior_seconds"]
-        if args.reinit_decoder:
-            print(f"decoder: {size.layers} fresh layers")
-        print(f"starting from the weights in {args.init_from} ({prior_seconds / 60:.1f} min trained before)")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params / 1e6:.2f}M parameters, size {size.to_dict()}")
-    batcher = Batcher(tokenizer, args.turns)
-    all_weights = {f: 1.0 for f in FAMILIES}
-    all_weights.update({"count": 1.5, "relation": 1.5, "read": 2.0})
-    for item in filter(None, args.family_weights.split(",")):
-        name, value = item.split("=")
-        if name not in all_weights:
-            raise SystemExit(f"--family-weights: unknown family {name!r} (families: {', '.join(FAMILIES)})")
-        all_weights[name] = float(value)
-    # The first --early-steps ask only the families that are a plain look-up (find the object, read one
-    # attribute): with every family from the start the decoder settles on each family's answer prior and the
-    # look-up is slow to appear (measured: colour stayed at chance for 400 steps); alone it forms in ~60 steps.
-    early = set(args.early_families.split(",")) if args.early_families else set(FAMILIES)
-    early_weights = {f: w for f, w in all_weights.items() if f in early}
-    heldout = heldout_set(args.heldout_n) if args.heldout_every else []
-    log = open(out / "log.jsonl", "a")  # noqa: SIM115 - open for the whole run
-    last_ckpt = time.time()
-    window = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "grid": 0.0, "n": 0, "stats": {}, "t": 0.0}
-
-    def save() -> None:
-        tmp = out / "checkpoint.pt.tmp"
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "aux": aux.state_dict(),
-                "referent_head": ref_head.state_dict() if ref_head is not None else None,
-                "where_head": where_head.state_dict() if where_head is not None else None,
-                "grid_heads": grid_heads.state_dict() if grid_heads is not None else None,
-                "optim": opt.state_dict(),
-                "step": step,
-                "train_seconds": train_seconds,
-                "prior_seconds": prior_seconds,
-                "curriculum": (max_obj, level_start),
-                "size": size.to_dict(),
-                "args": vars(args),
-            },
-            tmp,
-        )
-        os.replace(tmp, ckpt_path)
-
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # finish the step, save, exit
-
-    start_step = step
-    end_step = step + args.steps if args.steps else math.inf
-    if args.lr_end is not None and not args.steps:
-        raise SystemExit("--lr-end needs --steps (the decay runs over this invocation's steps)")
-    while step < end_step and not stop:
-        t0 = time.time()
-        lr = learning_rate(step, args.lr, args.warmup, start_step, args.steps, args.lr_end)
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        if args.mastery is None:
-            max_obj = max_objects_at(step, args.curriculum_start, args.curriculum_every)
-        seeds = [args.seed * 1_000_000 + step * args.batch + b for b in range(args.batch)]
-        weights = early_weights if step < args.early_steps else all_weights
-        bg_keep = background_keep_at(step, args.background_keep_start, args.background_full_at)
-        ids, mask, pixels, labels, fams, targets, keep = batcher.batch(seeds, max_obj, weights, bg_keep)
-        if args.vision_only:  # pretrain the tower on the per-patch heads alone: no decoder, a fraction of a step
-            model.model.vision_tower(pixel_values=pixels)
-            loss, stats = torch.zeros(()), {}
-        else:
-            loss, stats = answer_loss(model, ids, mask, pixels, labels, fams, batcher.eos, keep, batcher.pad)
-        aux_loss = aux.loss(targets) if not args.freeze_vision else torch.zeros(())
-        ref_loss, where_loss, grid_loss = torch.zeros(()), torch.zeros(()), torch.zeros(())
-        if grid_heads is not None and not args.vision_only:
-            grid_loss = grid_heads.loss()
-        rows = kept_rows(ids, keep, model.config.image_token_id)
-        if ref_head is not None and not args.vision_only:
-            ref_loss = ref_head.loss(*batcher.last_refs, rows)
-        if where_head is not None and not args.vision_only:
-            where_loss = where_head.loss(batcher.last_where, rows)
-        opt.zero_grad(set_to_none=True)
-        total = loss + args.aux_weight * aux_loss + args.referent_weight * ref_loss + args.where_weight * where_loss
-        total = total + args.grid_weight * grid_loss
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        step += 1
-        dt = time.time() - t0
-        train_seconds += dt
-        window["loss"] += float(loss.detach())
-        window["aux"] += float(aux_loss.detach())
-        window["ref"] += float(ref_loss.detach())
-        window["where"] += float(where_loss.detach())
-        window["grid"] += float(grid_loss.detach())
-        window["n"] += 1
-        window["t"] += dt
-        for f, (c, n) in stats.items():
-            a, b = window["stats"].get(f, (0, 0))
-            window["stats"][f] = (a + c, b + n)
-        if step % args.log_every == 0:
-            rec = {
-                "step": step,
-                "loss": window["loss"] / window["n"],
-                "aux_loss": window["aux"] / window["n"],
-                "referent_loss": window["ref"] / window["n"],
-                "where_loss": window["where"] / window["n"],
-                "grid_loss": window["grid"] / window["n"],
-                "train_acc": {f: round(c / n, 4) for f, (c, n) in window["stats"].items()},
-                "s_per_step": window["t"] / window["n"],
-                "lr": lr,
-                "max_objects": max_obj,
-                "background_keep": round(bg_keep, 3),
-                "train_minutes": train_seconds / 60,
-                "time": time.strftime("%H:%M:%S"),
-            }
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            print(json.dumps(rec), flush=True)
-            if args.mastery is not None and max_obj < MAX_OBJECTS:
-                # Mastery curriculum: one more object once the look-up families are answered well at this
-                # level (or after --curriculum-every steps at most, so a hard level cannot stall the run).
-                looked_up = [rec["train_acc"][f] for f in ("colour", "shape") if f in rec["train_acc"]]
-                mastered = looked_up and min(looked_up) >= args.mastery
-                if mastered or step - level_start >= args.curriculum_every:
-                    max_obj, level_start = max_obj + 1, step
-            window = {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "grid": 0.0, "n": 0, "stats": {}, "t": 0.0}
-        if args.heldout_every and step % args.heldout_every == 0:
-            t1 = time.time()
-            acc = heldout_accuracy(model, batcher, heldout)
-            rec = {"step": step, "heldout_tf": {k: round(v, 4) for k, v in acc.items()}, "n": len(heldout),
-                   "eval_seconds": round(time.time() - t1, 1)}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            print(json.dumps(rec), flush=True)
-        if time.time() - last_ckpt > args.ckpt_minutes * 60:
-            save()
-            last_ckpt = time.time()
-    save()
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="checkpoints/scenes-llava", help="checkpoint + log folder (resumed from)")
-    p.add_argument("--export", default=None, help="export the checkpoint in --out to this folder and exit")
-    p.add_argument("--init-from", default=None,
-                   help="with no checkpoint in --out, start from these weights: an exported model folder or an earlier "
-                   "run's checkpoint.pt (step, curriculum and optimizer restart)")
-    p.add_argument("--reinit-decoder", action="store_true",
-                   help="with --init-from: keep the vision tower, projector, embeddings and head, start --layers "
-                   "fresh decoder layers")
-    p.add_argument("--grow", action="store_true",
-                   help="with --init-from a shallower model: grow it to --layers by block expansion (see grow_decoder)")
-    p.add_argument("--vision-only", action="store_true",
-                   help="train only the vision tower, on the per-patch heads (a pretraining phase)")
-    p.add_argument("--referent-weight", type=float, default=0.0,
-                   help="weight of the decoder's referent head (which words the question names; 0: off)")
-    p.add_argument("--referent-layer", type=int, default=1, help="decoder layer whose output the referent head reads")
-    p.add_argument("--where-weight", type=float, default=0.0,
-                   help="weight of the decoder's where head (slots of the objects a position/relation question "
-                   "names; 0: off)")
-    p.add_argument("--where-layer", type=int, default=3, help="decoder layer whose output the where head reads")
-    p.add_argument("--grid-weight", type=float, default=0.0,
-                   help="weight of the grid heads on the projector's output (each visual token's row and column; "
-                   "0: off)")
-    p.add_argument("--freeze-vision", action="store_true",
-                   help="keep the vision tower fixed (LLaVA-1.5 freezes CLIP); the per-patch heads are then unused")
-    p.add_argument("--steps", type=int, default=0, help="steps to run in this invocation (0: until stopped)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--turns", type=int, default=20, help="question/answer turns per picture")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--lr-end", type=float, default=None,
-                   help="decay the learning rate linearly to this over the --steps of this invocation")
-    p.add_argument("--projector-lr-scale", type=float, default=2.0)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary heads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--curriculum-start", type=int, default=1)
-    p.add_argument("--curriculum-every", type=int, default=40,
-                   help="steps per extra object (with --mastery: the most steps spent at one object count)")
-    p.add_argument("--mastery", type=float, default=None,
-                   help="add an object once colour and shape training accuracy (over --log-every steps) reach this")
-    p.add_argument("--family-weights", default="",
-                   help="relative question frequencies, e.g. position=2.5,relation=2 (defaults: count 1.5, "
-                   "relation 1.5, read 2, others 1)")
-    p.add_argument("--early-families", default="colour,shape,read",
-                   help="families asked during the first --early-steps (comma-separated)")
-    p.add_argument("--early-steps", type=int, default=300)
-    p.add_argument("--background-keep-start", type=float, default=0.05,
-                   help="share of pure-background visual tokens fed to the decoder at step 0 (1: all, always)")
-    p.add_argument("--background-full-at", type=int, default=1200,
-                   help="step from which the decoder sees every visual token (the share grows linearly until then)")
-    p.add_argument("--ckpt-minutes", type=float, default=10.0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--heldout-every", type=int, default=50)
-    p.add_argument("--heldout-n", type=int, default=105)
-    p.add_argument("--vision-hidden", type=int, default=128)
-    p.add_argument("--vision-layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=256)
-    args = p.parse_args()
-    if args.export:
-        export(Path(args.out), Path(args.export))
-    else:
-        train(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -74,7 +74,7 @@ N_VISUAL = world.GRID * world.GRID
 QUESTION_POS = 2 + N_VISUAL  # "USER", ":" then 576 visual tokens
 CAPTION = len(FAMILIES)  # family index of caption tokens in the stats
 STAT_NAMES = (*FAMILIES, "caption")
-SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "models" / "scenes-llava"
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "models" / "scenes-llava"
 
 
 REFERENT_WORDS = (*world.COLOURS, *world.SHAPES, *world.SIZE_CLASSES, "label")
