@@ -104,16 +104,14 @@ def test_answers_held_out_questions_of_its_world(loaded, model_dir):
     assert sum(correct) / len(correct) >= floor, json.dumps(report, indent=1)
 
 
-# Fixed scenes a shipped model is known to get wrong, each with its measured context, listed and not skipped: the
-# test fails on any other miss, and fails as well once a listed one is answered right, so no entry can outlive its
-# miss. Sessions 7 and 8's exports missed scene 0's count question ("How many squares are in the image ?" ->
-# 'four', five); sessions 9 and 10's (count 93.0% and 92.5% on 3000 held-out questions) answer every fixed
-# scene right.
+# Fixed scenes an installed model is known to get wrong, each with its measured context, listed and not skipped:
+# the test fails on any other miss, and fails as well once a listed one is answered right, so no entry can outlive
+# its miss. The installed model (count 92.5% on 3000 held-out questions) answers every fixed scene right.
 KNOWN_MISSES: dict[tuple[str, str], str] = {}
 
 
 def test_answers_one_fixed_scene_of_each_family(loaded):
-    """Issue 10: the model answers one fixed scene from each family of its world correctly (but the listed
+    """The model answers one fixed scene from each family of its world correctly (but the listed
     known misses, which must still be misses)."""
     model, processor, world = loaded
     items = [studio_item(FIXED_SEED, family, world) for family in FAMILIES]

@@ -1,12 +1,13 @@
 """Dense accuracy of a scenes model on the fixed held-out set, per question family.
 
     python -m training.evaluate --model assets/models/scenes-llava --n 3000
-    python -m training.evaluate --model DIR --world v2 --n 3000           # model v2's world
+    python -m training.evaluate --model DIR --world v2 --n 3000           # the v2 world
     python -m training.evaluate --model DIR --world independent --n 700   # the independent renderer
 
-`--world` (default: the model's own, `worlds.world_of_model`): v1 (`generator.py`, the first model's world), v2
-(`world.py`: its own held-out seeds) or independent (`independent.py`: the second held-out set, drawn by
-different code). Bars (issue 10): v2 >= 97% overall and >= 90% in every family; independent >= 90% overall.
+`--world` (default: the model's own, `worlds.world_of_model`): v2 (`world.py`, the embedded model's world), v1
+(`generator.py`, the first generator) or independent (`independent.py`: a second held-out set, drawn by separately
+written code). The quality bars (`model_card.py`): own world >= 97% overall and >= 90% in every family;
+independent >= 90% overall.
 
 Plain greedy `model.generate` on the single-turn LLaVA prompt, batched with left padding; an answer counts when
 the generated text (special tokens dropped) equals the one-word answer exactly. Prints a table and JSON.

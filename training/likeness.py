@@ -8,7 +8,7 @@
 "world", absent = v1).
 
 SparseVLM assumes what the paper's Figure 3 shows on LLaVA-1.5: the text tokens whose embeddings the projected
-patches resemble (the raters, SPEC section 1) are content words (`Tylenol`, `sticker`, `fridge`), and their
+patches resemble (the raters; docs/engine.md) are content words (`Tylenol`, `sticker`, `fridge`), and their
 attention rows point at the objects those words name. This measures both on a scenes world's held-out
 questions, where the evidence patches are known, plus the reason it should hold (visual tokens land in the
 word-embedding space):
@@ -497,7 +497,7 @@ def markdown(summary: dict, model: str, command: str) -> str:
         "± is a 95% interval half-width with questions as the sampling unit. Dense first-token accuracy on these "
         f"questions: {_pm(s['dense_first_token_accuracy'])}.",
         "",
-        "## 1. Text raters (SPEC section 1: R = mean_rows softmax(Hv Hq^T), raters R > mean(R))",
+        "## 1. Text raters (R = mean_rows softmax(Hv Hq^T), raters R > mean(R))",
         "",
         f"Text = every token after the image (question + `ASSISTANT:`): {r['text_tokens_per_question_mean']:.1f} "
         f"tokens per question, {r['per_question_mean']:.1f} raters. The share of text is what raters drawn at random "
@@ -587,7 +587,7 @@ def _read(x) -> tuple[float, float]:
 
 
 def compare_markdown(a: dict, b: dict) -> str:
-    """Two models' summaries side by side (e.g. the shipped v1 model and model v2, for the model card)."""
+    """Two models' summaries side by side (e.g. the installed model and the one it replaced, for the model card)."""
     name = lambda s: f"`{s.get('model', '?')}` on {s.get('world', 'v1')}"  # noqa: E731
     rows: list[tuple[str, str, str]] = [
         ("questions (seed)", f"{a['questions']} ({a['seed']})", f"{b['questions']} ({b['seed']})"),

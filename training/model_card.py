@@ -2,13 +2,13 @@
 and the test floors all come from here, so no figure is ever typed by hand.
 
     python -m training.model_card --model DIR --write         # DIR/README.md from DIR's JSON files
-    python -m training.model_card --model DIR --check-bars    # exit 3 unless issue 10's bars are met
+    python -m training.model_card --model DIR --check-bars    # exit 3 unless the quality bars are met
 
 Files a model folder holds (scripts/ship_v2.sh writes them):
 - `eval_heldout_<n>.json`, `eval_<world>_<n>.json`: `python -m training.evaluate --json` results; the key
-  "world" says whose held-out set (absent: v1, as in the v1 model's file, which predates the key);
-- `likeness_<n>.json`: `python -m training.likeness --json` summary; `likeness_compare.md`: the side by
-  side with the previous model (`likeness --compare`);
+  "world" says whose held-out set (absent: v1);
+- `likeness_<n>.json`: `python -m training.likeness --json` summary; `likeness_previous.json`: the summary of
+  the model it replaced, and `likeness_compare.md`: the two side by side (`likeness --compare`);
 - `training_state.json`: the exporter's record (phase, step, seconds, the last phase's arguments, "world").
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 from sparsevlm.scenes.generator import FAMILIES
 from sparsevlm.scenes.worlds import WORLD_LABELS, world_of_model
 
-# Issue 10's quality bars for model v2: on >= 3000 held-out questions of its own world, >= 97% overall and >= 90% in
-# every family; on >= 3000 of the independent renderer's, >= 90% overall.
+# The quality bars an embedded model must meet to be installed: on >= 3000 held-out questions of its own world,
+# >= 97% overall and >= 90% in every family; on >= 3000 of the independent renderer's, >= 90% overall.
 BAR_QUESTIONS = 3000
 BAR_OWN_OVERALL = 0.97
 BAR_OWN_FAMILY = 0.90
@@ -60,7 +60,7 @@ def accuracy_floor(accuracy: float, n: int) -> float:
 
 
 def check_bars(model_dir: str | Path) -> list[str]:
-    """What keeps the model from meeting issue 10's bars (empty: all met), from its recorded evaluations."""
+    """What keeps the model from meeting the quality bars (empty: all met), from its recorded evaluations."""
     evals = eval_records(model_dir)
     world = world_of_model(model_dir)
     missing = []
@@ -168,7 +168,7 @@ def card(model_dir: str | Path) -> str:
         "",
         *_eval_table(evals),
         "",
-        f"Issue 10's bars (>= {BAR_QUESTIONS} questions; own world >= {100 * BAR_OWN_OVERALL:.0f}% overall and >= "
+        f"Quality bars (>= {BAR_QUESTIONS} questions; own world >= {100 * BAR_OWN_OVERALL:.0f}% overall and >= "
         f"{100 * BAR_OWN_FAMILY:.0f}% per family; independent >= {100 * BAR_INDEPENDENT_OVERALL:.0f}%): "
         + ("**met**." if not missing else "**not met**: " + "; ".join(missing) + "."),
         "",
@@ -187,7 +187,7 @@ def card(model_dir: str | Path) -> str:
         "## How it was made",
         "",
         "Every phase, resumable, in order: `bash scripts/train_v2.sh` (why each setting: the script's comments and "
-        "docs/model-v2.md). Its commands as this repository holds them (environment variables override the step "
+        "docs/model.md). Its commands as this repository holds them (environment variables override the step "
         "counts):",
         "",
         "```bash",
@@ -200,7 +200,7 @@ def card(model_dir: str | Path) -> str:
         json.dumps(state.get("args", {}), indent=1, sort_keys=True),
         "```",
         "",
-        "Shipped with `bash scripts/ship_v2.sh CKPT_DIR` (export, held-out evaluations, likeness, this card, the "
+        "Installed with `bash scripts/ship_v2.sh CKPT_DIR` (export, held-out evaluations, likeness, this card, the "
         "examples). Reproduce the evaluations: " + ", ".join(
             f"`python -m training.evaluate --model {d} --world {w} --n {r['overall']['total']}`"
             for w, r in evals.items()) + ".",
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a scenes model folder")
     p.add_argument("--write", action="store_true", help="write MODEL/README.md")
-    p.add_argument("--check-bars", action="store_true", help="exit 3 unless issue 10's bars are met")
+    p.add_argument("--check-bars", action="store_true", help="exit 3 unless the quality bars are met")
     args = p.parse_args(argv)
     d = Path(args.model)
     if not (d / "config.json").is_file():
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bar not met: {m}")
         if missing:
             return 3
-        print("issue 10's bars: met")
+        print("quality bars: met")
     if not (args.write or args.check_bars):
         print(card(d))
     return 0
