@@ -1,4 +1,4 @@
-"""SparseVLM as pure tensor functions (SPEC sections 1-4). Nothing here knows about transformers.
+"""SparseVLM as pure tensor functions (docs/engine.md). Nothing here knows about transformers.
 
 Shapes: batch size 1 is assumed throughout; leading batch dimensions are stripped by the caller.
 """

@@ -1,4 +1,4 @@
-"""One configuration object for every pruning method the engine runs (SPEC sections 3-6)."""
+"""One configuration object for every pruning method the engine runs (docs/engine.md)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ FIXED_BUDGETS = (192, 128, 96, 64)
 # score.py); recycled clusters come on top (`v_token_num = kept.sum() + cluster_num`). Other depths, grids and
 # budgets scale the nearest list (see schedule.py).
 REFERENCE_FIXED_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
-# Pruning happens after these layers of a 32-layer decoder; other depths scale them (SPEC section 2).
+# Pruning happens after these layers of a 32-layer decoder; other depths scale them (docs/engine.md).
 REFERENCE_PRUNE_LAYERS_32 = (2, 6, 15)
 REFERENCE_DEPTH = 32
 REFERENCE_FASTV_K = 2  # FastV: layers 0..K-1 run in full, ranked in layer K-1
@@ -25,7 +25,7 @@ REFERENCE_GRID_TOKENS = 576
 class PruneConfig:
     """Which method runs and how.
 
-    budget is the target visual-token figure; `accounting` says how it is met (SPEC section 7, schedule.py):
+    budget is the target visual-token figure; `accounting` says how it is met (docs/engine.md, schedule.py):
     "paper" = each method's published setting and counting, "flops" = every method at the same input-counted
     equal tokens (the same prefill cost).
     """
@@ -39,7 +39,7 @@ class PruneConfig:
     scale: float = 13.5  # reference code, MME setting
     bias: float = 0.0
     prune_layers: tuple[int, ...] | None = None  # default: reference schedule scaled to depth
-    # Token recycling (SPEC section 4).
+    # Token recycling (docs/engine.md).
     recycle: bool = True
     tau: float = 0.3
     theta: float = 0.1

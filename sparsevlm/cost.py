@@ -1,4 +1,4 @@
-"""Analytic cost accounting (SPEC section 7): prefill FLOPs, pruning overhead FLOPs, KV-cache bytes.
+"""Analytic cost accounting (docs/engine.md): prefill FLOPs, pruning overhead FLOPs, KV-cache bytes.
 
 Conventions (stated in the UI): a multiply-add is 2 FLOPs; attention scores + values are counted as
 4 n^2 d for the full n x n product (no causal halving); only the decoder layers are counted (the vision tower,

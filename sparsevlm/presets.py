@@ -24,10 +24,7 @@ from .methods import METHODS, get_method
 PRESET_DIR = Path(__file__).resolve().parent / "preset_configs"
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "models" / "scenes-llava"
 DEFAULT_PRESET = "scenes-llava"
-# After model v2 ships (scripts/ship_v2.sh), the first embedded model lives here and stays selectable.
-EMBEDDED_V1_DIR = EMBEDDED_DIR.parent / "scenes-llava-v1"
-V1_PRESET = "scenes-llava-v1"
-LIKENESS_FILE = "likeness_1050.json"  # the model folder's own likeness summary (python -m sparsevlm.scenes.likeness)
+LIKENESS_FILE = "likeness_1050.json"  # the model folder's own likeness summary (python -m training.likeness)
 
 # Methods that rank patches by the vision tower's [CLS] attention and cannot run on a tower without one (SigLIP).
 
@@ -245,11 +242,6 @@ def _load_presets() -> dict[str, Preset]:
                                                    "the embedded model: trained here on generated scenes")
     except ConfigError:
         pass  # a checkout without the embedded model still lists the hub presets
-    if (EMBEDDED_V1_DIR / "config.json").is_file():  # only once model v2 has replaced it as the default
-        presets[V1_PRESET] = _embedded_preset(
-            EMBEDDED_V1_DIR, V1_PRESET,
-            "the first embedded model (v1): trained from scratch with a loss on the answer word only, not LLaVA's "
-            "recipe")
     for name, (slug, hardware, summary) in _PUBLIC.items():
         data = json.loads((PRESET_DIR / f"{slug}.json").read_text())
         presets[name] = Preset(name, summary, hardware, data)

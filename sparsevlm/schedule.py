@@ -1,6 +1,6 @@
 """Counting in one place: where methods prune, how many tokens they keep, and the two equal-token figures.
 
-Equal tokens (SPEC section 7) = the mean over decoder layers of the visual tokens a layer holds, counted two ways:
+Equal tokens (docs/engine.md) = the mean over decoder layers of the visual tokens a layer holds, counted two ways:
 - *input* counting: a pruning layer counts at its input (it runs on the full set, its output is cut). This is
   what prefill FLOPs follow.
 - *output* counting (the reference SparseVLM code's figure): a pruning layer counts at its output.

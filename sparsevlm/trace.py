@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class Rater:
-    """One text token after the image (SPEC section 1)."""
+    """One text token after the image (docs/engine.md)."""
 
     index: int  # position relative to the text start
     token: str
@@ -22,7 +22,7 @@ class Rater:
 
 @dataclass
 class MergedToken:
-    """A recycled token: the merge of a cluster of deleted tokens (SPEC section 4)."""
+    """A recycled token: the merge of a cluster of deleted tokens (docs/engine.md)."""
 
     center: int  # original patch index of the cluster center (its position id is the center's); -1: no patch
     # (VisionZip's vision [CLS] token, members empty)

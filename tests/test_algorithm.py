@@ -128,7 +128,7 @@ def test_fixed_budgets_hit_their_accountings_figure(budget, depth, visual, accou
 def test_paper_accounting_runs_the_v15_lists_verbatim_as_directly_kept_counts(budget, output_figure):
     c = S.sparsevlm_fixed(PruneConfig(budget=budget), 576, 32)
     assert c.layers == (2, 6, 15) and c.direct == REFERENCE_FIXED_COUNTS[budget]
-    assert round(c.equal_tokens_output, 1) == output_figure  # SPEC section 3: the reference's own figure
+    assert round(c.equal_tokens_output, 1) == output_figure  # docs/engine.md: the reference's own figure
     if budget == 64:
         assert c.totals == (82, 32, 18)  # 66 + 16 clusters, 30 + 2, 17 + 1
         assert c.equal_tokens_input == (3 * 576 + 4 * 82 + 9 * 32 + 16 * 18) / 32  # ~82 by input counting

@@ -3,8 +3,9 @@
 The engine runs on the model's device; a constructor without `device=` makes a CPU tensor, and mixing it with CUDA
 tensors fails only on a GPU - which CI does not have. Found on the first run of tests/test_cuda.py on an H100
 (DivPrune's mask and VisionZip's index tensors were on the CPU). This test reads the engine's source (sparsevlm/*.py
-and sparsevlm/methods/*.py; not sparsevlm/scenes/, the training code the runtime never imports): each torch
-constructor must name a device, or be listed below with the reason it may stay on the CPU.
+and sparsevlm/methods/*.py; sparsevlm/scenes/ draws pictures with NumPy and PIL and builds no tensor, and the
+training code in training/ never runs with the engine): each torch constructor must name a device, or be listed
+below with the reason it may stay on the CPU.
 """
 
 from __future__ import annotations
@@ -57,3 +58,9 @@ def test_every_allowed_exception_still_exists():
     found = _deviceless_constructors()
     stale = [k for k in ALLOWED if not any(f == k[0] and c == k[1] and k[2] in line for f, c, line in found)]
     assert not stale, f"ALLOWED entries that match nothing (remove them): {stale}"
+
+
+def test_scene_drawing_builds_no_tensor():
+    """What the docstring above says of sparsevlm/scenes/: it never imports torch, so it has no constructor to check."""
+    users = [p.name for p in sorted(ENGINE.glob("scenes/*.py")) if "torch" in p.read_text()]
+    assert users == []

@@ -1,9 +1,8 @@
-"""The embedded scenes-llava model(s): load offline, LLaVA-1.5 shape, fit the size cap, answer their own world.
+"""The embedded scenes-llava model: loads offline, has LLaVA-1.5's shape, fits the size cap, answers its own world.
 
-Every check follows the model's own world (`worlds.world_of_model`: v1 for the first model, v2 once model v2
-ships) and takes its accuracy floor from the figure measured for that export and recorded in its folder
-(`eval_heldout_<n>.json`, read by `model_card.own_eval`), so swapping the model (scripts/ship_v2.sh) needs no edit
-here. After the swap the first model lives in `scenes-llava-v1` and is checked the same way.
+Every check follows the model's own world (`worlds.world_of_model`) and takes its accuracy floor from the figure
+measured for that export and recorded in its folder (`eval_heldout_<n>.json`, read by `model_card.own_eval`), so
+installing another model (scripts/ship_v2.sh) needs no edit here.
 SPARSEVLM_EMBEDDED_TEST_MODEL=DIR runs the same checks on another folder (e.g. a ship_v2.sh --dest rehearsal).
 """
 
@@ -17,18 +16,18 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from sparsevlm.scenes.evaluate import answer
 from sparsevlm.scenes.generator import FAMILIES
-from sparsevlm.scenes.model_card import BAR_QUESTIONS, accuracy_floor, own_eval
 from sparsevlm.scenes.worlds import heldout_item, studio_item, world_of_model
 from sparsevlm.tokenizer import prompt_for
+from training.evaluate import answer
+from training.model_card import BAR_QUESTIONS, accuracy_floor, own_eval
 
 MODELS = Path(__file__).resolve().parents[1] / "assets" / "models"
 MAX_BYTES = 40 * 1024 * 1024
 N_PER_FAMILY = 3
 FIXED_SEED = 0  # the studio's scene 0 of each family (studio_item(0, family, world)): fixed, not picked
 
-_dirs = [MODELS / "scenes-llava", MODELS / "scenes-llava-v1"]
+_dirs = [MODELS / "scenes-llava"]
 if os.environ.get("SPARSEVLM_EMBEDDED_TEST_MODEL"):
     _dirs = [Path(os.environ["SPARSEVLM_EMBEDDED_TEST_MODEL"])]
 MODEL_DIRS = [d for d in _dirs if (d / "config.json").is_file()]
@@ -36,7 +35,7 @@ MODEL_DIRS = [d for d in _dirs if (d / "config.json").is_file()]
 pytestmark = pytest.mark.skipif(
     not MODEL_DIRS,
     reason=f"embedded model not exported yet ({_dirs[0]} has no config.json); "
-    "run python -m sparsevlm.scenes.train --export assets/models/scenes-llava",
+    "train it (scripts/train_v2.sh) and install it (scripts/ship_v2.sh)",
 )
 
 
@@ -105,16 +104,14 @@ def test_answers_held_out_questions_of_its_world(loaded, model_dir):
     assert sum(correct) / len(correct) >= floor, json.dumps(report, indent=1)
 
 
-# Fixed scenes a shipped model is known to get wrong, each with its measured context, listed and not skipped: the
-# test fails on any other miss, and fails as well once a listed one is answered right, so no entry can outlive its
-# miss. Sessions 7 and 8's exports missed scene 0's count question ("How many squares are in the image ?" ->
-# 'four', five); sessions 9 and 10's (count 93.0% and 92.5% on 3000 held-out questions) answer every fixed
-# scene right.
+# Fixed scenes an installed model is known to get wrong, each with its measured context, listed and not skipped:
+# the test fails on any other miss, and fails as well once a listed one is answered right, so no entry can outlive
+# its miss. The installed model (count 92.5% on 3000 held-out questions) answers every fixed scene right.
 KNOWN_MISSES: dict[tuple[str, str], str] = {}
 
 
 def test_answers_one_fixed_scene_of_each_family(loaded):
-    """Issue 10: the model answers one fixed scene from each family of its world correctly (but the listed
+    """The model answers one fixed scene from each family of its world correctly (but the listed
     known misses, which must still be misses)."""
     model, processor, world = loaded
     items = [studio_item(FIXED_SEED, family, world) for family in FAMILIES]

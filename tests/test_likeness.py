@@ -15,16 +15,14 @@ from PIL import Image
 from sparsevlm.config import PruneConfig
 from sparsevlm.errors import SparseVLMError
 from sparsevlm.hooks import PruneHooks
-from sparsevlm.scenes import likeness as L
-from sparsevlm.scenes.evaluate import load
 from sparsevlm.scenes.generator import COLOURS, PLURALS, SHAPES, heldout_sample
 from sparsevlm.testing import tiny_llava
 from sparsevlm.tokenizer import prompt_for
+from training import likeness as L
+from training.evaluate import load
 
-# The first embedded model (world v1; tests/data holds its figures): scenes-llava until model v2 ships
-# (scripts/ship_v2.sh), then moved aside to scenes-llava-v1.
-_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
-MODEL = _MODELS / "scenes-llava-v1" if (_MODELS / "scenes-llava-v1").is_dir() else _MODELS / "scenes-llava"
+# The installed embedded model (world v2; tests/data holds its figures on 14 questions).
+MODEL = Path(__file__).resolve().parent.parent / "assets" / "models" / "scenes-llava"
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +57,11 @@ def test_raters_match_the_engine(shipped):
     """The raters measured here are the ones the SparseVLM engine picks on the same question."""
     model, processor = shipped
     m = L.Measurer(model, processor)
-    rec = m.measure(0)
-    scene, sample = heldout_sample(0)
-    from sparsevlm.scenes.generator import render
+    rec = m.measure(0, world="v2")
+    from sparsevlm.scenes.worlds import heldout_item
 
-    enc = processor(images=render(scene), text=prompt_for(sample.question), return_tensors="pt")
+    item = heldout_item(0, world="v2")
+    enc = processor(images=item.image, text=prompt_for(item.sample.question), return_tensors="pt")
     with torch.no_grad(), PruneHooks(model, PruneConfig(method="sparsevlm", budget=64)) as hooks:
         model(**enc, use_cache=False)
     assert rec.raters == hooks.state.raters.tolist()
@@ -212,28 +210,29 @@ def test_every_word_of_the_v2_vocabulary_and_the_independent_questions_is_classi
     assert classes["."] == classes[","] == "punctuation" and classes["?"] == "template"
 
 
-def test_v1_results_on_the_shipped_model_are_those_of_the_code_before_the_worlds(tmp_path):
-    """tests/data/likeness_v1_main_n14.json was written by main's likeness.py (before worlds.py) with
-    `PYTHONHASHSEED=0 python -m sparsevlm.scenes.likeness --n 14 --json ... --records`: same figures now."""
+def test_results_on_the_installed_model_are_those_recorded_in_tests_data(tmp_path):
+    """tests/data/likeness_v2_n14.json holds the installed model's figures on 14 held-out questions, measured with
+    `PYTHONHASHSEED=0 python -m training.likeness --n 14 --json ... --records` before the training code left the
+    engine's package: the same figures now."""
     import os
     import subprocess
     import sys
 
     out = tmp_path / "now.json"
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}  # the v1 exist-no questions need it
-    subprocess.run([sys.executable, "-m", "sparsevlm.scenes.likeness", "--model",
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}  # as the recorded run had them
+    subprocess.run([sys.executable, "-m", "training.likeness", "--model",
                     str(MODEL.relative_to(MODEL.parent.parent.parent)),
                     "--n", "14",
                     "--json", str(out), "--records"], check=True, env=env, cwd=MODEL.parent.parent.parent,
                    capture_output=True)
-    before = json.loads((Path(__file__).parent / "data" / "likeness_v1_main_n14.json").read_text())
+    before = json.loads((Path(__file__).parent / "data" / "likeness_v2_n14.json").read_text())
     now = json.loads(out.read_text())
-    assert now["summary"]["world"] == "v1"  # the shipped model's own world: it has no "world" key
+    assert now["summary"]["world"] == "v2"  # the model's own world, from its training_state.json
 
     def same(x, y, path=""):
         if isinstance(x, dict):
             for k in x:
-                # how long it took and where the folder was (scenes-llava-v1 once v2 ships), not what it measured
+                # how long it took and how it was called, not what it measured
                 if k not in ("seconds", "threads", "command") and not (path == "/summary" and k == "model"):
                     same(x[k], y[k], f"{path}/{k}")
         elif isinstance(x, list):
@@ -267,7 +266,7 @@ def test_cli_measures_another_world_and_compares_two_summaries(world, tmp_path, 
     assert L.main(["--compare", str(a), str(b), "--md", str(md)]) == 0
     text = md.read_text()
     assert text in capsys.readouterr().out  # printed and written
-    assert f"on v1 | `{MODEL}` on {world} |" in text
+    assert f"`{MODEL}` on v2 | `{MODEL}` on {world} |" in text
     sa, sb = json.loads(a.read_text())["summary"], data["summary"]
     acc = [L._pm(L._read(s["dense_first_token_accuracy"])) for s in (sa, sb)]
     assert f"| dense first-token accuracy | {acc[0]} | {acc[1]} |" in text

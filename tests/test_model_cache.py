@@ -127,8 +127,7 @@ def test_models_command_json(capsys):
     assert main(["models", "--json"]) == 0  # `python -m sparsevlm models --json`, in this process
     d = json.loads(capsys.readouterr().out)
     rows = {r["name"]: r for r in d["presets"]}
-    # The first model stays selectable as scenes-llava-v1 once model v2 has replaced it (scripts/ship_v2.sh).
-    embedded = ["scenes-llava", *(["scenes-llava-v1"] if (ROOT / "assets/models/scenes-llava-v1").is_dir() else [])]
+    embedded = ["scenes-llava"]
     assert list(rows) == [*embedded, "bczhou/tiny-llava-v1-hf", "llava-hf/llava-interleave-qwen-0.5b-hf",
                           "llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf"]
     for name in embedded:  # their shape is their folder's config.json

@@ -1,4 +1,4 @@
-"""Selection rules and stage plans of the five newer methods (METHODS.md), on constructed tensors whose right
+"""Selection rules and stage plans of the five newer methods, on constructed tensors whose right
 answer is known by construction, plus the published count tables and budget scaling."""
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def test_pyramiddrop_ranks_by_last_token_row_head_mean():
 def test_pyramiddrop_published_tables():
     off = pyramiddrop.official_plan()
     assert off.after_layers == (7, 15, 23) and off.counts == (288, 144, 72) and off.equal_tokens_input == 270
-    table = {64: (110, 21, 4), 128: (242, 102, 42), 192: (322, 180, 101)}  # METHODS.md 4(c), derived
+    table = {64: (110, 21, 4), 128: (242, 102, 42), 192: (322, 180, 101)}  # derived, not shipped
     for b, counts in table.items():
         p = pyramiddrop.plan(b)
         assert p.after_layers == (1, 7, 15) and p.counts == counts

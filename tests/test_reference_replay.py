@@ -1,6 +1,6 @@
 """Replays the reference SparseVLM v1.5 prefill step by step, independently of the engine, and compares.
 
-The replay below is written from the reference's description (../shared/SPEC.md sections 1-5), not from the
+The replay below is written from the reference's description (docs/engine.md, SparseVLM), not from the
 engine's code: raters from the LLM input embeddings, explicit full attention (as the reference computes it) at
 layers 2 / 6 / 15 of 32, scores = mean over rater rows of the head-mean attention to the visual columns, the
 verbatim v1.5 list as the directly kept count, the top 30% (+1) of the deleted tokens clustered by DPC-kNN into

@@ -21,7 +21,8 @@ from sparsevlm.scenes.generator import (
     render,
     training_example,
 )
-from sparsevlm.scenes.model import scenes_tokenizer
+from sparsevlm.scenes.generator import vocabulary as generator_vocabulary
+from sparsevlm.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_count_evidence_covers_each_counted_object(heldout):
 
 
 def test_answers_are_single_words_in_the_vocabulary(heldout):
-    tok = scenes_tokenizer()
+    tok = build_tokenizer(generator_vocabulary())
     unk = tok.unk_token_id
     for word in answer_words():
         ids = tok(word, add_special_tokens=False)["input_ids"]
@@ -126,8 +127,8 @@ def test_answers_are_single_words_in_the_vocabulary(heldout):
 
 
 def test_evaluation_splits_position_and_relation_by_what_they_ask():
-    from sparsevlm.scenes.evaluate import question_kind
     from sparsevlm.scenes.generator import COLUMNS, ROWS, heldout_sample
+    from training.evaluate import question_kind
 
     kinds = set()
     for i in range(4, 200, 7):  # position questions (family index 4 of 7, round-robin)

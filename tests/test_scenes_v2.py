@@ -189,7 +189,7 @@ def test_independent_set_every_family_with_true_answers():
 
 
 def test_text_phase_sequences_put_the_question_where_it_sits_after_a_picture(tok):
-    from sparsevlm.scenes.train_llava import QUESTION_POS, Conversations, scene_turns
+    from training.train_llava import QUESTION_POS, Conversations, scene_turns
 
     conv = Conversations(tok)
     scene, turns = scene_turns(9, 3, 4, 1.0)
@@ -209,7 +209,7 @@ def test_text_phase_sequences_put_the_question_where_it_sits_after_a_picture(tok
 
 
 def test_pooled_context_is_one_vector_per_item_at_its_patches(tok):
-    from sparsevlm.scenes.train_llava import Conversations, scene_turns, text_forward
+    from training.train_llava import Conversations, scene_turns, text_forward
 
     conv = Conversations(tok)
     scene, turns = scene_turns(11, 2, 3, 0.0)
@@ -223,7 +223,7 @@ def test_pooled_context_is_one_vector_per_item_at_its_patches(tok):
     # never a target
     assert all(labels[k - 1] == -100 for k, g in enumerate(groups) if len(g) > 1)
     # the decoder input at a pooled position is the mean of the words' embeddings
-    from sparsevlm.scenes.model import ModelSize, build_model
+    from training.model import ModelSize, build_model
 
     model = build_model(ModelSize(layers=1, hidden=32, intermediate=64, vision_layers=1, vision_hidden=32), tok)
     batch = conv.collate([seq])
@@ -238,8 +238,8 @@ def test_pooled_context_is_one_vector_per_item_at_its_patches(tok):
 
 
 def test_each_phase_trains_what_llava_trains(tok):
-    from sparsevlm.scenes.model import ModelSize, build_model
-    from sparsevlm.scenes.train_llava import trainable
+    from training.model import ModelSize, build_model
+    from training.train_llava import trainable
 
     model = build_model(ModelSize(layers=2, hidden=32, intermediate=64, vision_layers=2, vision_hidden=32), tok)
 
@@ -259,7 +259,7 @@ def test_each_phase_trains_what_llava_trains(tok):
 
 
 def test_evaluation_reads_each_world_with_its_own_held_out_seed():
-    from sparsevlm.scenes.evaluate import DEFAULT_SEEDS, WORLDS, heldout_item, question_kind
+    from training.evaluate import DEFAULT_SEEDS, WORLDS, heldout_item, question_kind
 
     assert len(set(DEFAULT_SEEDS.values())) == len(WORLDS)
     for w in WORLDS:
@@ -272,7 +272,7 @@ def test_evaluation_reads_each_world_with_its_own_held_out_seed():
 
 
 def test_referent_probe_targets_what_the_question_names_at_the_answer_position(tok):
-    from sparsevlm.scenes.train_llava import REFERENT_WORDS, Conversations, referent_vector
+    from training.train_llava import REFERENT_WORDS, Conversations, referent_vector
 
     v = referent_vector("How many red crosses are in the image?", FAMILIES.index("count"))
     named = {w for w, x in zip(REFERENT_WORDS, v, strict=False) if x}
@@ -298,8 +298,8 @@ def test_v2_export_loads_with_its_own_vocabulary_and_phase(tmp_path):
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from sparsevlm.scenes.model import ModelSize, build_model
-    from sparsevlm.scenes.train_llava import export, v2_tokenizer
+    from training.model import ModelSize, build_model
+    from training.train_llava import export, v2_tokenizer
 
     size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, kv_heads=1,
                      intermediate=64)
@@ -325,9 +325,9 @@ def test_balanced_patch_heads_do_not_drown_the_few_object_patches():
     patch right and every object/label patch wrong scores a small loss (576 patches, a dozen on the label), so
     shape and the label character stayed near chance on v2 pictures (measured: 32% and 8% per patch). Balanced
     heads average background and foreground separately, and report per-head foreground accuracy."""
-    from sparsevlm.scenes.model import ModelSize, build_model
-    from sparsevlm.scenes.train import PatchHeads
-    from sparsevlm.scenes.train_llava import v2_tokenizer
+    from training.model import ModelSize, build_model
+    from training.parts import PatchHeads
+    from training.train_llava import v2_tokenizer
 
     torch.manual_seed(0)
     size = ModelSize(vision_hidden=32, vision_layers=2, hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)
@@ -362,8 +362,8 @@ def test_reinit_rows_separates_collapsed_words_and_leaves_the_rest(tok):
     """--reinit-words: the text phase left the label characters' LM-head rows near-identical (mean cosine 0.96,
     so no hidden state can pick one) - new random rows for the named words in the input embeddings and the LM
     head, every other weight untouched; unknown words are a clear error."""
-    from sparsevlm.scenes.model import ModelSize, build_model
-    from sparsevlm.scenes.train_llava import reinit_rows
+    from training.model import ModelSize, build_model
+    from training.train_llava import reinit_rows
 
     model = build_model(ModelSize(layers=2, hidden=32, intermediate=64, vision_layers=2, vision_hidden=32), tok)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -392,7 +392,7 @@ def test_where_targets_are_the_named_objects_cells_at_the_answer_position(tok):
     """--where-weight: at the position that predicts a position / relation answer, the named objects' centres
     (6x6 cells of the picture, in the order the question names them); nothing for other families. Targets come
     from the scene's geometry - never from attention or patches a method scores."""
-    from sparsevlm.scenes.train_llava import WHERE_BINS, Conversations, where_vector
+    from training.train_llava import WHERE_BINS, Conversations, where_vector
 
     scene = world.make_scene(11, 4, with_label=True)
     a, b = scene.objects[0], scene.objects[1]
@@ -432,8 +432,8 @@ def test_instruct_phase_trains_and_resumes_with_the_where_head(tmp_path):
     import subprocess
     import sys
 
-    from sparsevlm.scenes.model import ModelSize, build_model
-    from sparsevlm.scenes.train_llava import v2_tokenizer
+    from training.model import ModelSize, build_model
+    from training.train_llava import v2_tokenizer
 
     size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, kv_heads=1,
                      intermediate=64)
@@ -441,7 +441,7 @@ def test_instruct_phase_trains_and_resumes_with_the_where_head(tmp_path):
     start.mkdir()
     torch.save({"model": build_model(size, v2_tokenizer()).state_dict(), "size": size.to_dict(), "step": 0,
                 "train_seconds": 0.0}, start / "checkpoint.pt")
-    cmd = [sys.executable, "-m", "sparsevlm.scenes.train_llava", "--phase", "instruct", "--out",
+    cmd = [sys.executable, "-m", "training.train_llava", "--phase", "instruct", "--out",
            str(tmp_path / "run"), "--init-from", str(start / "checkpoint.pt"), "--batch", "2", "--turns", "4",
            "--background-keep-start", "0.05", "--referent-weight", "1", "--referent-layer", "0",
            "--where-weight", "1", "--where-layer", "1", "--order-weight", "1", "--order-layer", "1",
@@ -463,7 +463,7 @@ def test_worker_feed_draws_the_same_batches_as_the_training_process():
     arguments come from the command line's own parser, so every flag has the default a run has."""
     import argparse
 
-    from sparsevlm.scenes.train_llava import Conversations, family_weights, parser, step_feed, v2_tokenizer
+    from training.train_llava import Conversations, family_weights, parser, step_feed, v2_tokenizer
 
     args = parser().parse_args(["--out", "unused", "--seed", "3", "--batch", "2", "--phase", "instruct",
                                 "--caption-p", "0.2", "--turns", "3", "--curriculum-start", "2",
@@ -491,15 +491,15 @@ def test_a_finished_phase_with_weights_only_is_left_alone(tmp_path):
     import subprocess
     import sys
 
-    from sparsevlm.scenes.model import ModelSize, build_model
-    from sparsevlm.scenes.train_llava import v2_tokenizer
+    from training.model import ModelSize, build_model
+    from training.train_llava import v2_tokenizer
 
     size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, kv_heads=1,
                      intermediate=64)
     (tmp_path / "run").mkdir()
     torch.save({"model": build_model(size, v2_tokenizer()).state_dict(), "size": size.to_dict(), "step": 7,
                 "train_seconds": 1.0}, tmp_path / "run" / "checkpoint.pt")
-    r = subprocess.run([sys.executable, "-m", "sparsevlm.scenes.train_llava", "--phase", "instruct", "--out",
+    r = subprocess.run([sys.executable, "-m", "training.train_llava", "--phase", "instruct", "--out",
                         str(tmp_path / "run"), "--until", "7"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "already at step 7" in r.stdout
@@ -577,8 +577,8 @@ def test_instruct_from_an_exported_folder_trains_the_tower_with_its_patch_heads(
     import subprocess
     import sys
 
-    from sparsevlm.scenes.model import ModelSize, build_model
-    from sparsevlm.scenes.train_llava import export, trainable, v2_tokenizer
+    from training.model import ModelSize, build_model
+    from training.train_llava import export, trainable, v2_tokenizer
 
     size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, kv_heads=1,
                      intermediate=64)
@@ -592,7 +592,7 @@ def test_instruct_from_an_exported_folder_trains_the_tower_with_its_patch_heads(
     torch.save({"model": model.state_dict(), "size": size.to_dict(), "step": 3, "train_seconds": 60.0, "args": {},
                 "phase": "instruct"}, ckpt / "checkpoint.pt")
     export(ckpt, tmp_path / "exported")
-    r = subprocess.run([sys.executable, "-m", "sparsevlm.scenes.train_llava", "--phase", "instruct", "--out",
+    r = subprocess.run([sys.executable, "-m", "training.train_llava", "--phase", "instruct", "--out",
                         str(tmp_path / "run"), "--init-from", str(tmp_path / "exported"), "--until", "2",
                         "--batch", "2", "--turns", "3", "--tower-lr-scale", "0.5", "--patch-weight", "1",
                         "--label-fonts", "--lr", "1e-2", "--warmup", "1", "--log-every", "1", "--ckpt-minutes", "0"],

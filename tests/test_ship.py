@@ -1,4 +1,4 @@
-"""Shipping model v2 (issue 10): examples per world, the model card writer and its gate, the v1 preset after the swap,
+"""Installing a trained model: the one-click examples of its world, the model card writer and its gate, the presets,
 the pruning benchmark on the model's own world, and scripts/ship_v2.sh rehearsed end to end on a placeholder."""
 
 from __future__ import annotations
@@ -15,21 +15,19 @@ import pytest
 
 from sparsevlm.scenes import generator
 from sparsevlm.scenes import world as world_v2
-from sparsevlm.scenes.examples import write_examples
 from sparsevlm.scenes.generator import FAMILIES
-from sparsevlm.scenes.model_card import accuracy_floor, card, check_bars, eval_records, own_eval
 from sparsevlm.scenes.worlds import world_of_model
+from training.examples import write_examples
+from training.model_card import accuracy_floor, card, check_bars, eval_records, own_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "assets" / "models" / "scenes-llava"
-# The first model: the embedded default until model v2 ships, then moved aside to scenes-llava-v1.
-V1_DIR = EMBEDDED.parent / "scenes-llava-v1" if (EMBEDDED.parent / "scenes-llava-v1").is_dir() else EMBEDDED
-V1_LIKENESS = ROOT / "docs" / "likeness-scenes-llava-v1.json"
+LIKENESS = EMBEDDED / "likeness_1050.json"  # the installed model's likeness summary
 
 
 # --- examples ------------------------------------------------------------------------------------------------------
 def test_shipped_examples_are_what_examples_py_writes_for_the_embedded_models_world(tmp_path):
-    """Today v1's (so `--world v1` reproduces them byte for byte); after the swap, v2's."""
+    """The examples in assets/ are what `training.examples` writes for the installed model's world, byte for byte."""
     write_examples(tmp_path, world=world_of_model(EMBEDDED))
     shipped = sorted(p.name for p in (ROOT / "assets" / "examples").iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == shipped
@@ -37,31 +35,30 @@ def test_shipped_examples_are_what_examples_py_writes_for_the_embedded_models_wo
         assert (tmp_path / name).read_bytes() == (ROOT / "assets" / "examples" / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("world", ["v1", "v2"])
-def test_examples_are_too_busy_for_64_tokens(tmp_path, world):
+def test_examples_are_too_busy_for_64_tokens(tmp_path):
     """Every example scene's objects cover more than 64 patches, so a 64-token budget cannot keep them all."""
-    mod = {"v1": generator, "v2": world_v2}[world]
-    items = write_examples(tmp_path, world=world)
+    items = write_examples(tmp_path, world="v2")
     assert [it["family"] for it in items] == list(FAMILIES)
     for it in items:
-        assert it.get("world", "v1") == world
+        assert it["world"] == "v2"
         rng = np.random.default_rng([it["seed"], 5])  # how write_examples drew the scene
-        scene = mod.make_scene(it["seed"], int(rng.integers(9, 13)), with_label=True)
+        scene = world_v2.make_scene(it["seed"], int(rng.integers(9, 13)), with_label=True)
         covered = np.zeros(576, dtype=bool)
         for i in range(len(scene.objects)):
-            mask = np.asarray(mod.object_mask(scene, i), dtype=bool)
+            mask = np.asarray(world_v2.object_mask(scene, i), dtype=bool)
             covered |= mask.reshape(24, 14, 24, 14).mean(axis=(1, 3)).reshape(-1) >= generator.COVER_FRACTION
         assert covered.sum() > 64, (it["image"], int(covered.sum()))
 
 
 def test_unknown_example_world_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="unknown example world"):
-        write_examples(tmp_path, world="independent")
+    for world in ("independent", "v1"):  # a test set, and a world no installed model knows
+        with pytest.raises(ValueError, match="unknown example world"):
+            write_examples(tmp_path, world=world)
 
 
 # --- model card, gate, floors -----------------------------------------------------------------------------------------
 def _result(world: str | None, per_family: dict[str, tuple[int, int]]) -> dict:
-    """A result in the shape `python -m sparsevlm.scenes.evaluate --json` writes."""
+    """A result in the shape `python -m training.evaluate --json` writes."""
     r = {f: {"correct": c, "total": t, "accuracy": c / t} for f, (c, t) in per_family.items()}
     c, t = sum(c for c, _ in per_family.values()), sum(t for _, t in per_family.values())
     r["overall"] = {"correct": c, "total": t, "accuracy": c / t}
@@ -74,7 +71,7 @@ def _result(world: str | None, per_family: dict[str, tuple[int, int]]) -> dict:
 def _folder(tmp_path: Path, world: str) -> Path:
     d = tmp_path / "model"
     d.mkdir()
-    shutil.copy(V1_DIR / "config.json", d / "config.json")
+    shutil.copy(EMBEDDED / "config.json", d / "config.json")
     d.joinpath("training_state.json").write_text(json.dumps({"world": world, "phase": "instruct", "step": 5,
                                                              "train_seconds": 120.0, "args": {"lr": 0.0005}}))
     return d
@@ -87,13 +84,13 @@ def test_model_card_reads_every_figure_from_the_folder(tmp_path):
     d.joinpath("eval_heldout_21.json").write_text(json.dumps(_result("v2", dict.fromkeys(FAMILIES, (1, 3)))))
     d.joinpath("eval_independent_3003.json").write_text(json.dumps(_result("independent", {
         **good, "read": (300, 429)})))
-    shutil.copy(V1_LIKENESS, d / "likeness_1050.json")
+    shutil.copy(LIKENESS, d / "likeness_1050.json")
     assert own_eval(d)["file"] == "eval_heldout_3003.json"  # the largest evaluation of the model's own world
     assert set(eval_records(d)) == {"v2", "independent"}
     text = card(d)
     assert "98.6% (423/429)" in text and "**98.6% (2961/3003)**" in text  # 423/429 and 7 x 423 / 7 x 429
     assert "69.9% (300/429)" in text  # the independent set's reading
-    summary = json.loads(V1_LIKENESS.read_text())["summary"]
+    summary = json.loads(LIKENESS.read_text())["summary"]
     content = summary["raters"]["classes"]["content"]["share_of_raters"][0]
     assert f"| content | {100 * content:.1f}% |" in text
     assert "phase `instruct`, step 5, 2 CPU-minutes" in text
@@ -118,14 +115,9 @@ def test_the_gate_names_every_bar_that_is_missed(tmp_path):
     assert missing == ["independent: only 700 questions evaluated (the bar needs 3000)",
                        "v2 held-out count 88.6% < 90%", "independent overall 80.0% < 90%"]
     assert "**not met**" in card(d)
-    # An evaluation of another world never stands in for the model's own (v1's file has no "world" key).
-    shutil.copy(V1_DIR / "eval_heldout_3000.json", d / "eval_heldout_3000.json")
-    assert own_eval(d)["file"] == "eval_heldout_3003.json" and eval_records(d)["v1"]["overall"]["total"] == 3000
-
-
-def test_the_first_models_recorded_figure_is_read_back():
-    assert world_of_model(V1_DIR) == "v1"
-    assert own_eval(V1_DIR)["overall"]["correct"] == 2975  # eval_heldout_3000.json's own count (no "world" key)
+    # An evaluation of another world never stands in for the model's own (a file without a "world" key is v1's).
+    d.joinpath("eval_heldout_5000.json").write_text(json.dumps(_result(None, dict.fromkeys(FAMILIES, (700, 714)))))
+    assert own_eval(d)["file"] == "eval_heldout_3003.json" and eval_records(d)["v1"]["overall"]["total"] == 4998
 
 
 def test_accuracy_floor():
@@ -135,26 +127,19 @@ def test_accuracy_floor():
 
 
 # --- presets -------------------------------------------------------------------------------------------------------
-def test_v1_preset_appears_once_its_folder_exists(tmp_path, monkeypatch):
+def test_presets_list_the_embedded_model_and_the_real_checkpoints():
     from sparsevlm import presets
 
-    assert (presets.V1_PRESET in presets.PRESETS) == presets.EMBEDDED_V1_DIR.is_dir()  # only once it moved aside
-    v1 = tmp_path / "scenes-llava-v1"
-    v1.mkdir()
-    for f in ("config.json", "processor_config.json", "chat_template.jinja", "training_state.json"):
-        shutil.copy(V1_DIR / f, v1 / f)
-    shutil.copy(V1_LIKENESS, v1 / presets.LIKENESS_FILE)
-    monkeypatch.setattr(presets, "EMBEDDED_V1_DIR", v1)
-    loaded = presets._load_presets()
-    assert list(loaded)[:2] == ["scenes-llava", "scenes-llava-v1"]
-    p = loaded["scenes-llava-v1"]
-    assert p.local_path == str(v1) and p.decoder_layers == 32
-    content = json.loads(V1_LIKENESS.read_text())["summary"]["raters"]["classes"]["content"]["share_of_raters"][0]
-    assert "loss on the answer word only" in p.summary and "(world v1)" in p.summary
-    assert f"its text raters are {100 * content:.0f}% content words, `?`, `is`, `the` lead" in p.summary
+    assert list(presets.PRESETS) == ["scenes-llava", "bczhou/tiny-llava-v1-hf",
+                                     "llava-hf/llava-interleave-qwen-0.5b-hf", "llava-hf/llava-1.5-7b-hf",
+                                     "llava-hf/llava-1.5-13b-hf"]
+    p = presets.PRESETS["scenes-llava"]
+    assert p.local_path == str(EMBEDDED) and p.decoder_layers == 32
+    content = json.loads(LIKENESS.read_text())["summary"]["raters"]["classes"]["content"]["share_of_raters"][0]
+    assert f"(world {world_of_model(EMBEDDED)})" in p.summary
+    assert f"its text raters are {100 * content:.0f}% content words" in p.summary
     mib = sum(f.stat().st_size for f in EMBEDDED.rglob("*") if f.is_file()) / 2**20
-    assert f"(world {world_of_model(EMBEDDED)})" in loaded["scenes-llava"].summary
-    assert f"any CPU ({mib:.0f} MiB; the default for a CPU Space)" == loaded["scenes-llava"].hardware
+    assert f"any CPU ({mib:.0f} MiB; the default for a CPU Space)" == p.hardware
 
 
 # --- the pruning benchmark asks the model's own world -------------------------------------------------------------
@@ -170,7 +155,7 @@ def test_engine_eval_uses_the_models_world(tmp_path, world):
     if world:
         (tmp_path / "training_state.json").write_text(json.dumps({"world": world}))
     result = evaluate(load_model(str(tmp_path), device="cpu", dtype="float32"), 2, seed=0, labels=["dense"], log=None)
-    assert result["world"] == (world or "v1")
+    assert result["world"] == (world or "v1")  # a folder that records no world: the first generator's scenes
     assert result["rows"][0]["questions"] == 2
 
 
@@ -178,8 +163,8 @@ def test_engine_eval_uses_the_models_world(tmp_path, world):
 def _tiny_v2_checkpoint(folder: Path) -> None:
     import torch
 
-    from sparsevlm.scenes.model import ModelSize, build_model
-    from sparsevlm.scenes.train_llava import v2_tokenizer
+    from training.model import ModelSize, build_model
+    from training.train_llava import v2_tokenizer
 
     size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=4, heads=2, kv_heads=1,
                      intermediate=64)
@@ -204,47 +189,48 @@ def _digest(path: Path) -> str:
 def test_ship_v2_rehearsal_on_a_placeholder(tmp_path):
     ckpt = tmp_path / "ckpt"
     _tiny_v2_checkpoint(ckpt)
-    before = _digest(V1_DIR / "model.safetensors")  # what the script's --dest copy starts from
+    before = _digest(EMBEDDED / "model.safetensors")  # what the script's --dest copy starts from
     dest = tmp_path / "dest"
 
     out = _ship(str(ckpt), "--dest", str(dest), "--quick")
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
-    new, old = dest / "models" / "scenes-llava", dest / "models" / "scenes-llava-v1"
-    assert world_of_model(new) == "v2" and world_of_model(old) == "v1"
-    assert _digest(old / "model.safetensors") == before  # v1 moved aside as it was
-    assert (old / "likeness_1050.json").read_bytes() == V1_LIKENESS.read_bytes()
+    new = dest / "models" / "scenes-llava"
+    assert world_of_model(new) == "v2" and _digest(new / "model.safetensors") != before  # installed in place
+    assert sorted(p.name for p in (dest / "models").iterdir()) == ["scenes-llava"]  # nothing moved aside
+    # the replaced model's likeness summary stays beside the new one, for the card's side-by-side
+    assert (new / "likeness_previous.json").read_bytes() == LIKENESS.read_bytes()
     for name in ("eval_heldout_7.json", "eval_independent_7.json", "likeness_3.json", "likeness_compare.md"):
         assert (new / name).is_file(), name
     evals = eval_records(new)
     assert evals["v2"]["overall"]["total"] == 7 and evals["independent"]["overall"]["total"] == 7
     readme = (new / "README.md").read_text()
     assert f"**{100 * evals['v2']['overall']['accuracy']:.1f}% ({evals['v2']['overall']['correct']}/7)**" in readme
+    assert "Beside the previous embedded model" in readme
     assert "**not met**" in readme and "(quick run: the bars are reported, not enforced)" in log
-    assert "+ nice -n 15 python -m sparsevlm.scenes.evaluate --model" in log  # each step's command is printed
+    assert "+ nice -n 15 python -m training.evaluate --model" in log  # each step's command is printed
     examples = json.loads((dest / "examples" / "examples.json").read_text())
     assert [e["world"] for e in examples] == ["v2"] * len(FAMILIES)
 
     again = _ship(str(ckpt), "--dest", str(dest), "--quick")  # idempotent: every finished step is skipped
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert "eval_heldout_7.json exists" in again.stdout and "already holds this export" in again.stdout
-    assert "train_llava" not in again.stderr and "sparsevlm.scenes.evaluate" not in again.stderr
+    assert "train_llava" not in again.stderr and "training.evaluate" not in again.stderr
+    assert (new / "likeness_previous.json").read_bytes() == LIKENESS.read_bytes()
 
     # Without --quick the gate holds: a model below the bars is not installed (here in a --dest folder).
     gated = tmp_path / "gated"
     held = _ship(str(ckpt), "--dest", str(gated))
-    assert held.returncode != 0 and "not shipped" in held.stderr
-    assert world_of_model(gated / "models" / "scenes-llava") == "v1"
-    assert not (gated / "models" / "scenes-llava-v1").exists()
+    assert held.returncode != 0 and "not installed" in held.stderr
+    assert _digest(gated / "models" / "scenes-llava" / "model.safetensors") == before
     # --below-bars installs it anyway, and says so: the log and the card name the bars it misses.
     below = _ship(str(ckpt), "--dest", str(gated), "--below-bars")
     assert below.returncode == 0, (below.stdout + below.stderr)[-3000:]
-    assert "shipped BELOW issue 10's bars" in below.stdout
-    assert world_of_model(gated / "models" / "scenes-llava") == "v2"
-    assert world_of_model(gated / "models" / "scenes-llava-v1") == "v1"
+    assert "installed BELOW the quality bars" in below.stdout
+    assert _digest(gated / "models" / "scenes-llava" / "model.safetensors") != before
     assert "**not met**" in (gated / "models" / "scenes-llava" / "README.md").read_text()
 
-    assert _digest(V1_DIR / "model.safetensors") == before  # assets/ untouched
+    assert _digest(EMBEDDED / "model.safetensors") == before  # assets/ untouched
 
 
 def test_ship_v2_refuses_bad_arguments(tmp_path):

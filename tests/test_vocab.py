@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparsevlm.scenes import world
-from sparsevlm.scenes.model import scenes_tokenizer
+from sparsevlm.scenes import generator, world
 from sparsevlm.testing import tiny_llava
 from sparsevlm.tokenizer import build_tokenizer
 from sparsevlm.vocab import edit_distance, nearest_word, split_words, unknown_words, unknown_words_notice
@@ -24,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def v1_tok():
-    return scenes_tokenizer()
+    """The first generator's words only (no paraphrases): `color` is unknown to it."""
+    return build_tokenizer(generator.vocabulary())
 
 
 def test_edit_distance():

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from sparsevlm.scenes import generator, independent, world
 from sparsevlm.scenes.generator import FAMILIES
@@ -73,30 +72,14 @@ def test_unknown_world_or_family_is_a_clear_error():
 
 def test_world_of_model_reads_training_state(tmp_path):
     models = Path(__file__).resolve().parent.parent / "assets" / "models"
-    first = models / ("scenes-llava-v1" if (models / "scenes-llava-v1").is_dir() else "scenes-llava")
-    assert world_of_model(first) == "v1"  # the first model predates the key
+    assert world_of_model(models / "scenes-llava") == "v2"  # the installed model records its world
     assert world_of_model(tmp_path) == "v1"  # no training_state.json (e.g. a hub model's folder)
     assert world_of_model(None) == "v1"
+    (tmp_path / "training_state.json").write_text(json.dumps({"step": 1}))
+    assert world_of_model(tmp_path) == "v1"  # a folder that records no world: the first generator's
     (tmp_path / "training_state.json").write_text(json.dumps({"step": 1, "world": "v2"}))
     assert world_of_model(tmp_path) == "v2"
     (tmp_path / "training_state.json").write_text("not json")
     assert world_of_model(tmp_path) == "v1"
     assert world_order("v2") == ["v2", "v1", "independent"]
     assert world_order("v1") == list(WORLDS)
-
-
-def test_v1_export_records_no_world(tmp_path):
-    """v1's exporter is unchanged: no "world" key, which world_of_model reads as v1."""
-    from sparsevlm.scenes.model import ModelSize, build_model
-    from sparsevlm.scenes.train import export, scenes_tokenizer
-
-    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, kv_heads=1,
-                     intermediate=64)
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    model = build_model(size, scenes_tokenizer())
-    torch.save({"model": model.state_dict(), "size": size.to_dict(), "step": 3, "train_seconds": 1.0, "args": {}},
-               ckpt / "checkpoint.pt")
-    export(ckpt, tmp_path / "out")
-    assert "world" not in json.loads((tmp_path / "out" / "training_state.json").read_text())
-    assert world_of_model(tmp_path / "out") == "v1"

@@ -1,4 +1,4 @@
-"""DART as pure tensor functions (METHODS.md section 5; ZichenWen1/DART modeling_llama_self.py L331-449 at
+"""DART as pure tensor functions (docs/engine.md; ZichenWen1/DART modeling_llama_self.py L331-449 at
 5a19452).
 
 In the LLM, before layer K = 2 (after layer 1): pivots are the 4 image and 4 text tokens whose post-RoPE keys of

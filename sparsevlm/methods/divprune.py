@@ -1,4 +1,4 @@
-"""DivPrune as pure tensor functions (METHODS.md section 3; vbdi/divprune llava_arch.py L146-171, L365-386).
+"""DivPrune as pure tensor functions (docs/engine.md; vbdi/divprune llava_arch.py L146-171, L365-386).
 
 Before the LLM, on the projector outputs of the image block: keep the n tokens chosen greedily by max-min
 cosine distance (farthest-point selection), starting from the token whose nearest neighbour is farthest.

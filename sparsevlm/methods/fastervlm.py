@@ -1,4 +1,4 @@
-"""FasterVLM (seeds/004): rank patches by the vision tower's [CLS] attention, keep the top k before the LLM."""
+"""FasterVLM (Zhang et al., 2024): rank patches by the vision tower's [CLS] attention, keep the top k before the LLM."""
 
 from __future__ import annotations
 

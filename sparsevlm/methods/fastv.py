@@ -1,5 +1,5 @@
 """FastV (ECCV 2024): layers 0..K-1 run in full; the last token's head-mean attention row in layer K-1 ranks the
-visual tokens; layers K.. see only the top k (SPEC section 6; reference `if layer_idx == FASTV_k - 1`)."""
+visual tokens; layers K.. see only the top k (docs/engine.md; reference `if layer_idx == FASTV_k - 1`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PyramidDrop as pure tensor functions (METHODS.md section 4; Cooperx521/PyramidDrop modeling_llama_pdrop.py
+"""PyramidDrop as pure tensor functions (docs/engine.md; Cooperx521/PyramidDrop modeling_llama_pdrop.py
 L1106-1465).
 
 In the LLM, before each stage layer K (after layer K - 1): the visual tokens are ranked by the attention the
@@ -31,8 +31,8 @@ NAME = "pyramiddrop"
 # The only shipped setting (README L75-76, scripts/v1_5/pdrop_eval): before layers 8/16/24, ratios 0.5/0.25/0.125.
 OFFICIAL_LAYERS_32 = (8, 16, 24)
 OFFICIAL_RATIOS = (0.5, 0.25, 0.125)
-# For budgets 192/128/96/64 nothing is shipped; the author's advice (issue #29): stages before 2/8/16, ratios
-# lambda, lambda^2, lambda^3, lambda chosen for the average (issue #22: mean over layers of processed tokens).
+# For budgets 192/128/96/64 nothing is shipped; the author's advice (PyramidDrop#29): stages before 2/8/16, ratios
+# lambda, lambda^2, lambda^3, lambda chosen for the average (PyramidDrop#22: mean over layers of processed tokens).
 BUDGET_LAYERS_32 = (2, 8, 16)
 
 
@@ -84,8 +84,8 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
          accounting: str = "paper") -> StagePlan:
     """Stages before layers 2/8/16 of 32 (scaled), ratios lambda^i with lambda solved for the budget.
 
-    PyramidDrop's own average (issue #22) is the input-counted mean, so both accountings meet the budget in input
-    counting. paper: the largest lambda whose mean does not exceed the budget (this reproduces METHODS.md's
+    PyramidDrop's own average (PyramidDrop#22) is the input-counted mean, so both accountings meet the budget in input
+    counting. paper: the largest lambda whose mean does not exceed the budget (this reproduces the
     derived 64/128/192 table); never an error (clamped at 1 token per stage). flops: the mean nearest the budget;
     a budget the depth cannot reach is an error.
     """
@@ -117,7 +117,7 @@ class PyramidDrop(PruneMethod):
     positions compacted to 0..N-1; each layer decodes from its own cache length, which equals the reference's
     per-stage shift L + t - dropped (modelling L1259-1268).
 
-    Deviation: the stage layers / ratios for a budget are the author's advice (issue #29: before layers 2/8/16 of
+    Deviation: the stage layers / ratios for a budget are the author's advice (PyramidDrop#29: before layers 2/8/16 of
     32, ratios lambda^i, lambda solved for the mean), not a shipped setting; the only shipped one is
     [8,16,24] x [0.5,0.25,0.125] (mean 270), which no budget of 192 or below can use.
     """
@@ -133,7 +133,7 @@ class PyramidDrop(PruneMethod):
         counts = to_counts(sp)
         stages = tuple(StageSpec(layer, k) for layer, k in zip(sp.after_layers, sp.counts))
         note = (f"{counts.note}; stage layers and lambda^i ratios follow the author's advice for small budgets "
-                "(issue #29), not a shipped setting (shipped: before 8/16/24 keep 1/2, 1/4, 1/8 = mean 270)")
+                "(PyramidDrop#29), not a shipped setting (shipped: before 8/16/24 keep 1/2, 1/4, 1/8 = mean 270)")
         return Plan(stages, self.positions(cfg), counts=counts, note=note)
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:

@@ -1,4 +1,4 @@
-"""Random: a seeded uniform subset of k patches before the LLM (SPEC section 6)."""
+"""Random: a seeded uniform subset of k patches before the LLM (docs/engine.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SparseVLM v1.5 as the reference runs it (SPEC sections 1-5): text raters, rater-row significance after
+"""SparseVLM v1.5 as the reference runs it (docs/engine.md): text raters, rater-row significance after
 layers 2 / 6 / 15 (of 32, scaled), directly kept counts from the reference lists, recycled clusters on top,
 compact positions."""
 

@@ -1,4 +1,4 @@
-"""SparseVLM v2.0 ("SparseVLM+", reference `USE_VERSION=2_0`) as pure tensor functions (METHODS.md section 1).
+"""SparseVLM v2.0 ("SparseVLM+", reference `USE_VERSION=2_0`) as pure tensor functions (docs/engine.md).
 
 Raters as in v1 (algorithm.text_relevance / select_raters). At each pruning layer: rater->visual attention
 probabilities divided by a RoPE-only prior (gravity correction), averaged over the priority heads, top-k kept.
@@ -183,7 +183,7 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
 
     Output counting is what the code logs as "Equal Tokens" (num_token.append(v_token_num) after every layer,
     modelling L359-371): (2*576 + 4*k1 + 9*k2 + 17*k3)/32 = 192.4 / 128.0 / 96.8 / 64.4 for the v2 lists. The
-    score.py comment "2*576 4*300 10*200 16*110" (and METHODS.md's 195.0 / 129.5 / 97.6 / 64.9) is off by one
+    score.py comment "2*576 4*300 10*200 16*110" (and the 195.0 / 129.5 / 97.6 / 64.9 derived from it) is off by one
     layer at layer 15; the code wins.
 
     paper: the v2 lists verbatim at 32 layers x 576 tokens for 192/128/96/64; otherwise the nearest list, scaled

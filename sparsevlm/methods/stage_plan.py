@@ -5,7 +5,7 @@ Layer convention: a stage acts *after* decoder layer `l` (its output is cut, lay
 `l = -1` means before the LLM (the projector output or the vision tower is cut, every layer sees the kept tokens).
 A method that acts "before layer K" (PyramidDrop, DART) acts after layer K - 1.
 
-Counting (SPEC section 7): *input* counting = mean over decoder layers of the visual tokens each layer processes
+Counting (docs/engine.md): *input* counting = mean over decoder layers of the visual tokens each layer processes
 (a pruning layer counts at its input; what FLOPs follow); *output* counting = the same with each pruning layer
 counted at its output. For a stage before the LLM both are the same. The figures are computed by schedule.py
 (`figures`, `layer_counts`, `make_counts`, `fit_scale`), the one place counting lives; `to_counts` hands a

@@ -1,4 +1,4 @@
-"""VisionZip as pure tensor functions (METHODS.md section 2; dvlab-research/VisionZip clip_encoder.py L42-85).
+"""VisionZip as pure tensor functions (docs/engine.md; dvlab-research/VisionZip clip_encoder.py L42-85).
 
 In the vision tower, before the projector: D dominant tokens ([CLS] + the D-1 patches the [CLS] row attends to
 most, summed over heads) and C contextual tokens (the remaining tokens merged onto C evenly spaced targets by

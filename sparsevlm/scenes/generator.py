@@ -2,7 +2,7 @@
 
 A scene is a 336x336 picture (24x24 grid of 14 px patches, as LLaVA-1.5 sees it) divided into a 6x6 layout of
 slots, each slot 4x4 patches. Each object sits in its own slot and covers 3x3 (small) or 4x4 (big) patches,
-the size the training notes found a small model learns quickly. Some scenes also hold a white label card with
+a size a small model learns quickly. Some scenes also hold a white label card with
 one black character on it.
 
 Every sample records its evidence patches: the indices (row * 24 + col) of the grid cells covered by the
@@ -104,7 +104,7 @@ def vocabulary() -> list[str]:
     question_words = [
         "what", "colour", "is", "the", "shape", "object", "objects", "how", "many", "are", "there", "which", "row",
         "column", "in", "left", "of", "above", "is", "there", "a", "written", "on", "label", "?", "small", "big",
-    ]  # fmt: skip - the order fixes the token ids of the shipped model
+    ]  # fmt: skip - the order fixes the token ids of the embedded model (v2's vocabulary starts with these)
     return list(dict.fromkeys([*question_words, *PLURALS.values(), *answer_words()]))
 
 

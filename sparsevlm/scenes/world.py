@@ -1,8 +1,9 @@
-"""The wider world (v2) for model v2: objects of ~2x2 to ~8x8 patches anywhere, 1-12 of them, varied backgrounds,
-questions with common paraphrases, and scene descriptions in words.
+"""The v2 world, the one the embedded model is trained on: objects of ~2x2 to ~8x8 patches anywhere, 1-12 of them,
+varied backgrounds, questions with common paraphrases, and scene descriptions in words.
 
-The first world (`generator.py`, "v1") stays as it was: the shipped model, its tests and its evaluation use it.
-`world(name)` returns the module of either world, so scripts take a `--world v1|v2` switch.
+It builds on the first generator (`generator.py`, world "v1": objects in a 6x6 layout of slots, two sizes), whose
+colours, shapes, vocabulary and question-drawing helpers it shares; `worlds.py` puts both worlds and the
+independent renderer behind one interface.
 
 What is wider than v1:
 - object sides drawn from three size classes with gaps between them (small 28-42 px = 2-3 patches, medium
@@ -319,7 +320,7 @@ def vary_label(scene: Scene2, seed: int, default_share: float = 0.4, stroke_shar
     independent renderer's (an unseen face); typeface variety is what lets a reader generalise to new ones.
     `stroke_share` of the varied labels are lettered as strokes instead (`strokes.draw_strokes`, glyph height
     50-80%): with outline faces alone the model read 47% of the independent renderer's stroke-font labels.
-    The default 0 draws exactly what session 8's phase trained on."""
+    The default 0 letters every varied label in an outline typeface."""
     if scene.label is None:
         return scene
     rng = np.random.default_rng([seed, 29])

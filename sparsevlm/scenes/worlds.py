@@ -4,8 +4,8 @@
     item = heldout_item(0, world="v2")     # .image, .sample (question, answer, family, evidence), .target()
     item = studio_item(7, "count", "independent")
 
-- "v1": `generator.py`, the shipped model's world (slots, two sizes);
-- "v2": `world.py`, model v2's wider world;
+- "v1": `generator.py`, the first generator (objects in a 6x6 layout of slots, two sizes);
+- "v2": `world.py`, the wider world the embedded model is trained on;
 - "independent": `independent.py`, pictures drawn by separate code that no model trains on.
 
 Every world draws 336 px pictures and gives evidence patches on the same 24x24 grid (cells covered >= 5% by the
@@ -141,8 +141,8 @@ def studio_item(seed: int, family: str, world: str = "v1") -> WorldItem:
 
 
 def world_of_model(model_dir: str | Path | None) -> str:
-    """The world a scenes model was trained on: `training_state.json` key "world". Absent key or file -> "v1" (the
-    shipped model predates the key; hub models have no file and no world of their own)."""
+    """The world a scenes model was trained on: `training_state.json` key "world". Absent key or file -> "v1" (hub
+    models have no such file and no world of their own; the first generator's simple scenes suit them)."""
     if model_dir is None:
         return "v1"
     path = Path(model_dir) / "training_state.json"

@@ -1,12 +1,13 @@
 """Dense accuracy of a scenes model on the fixed held-out set, per question family.
 
-    python -m sparsevlm.scenes.evaluate --model assets/models/scenes-llava --n 3000
-    python -m sparsevlm.scenes.evaluate --model DIR --world v2 --n 3000           # model v2's world
-    python -m sparsevlm.scenes.evaluate --model DIR --world independent --n 700   # the independent renderer
+    python -m training.evaluate --model assets/models/scenes-llava --n 3000
+    python -m training.evaluate --model DIR --world v2 --n 3000           # the v2 world
+    python -m training.evaluate --model DIR --world independent --n 700   # the independent renderer
 
-`--world` (default: the model's own, `worlds.world_of_model`): v1 (`generator.py`, the first model's world), v2
-(`world.py`: its own held-out seeds) or independent (`independent.py`: the second held-out set, drawn by
-different code). Bars (issue 10): v2 >= 97% overall and >= 90% in every family; independent >= 90% overall.
+`--world` (default: the model's own, `worlds.world_of_model`): v2 (`world.py`, the embedded model's world), v1
+(`generator.py`, the first generator) or independent (`independent.py`: a second held-out set, drawn by separately
+written code). The quality bars (`model_card.py`): own world >= 97% overall and >= 90% in every family;
+independent >= 90% overall.
 
 Plain greedy `model.generate` on the single-turn LLaVA prompt, batched with left padding; an answer counts when
 the generated text (special tokens dropped) equals the one-word answer exactly. Prints a table and JSON.
@@ -22,10 +23,10 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from ..tokenizer import prompt_for
-from . import worlds
-from .generator import FAMILIES
-from .worlds import DEFAULT_SEEDS, WORLDS, world_of_model
+from sparsevlm.scenes import worlds
+from sparsevlm.scenes.generator import FAMILIES
+from sparsevlm.scenes.worlds import DEFAULT_SEEDS, WORLDS, world_of_model
+from sparsevlm.tokenizer import prompt_for
 
 __all__ = ["DEFAULT_SEEDS", "WORLDS", "answer", "evaluate", "heldout_item", "load", "question_kind"]
 

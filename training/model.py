@@ -21,8 +21,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from ..tokenizer import build_tokenizer
-from .generator import IMAGE_SIZE, PATCH, vocabulary
+from sparsevlm.scenes.generator import IMAGE_SIZE, PATCH
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -43,10 +42,6 @@ class ModelSize:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def scenes_tokenizer() -> PreTrainedTokenizerFast:
-    return build_tokenizer(vocabulary())
 
 
 def build_model(size: ModelSize, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForConditionalGeneration:

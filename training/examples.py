@@ -1,10 +1,9 @@
 """Write the app's one-click examples: generated scenes (one per question family) and examples.json.
 
-    python -m sparsevlm.scenes.examples --out assets/examples               # v1 world (today's examples)
-    python -m sparsevlm.scenes.examples --world v2 --out assets/examples    # model v2's world (scripts/ship_v2.sh)
+    python -m training.examples --out assets/examples    # the installed model's world (scripts/ship_v2.sh)
 
 Scenes come from their own seed range (neither training nor the held-out set) and are busy: 9-12 objects, so
-a 64-token budget cannot keep every object. `--world` should be the embedded model's own world
+a 64-token budget cannot keep every object. They are drawn from the world the embedded model was trained on
 (`worlds.world_of_model`): the examples show what the model was trained to answer.
 """
 
@@ -16,17 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import generator
-from . import world as world_v2
-from .generator import FAMILIES
+from sparsevlm.scenes import world as world_v2
+from sparsevlm.scenes.generator import FAMILIES
 
 EXAMPLES_SEED = 20_000_000
-EXAMPLE_WORLDS = ("v1", "v2")  # the worlds a model is trained on (the independent renderer is a test set only)
-_MAKERS = {"v1": (generator.make_scene, generator.ask, generator.render),
-           "v2": (world_v2.make_scene, world_v2.ask, world_v2.render)}
+EXAMPLE_WORLDS = ("v2",)  # the world the embedded model is trained on (the independent renderer is a test set only)
+_MAKERS = {"v2": (world_v2.make_scene, world_v2.ask, world_v2.render)}
 
 
-def write_examples(out: Path, seed: int = EXAMPLES_SEED, world: str = "v1") -> list[dict]:
+def write_examples(out: Path, seed: int = EXAMPLES_SEED, world: str = "v2") -> list[dict]:
     if world not in _MAKERS:
         raise ValueError(f"unknown example world {world!r}: choose one of {', '.join(EXAMPLE_WORLDS)}")
     make_scene, ask, render = _MAKERS[world]
@@ -43,8 +40,7 @@ def write_examples(out: Path, seed: int = EXAMPLES_SEED, world: str = "v1") -> l
             s += 1
         name = f"{k + 1:02d}-{family}.png"
         render(scene).save(out / name)
-        # v1's entries stay exactly as they were (no "world" key: absent means v1, as in training_state.json).
-        items.append({"image": name, **sample.to_dict(), "seed": s, **({"world": world} if world != "v1" else {})})
+        items.append({"image": name, **sample.to_dict(), "seed": s, "world": world})
     (out / "examples.json").write_text(json.dumps(items, indent=1) + "\n")
     return items
 
@@ -52,8 +48,8 @@ def write_examples(out: Path, seed: int = EXAMPLES_SEED, world: str = "v1") -> l
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/examples")
-    p.add_argument("--world", default="v1", choices=EXAMPLE_WORLDS,
-                   help="whose scenes: the embedded model's own world (default v1, the shipped model's)")
+    p.add_argument("--world", default="v2", choices=EXAMPLE_WORLDS,
+                   help="whose scenes: the embedded model's own world")
     args = p.parse_args()
     for it in write_examples(Path(args.out), world=args.world):
         print(f"{it['image']}: {it['question']} -> {it['answer']}")

@@ -1,10 +1,10 @@
 """Model v2, trained the way LLaVA is trained, on the v2 world (`world.py`); resumable, seeded, JSONL logs.
 
-    python -m sparsevlm.scenes.train_llava --phase text     --out checkpoints/v2-text     --until N
-    python -m sparsevlm.scenes.train_llava --phase vision   --out checkpoints/v2-vision   --init-from ... --until N
-    python -m sparsevlm.scenes.train_llava --phase align    --out checkpoints/v2-align    --init-from ... --until N
-    python -m sparsevlm.scenes.train_llava --phase instruct --out checkpoints/v2-instruct --init-from ... --until N
-    python -m sparsevlm.scenes.train_llava --out checkpoints/v2-grow32 --export assets/models/scenes-llava-v2
+    python -m training.train_llava --phase text     --out checkpoints/v2-text     --until N
+    python -m training.train_llava --phase vision   --out checkpoints/v2-vision   --init-from ... --until N
+    python -m training.train_llava --phase align    --out checkpoints/v2-align    --init-from ... --until N
+    python -m training.train_llava --phase instruct --out checkpoints/v2-instruct --init-from ... --until N
+    python -m training.train_llava --out checkpoints/v2-grow32 --export checkpoints/v2-export
 
 `scripts/train_v2.sh` chains the phases with their arguments; rerunning it resumes where it stopped (each phase
 runs until its checkpoint reaches `--until` steps; a finished phase exits at once).
@@ -17,13 +17,13 @@ Phases:
   learns to fetch words from the span where a picture will be. No visual tokens: a step costs a fraction of one
   with a picture.
 - `vision`: the vision tower on per-patch heads alone (colour, shape, label character, centre, grid row and
-  column; `train.PatchHeads`) on v2 pictures - dark backgrounds, textures and 2x2 objects are new to the
-  shipped tower this starts from. Frozen afterwards, as LLaVA freezes CLIP.
+  column; `parts.PatchHeads`) on v2 pictures, from the tower `--vision-from` names (by default the installed
+  model's). Frozen afterwards, as LLaVA freezes CLIP.
 - `align` (LLaVA stage 1, feature alignment): decoder, embeddings and LM head frozen; only the projector learns
   to make the frozen decoder caption the picture (`world.describe`).
 - `instruct` (LLaVA stage 2): decoder and projector trainable, multi-turn question/answer conversations over
   the seven families plus an occasional caption turn; with `--grow` the decoder is first grown to `--layers` by
-  block expansion (`train.grow_decoder`). `--tower-lr-scale` > 0 trains the vision tower as well (at that share
+  block expansion (`parts.grow_decoder`). `--tower-lr-scale` > 0 trains the vision tower as well (at that share
   of the rate), `--patch-weight` keeps the vision phase's per-patch heads on it, `--label-fonts` letters the
   training labels in varied typefaces (`world.vary_label`). `--init-from` takes an exported model folder too.
 
@@ -34,7 +34,7 @@ own row and column; `--grid-weight`), and on decoder layers at answer positions 
 question named), the where head (the named objects' cells) and the order head (the first named object before /
 after / neither the second) - `--referent-weight`, `--where-weight`, `--order-weight`. All are dropped at export.
 Early in `align` / `instruct` a share of the pure-background visual tokens is left out of the decoder at their
-original positions (`train.decoder_logits`), chosen by the generator's ground truth, ramping to all of them.
+original positions (`parts.decoder_logits`), chosen by the generator's ground truth, ramping to all of them.
 """
 
 from __future__ import annotations
@@ -51,11 +51,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..tokenizer import build_tokenizer
-from . import world
-from .generator import FAMILIES
+from sparsevlm.scenes import world
+from sparsevlm.scenes.generator import FAMILIES
+from sparsevlm.tokenizer import build_tokenizer
+
 from .model import ModelSize, build_model, pixel_values
-from .train import (
+from .parts import (
     DecoderProbe,
     GridHeads,
     PatchHeads,
@@ -66,14 +67,14 @@ from .train import (
     grown_positions,
     kept_rows,
 )
-from .train import export as train_export
-from .train import initial_state as train_initial_state
+from .parts import export as train_export
+from .parts import initial_state as train_initial_state
 
 N_VISUAL = world.GRID * world.GRID
 QUESTION_POS = 2 + N_VISUAL  # "USER", ":" then 576 visual tokens
 CAPTION = len(FAMILIES)  # family index of caption tokens in the stats
 STAT_NAMES = (*FAMILIES, "caption")
-SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "models" / "scenes-llava"
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "models" / "scenes-llava"
 
 
 REFERENT_WORDS = (*world.COLOURS, *world.SHAPES, *world.SIZE_CLASSES, "label")
@@ -98,7 +99,7 @@ WHERE_FAMILIES = (FAMILIES.index("position"), FAMILIES.index("relation"))
 
 
 def where_vector(scene, question: str, family: int) -> list[int] | None:
-    """Targets of the where head (`train.WhereHead`) and the order head (`OrderHead`) for one turn: the 6x6
+    """Targets of the where head (`parts.WhereHead`) and the order head (`OrderHead`) for one turn: the 6x6
     cells (row, column) of the centres of the objects a position or relation question names, in the order it
     names them, then - relation only - the first object's order to the second along x and along y: 0 entirely
     before (left of / above), 1 entirely after, 2 neither (their boxes overlap on that axis). -100 where a
@@ -141,8 +142,8 @@ class ReferentProbe(DecoderProbe):
     Why: a question's answer position is ":" after "ASSISTANT", several tokens after the words that say what
     to look up. Measured in the text phase without it (step 1695, single-turn, <= 3 objects): reading the label
     0.0 (always "8"), existence below chance - while copying the scene into a caption, where the current token
-    itself is the look-up key, was at 0.8. The first embedded model met the same wall with pictures (see
-    train.ReferentHead). It reads no picture, no evidence patches and no attention weights.
+    itself is the look-up key, was at 0.8. An earlier decoder trained on pictures met the same wall and passed it
+    with a probe of this kind. It reads no picture, no evidence patches and no attention weights.
     """
 
     def __init__(self, model, hidden: int, layer: int):
@@ -353,8 +354,8 @@ def keep_mask(scene, seed: int, share: float) -> torch.Tensor:
 def trainable(model, phase: str, tower: bool = False) -> None:
     """Which parts learn in each phase (LLaVA-1.5: CLIP frozen throughout; stage 1 the projector only).
 
-    `tower` (instruct only, `--tower-lr-scale` > 0): the vision tower learns too, as in the issue's stage 2
-    ("everything trainable") and LLaVA-OneVision's, which trains its vision tower at a fifth of the LLM's rate."""
+    `tower` (instruct only, `--tower-lr-scale` > 0): the vision tower learns too ("everything trainable"), as in
+    LLaVA-OneVision, which trains its vision tower at a fifth of the LLM's rate."""
     model.requires_grad_(False)
     lm = model.model.language_model
     if phase == "text":
@@ -742,7 +743,7 @@ def probe_text(model, conv: Conversations, n: int, max_objects: int, fused: int)
 
 
 def export(ckpt_dir: Path, dest: Path) -> None:
-    """Write a v2 checkpoint as a from_pretrained-loadable model + processor (the v1 exporter, v2 vocabulary),
+    """Write a checkpoint as a from_pretrained-loadable model + processor (`parts.export`, the v2 vocabulary),
     recording `"world": "v2"` in training_state.json."""
     # "world" tells the app and the likeness script which pictures the model knows (worlds.world_of_model).
     train_export(ckpt_dir, dest, tokenizer=v2_tokenizer(), state_keys=("phase",), extra={"world": "v2"})

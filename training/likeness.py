@@ -1,14 +1,14 @@
 """How LLaVA-like a model is where the pruning methods look: raters, attention to evidence, word-aligned patches.
 
-    PYTHONHASHSEED=0 python -m sparsevlm.scenes.likeness --model assets/models/scenes-llava --n 1050 \
+    PYTHONHASHSEED=0 python -m training.likeness --model assets/models/scenes-llava --n 1050 \
         --json out.json --md out.md [--records] [--world v1|v2|independent]
-    python -m sparsevlm.scenes.likeness --compare old.json new.json --md side-by-side.md
+    python -m training.likeness --compare old.json new.json --md side-by-side.md
 
 `--world` picks whose held-out questions (`worlds.py`); the default is the model's own world (training_state.json
 "world", absent = v1).
 
 SparseVLM assumes what the paper's Figure 3 shows on LLaVA-1.5: the text tokens whose embeddings the projected
-patches resemble (the raters, SPEC section 1) are content words (`Tylenol`, `sticker`, `fridge`), and their
+patches resemble (the raters; docs/engine.md) are content words (`Tylenol`, `sticker`, `fridge`), and their
 attention rows point at the objects those words name. This measures both on a scenes world's held-out
 questions, where the evidence patches are known, plus the reason it should hold (visual tokens land in the
 word-embedding space):
@@ -50,13 +50,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import algorithm as A
-from ..config import REFERENCE_PRUNE_LAYERS_32
-from ..errors import SparseVLMError
-from ..schedule import scaled_layers
-from ..tokenizer import prompt_for
-from .generator import GRID, PATCH
-from .worlds import (
+from sparsevlm import algorithm as A
+from sparsevlm.config import REFERENCE_PRUNE_LAYERS_32
+from sparsevlm.errors import SparseVLMError
+from sparsevlm.scenes.generator import GRID, PATCH
+from sparsevlm.scenes.worlds import (
     DEFAULT_SEEDS,
     WORLD_LABELS,
     WORLDS,
@@ -66,6 +64,8 @@ from .worlds import (
     heldout_item,
     world_of_model,
 )
+from sparsevlm.schedule import scaled_layers
+from sparsevlm.tokenizer import prompt_for
 
 TOP_K = 64
 CORE_FRACTION = 0.5  # an evidence patch is "core" when the object covers at least half of it
@@ -497,7 +497,7 @@ def markdown(summary: dict, model: str, command: str) -> str:
         "± is a 95% interval half-width with questions as the sampling unit. Dense first-token accuracy on these "
         f"questions: {_pm(s['dense_first_token_accuracy'])}.",
         "",
-        "## 1. Text raters (SPEC section 1: R = mean_rows softmax(Hv Hq^T), raters R > mean(R))",
+        "## 1. Text raters (R = mean_rows softmax(Hv Hq^T), raters R > mean(R))",
         "",
         f"Text = every token after the image (question + `ASSISTANT:`): {r['text_tokens_per_question_mean']:.1f} "
         f"tokens per question, {r['per_question_mean']:.1f} raters. The share of text is what raters drawn at random "
@@ -572,7 +572,7 @@ def markdown(summary: dict, model: str, command: str) -> str:
         "Attention rows are recomputed from each pruning layer's q/k projections (input captured by a pre-hook on "
         "`self_attn`, RoPE by the decoder's own `apply_rotary_pos_emb`, `algorithm.rows_attention`), the model "
         "running SDPA; tests/test_likeness.py checks them against eager attention's `output_attentions`. Word "
-        "classes are the explicit lists in `sparsevlm/scenes/likeness.py` (template = `user`, `:`, `assistant`, `?`).",
+        "classes are the explicit lists in `training/likeness.py` (template = `user`, `:`, `assistant`, `?`).",
         "",
     ]
     return "\n".join(lines)
@@ -587,7 +587,7 @@ def _read(x) -> tuple[float, float]:
 
 
 def compare_markdown(a: dict, b: dict) -> str:
-    """Two models' summaries side by side (e.g. the shipped v1 model and model v2, for the model card)."""
+    """Two models' summaries side by side (e.g. the installed model and the one it replaced, for the model card)."""
     name = lambda s: f"`{s.get('model', '?')}` on {s.get('world', 'v1')}"  # noqa: E731
     rows: list[tuple[str, str, str]] = [
         ("questions (seed)", f"{a['questions']} ({a['seed']})", f"{b['questions']} ({b['seed']})"),
@@ -626,7 +626,7 @@ def compare_markdown(a: dict, b: dict) -> str:
     lines = [
         "# LLaVA-likeness, two models side by side",
         "",
-        "Both columns computed by `python -m sparsevlm.scenes.likeness` (each model's own command: "
+        "Both columns computed by `python -m training.likeness` (each model's own command: "
         f"`{a.get('command', '?')}`; `{b.get('command', '?')}`); ± is a 95% interval half-width, questions as "
         "the sampling unit. Recall is of the top-k visual tokens of the attention rows on the dense forward.",
         "",
@@ -670,7 +670,7 @@ def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_ev
         world: str | None = None) -> tuple[dict, list]:
     """Load the model, measure `n` held-out questions of `world` (default: the model's own, `world_of_model`), and
     summarize. Returns (summary, per-question records)."""
-    from ..loading import load_model
+    from sparsevlm.loading import load_model
 
     world = world_of_model(model_path) if world is None else world
     try:
@@ -699,7 +699,7 @@ def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_ev
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m sparsevlm.scenes.likeness", description=__doc__,
+        prog="python -m training.likeness", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="assets/models/scenes-llava", help="a local LLaVA model folder")
@@ -731,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         p.error("--top-k must be at least 1")
     torch.set_num_threads(max(1, args.threads))
-    command = " ".join(["python -m sparsevlm.scenes.likeness", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m training.likeness", *(sys.argv[1:] if argv is None else argv)])
     try:
         summary, records = run(args.model, args.n, args.seed, args.top_k, log_every=25, world=args.world)
     except SparseVLMError as e:
