@@ -693,7 +693,7 @@ def train(args: argparse.Namespace) -> None:
                 clip_loss, top1 = clip_head.loss(model.model.vision_tower, prep["clip_pixels"].to(dev),
                                                  prep["clip_captions"])
                 stats["clip_top1"] = (top1, 1)
-                stats["clip_scale"] = (float(clip_head.logit_scale.exp()), 1)
+                stats["clip_scale"] = (float(clip_head.logit_scale.detach().exp()), 1)
         total = (loss + args.grid_weight * aux + args.referent_weight * ref_loss + args.where_weight * where_loss
                  + args.order_weight * order_loss + args.patch_weight * patch_loss + args.clip_weight * clip_loss)
         opt.zero_grad(set_to_none=True)
