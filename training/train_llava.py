@@ -55,6 +55,7 @@ from sparsevlm.scenes import world
 from sparsevlm.scenes.generator import FAMILIES
 from sparsevlm.tokenizer import build_tokenizer
 
+from .clip_tower import ClipHead, contrastive_batch
 from .model import ModelSize, build_model, pixel_values
 from .parts import (
     DecoderProbe,
@@ -496,6 +497,10 @@ def prepared_step(args, conv: Conversations, step: int, weights) -> dict:
         out["pixels"] = pixel_values([world.render(s) for s in scenes])
         if args.patch_weight > 0:
             out["patch_targets"] = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes])
+    if args.phase == "instruct" and args.clip_weight > 0:
+        _, out["clip_pixels"], out["clip_captions"] = contrastive_batch(
+            step, args.clip_batch, args.seed, world.MAX_OBJECTS, args.label_fonts, args.stroke_labels,
+            args.tinted_backgrounds)
     return out
 
 
@@ -564,9 +569,14 @@ def train(args: argparse.Namespace) -> None:
     order_head = None
     if args.phase == "instruct" and args.order_weight > 0:
         order_head = OrderHead(model, size.hidden, args.order_layer)
+    clip_head = None
+    if args.clip_weight > 0:
+        if not train_tower:
+            raise SystemExit("--clip-weight trains the vision tower: give --tower-lr-scale > 0 too")
+        clip_head = ClipHead(tokenizer, size.vision_hidden, seed=args.seed)
     weights = family_weights(args.family_weights)
     feed, pool = step_feed(args, conv, step0, weights)
-    for part in (model, patch_heads, grid_heads, ref_probe, where_head, order_head):
+    for part in (model, patch_heads, grid_heads, ref_probe, where_head, order_head, clip_head):
         if part is not None:
             part.to(dev)
     def part(n: str) -> str:
@@ -589,6 +599,8 @@ def train(args: argparse.Namespace) -> None:
     # added after loading.
     extra = [{"params": list(h.parameters()), "lr_scale": 1.0} for h in (ref_probe, where_head, order_head)
              if h is not None]
+    if clip_head is not None:  # the contrastive head's group comes last, at its own rate
+        extra.append({"params": list(clip_head.parameters()), "lr_scale": args.clip_lr_scale})
     step, train_seconds = 0, 0.0
     have = len(extra) if saved is None else max(0, len(saved["optim"]["param_groups"]) - len(param_groups))
     for g in extra[:have]:
@@ -599,7 +611,7 @@ def train(args: argparse.Namespace) -> None:
             opt.add_param_group(g)
         step, train_seconds = saved["step"], saved["train_seconds"]
         for key, heads in (("patch_heads", patch_heads), ("grid_heads", grid_heads), ("referent_probe", ref_probe),
-                           ("where_head", where_head), ("order_head", order_head)):
+                           ("where_head", where_head), ("order_head", order_head), ("clip_head", clip_head)):
             if heads is not None and saved.get(key) is not None:
                 heads.load_state_dict(saved[key])
         print(f"resumed {args.phase} at step {step} ({train_seconds / 60:.1f} min) from {ckpt_path}", flush=True)
@@ -618,7 +630,8 @@ def train(args: argparse.Namespace) -> None:
                     "grid_heads": grid_heads.state_dict() if grid_heads is not None else None,
                     "referent_probe": ref_probe.state_dict() if ref_probe is not None else None,
                     "where_head": where_head.state_dict() if where_head is not None else None,
-                    "order_head": order_head.state_dict() if order_head is not None else None}, tmp)
+                    "order_head": order_head.state_dict() if order_head is not None else None,
+                    "clip_head": clip_head.state_dict() if clip_head is not None else None}, tmp)
         os.replace(tmp, ckpt_path)
 
     stop: list[bool] = []
@@ -626,8 +639,8 @@ def train(args: argparse.Namespace) -> None:
     last_ckpt = time.time()
     run_start = time.time()
     def fresh_window() -> dict:
-        return {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "order": 0.0, "patch": 0.0, "n": 0, "t": 0.0,
-                "stats": {}}
+        return {"loss": 0.0, "aux": 0.0, "ref": 0.0, "where": 0.0, "order": 0.0, "patch": 0.0, "clip": 0.0,
+                "n": 0, "t": 0.0, "stats": {}}
 
     window = fresh_window()
     while step < args.until and not stop:
@@ -642,7 +655,7 @@ def train(args: argparse.Namespace) -> None:
         max_obj, scenes = prep["max_obj"], prep["scenes"]
         batch = None if prep["batch"] is None else tuple(x.to(dev) for x in prep["batch"])
         zero = torch.zeros((), device=dev)
-        aux, ref_loss, where_loss, order_loss, patch_loss = zero, zero, zero, zero, zero
+        aux, ref_loss, where_loss, order_loss, patch_loss, clip_loss = zero, zero, zero, zero, zero, zero
         stats: dict = {}
         if args.phase == "text":
             ids, pos, labels, fams, w, pooled, ref, ref_mask = batch[:8]
@@ -677,8 +690,13 @@ def train(args: argparse.Namespace) -> None:
                 targets = prep["patch_targets"].to(dev)
                 stats.update({f"patch_{k}": (v, 1) for k, v in patch_heads.foreground_accuracy(targets).items()})
                 patch_loss = patch_heads.loss(targets)
+            if clip_head is not None:  # after the patch heads: they keep the tower's last output
+                clip_loss, top1 = clip_head.loss(model.model.vision_tower, prep["clip_pixels"].to(dev),
+                                                 prep["clip_captions"])
+                stats["clip_top1"] = (top1, 1)
+                stats["clip_scale"] = (float(clip_head.logit_scale.detach().exp()), 1)
         total = (loss + args.grid_weight * aux + args.referent_weight * ref_loss + args.where_weight * where_loss
-                 + args.order_weight * order_loss + args.patch_weight * patch_loss)
+                 + args.order_weight * order_loss + args.patch_weight * patch_loss + args.clip_weight * clip_loss)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for g in param_groups for p in g["params"]], args.clip)
@@ -692,6 +710,7 @@ def train(args: argparse.Namespace) -> None:
         window["where"] += float(where_loss.detach())
         window["order"] += float(order_loss.detach())
         window["patch"] += float(patch_loss.detach())
+        window["clip"] += float(clip_loss.detach())
         window["n"] += 1
         window["t"] += dt
         for f, (c, n) in stats.items():
@@ -701,7 +720,7 @@ def train(args: argparse.Namespace) -> None:
             rec = {"phase": args.phase, "step": step, "loss": window["loss"] / window["n"],
                    "aux_loss": window["aux"] / window["n"], "referent_loss": window["ref"] / window["n"],
                    "where_loss": window["where"] / window["n"], "order_loss": window["order"] / window["n"],
-                   "patch_loss": window["patch"] / window["n"],
+                   "patch_loss": window["patch"] / window["n"], "clip_loss": window["clip"] / window["n"],
                    "train_acc": {f: round(c / n, 4) for f, (c, n) in window["stats"].items()},
                    "s_per_step": round(window["t"] / window["n"], 3), "lr": lr, "max_objects": max_obj,
                    "train_minutes": round(train_seconds / 60, 2), "time": time.strftime("%H:%M:%S")}
@@ -786,6 +805,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tinted-backgrounds", type=float, default=0.0,
                    help="this share of the training scenes on a hued background (world.vary_background): pastel "
                         "when light, deep when dark; held-out pictures are not")
+    p.add_argument("--clip-weight", type=float, default=0.0,
+                   help="CLIP's contrastive loss on the tower's pooled [CLS] vs a text encoder (clip_tower.py)")
+    p.add_argument("--clip-batch", type=int, default=48, help="pictures per contrastive batch")
+    p.add_argument("--clip-lr-scale", type=float, default=1.0, help="the contrastive head's rate / --lr")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--grid-weight", type=float, default=0.5, help="grid heads on the projector output (0: off)")

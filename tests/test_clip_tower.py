@@ -1,0 +1,139 @@
+"""The vision tower's contrastive (CLIP) training and its measurements, on constructed inputs with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from sparsevlm.scenes import world
+from training import clip_tower as ct
+from training.train_llava import v2_tokenizer
+
+
+def test_info_nce_is_lowest_on_matching_pairs():
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(16, 32, generator=g)
+    txt = img + 0.1 * torch.randn(16, 32, generator=g)  # each caption near its own picture
+    matched = ct.info_nce(img, txt, 20.0)
+    shuffled = ct.info_nce(img, txt[torch.randperm(16, generator=g)], 20.0)
+    assert matched < 0.1 < math.log(16) < shuffled
+    # symmetric: swapping the two sides gives the same loss
+    assert torch.isclose(ct.info_nce(txt, img, 20.0), matched)
+
+
+def test_temperature_is_learned(tokenizer):
+    head = ct.ClipHead(tokenizer, vision_hidden=16)
+    assert math.isclose(float(head.logit_scale.exp()), 1 / 0.07, rel_tol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    img = torch.randn(8, 32, generator=g)
+    txt = img + 0.3 * torch.randn(8, 32, generator=g)  # separable: a sharper softmax lowers the loss
+    opt = torch.optim.Adam([head.logit_scale], lr=0.05)
+    before = float(head.logit_scale)
+    for _ in range(5):
+        opt.zero_grad()
+        ct.info_nce(img, txt, head.logit_scale.exp()).backward()
+        opt.step()
+    assert float(head.logit_scale) > before + 0.05
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return v2_tokenizer()
+
+
+@pytest.mark.parametrize("seed", range(0, 40, 4))
+def test_alt_text_names_every_object_and_the_label(seed, tokenizer):
+    for s in range(seed, seed + 4):
+        _check_alt_text(s, tokenizer)
+
+
+def _check_alt_text(seed, tokenizer):
+    scene, _ = world.training_scene(seed, 0, world.MAX_OBJECTS)
+    text = ct.alt_text(scene, np.random.default_rng(seed))
+    phrases = [p.strip() for p in text.rstrip(" .").replace(" and ", " , ").split(" , ")]
+    assert len(phrases) == len(scene.objects) + (scene.label is not None)
+    for obj in scene.objects:
+        hit = [p for p in phrases if f" {obj.colour} {obj.shape} " in f" {p} "
+               and any(w in p.split() for w in ct.SIZE_WORDS[obj.size])]
+        assert hit, (obj, text)
+        row, col = world.ROWS[obj.row], world.COLUMNS[obj.col]
+        assert any(f"{row} {col}" in p or ((row, col) == ("middle", "middle") and "center" in p) for p in hit)
+    if scene.label is not None:
+        assert any(f" {scene.label.lower()} " in f" {p} " and ("label" in p or "card" in p) for p in phrases)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids  # every caption word is in the model's vocabulary
+
+
+def test_alt_text_varies():
+    scene, _ = world.training_scene(3, 0, world.MAX_OBJECTS)
+    assert len({ct.alt_text(scene, np.random.default_rng(s)) for s in range(20)}) > 10
+
+
+def _tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                       num_attention_heads=2, image_size=336, patch_size=14),
+        text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=1, vocab_size=128),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_token_index=4)
+    cfg.vision_config._attn_implementation = "eager"
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def test_cls_rows_match_the_towers_own_attention():
+    model = _tiny_llava()
+    px = torch.randn(2, 3, 336, 336)
+    rows = ct.cls_attention_rows(model, px)
+    out = model.model.vision_tower(pixel_values=px, output_attentions=True)
+    layer = ct.feature_layer_index(model)
+    assert layer == 1  # 3 layers: hidden_states[-2] is the output of layer 1
+    want = out.attentions[layer].mean(1)[:, 0, 1:]
+    torch.testing.assert_close(rows, want, atol=1e-5, rtol=1e-4)
+
+
+def test_object_ratio_and_recall_on_rows_with_known_answers():
+    n = 576
+    masks = [torch.zeros(n, dtype=torch.bool) for _ in range(2)]
+    masks[0][:64] = True  # objects cover 1/9 of the picture
+    masks[1][100:164] = True
+    uniform = torch.full((2, n), 1.0 / n)
+    assert ct.object_attention_ratio(uniform, masks) == pytest.approx(1.0)
+    on_objects = torch.stack([m.float() for m in masks])  # all mass on the objects: 9x their area share
+    assert ct.object_attention_ratio(on_objects, masks) == pytest.approx(9.0)
+    away = torch.stack([(~m).float() for m in masks])
+    assert ct.object_attention_ratio(away, masks) == 0.0
+    evidence = [list(range(10)), list(range(100, 110))]
+    assert ct.topk_recall(on_objects + 1e-3 * torch.rand(2, n), evidence, k=64) == 1.0
+    assert ct.topk_recall(away + 1e-3 * torch.rand(2, n), evidence, k=64) == 0.0
+
+
+def test_retrieval_top1_on_constructed_embeddings():
+    g = torch.Generator().manual_seed(2)
+    img = torch.randn(10, 16, generator=g)
+    assert ct.image_to_text_top1(img, 3 * img) == 1.0  # cosine: the scale does not matter
+    swapped = img.clone()
+    swapped[[0, 1]] = img[[1, 0]]
+    assert ct.image_to_text_top1(img, swapped) == pytest.approx(0.8)
+
+
+def test_clip_loss_reaches_the_cls_path_and_the_temperature(tokenizer):
+    """One contrastive step on a tiny tower: the loss reads the pooled [CLS] (post-layernorm, class embedding)
+    and the temperature, and reaches the layers whose patch outputs LLaVA reads."""
+    torch.manual_seed(0)
+    model = _tiny_llava()
+    head = ct.ClipHead(tokenizer, vision_hidden=32)
+    _, px, caps = ct.contrastive_batch(0, 4, seed=5, max_objects=3, label_fonts=False, stroke_labels=0.0,
+                                       tinted=0.0)
+    assert len(caps) == 4 and px.shape == (4, 3, 336, 336)
+    loss, top1 = head.loss(model.model.vision_tower, px, caps)
+    assert 0.0 <= top1 <= 1.0 and float(loss) > 0
+    loss.backward()
+    vm = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
+    for p in (vm.post_layernorm.weight, vm.embeddings.class_embedding, vm.encoder.layers[0].self_attn.q_proj.weight,
+              head.logit_scale, head.visual_projection.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
