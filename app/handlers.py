@@ -434,6 +434,16 @@ class Handlers:
         x, y = (evt.index if isinstance(evt.index, (list, tuple)) else (-1, -1))[:2]
         return render.patch_fate_html(tr, render.patch_at(tr, float(x), float(y), size))
 
+    def token_view(self, st, evt: gr.SelectData):
+        """A click on a token after the image: its own attention over the patches at each pruning step."""
+        tr = self.session_trace(st)
+        i = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if not isinstance(i, int) or not 0 <= i < len(tr.raters):
+            return "Click one of the tokens above.", []
+        token = tr.raters[i].index
+        return (render.token_attention_note(tr, token),
+                render.token_attention_views(load_image(st["image"]), tr, token))
+
     def step_layer(self, st, layer, view):
         if not st or not st.get("record"):
             return gr.Timer(active=False), gr.skip(), gr.skip(), gr.skip()

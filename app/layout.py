@@ -73,9 +73,11 @@ CSS = """
 .sv-model {font-size: .85rem; color: var(--body-text-color-subdued)}
 .sv-help {font-size: .9rem; color: var(--body-text-color-subdued)}
 #sv-overlay img {object-fit: contain}
-#sv-compare-gallery .grid-wrap, #sv-compare-gallery .gallery-container {max-height: none !important;
-  height: auto !important; overflow: visible !important}
-#sv-compare-gallery .caption-label {white-space: normal !important; overflow: visible !important}
+#sv-compare-gallery .grid-wrap, #sv-compare-gallery .gallery-container, #sv-token-attention .grid-wrap,
+#sv-token-attention .gallery-container {max-height: none !important; height: auto !important;
+  overflow: visible !important}
+#sv-compare-gallery .caption-label, #sv-token-attention .caption-label {white-space: normal !important;
+  overflow: visible !important}
 .sv-table {width: 100%; border-collapse: collapse; font-size: .88rem}
 .sv-table th, .sv-table td {padding: .3rem .55rem; border-bottom: 1px solid var(--border-color-primary);
   text-align: left; vertical-align: top}
@@ -201,6 +203,11 @@ def explain_tabs() -> dict[str, Any]:
         c["raters"] = gr.HighlightedText(label="Text raters (red = rater, stronger = higher R)", show_legend=True,
                                          elem_id="sv-raters")
         c["rater_note"] = gr.Markdown(label="Rater note")
+        c["token_note"] = gr.Markdown("Click a token to see its own attention over the patches at each pruning "
+                                      "step.", elem_id="sv-token-note")
+        c["token_views"] = gr.Gallery(label="The clicked token's attention over the patches, per pruning step "
+                                      "(computed)", columns=4, height="auto", object_fit="contain",
+                                      elem_id="sv-token-attention")
         c["raters_fig"] = gr.Plot(label="R per token (computed)", elem_id="sv-raters-fig")
     with gr.Tab("② Token counts", id="counts"):
         c["counts"] = gr.Plot(label="Visual tokens per layer (computed)", elem_id="sv-counts")
@@ -277,6 +284,8 @@ def wire_views(h: Handlers, c: dict[str, Any]) -> None:
     c["layer"].input(h.show_layer, *layer_io, api_name="layer_view", show_progress="hidden", concurrency_limit=4)
     c["view_in"].change(h.show_layer, *layer_io, api_visibility="private", show_progress="hidden",
                         concurrency_limit=4)
+    c["raters"].select(h.token_view, [c["state"]], [c["token_note"], c["token_views"]], api_visibility="private",
+                       concurrency_limit=4)
     c["overlay"].select(h.patch_info, [c["state"]], [c["patch"]], api_visibility="private", concurrency_limit=4)
     timer = gr.Timer(0.8, active=False)
     c["play_btn"].click(lambda: (gr.Timer(active=True), 0), None, [timer, c["layer"]], api_visibility="private",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -384,6 +385,58 @@ def pruning_video(image: Image.Image, trace: PruneTrace, path: str, max_side: in
     finally:
         writer.close()
     return path
+
+
+# --- one question token's own attention -----------------------------------------------------------------------
+def token_attention(trace: PruneTrace, token: int) -> list[tuple[Stage, np.ndarray | None]]:
+    """Per pruning stage that recorded its raters' rows (SparseVLM): the attention text token `token` (its index
+    after the image, Rater.index) pays each patch, NaN where the patch was not a token entering the stage; None
+    at a stage where the token was not a rater (its row played no part)."""
+    n = trace.grid[0] * trace.grid[1]
+    out = []
+    for st in trace.stages:
+        tokens, rows = st.extras.get("rater_tokens"), st.extras.get("rater_attention")
+        if tokens is None or rows is None:
+            continue
+        if token not in tokens:
+            out.append((st, None))
+            continue
+        vals = np.full(n, np.nan, dtype=np.float64)
+        for p, a in zip(st.input_patches, rows[tokens.index(token)], strict=False):
+            if 0 <= p < n:
+                vals[p] = a
+        out.append((st, vals))
+    return out
+
+
+def token_attention_views(image: Image.Image, trace: PruneTrace, token: int,
+                          max_side: int = 320) -> list[tuple[Image.Image, str]]:
+    """One heatmap per pruning stage of `token`'s own attention over the patches, captioned (computed)."""
+    views = []
+    for st, vals in token_attention(trace, token):
+        if vals is None:
+            continue
+        row = [float(vals[p]) if 0 <= p < len(vals) else 0.0 for p in st.input_patches]
+        one = replace(trace, stages=[replace(st, scores=row)])
+        where = f"after layer {st.after_layer}" if st.after_layer >= 0 else "before the LLM"
+        views.append((render_heatmap(image, one, st.after_layer + 1, max_side),
+                      f"{where}: its attention (computed), max {np.nanmax(vals):.3g}"))
+    return views
+
+
+def token_attention_note(trace: PruneTrace, token: int) -> str:
+    rater = next((r for r in trace.raters if r.index == token), None)
+    word = _esc(_display_token(rater.token).strip()) if rater else str(token)
+    stages = token_attention(trace, token)
+    if not stages:
+        return (f"{_method(trace)} records no per-word attention rows: switch the method to SparseVLM to see each "
+                "rater's own attention.")
+    used = sum(v is not None for _, v in stages)
+    if not used:
+        return (f"“{word}” is not a text rater: its attention row played no part in what was pruned. Click a red "
+                "token.")
+    return (f"“{word}” is a text rater: its own attention over the patches at each of the {used} pruning steps "
+            "(brighter = more attention; these rows, averaged, are the significance scores).")
 
 
 # --- one patch through the stages ----------------------------------------------------------------------------

@@ -95,7 +95,7 @@ class AppServer:
             [sys.executable, "-m", "app", "--model", str(self.model_dir), "--examples", str(self.examples),
              "--port", str(self.port), "--model-memory-gib", str(budget / 2**30)],
             cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
+        deadline = time.time() + 600  # a busy machine can take minutes to import torch and gradio
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"app exited early:\n{self.log.read_text()[-3000:]}")

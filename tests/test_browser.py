@@ -203,6 +203,15 @@ def test_click_example_shows_every_view(server, browser):
     assert any(c.startswith("rgba(128, 90, 213") for c in colours), "no non-rater highlighted"
     wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-raters-fig .main-svg"))
     assert_seen(drv, "#sv-raters", ".token", "rater tokens", min_items=4)
+    # a click on a rater (red) shows its own attention over the patches at each pruning step
+    red = next(e for e in drv.find_elements(By.CSS_SELECTOR, "#sv-raters .token")
+               if e.value_of_css_property("background-color").startswith("rgba(239, 68, 60"))
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", red)
+    red.click()
+    wait(drv, lambda d: "is a text rater" in d.find_element(By.ID, "sv-token-note").text, 60)
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-token-attention img"), 30)
+    assert_seen(drv, "#sv-token-attention", "img, .caption-label", "one rater's attention per step", min_items=2,
+                min_ink=0.05)
     assert_seen(drv, "#sv-raters-fig", ".main-svg, .xtick text, .annotation", "rater chart", min_items=4)
     shot(drv, "03-raters")
 

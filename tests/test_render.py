@@ -422,3 +422,33 @@ def test_patch_fate_follows_one_patch_through_every_stage():
     x0, y0, x1, y1 = render.patch_box(tr, 300, size)
     assert render.patch_at(tr, (x0 + x1) / 2, (y0 + y1) / 2, size) == 300
     assert render.patch_at(tr, 2, 2, size) is None
+
+
+def test_token_attention_shows_a_raters_own_row_at_every_stage():
+    tr = make_trace()  # raters: "colour" (index 1) and "circle" (index 4)
+    for st in tr.stages:
+        n = len(st.input_patches)
+        colour = [1.0 if p == 5 else 0.0 for p in st.input_patches]  # "colour" looks at patch 5 only
+        circle = [1.0 / n] * n
+        st.extras = {"rater_tokens": [1, 4], "rater_attention": [colour, circle]}
+    per_stage = render.token_attention(tr, 1)
+    assert [st.after_layer for st, _ in per_stage] == [2, 6, 15]
+    first = per_stage[0][1]
+    assert first[5] == 1.0 and first[6] == 0.0 and np.isfinite(first).all()  # every patch entered the first step
+    later = per_stage[2][1]
+    assert later[5] == 1.0 and np.isnan(later[400])  # patch 400 no longer entered the last step
+    assert all(v is None for _, v in render.token_attention(tr, 0))  # "what" is no rater
+    views = render.token_attention_views(white(), tr, 1)
+    assert len(views) == 3 and "after layer 2" in views[0][1] and views[0][0].size == render.display_size((640, 480),
+                                                                                                          320)
+    px = np.asarray(views[0][0].convert("RGB"), dtype=int)
+    size = views[0][0].size
+    x0, y0, x1, y1 = render.patch_box(tr, 5, size)
+    hot = px[int((y0 + y1) / 2), int((x0 + x1) / 2)]
+    x0, y0, x1, y1 = render.patch_box(tr, 6, size)
+    cold = px[int((y0 + y1) / 2), int((x0 + x1) / 2)]
+    assert hot.sum() > cold.sum() + 200  # the attended patch is bright, its neighbour dark
+    assert "is a text rater" in render.token_attention_note(tr, 1)
+    assert "is not a text rater" in render.token_attention_note(tr, 0)
+    tr.stages[0].extras = tr.stages[1].extras = tr.stages[2].extras = {}
+    assert "records no per-word attention rows" in render.token_attention_note(tr, 1)
