@@ -128,7 +128,7 @@ def assert_seen(drv, component: str, key: str, what: str, min_items: int = 1, mi
     assert share >= min_ink, f"{what}: the screenshot of {component} is blank ({share:.2%} non-background pixels)"
 
 
-def wait(drv, cond, timeout=120):
+def wait(drv, cond, timeout=300):  # generous: a machine busy with other work can take minutes for the first run
     return WebDriverWait(drv, timeout, poll_frequency=0.25).until(cond)
 
 
