@@ -452,7 +452,7 @@ def test_studio_scene_of_another_world_runs_on_a_v1_model_with_the_word_notice(s
     assert 0.0 <= gt["evidence_recall"]["kept"] <= gt["evidence_recall"]["represented"] <= 1.0
 
 
-def test_studio_scene_and_model_world_outside_the_server(tmp_path):
+def test_studio_scene_and_model_world_outside_the_server(tmp_path, monkeypatch):
     """The app's own functions: unknown world / family are InputErrors; a model folder whose training_state.json
     says v2 puts v2 first in the picker, marked as the model's world."""
     from app.handlers import Handlers, model_world, studio_scene, world_choices
@@ -469,11 +469,13 @@ def test_studio_scene_and_model_world_outside_the_server(tmp_path):
     (folder / "training_state.json").write_text(json.dumps({"world": "v2"}))
     assert model_world(load_model(str(folder))) == "v2"
     # the studio draws from the session model's own world unless asked for another
+    monkeypatch.setenv("SPARSEVLM_MODELS_DIR", str(tmp_path))
+    key = str(folder.resolve())
     models = ModelCache()
-    models.put("v2-model", load_model(str(folder)))
-    handlers = Handlers(models, "v2-model", [])
-    assert handlers.new_scene(3, "colour", None, "v2-model")[2]["world"] == "v2"
-    assert handlers.new_scene(3, "colour", "independent", "v2-model")[2]["world"] == "independent"
+    models.put(key, load_model(key))
+    handlers = Handlers(models, key, [])
+    assert handlers.new_scene(3, "colour", None, key)[2]["world"] == "v2"
+    assert handlers.new_scene(3, "colour", "independent", key)[2]["world"] == "independent"
     choices = world_choices("v2")
     assert [v for _, v in choices] == ["v2", "v1", "independent"] and "this model's world" in choices[0][0]
     assert "pictures no model was trained on" in choices[2][0]
