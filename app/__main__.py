@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.getLogger("sparsevlm.app").info("loaded %s on %s (%s)", lm.name, lm.device, lm.dtype)
 
-    from .ui import build_app, launch_kwargs, load_examples
+    from .handlers import load_examples
+    from .layout import build_app, launch_kwargs
 
     demo = build_app(models, default, examples=load_examples(Path(args.examples)))
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)

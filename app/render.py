@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 
 import cv2
 import numpy as np
 import plotly.graph_objects as go
 from PIL import Image, ImageDraw, ImageFont
 
+from sparsevlm.evaluate import evidence_recall, evidence_recall_per_stage
 from sparsevlm.methods import METHODS, get_method
 from sparsevlm.trace import PruneTrace, Stage
 
@@ -389,6 +391,120 @@ def pruning_video(image: Image.Image, trace: PruneTrace, path: str, max_side: in
     return path
 
 
+# --- one question token's own attention -----------------------------------------------------------------------
+def token_attention(trace: PruneTrace, token: int) -> list[tuple[Stage, np.ndarray | None]]:
+    """Per pruning stage that recorded its raters' rows (SparseVLM): the attention text token `token` (its index
+    after the image, Rater.index) pays each patch, NaN where the patch was not a token entering the stage; None
+    at a stage where the token was not a rater (its row played no part)."""
+    n = trace.grid[0] * trace.grid[1]
+    out = []
+    for st in trace.stages:
+        tokens, rows = st.extras.get("rater_tokens"), st.extras.get("rater_attention")
+        if tokens is None or rows is None:
+            continue
+        if token not in tokens:
+            out.append((st, None))
+            continue
+        vals = np.full(n, np.nan, dtype=np.float64)
+        for p, a in zip(st.input_patches, rows[tokens.index(token)], strict=False):
+            if 0 <= p < n:
+                vals[p] = a
+        out.append((st, vals))
+    return out
+
+
+def token_attention_views(image: Image.Image, trace: PruneTrace, token: int,
+                          max_side: int = 320) -> list[tuple[Image.Image, str]]:
+    """One heatmap per pruning stage of `token`'s own attention over the patches, captioned (computed)."""
+    views = []
+    for st, vals in token_attention(trace, token):
+        if vals is None:
+            continue
+        row = [float(vals[p]) if 0 <= p < len(vals) else 0.0 for p in st.input_patches]
+        one = replace(trace, stages=[replace(st, scores=row)])
+        where = f"after layer {st.after_layer}" if st.after_layer >= 0 else "before the LLM"
+        views.append((render_heatmap(image, one, st.after_layer + 1, max_side),
+                      f"{where}: its attention (computed), max {np.nanmax(vals):.3g}"))
+    return views
+
+
+def token_attention_note(trace: PruneTrace, token: int) -> str:
+    rater = next((r for r in trace.raters if r.index == token), None)
+    word = _esc(_display_token(rater.token).strip()) if rater else str(token)
+    stages = token_attention(trace, token)
+    if not stages:
+        return (f"{_method(trace)} records no per-word attention rows: switch the method to SparseVLM to see each "
+                "rater's own attention.")
+    used = sum(v is not None for _, v in stages)
+    if not used:
+        return (f"“{word}” is not a text rater: its attention row played no part in what was pruned. Click a red "
+                "token.")
+    return (f"“{word}” is a text rater: its own attention over the patches at each of the {used} pruning steps "
+            "(brighter = more attention; these rows, averaged, are the significance scores).")
+
+
+# --- one patch through the stages ----------------------------------------------------------------------------
+def patch_at(trace: PruneTrace, x: float, y: float, size: tuple[int, int]) -> int | None:
+    """The patch under pixel (x, y) of a picture of `size` drawn from this trace (None outside the model's input)."""
+    w, h = size
+    if not (0 <= x < w and 0 <= y < h):
+        return None
+    p = int(patch_index_map(trace, (w, h))[int(y), int(x)])
+    return p if p >= 0 else None
+
+
+def patch_fate(trace: PruneTrace, patch: int) -> list[dict]:
+    """What happened to one patch at every pruning stage, from the trace alone: its score and rank among the
+    tokens entering the stage (rank 1 = highest score; None when it no longer entered as a token of its own),
+    and its fate after the stage: kept, merged into cluster k (with which other patches, around which center),
+    deleted, or gone already."""
+    out = []
+    for st in trace.stages:
+        row: dict = {"after_layer": st.after_layer, "entering": len(st.input_patches), "score": None, "rank": None}
+        if patch in st.input_patches and st.scores:
+            i = st.input_patches.index(patch)
+            if i < len(st.scores):
+                row["score"] = float(st.scores[i])
+                row["rank"] = 1 + sum(s > st.scores[i] for s in st.scores)
+        cluster = next((k for k, m in enumerate(st.merged) if patch in m.members), None)
+        if patch in st.kept:
+            row["fate"] = "kept"
+        elif cluster is not None:
+            m = st.merged[cluster]
+            row.update(fate="merged", cluster=cluster, center=m.center,
+                       with_patches=[q for q in m.members if q != patch])
+        else:
+            row["fate"] = "deleted" if row["score"] is not None or patch in st.input_patches else "gone"
+        out.append(row)
+    return out
+
+
+def patch_fate_html(trace: PruneTrace, patch: int | None) -> str:
+    """The patch's fate at every stage as a small table (computed from the trace)."""
+    if patch is None:
+        return "<div class='sv-help'>Click the picture inside the model's input to follow one patch.</div>"
+    rows, cols = trace.grid
+    head = (f"<b>Patch {patch}</b> (row {patch // cols}, column {patch % cols} of the {rows}×{cols} grid) through "
+            f"{_method(trace)}'s pruning steps (computed from the trace)")
+    if not trace.stages:
+        return f"<div class='sv-patch'>{head}: no pruning step; the patch stays a token in every layer.</div>"
+    body = []
+    for r in patch_fate(trace, patch):
+        where = f"after layer {r['after_layer']}" if r["after_layer"] >= 0 else "before the LLM"
+        score = "—" if r["score"] is None else f"{r['score']:.4g}"
+        rank = "—" if r["rank"] is None else f"{r['rank']} of {r['entering']}"
+        fate = {"kept": "kept", "deleted": "deleted", "gone": "already gone"}.get(r["fate"], "")
+        if r["fate"] == "merged":
+            others = ", ".join(str(q) for q in r["with_patches"][:12]) + (" …" if len(r["with_patches"]) > 12 else "")
+            fate = (f"merged into cluster {r['cluster']} (center patch {r['center']}) with "
+                    f"{len(r['with_patches'])} other patches: {others or 'none'}")
+        body.append([where, score, rank, fate])
+    return f"<div class='sv-patch'>{head}{table_html(PATCH_HEADERS, body)}</div>"
+
+
+PATCH_HEADERS = ["step", "score (computed)", "rank by score", "fate"]
+
+
 # --- text raters ---------------------------------------------------------------------------------------------
 def rater_highlights(trace: PruneTrace) -> list[tuple[str, float | None]]:
     """Tokens after the image with a value in [-1, 1] for gr.HighlightedText's score mode.
@@ -714,10 +830,49 @@ def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]],
     return rows
 
 
-def compare_caption(method: str, tr: PruneTrace) -> str:
-    return (f"{method_label(method)}: “{tr.answer.strip()}” · {tr.cost.equal_tokens:.0f} / "
-            f"{tr.cost.equal_tokens_reference:.0f} eq. tokens (in / out)"
-            f" · prefill {tr.timings_ms.prefill:.0f} ms")
+# --- tables as the page shows them ----------------------------------------------------------------------------
+# The page's table headers stay short so every row shows without scrolling inside the table; the long wording is
+# the header's tooltip and a line of the legend under the table.
+COMPARE_SHORT = {
+    "evidence recall at the last layer: kept / represented (computed, generated scenes)":
+        "evidence recall (computed)",
+}
+COMPARE_LEGEND = {
+    "equal tokens in / out (computed)": "mean visual tokens per decoder layer, a pruning layer counted at its input "
+                                        "(what FLOPs follow) / at its output (the papers' figure)",
+    "budget": "which accounting met the budget, and in which counting",
+    "evidence recall (computed)": "evidence recall at the last layer: share of a generated scene's evidence patches "
+                                  "kept directly / represented (kept or inside a recycled token); empty for uploads",
+}
+
+
+def table_html(headers: Sequence[str], rows: Sequence[Sequence], short: dict[str, str] | None = None,
+               legend: dict[str, str] | None = None, elem_class: str = "sv-table") -> str:
+    """A plain HTML table that grows with its rows (no scrolling box, no virtual rows): `short` maps a header to
+    what the page prints (the full header becomes its tooltip); `legend` explains headers in lines beneath."""
+    short, legend = short or {}, legend or {}
+    shown = [short.get(h, h) for h in headers]
+    head = "".join(f'<th title="{_esc(legend.get(s, h))}">{_esc(s)}</th>' for h, s in zip(headers, shown))
+    body = []
+    for row in rows:
+        cells = []
+        for v in row:
+            num = isinstance(v, (int, float)) and not isinstance(v, bool)
+            cells.append(f'<td class="sv-num">{v}</td>' if num else f"<td>{_esc(str(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    notes = "".join(f"<li><b>{_esc(s)}</b>: {_esc(legend[s])}</li>" for s in shown if s in legend)
+    return (f'<table class="{elem_class}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            + (f'<ul class="sv-table-legend">{notes}</ul>' if notes else ""))
+
+
+def compare_table_html(rows: Sequence[Sequence]) -> str:
+    """The compare rows (compare_rows) as the page shows them: short headers, the long wording in the legend."""
+    return table_html(COMPARE_HEADERS, rows, COMPARE_SHORT, COMPARE_LEGEND)
+
+
+def latency_table_html(rows: Sequence[Sequence]) -> str:
+    """The latency rows (latency_rows) as the page shows them."""
+    return table_html(LATENCY_HEADERS, rows)
 
 
 def final_layer(trace: PruneTrace) -> int:
@@ -748,37 +903,6 @@ def regrid_patches(patches: Sequence[int], from_grid: tuple[int, int], to_grid: 
     return sorted(out)
 
 
-def evidence_recall(trace: PruneTrace, evidence: Sequence[int] | None) -> dict | None:
-    """Share of the evidence patches that reach the last decoder layer: kept directly, only inside a recycled /
-    merged token, and represented either way (Stage.represented). None without evidence (uploads, or a sample
-    whose answer rests on no patch, e.g. "how many ... ?" -> zero)."""
-    ev = set(int(p) for p in evidence or ())
-    if not ev:
-        return None
-    stage = trace.stage_for_layer(final_layer(trace))
-    if stage is None:  # nothing pruned by the last layer (dense): every patch is still there
-        kept = represented = ev
-    else:
-        kept, represented = ev & set(stage.kept), ev & stage.represented()
-    n = len(ev)
-    return {"evidence_patches": n, "kept": len(kept) / n, "merged_only": len(represented - kept) / n,
-            "represented": len(represented) / n}
-
-
-def evidence_recall_per_stage(trace: PruneTrace, evidence: Sequence[int] | None) -> list[dict]:
-    """The same shares after every pruning step (what the layers after `after_layer` see): a method may drop the
-    evidence late, after the text has already read it."""
-    ev = set(int(p) for p in evidence or ())
-    if not ev:
-        return []
-    n = len(ev)
-    out = []
-    for st in trace.stages:
-        kept, represented = ev & set(st.kept), ev & st.represented()
-        out.append({"after_layer": st.after_layer, "kept": len(kept) / n, "represented": len(represented) / n})
-    return out
-
-
 def recall_text(recall: dict | None) -> str:
     if recall is None:
         return "no evidence patches"
@@ -807,6 +931,19 @@ def truth_html(truth: dict | None, pruned: PruneTrace | None = None) -> str:
             right = _normalise(pruned.answer) == _normalise(str(truth["answer"]))
             line += f" · the {method_label(pruned.method)} answer is {'right' if right else 'wrong'}"
     return f"<div class='sv-truth'>{line}</div>"
+
+
+def empty_answer_note(trace: PruneTrace) -> str:
+    """Why an answer came out empty, when the trace shows the cause ('' otherwise): the method handed the language
+    model the vision tower's [CLS] token (a merged token at no patch, VisionZip's dominant set). LLaVA trains its
+    projector and language model on patch tokens only ([CLS] is dropped), so that token is out of distribution
+    for the model; the small embedded model can answer nothing at all after it."""
+    if trace.answer.strip() or not any(m.center < 0 for st in trace.stages for m in st.merged):
+        return ""
+    return (f"<div class='sv-unknown'>{_method(trace)} answered with an empty string on this model. It hands the "
+            "language model the vision tower's [CLS] token as a visual token, and this model never saw that token "
+            "in training (LLaVA feeds its projector patch tokens only): the [CLS] embedding is out of distribution "
+            "here, and the answer stops at once. The other methods hand over patch tokens only.</div>")
 
 
 def unknown_words_html(unknown: Sequence[tuple[str, str | None]]) -> str:

@@ -79,12 +79,11 @@ def compare_bench(model: str | None, image_path: str, question: str, budget: int
     def views(results: list) -> None:  # what the page draws from the traces after the model work
         rows = [(c.method, r.trace, "") if isinstance(r, RunResult) else (c.method, None, str(r))
                 for c, r in zip(configs, results)]
-        for method, tr, _ in rows:
+        for _, tr, _ in rows:
             if tr is not None:
                 render.render_layer(image, tr, render.final_layer(tr), max_side=384)
-                render.compare_caption(method, tr)
                 tr.summary()
-        render.compare_rows(rows)
+        render.compare_table_html(render.compare_rows(rows))
 
     def decisions(results: list) -> list:
         return [[(s.kept, [(m.center, m.members) for m in s.merged]) for s in r.trace.stages] + [r.answer]

@@ -34,7 +34,8 @@ def page(device: str, width: str, requests: int) -> dict:
     import torch
     from gradio_client import Client, handle_file
 
-    from app.ui import build_app, launch_kwargs, load_examples
+    from app.handlers import load_examples
+    from app.layout import build_app, launch_kwargs
     from sparsevlm.bench import build
     from sparsevlm.loading import ModelCache
 

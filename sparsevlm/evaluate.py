@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .hooks import CallRecord, PruneHooks
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .methods import METHODS
 from .pipeline import budget_figures, build_prompt
+from .trace import PruneTrace, Stage
 
 BUDGETS = (192, 128, 96, 64)
 
@@ -47,22 +49,59 @@ def settings(accountings: tuple[str, ...] = ACCOUNTINGS) -> list[Setting]:
     return out
 
 
-def _recalls(record: CallRecord, evidence: list[int], depth: int) -> tuple[float, float, float]:
-    """(recall represented after the last stage, kept directly after it, represented averaged over layers)."""
-    if not evidence:
-        return float("nan"), float("nan"), float("nan")
-    ev = set(evidence)
-    sets = []
-    rep = set(range(record.visual_total))
-    direct = set(rep)
-    stages = {s.after_layer: s for s in record.stages}
-    if -1 in stages:
-        rep, direct = stages[-1].represented(), set(stages[-1].kept)
-    for layer in range(depth):
-        sets.append(len(ev & rep) / len(ev))
-        if layer in stages:
-            rep, direct = stages[layer].represented(), set(stages[layer].kept)
-    return len(ev & rep) / len(ev), len(ev & direct) / len(ev), sum(sets) / len(sets)
+def _depth(run: PruneTrace | CallRecord) -> int:
+    layers = getattr(run, "layers", None)
+    if layers:
+        return len(layers)
+    model = getattr(run, "model", None) or {}
+    return int(model.get("decoder_layers", model.get("num_layers", 1)))
+
+
+def _seen_by(stages: Sequence[Stage], layer: int) -> Stage | None:
+    """The last stage whose result decoder layer `layer` sees (None: nothing pruned before it)."""
+    last = None
+    for st in stages:
+        if st.after_layer < layer:
+            last = st
+    return last
+
+
+def evidence_recall(run: PruneTrace | CallRecord, evidence: Sequence[int] | None,
+                    depth: int | None = None) -> dict | None:
+    """How much of the evidence (patch indices the answer depends on) the decoder still sees, from a run's stages
+    (a PruneTrace or a hooks CallRecord; `depth` = decoder layers, read from a trace when left out).
+
+    Shares of the evidence patches at the last decoder layer: kept directly, only inside a recycled / merged
+    token, represented either way (Stage.represented); and represented averaged over every decoder layer (a
+    method may keep the evidence until late). None without evidence (uploads, or a sample whose answer rests on
+    no patch, e.g. "how many ... ?" -> zero)."""
+    ev = set(int(p) for p in evidence or ())
+    if not ev:
+        return None
+    depth = _depth(run) if depth is None else depth
+    n = len(ev)
+
+    def seen(st: Stage | None) -> tuple[int, int]:
+        """(evidence patches kept directly, represented) after stage `st`."""
+        if st is None:  # nothing pruned before this layer: every patch is still there
+            return n, n
+        return len(ev & set(st.kept)), len(ev & st.represented())
+
+    kept, represented = seen(_seen_by(run.stages, depth - 1))
+    layers = [seen(_seen_by(run.stages, layer))[1] / n for layer in range(depth)]
+    return {"evidence_patches": n, "kept": kept / n, "merged_only": (represented - kept) / n,
+            "represented": represented / n, "represented_mean_over_layers": sum(layers) / len(layers)}
+
+
+def evidence_recall_per_stage(run: PruneTrace | CallRecord, evidence: Sequence[int] | None) -> list[dict]:
+    """The same shares after every pruning step (what the layers after `after_layer` see): a method may drop the
+    evidence late, after the text has already read it."""
+    ev = set(int(p) for p in evidence or ())
+    if not ev:
+        return []
+    n = len(ev)
+    return [{"after_layer": st.after_layer, "kept": len(ev & set(st.kept)) / n,
+             "represented": len(ev & st.represented()) / n} for st in run.stages]
 
 
 @torch.inference_mode()
@@ -107,11 +146,11 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
             rec["total"][sample.family] += 1
             rec["correct"][sample.family] += int(pred == sample.answer.lower())
             record = h.record()
-            last, direct, layers = _recalls(record, sample.evidence, depth)
-            if sample.evidence:
-                rec["recall_last"].append(last)
-                rec["recall_direct"].append(direct)
-                rec["recall_layers"].append(layers)
+            recall = evidence_recall(record, sample.evidence, depth)
+            if recall is not None:
+                rec["recall_last"].append(recall["represented"])
+                rec["recall_direct"].append(recall["kept"])
+                rec["recall_layers"].append(recall["represented_mean_over_layers"])
             figures = budget_figures(record, s.config)
             rec["equal_tokens"].append(figures["equal_tokens"])
             rec["equal_tokens_output"].append(figures["equal_tokens_reference"])

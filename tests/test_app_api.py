@@ -95,7 +95,7 @@ class AppServer:
             [sys.executable, "-m", "app", "--model", str(self.model_dir), "--examples", str(self.examples),
              "--port", str(self.port), "--model-memory-gib", str(budget / 2**30)],
             cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
+        deadline = time.time() + 600  # a busy machine can take minutes to import torch and gradio
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"app exited early:\n{self.log.read_text()[-3000:]}")
@@ -180,6 +180,40 @@ def _bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
+def html_table(page: str) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows of cell texts) of the first HTML table in a page fragment."""
+    from html.parser import HTMLParser
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows: list[list[str]] = []
+            self.cell: list[str] | None = None
+            self.done = False
+
+        def handle_starttag(self, tag, attrs):
+            if self.done:
+                return
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.cell = []
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th") and self.cell is not None and not self.done:
+                self.rows[-1].append("".join(self.cell).strip())
+                self.cell = None
+            self.done = self.done or tag == "table"
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell.append(data)
+
+    p = Cells()
+    p.feed(page)
+    return p.rows[0], p.rows[1:]
+
+
 def explain(client: Client, image, question="what colour is the circle ?", max_new_tokens=4, **kw):
     """/explain by parameter name; what is left out takes the page's defaults."""
     img = handle_file(str(image)) if image is not None else None
@@ -207,9 +241,10 @@ def test_explain_returns_every_view(client, files):
     assert "visual tokens" in caption
     assert counts["type"] == "plotly" and "rank(P)" in counts["plot"]
     assert formulas.count("fixed budget 64") >= 1
-    kinds = {row[-1] for row in latency["data"]}
-    assert kinds == {"measured", "computed"}
-    assert all(row[4] for row in latency["data"])  # every row has a unit
+    headers, rows = html_table(latency)
+    assert headers[-2:] == ["unit", "how obtained"]
+    assert {row[-1] for row in rows} == {"measured", "computed"}
+    assert all(row[4] for row in rows)  # every row has a unit
     assert "measured" in lat_fig["plot"] and "computed" in lat_fig["plot"]
     assert record["trace"]["method"] == "sparsevlm" and record["dense_trace"]["method"] == "dense"
     # paper accounting (the default): the reference's output counting meets the budget; both figures reported
@@ -276,9 +311,10 @@ def decode_video(path) -> tuple[dict, list]:
 def test_compare_view_runs_every_method(client, files):
     gallery, table, data = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", 64, 2,
                                           api_name="/compare_view")
-    methods = [row[0] for row in table["data"]]
-    assert len(methods) == len(METHODS) and methods[0].startswith("Dense")
-    assert len(gallery) == len(METHODS) and all("eq. tokens" in g["caption"] for g in gallery)
+    headers, rows = html_table(table)
+    methods = [row[0] for row in rows]
+    assert len(methods) == len(METHODS) and methods[0].startswith("Dense") and headers[0] == "method"
+    assert [g["caption"] for g in gallery] == methods  # each picture named by its method
     assert [d["method"] for d in data] == ["dense", *(m for m in METHODS if m != "dense")]
 
 
@@ -416,12 +452,12 @@ def test_studio_scene_of_another_world_runs_on_a_v1_model_with_the_word_notice(s
     assert 0.0 <= gt["evidence_recall"]["kept"] <= gt["evidence_recall"]["represented"] <= 1.0
 
 
-def test_studio_scene_and_model_world_outside_the_server(tmp_path):
+def test_studio_scene_and_model_world_outside_the_server(tmp_path, monkeypatch):
     """The app's own functions: unknown world / family are InputErrors; a model folder whose training_state.json
     says v2 puts v2 first in the picker, marked as the model's world."""
-    from app.ui import model_world, studio_scene, world_choices
+    from app.handlers import Handlers, model_world, studio_scene, world_choices
     from sparsevlm.errors import InputError
-    from sparsevlm.loading import load_model
+    from sparsevlm.loading import ModelCache, load_model
 
     with pytest.raises(InputError, match="the world must be one of v1, v2, independent, not 'mars'"):
         studio_scene(1, "colour", "mars")
@@ -432,6 +468,14 @@ def test_studio_scene_and_model_world_outside_the_server(tmp_path):
     assert model_world(load_model(str(folder))) == "v1"
     (folder / "training_state.json").write_text(json.dumps({"world": "v2"}))
     assert model_world(load_model(str(folder))) == "v2"
+    # the studio draws from the session model's own world unless asked for another
+    monkeypatch.setenv("SPARSEVLM_MODELS_DIR", str(tmp_path))
+    key = str(folder.resolve())
+    models = ModelCache()
+    models.put(key, load_model(key))
+    handlers = Handlers(models, key, [])
+    assert handlers.new_scene(3, "colour", None, key)[2]["world"] == "v2"
+    assert handlers.new_scene(3, "colour", "independent", key)[2]["world"] == "independent"
     choices = world_choices("v2")
     assert [v for _, v in choices] == ["v2", "v1", "independent"] and "this model's world" in choices[0][0]
     assert "pictures no model was trained on" in choices[2][0]
@@ -488,10 +532,11 @@ def test_studio_compare_has_the_evidence_column(server, files):
     c = Client(server.url, verbose=False)
     image, question, truth, _ = new_scene(c, 11, "shape")
     gallery, table, data = c.predict(handle_file(image), question, 64, 1, api_name="/compare_view")
-    assert table["headers"][-1].startswith("evidence recall")
+    headers, rows = html_table(table)
+    assert headers[-1].startswith("evidence recall") and "evidence recall at the last layer" in table  # legend
     by_method = {d["method"]: d for d in data}
     assert by_method["dense"]["evidence_recall"]["kept"] == 1.0  # dense keeps every patch
-    for row, d in zip(table["data"], data):
+    for row, d in zip(rows, data):
         rec = d.get("evidence_recall")
         if not d["available"]:
             assert row[-1] == "" and rec is None
@@ -500,7 +545,7 @@ def test_studio_compare_has_the_evidence_column(server, files):
         assert row[-1].startswith(f"{rec['kept']:.0%} kept / {rec['represented']:.0%} represented")
     # an upload: the column stays empty
     _, table, data = c.predict(handle_file(str(files["rgb.png"])), question, 64, 1, api_name="/compare_view")
-    assert all(row[-1] == "" for row in table["data"]) and all(d.get("evidence_recall") is None for d in data)
+    assert all(row[-1] == "" for row in html_table(table)[1]) and all(d.get("evidence_recall") is None for d in data)
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,23 @@
 """Real-browser tests: headless Chromium drives the real app on the tiny model.
 
-Load the page, click an example, wait for the run, and check the overlay, rater highlighting, count chart and
-latency table are on screen; bad input shows a message and the page keeps working. Screenshots go to
+Load the page, click an example, wait for the run, and check what a person sees in every view (answer, overlay,
+raters, counts, latency, compare, export, studio): the key content lies inside the viewport and inside its
+component, no ancestor clips it (no scrolling inside a box to find it), its text is not cut off, and a screenshot
+of the panel is not blank. Bad input shows a message and the page keeps working. Screenshots go to
 tests/screenshots/ (gitignored) so a person can look at them.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver
@@ -22,6 +27,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from test_app_api import AppServer, scene
+
+from sparsevlm.methods import METHODS
 
 SHOTS = Path(__file__).resolve().parent / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -54,7 +61,74 @@ def browser():
     drv.quit()
 
 
-def wait(drv, cond, timeout=120):
+# Where an element can be seen: its box, the viewport, and every ancestor that clips (overflow other than visible)
+# intersected; and where its text lies (a Range over its contents), which a clipping box can cut off.
+GEOMETRY_JS = """
+const el = arguments[0];
+const box = b => ({left: b.left, top: b.top, right: b.right, bottom: b.bottom});
+let clip = {left: 0, top: 0, right: window.innerWidth, bottom: window.innerHeight};
+for (let a = el.parentElement; a; a = a.parentElement) {
+  const s = getComputedStyle(a), b = a.getBoundingClientRect();
+  if (s.overflowX !== 'visible') {
+    clip.left = Math.max(clip.left, b.left); clip.right = Math.min(clip.right, b.right);
+  }
+  if (s.overflowY !== 'visible') {
+    clip.top = Math.max(clip.top, b.top); clip.bottom = Math.min(clip.bottom, b.bottom);
+  }
+}
+const own = getComputedStyle(el);
+const range = document.createRange();
+range.selectNodeContents(el);
+const text = (el.innerText || '').trim() ? box(range.getBoundingClientRect()) : null;
+return {rect: box(el.getBoundingClientRect()), clip: clip, text: text,
+        clips_itself: own.overflowX !== 'visible' || own.overflowY !== 'visible',
+        scroll: [el.scrollWidth, el.clientWidth, el.scrollHeight, el.clientHeight]};
+"""
+
+
+def _inside(inner: dict, outer: dict, slack: float = 1.5) -> bool:
+    return (inner["left"] >= outer["left"] - slack and inner["top"] >= outer["top"] - slack
+            and inner["right"] <= outer["right"] + slack and inner["bottom"] <= outer["bottom"] + slack)
+
+
+def ink(png: bytes) -> float:
+    """Share of a screenshot's pixels that differ clearly from its most common colour (the background)."""
+    arr = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16).reshape(-1, 3)
+    colours, counts = np.unique(arr, axis=0, return_counts=True)
+    background = colours[counts.argmax()]
+    return float((np.abs(arr - background).max(axis=1) > 40).mean())
+
+
+def assert_seen(drv, component: str, key: str, what: str, min_items: int = 1, min_ink: float = 0.01) -> None:
+    """The component `component` (CSS) shows every element matching `key` inside it: with the page (only the
+    page: never a box inside it) scrolled to it, each lies inside the viewport and the component, cut by no
+    clipping ancestor, its text not clipped; and a screenshot of the component is not blank."""
+    comp = drv.find_element(By.CSS_SELECTOR, component)
+    drv.execute_script("arguments[0].scrollIntoView({block: 'start'})", comp)
+    time.sleep(0.3)
+    items = [e for e in comp.find_elements(By.CSS_SELECTOR, key) if e.size["width"] and e.size["height"]]
+    assert len(items) >= min_items, f"{what}: {len(items)} of at least {min_items} key elements ({key}) drawn"
+    for e in items:
+        # a component taller than the window (a long table) is read by scrolling the page, as a person does
+        drv.execute_script("const b = arguments[0].getBoundingClientRect();"
+                           "if (b.bottom > window.innerHeight || b.top < 0) window.scrollBy(0, b.top - 8);", e)
+        comp_rect = drv.execute_script(GEOMETRY_JS, comp)["rect"]
+        g = drv.execute_script(GEOMETRY_JS, e)
+        label = f"{what}: {e.tag_name} {e.text[:40]!r} at {g['rect']}"
+        assert g["rect"]["bottom"] > g["rect"]["top"] and g["rect"]["right"] > g["rect"]["left"], f"{label} is empty"
+        assert _inside(g["rect"], comp_rect), f"{label} lies outside its component {comp_rect}"
+        assert _inside(g["rect"], g["clip"]), f"{label} is cut off by the viewport or a scrolling box {g['clip']}"
+        if g["text"] is not None:
+            assert _inside(g["text"], g["clip"]), f"{label}: its text is cut off ({g['text']} beyond {g['clip']})"
+            if g["clips_itself"]:
+                sw, cw, sh, ch = g["scroll"]
+                assert sw <= cw + 1 and sh <= ch + 1, f"{label}: its text overflows its own box {g['scroll']}"
+    drv.execute_script("arguments[0].scrollIntoView({block: 'start'})", comp)
+    share = ink(comp.screenshot_as_png)
+    assert share >= min_ink, f"{what}: the screenshot of {component} is blank ({share:.2%} non-background pixels)"
+
+
+def wait(drv, cond, timeout=300):  # generous: a machine busy with other work can take minutes for the first run
     return WebDriverWait(drv, timeout, poll_frequency=0.25).until(cond)
 
 
@@ -107,6 +181,14 @@ def test_click_example_shows_every_view(server, browser):
     assert (nw, nh) == (512, 384)  # the example's own 4:3 aspect
     answer = drv.find_element(By.ID, "sv-answer").text
     assert "SPARSEVLM" in answer.upper() and "DENSE" in answer.upper()
+    assert_seen(drv, "#sv-answer", ".sv-v, .sv-k, .sv-badge", "answer", min_items=5)
+    assert_seen(drv, "#sv-overlay", "img", "overlay", min_ink=0.2)
+    assert_seen(drv, "#sv-caption", "p", "layer caption")
+    # a click on the picture follows that patch through every pruning step
+    drv.find_element(By.CSS_SELECTOR, "#sv-overlay img").click()
+    wait(drv, lambda d: "after layer" in d.find_element(By.ID, "sv-patch").text, 60)
+    assert "Patch " in drv.find_element(By.ID, "sv-patch").text
+    assert_seen(drv, "#sv-patch", "th, td", "patch fate", min_items=8)
     shot(drv, "02-example-run")
 
     # text raters: score-highlighted tokens, some of them raters (red)
@@ -120,6 +202,17 @@ def test_click_example_shows_every_view(server, browser):
     assert any(c.startswith("rgba(239, 68, 60") for c in colours), "no rater highlighted in red"
     assert any(c.startswith("rgba(128, 90, 213") for c in colours), "no non-rater highlighted"
     wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-raters-fig .main-svg"))
+    assert_seen(drv, "#sv-raters", ".token", "rater tokens", min_items=4)
+    # a click on a rater (red) shows its own attention over the patches at each pruning step
+    red = next(e for e in drv.find_elements(By.CSS_SELECTOR, "#sv-raters .token")
+               if e.value_of_css_property("background-color").startswith("rgba(239, 68, 60"))
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", red)
+    red.click()
+    wait(drv, lambda d: "is a text rater" in d.find_element(By.ID, "sv-token-note").text, 60)
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-token-attention img"), 30)
+    assert_seen(drv, "#sv-token-attention", "img, .caption-label", "one rater's attention per step", min_items=2,
+                min_ink=0.05)
+    assert_seen(drv, "#sv-raters-fig", ".main-svg, .xtick text, .annotation", "rater chart", min_items=4)
     shot(drv, "03-raters")
 
     # counts: the plotly step chart with rank(P) annotations
@@ -129,6 +222,8 @@ def test_click_example_shows_every_view(server, browser):
     wait(drv, lambda d: "rank(P)" in chart.text)
     assert visible(chart) and "equal tokens" in chart.text
     assert "fixed budget" in drv.find_element(By.ID, "sv-formulas").text
+    assert_seen(drv, "#sv-counts", ".main-svg, .annotation", "token-count chart", min_items=3)
+    assert_seen(drv, "#sv-formulas", "th, td", "count rules", min_items=6)
     shot(drv, "04-counts")
 
     # latency & cost: measured and computed rows with units
@@ -137,6 +232,11 @@ def test_click_example_shows_every_view(server, browser):
     wait(drv, lambda d: "measured" in table.text and "computed" in table.text)
     assert "prefill" in table.text and "ms" in table.text
     wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-latency-fig .main-svg"))
+    # every row of the table, its header included, on screen without scrolling inside the table
+    n_rows = drv.execute_script("return arguments[0].innerText.split('measured').length + "
+                                "arguments[0].innerText.split('computed').length - 2", table)
+    assert_seen(drv, "#sv-latency", "th, tr, .virtual-row", "latency table", min_items=n_rows + 1)
+    assert_seen(drv, "#sv-latency-fig", ".main-svg, .xtick text", "latency chart", min_items=4)
     shot(drv, "05-latency")
 
 
@@ -174,6 +274,12 @@ def test_compare_tab(server, browser):
     wait(drv, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sv-compare-gallery img")) >= 4, 180)
     table = drv.find_element(By.ID, "sv-compare-table")
     wait(drv, lambda d: "FastV" in table.text and "Random" in table.text)
+    # every method's row below its header, and every method's picture, on screen without scrolling inside a box
+    assert_seen(drv, "#sv-compare-table", "tr, .virtual-row", "compare table", min_items=1 + len(METHODS))
+    rows = [r.text for r in table.find_elements(By.CSS_SELECTOR, "tr, .virtual-row")]
+    assert sum(any(m in r for r in rows) for m in ("Dense", "FastV", "Random")) == 3
+    assert_seen(drv, "#sv-compare-gallery", "img, .caption-label", "compare pictures", min_items=2 * len(METHODS),
+                min_ink=0.1)
     shot(drv, "07-compare")
 
 
@@ -217,12 +323,15 @@ def test_scene_studio_and_the_word_notice(server, browser):
     btn.click()
     wait(drv, lambda d: "true answer" in d.find_element(By.ID, "sv-truth").text, 60)
     wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-image img"), 30)
+    assert_seen(drv, "#sv-truth", ".sv-truth", "studio ground truth")
+    assert_seen(drv, "#sv-image", "img", "studio scene", min_ink=0.05)
     q = drv.find_element(By.CSS_SELECTOR, "#sv-question textarea")
     assert q.get_attribute("value").startswith("what colour")  # the default family
     assert drv.find_element(By.CSS_SELECTOR, "#sv-seed input").get_attribute("value") == "1"  # next seed
     drv.find_element(By.ID, "sv-run").click()
     wait(drv, lambda d: "Evidence recall" in d.find_element(By.ID, "sv-answer").text, 120)
     assert "kept" in drv.find_element(By.ID, "sv-answer").text
+    assert_seen(drv, "#sv-answer", ".sv-v, .sv-truth", "studio answer and evidence recall", min_items=3)
     shot(drv, "13-studio-run", full=False)
     q.send_keys(Keys.CONTROL, "a")
     q.send_keys("what color is it ?")
@@ -255,6 +364,9 @@ def test_export_mp4_plays_in_the_browser(server, browser):
     wait(drv, lambda d: d.execute_script("return arguments[0].readyState", video) >= 1, 60)
     w, h, dur = drv.execute_script("const v = arguments[0]; return [v.videoWidth, v.videoHeight, v.duration]", video)
     assert w > 0 and h > 0 and dur == pytest.approx(8 / 1.5, abs=0.7)
+    assert_seen(drv, "#sv-export-files", "a", "export downloads", min_items=3)
+    assert_seen(drv, "#sv-export-gif", "img", "export GIF", min_ink=0.1)
+    assert_seen(drv, "#sv-export-mp4", "video", "export MP4")
     shot(drv, "10-export")
 
 

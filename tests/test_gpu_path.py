@@ -4,9 +4,14 @@ ones), peak GPU memory reported as n/a off CUDA, device / dtype / attention choi
 
 from __future__ import annotations
 
+import io
+import multiprocessing
+import pickle
 import subprocess
 import sys
+import threading
 import types
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +149,60 @@ def test_cost_preset_matches_the_published_config():
     for cost_name, preset in pairs:
         published = C.DecoderShape.from_config(LlavaConfig.from_dict(PRESETS[preset].config))
         assert C.PRESETS[cost_name] == published, cost_name
+
+
+def _tensors_inside(obj) -> list[str]:
+    """Types of every tensor, module or storage a pickle of `obj` would carry."""
+    found: list[str] = []
+
+    class Spy(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, (torch.Tensor, torch.nn.Module, torch.UntypedStorage)):
+                found.append(type(o).__name__)
+            return None
+
+    Spy(io.BytesIO()).dump(obj)
+    return found
+
+
+def _through_queue(obj):
+    """`obj` put on a fork-context multiprocessing queue and read back, as the `spaces` package hands a ZeroGPU
+    worker its arguments and the caller its result; returns what came back and the bytes that crossed."""
+    import torch.multiprocessing  # noqa: F401 - registers torch's reductions on the queue's pickler, as in spaces
+
+    size = len(ForkingPickler.dumps(obj))
+    q = multiprocessing.get_context("fork").SimpleQueue()
+    writer = threading.Thread(target=q.put, args=(obj,))
+    writer.start()
+    back = q.get()
+    writer.join()
+    return back, size
+
+
+def test_gpu_function_gets_and_returns_plain_data(image, tmp_path, monkeypatch):
+    """The spaces.GPU function receives the model's name, the picture, the question and the config, and takes the
+    model from the process's cache: what crosses the queue is small and holds no tensor, and the model's
+    parameters never move into shared memory."""
+    from app.handlers import model_runs, serve_models
+    from sparsevlm.loading import ModelCache
+
+    model, processor = tiny_llava("llama", layers=8, image_size=112)
+    folder = tmp_path / "models" / "tiny"  # the name a session holds: a local model folder, already loaded
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    monkeypatch.setenv("SPARSEVLM_MODELS_DIR", str(folder.parent))
+    cache = ModelCache()
+    cache.put(str(folder.resolve()), from_objects(model, processor))
+    serve_models(cache)
+    config = PruneConfig(method="sparsevlm", budget=24).to_dict()
+    args = (str(folder.resolve()), image, "what colour is the shape ?", config, 2, True)
+    assert _tensors_inside(args) == []
+    sent, size = _through_queue(args)
+    assert size < 100_000  # the 140x90 picture and a few names and numbers
+    pruned, dense = model_runs(*sent)
+    assert _tensors_inside((pruned, dense)) == []
+    (pruned_back, dense_back), size = _through_queue((pruned, dense))
+    assert size < 1_000_000
+    pruned_trace, dense_trace = PruneTrace.from_dict(pruned_back), PruneTrace.from_dict(dense_back)
+    assert pruned_trace.method == "sparsevlm" and pruned_trace.stages and dense_trace.method == "dense"
+    assert not any(p.is_shared() for p in model.parameters())

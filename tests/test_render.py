@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import plotly.graph_objects as go
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from app import render
+from sparsevlm import evaluate
 from sparsevlm.trace import (
     Cost,
     LayerRecord,
@@ -345,7 +347,13 @@ def test_mp4_is_h264_with_one_frame_per_layer(tmp_path):
 def test_evidence_recall_counts_kept_and_merged_patches_at_the_last_layer():
     tr = make_trace()  # last stage (after layer 15): kept 0..107, clusters {108..113} and {114..119}
     rec = render.evidence_recall(tr, [0, 1, 110, 115, 300])
-    assert rec == {"evidence_patches": 5, "kept": 2 / 5, "merged_only": 2 / 5, "represented": 4 / 5}
+    # layers 0-6 see all 5 evidence patches (nothing pruned, then stage 2 keeps or merges them), layers 7-31 see 4
+    assert rec == pytest.approx({"evidence_patches": 5, "kept": 2 / 5, "merged_only": 2 / 5, "represented": 4 / 5,
+                                "represented_mean_over_layers": (7 * 5 + 25 * 4) / 5 / 32})
+    # one engine function: the benchmark reads the same figures from its hooks record's stages and the depth
+    assert render.evidence_recall is evaluate.evidence_recall
+    record = SimpleNamespace(stages=tr.stages)  # what the benchmark hands it: a record with stages, and the depth
+    assert evaluate.evidence_recall(record, [0, 1, 110, 115, 300], depth=32) == rec
     assert render.recall_text(rec) == "40% kept / 80% represented (of 5 patches)"
     # after layer 2: kept 0..295, clusters of 296..319 (300 merged); after 6: kept 0..196, clusters of 197..214
     assert render.evidence_recall_per_stage(tr, [0, 1, 110, 115, 300]) == [
@@ -376,3 +384,71 @@ def test_unknown_words_html():
     assert render.unknown_words_html([]) == ""
     h = render.unknown_words_html([("color", "colour"), ("<b>", None)])
     assert "did you mean <b>colour</b>" in h and "&lt;b&gt;" in h and "&lt;unk&gt;" in h
+
+
+def test_empty_answer_note_only_when_a_cls_token_reached_the_llm():
+    """VisionZip hands the LLM the vision tower's [CLS] (a merged token at no patch): an empty answer after it is
+    explained; an answer, or an empty answer without that token, gets no note."""
+    tr = make_trace()
+    tr.method, tr.answer = "visionzip", ""
+    assert render.empty_answer_note(tr) == ""  # no [CLS] token in this trace's stages
+    tr.stages[0].merged.insert(0, MergedToken(center=-1, members=[]))
+    note = render.empty_answer_note(tr)
+    assert "VisionZip answered with an empty string" in note and "[CLS]" in note and "out of distribution" in note
+    tr.answer = "red"
+    assert render.empty_answer_note(tr) == ""
+
+
+def test_patch_fate_follows_one_patch_through_every_stage():
+    tr = make_trace()  # after layer 2: kept 0..295, clusters of 6 from 296 on; after 6: kept 0..196; after 15: 0..107
+    stage0 = tr.stages[0]
+    fate = render.patch_fate(tr, 300)
+    assert [r["after_layer"] for r in fate] == [2, 6, 15]
+    first = fate[0]
+    assert first["fate"] == "merged" and first["cluster"] == 0 and first["center"] == 296
+    assert first["with_patches"] == [296, 297, 298, 299, 301]
+    assert first["score"] == stage0.scores[300] and first["entering"] == LV
+    assert first["rank"] == 1 + sum(s > stage0.scores[300] for s in stage0.scores)
+    assert fate[1]["fate"] == "gone" and fate[1]["score"] is None
+    assert [r["fate"] for r in render.patch_fate(tr, 0)] == ["kept", "kept", "kept"]
+    assert [r["fate"] for r in render.patch_fate(tr, 150)] == ["kept", "kept", "deleted"]
+    assert [r["fate"] for r in render.patch_fate(tr, 500)] == ["deleted", "gone", "gone"]
+    page = render.patch_fate_html(tr, 300)
+    assert "Patch 300</b> (row 12, column 12 of the 24×24 grid)" in page
+    assert "merged into cluster 0 (center patch 296) with 5 other patches: 296, 297, 298, 299, 301" in page
+    assert "after layer 15" in page and "already gone" in page
+    # the click: a pixel of the displayed picture -> its patch (the cropped margin is no patch)
+    size = render.display_size(tr.image_size)
+    x0, y0, x1, y1 = render.patch_box(tr, 300, size)
+    assert render.patch_at(tr, (x0 + x1) / 2, (y0 + y1) / 2, size) == 300
+    assert render.patch_at(tr, 2, 2, size) is None
+
+
+def test_token_attention_shows_a_raters_own_row_at_every_stage():
+    tr = make_trace()  # raters: "colour" (index 1) and "circle" (index 4)
+    for st in tr.stages:
+        n = len(st.input_patches)
+        colour = [1.0 if p == 5 else 0.0 for p in st.input_patches]  # "colour" looks at patch 5 only
+        circle = [1.0 / n] * n
+        st.extras = {"rater_tokens": [1, 4], "rater_attention": [colour, circle]}
+    per_stage = render.token_attention(tr, 1)
+    assert [st.after_layer for st, _ in per_stage] == [2, 6, 15]
+    first = per_stage[0][1]
+    assert first[5] == 1.0 and first[6] == 0.0 and np.isfinite(first).all()  # every patch entered the first step
+    later = per_stage[2][1]
+    assert later[5] == 1.0 and np.isnan(later[400])  # patch 400 no longer entered the last step
+    assert all(v is None for _, v in render.token_attention(tr, 0))  # "what" is no rater
+    views = render.token_attention_views(white(), tr, 1)
+    assert len(views) == 3 and "after layer 2" in views[0][1] and views[0][0].size == render.display_size((640, 480),
+                                                                                                          320)
+    px = np.asarray(views[0][0].convert("RGB"), dtype=int)
+    size = views[0][0].size
+    x0, y0, x1, y1 = render.patch_box(tr, 5, size)
+    hot = px[int((y0 + y1) / 2), int((x0 + x1) / 2)]
+    x0, y0, x1, y1 = render.patch_box(tr, 6, size)
+    cold = px[int((y0 + y1) / 2), int((x0 + x1) / 2)]
+    assert hot.sum() > cold.sum() + 200  # the attended patch is bright, its neighbour dark
+    assert "is a text rater" in render.token_attention_note(tr, 1)
+    assert "is not a text rater" in render.token_attention_note(tr, 0)
+    tr.stages[0].extras = tr.stages[1].extras = tr.stages[2].extras = {}
+    assert "records no per-word attention rows" in render.token_attention_note(tr, 1)

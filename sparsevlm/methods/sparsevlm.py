@@ -52,6 +52,9 @@ class SparseVLM(PruneMethod):
         p = inp.attention_rows(rows)[:, inp.prefix : inp.text_start]
         scores = A.visual_significance(p)
         rank = A.attention_rank(p)
+        # each rater's own attention row over the entering visual tokens (4 decimals): the app's per-word view
+        rows_seen = {"rater_tokens": (rows - inp.text_start).tolist(),
+                     "rater_attention": (p.float() * 1e4).round() / 1e4}
         if cfg.count_mode == "fixed":
             direct = min(inp.spec.keep, v)
             formula = f"fixed budget {cfg.budget}: keep {direct} of {v} directly"
@@ -66,7 +69,8 @@ class SparseVLM(PruneMethod):
             formula = (f"kept = min(int(rank(P) x scale + bias), Lv - 1) = min(int({rank} x {cfg.scale:g} + "
                        f"{cfg.bias:g}), {v - 1}) = {direct}")
         if direct >= v:  # nothing to delete: the layer is skipped (paper: N = 0)
-            return Selection(torch.arange(v), scores, formula + " (skipped)", rank=rank, rows=len(rows))
+            return Selection(torch.arange(v), scores, formula + " (skipped)", rank=rank, rows=len(rows),
+                             extras=rows_seen)
         order = torch.argsort(scores, descending=True)
         keep = order[:direct].sort().values
         deleted = order[direct:]  # by descending score
@@ -79,4 +83,4 @@ class SparseVLM(PruneMethod):
             ctr, labels = A.density_peak_clusters(x, n_clu, cfg.assign, gen)
             emb = A.merge_clusters(x, labels, len(ctr), cfg.merge)
             merged = [MergedGroup(int(rec[c]), rec[labels == j].tolist(), emb[j]) for j, c in enumerate(ctr.tolist())]
-        return Selection(keep, scores, formula, merged, rank=rank, rows=len(rows))
+        return Selection(keep, scores, formula, merged, rank=rank, rows=len(rows), extras=rows_seen)

@@ -1,0 +1,585 @@
+"""What the page's events do: inputs -> engine runs (pruned and dense) -> renderers -> values for the views.
+
+Every handler takes its state as arguments and returns it: the browser session's state is plain data (the image's
+path, the /run record, the evidence patches), never a model, a tensor or a picture object. The one piece of process
+state is the model cache, handed over once at start (`serve_models`): the GPU function takes its model from there,
+so on a ZeroGPU Space only plain data crosses into the GPU worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import inspect
+import json
+import logging
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+import gradio as gr
+from PIL import Image
+
+from sparsevlm.config import FIXED_BUDGETS, PruneConfig
+from sparsevlm.errors import InputError, SparseVLMError
+from sparsevlm.evaluate import evidence_recall, evidence_recall_per_stage
+from sparsevlm.gpu import gpu
+from sparsevlm.images import load_image
+from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, model_bytes
+from sparsevlm.methods import METHODS, get_method
+from sparsevlm.pipeline import Decoding, RunResult, check_question, run, run_shared
+from sparsevlm.presets import PRESETS
+from sparsevlm.scenes import generator  # the studio draws scenes with it (the app may; the engine never does)
+from sparsevlm.scenes.worlds import WORLD_LABELS, WORLDS, WorldError, studio_item, world_of_model, world_order
+from sparsevlm.schedule import min_equal_tokens, sparsevlm_layers
+from sparsevlm.trace import PruneTrace
+from sparsevlm.vocab import unknown_words
+
+from . import render
+
+log = logging.getLogger("sparsevlm.app")
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = ROOT / "assets" / "examples"
+
+# Defaults come from the engine; the app only labels them.
+DEFAULTS = PruneConfig()
+COMPARE_METHODS = ("dense", *(m for m in METHODS if m != "dense"))
+# The views /explain returns, in order (the layout puts a component at each name).
+VIEW_NAMES = ("answer", "raters", "rater_note", "raters_fig", "overlay", "layer", "caption", "counts", "formulas",
+              "latency", "latency_fig", "notice", "record")
+DEFAULT_NEW_TOKENS = int(inspect.signature(run).parameters["max_new_tokens"].default)
+
+
+class Session(TypedDict, total=False):
+    """A browser session's state after a run: plain data only."""
+
+    image: str  # path of the picture the run saw
+    record: dict  # what /run returned (both traces as JSON data)
+    evidence: list[int] | None  # patches the answer depends on, in the trace's grid
+
+
+@dataclass
+class RunOutput:
+    """One request's runs: the pruned trace, the dense one for comparison (the same object for dense)."""
+
+    image: Image.Image
+    pruned: PruneTrace
+    dense: PruneTrace | None
+    budget: int
+    evidence: list[int] | None = None  # patches the answer depends on, in the trace's grid (generated scenes)
+    unknown: list[tuple[str, str | None]] | None = None  # question words the tokenizer reads as <unk>
+    truth: dict | None = None  # a studio scene's ground truth (answer, family, seed, evidence in the trace's grid)
+
+
+# --- input checks ----------------------------------------------------------------------------------------------
+def user_error(exc: BaseException) -> gr.Error:
+    """The message a user sees for a failure: ours verbatim, anything else without a stack trace."""
+    if isinstance(exc, gr.Error):
+        return exc
+    if isinstance(exc, SparseVLMError):
+        return gr.Error(str(exc), title="Cannot run this")
+    log.error("unexpected failure:\n%s", traceback.format_exc())
+    return gr.Error(f"Something went wrong inside the engine ({type(exc).__name__}: {exc}). The app is still up; "
+                    "try another image or setting.", title="Internal error")
+
+
+def whole(value: Any, what: str) -> int:
+    try:
+        f = float(value)
+        if f != int(f):
+            raise ValueError
+        return int(f)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{what} must be a whole number, not {value!r}") from None
+
+
+def _number(value: Any, default: float, what: str) -> float:
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a number, not {value!r}") from None
+
+
+def build_config(method: Any, budget: Any, accounting: Any = None, count_mode: Any = None, lam: Any = None,
+                 scale: Any = None, bias: Any = None, recycle: Any = None) -> PruneConfig:
+    """A PruneConfig from the page's (or an API caller's) values; what is left out takes the engine's default."""
+    kw: dict[str, Any] = {
+        "method": method or DEFAULTS.method,
+        "budget": DEFAULTS.budget if budget in (None, "") else whole(budget, "the budget"),
+        "count_mode": count_mode or DEFAULTS.count_mode,
+        "lam": _number(lam, DEFAULTS.lam, "λ"),
+        "scale": _number(scale, DEFAULTS.scale, "scale"),
+        "bias": _number(bias, DEFAULTS.bias, "bias"),
+        "recycle": DEFAULTS.recycle if recycle is None else bool(recycle),
+    }
+    if accounting:
+        kw["accounting"] = accounting
+    return PruneConfig(**kw).validate()
+
+
+# --- records the API returns -------------------------------------------------------------------------------------
+def trace_data(trace: PruneTrace) -> dict:
+    """The trace as JSON data: the very text `python -m sparsevlm run --trace-out` writes, parsed."""
+    return json.loads(trace.to_json())
+
+
+def run_record(out: RunOutput) -> dict:
+    """What /run returns: both answers and both traces as plain JSON data."""
+    dense = out.dense
+    truth = None
+    if out.truth is not None:
+        truth = {**out.truth, "evidence_recall": evidence_recall(out.pruned, out.truth["evidence"]),
+                 "evidence_recall_per_stage": evidence_recall_per_stage(out.pruned, out.truth["evidence"])}
+    return {
+        "answer": out.pruned.answer,
+        "dense_answer": dense.answer if dense is not None else None,
+        "agrees_with_dense": render.answers_agree(out.pruned, dense) if dense is not None else None,
+        "trace": trace_data(out.pruned),
+        "dense_trace": trace_data(dense) if dense is not None else None,
+        "unknown_words": [[w, s] for w, s in out.unknown or ()],
+        "ground_truth": truth,
+    }
+
+
+def compare_record(results: list[tuple[str, PruneTrace | None, str]],
+                   evidence: list[int] | None = None) -> list[dict]:
+    """What /compare returns: per method, its answer, agreement with dense and the CLI's --json summary; with
+    a generated scene's evidence (trace grid), its evidence recall too."""
+    dense = next((t for m, t, _ in results if m == "dense" and t is not None), None)
+    rows = []
+    for method, tr, err in results:
+        row: dict[str, Any] = {"method": method, "label": render.method_label(method), "available": tr is not None,
+                               "error": err or None}
+        if tr is not None:
+            row.update(answer=tr.answer,
+                       agrees_with_dense=render.answers_agree(tr, dense) if dense is not None else None,
+                       summary=tr.summary(),
+                       evidence_recall=evidence_recall(tr, evidence) if evidence is not None else None)
+        rows.append(row)
+    return rows
+
+
+# --- views -------------------------------------------------------------------------------------------------------
+def rater_note(tr: PruneTrace) -> str:
+    if tr.raters:
+        return (f"{sum(r.rater for r in tr.raters)} of {len(tr.raters)} tokens after the image are raters (red): "
+                "their relevance score R is above the mean. Purple tokens are below it.")
+    return f"{render.method_label(tr.method)} does not use text raters; switch the method to SparseVLM to see them."
+
+
+def draw_views(out: RunOutput, view: str) -> dict[str, Any]:
+    """Every view of one run, keyed by view name (the layout maps names to components)."""
+    tr, dense = out.pruned, out.dense
+    layer = render.default_layer(tr)
+    n_layers = render.num_layers(tr)
+    return {
+        "notice": render.unknown_words_html(out.unknown or []),
+        "answer": render.answer_markdown(tr, dense) + render.truth_html(out.truth, tr) + render.empty_answer_note(tr),
+        "raters": render.rater_highlights(tr),
+        "rater_note": rater_note(tr),
+        "raters_fig": render.raters_figure(tr),
+        "overlay": render.render_view(out.image, tr, layer, view, evidence=out.evidence),
+        "layer": gr.Slider(minimum=0, maximum=max(0, n_layers - 1), value=layer, step=1,
+                           interactive=n_layers > 1),
+        "caption": render.layer_caption(tr, layer),
+        "counts": render.counts_figure(tr, budget=out.budget if tr.method != "dense" else None),
+        "formulas": render.formulas_markdown(tr),
+        "latency": render.latency_table_html(render.latency_rows(tr, dense)),
+        "latency_fig": render.latency_figure(tr, dense),
+        "record": run_record(out),
+    }
+
+
+# --- the scene studio --------------------------------------------------------------------------------------------
+def image_key(image: Image.Image) -> str:
+    return hashlib.sha1(f"{image.size}{image.mode}".encode() + image.tobytes()).hexdigest()
+
+
+def studio_scene(seed: Any, family: Any, world: Any) -> tuple[Image.Image, dict]:
+    """A generated scene of `world` (v1: the first generator, v2: the wider world, independent: pictures no model
+    trained on) and a question of `family` about it, deterministic from `seed`; returns the picture and its ground
+    truth (question, answer, evidence patches on the world's 24x24 grid)."""
+    seed = whole(seed if seed not in (None, "") else 0, "the seed")
+    if not 0 <= seed < 2**31:
+        raise InputError(f"the seed must be between 0 and {2**31 - 1}, not {seed}")
+    if family not in generator.FAMILIES:
+        raise InputError(f"the question family must be one of {', '.join(generator.FAMILIES)}, not {family!r}")
+    if world not in WORLDS:
+        raise InputError(f"the world must be one of {', '.join(WORLDS)}, not {world!r}")
+    try:
+        item = studio_item(seed, family, world)
+    except WorldError as exc:  # no question of this family in 1000 draws: not reached for the worlds' families
+        raise InputError(str(exc)) from None
+    grid = (generator.GRID, generator.GRID)
+    return item.image, {"seed": seed, "family": family, "world": world, "question": item.sample.question,
+                        "answer": item.sample.answer, "evidence": list(item.sample.evidence), "grid": list(grid)}
+
+
+def model_world(lm: LoadedModel) -> str:
+    """The world a loaded model was trained on (its folder's training_state.json; v1 when it records none)."""
+    return world_of_model(getattr(lm.model, "name_or_path", None) or None)
+
+
+def world_choices(own: str) -> list[tuple[str, str]]:
+    """The studio's world picker: the model's own world first and marked, then the others."""
+    return [(WORLD_LABELS[w] + (" · this model's world" if w == own else ""), w) for w in world_order(own)]
+
+
+def scene_truth(scene: dict | None, image: Image.Image, question: str, grid: tuple[int, int]) -> dict | None:
+    """The studio scene's ground truth when this request is still that scene (same pixels, same question), with
+    the evidence mapped onto the model's grid; None for uploads and edited questions."""
+    if not scene or scene.get("key") != image_key(image) or scene.get("question", "").strip() != question.strip():
+        return None
+    truth = {k: scene[k] for k in ("seed", "family", "answer") if k in scene}
+    truth["world"] = scene.get("world", "v1")
+    truth["evidence"] = render.regrid_patches(scene["evidence"], tuple(scene["grid"]), tuple(grid))
+    truth["grid"] = list(grid)  # the model's
+    return truth
+
+
+def example_evidence(examples: list[dict]) -> dict[tuple[str, str], list[int]]:
+    """(image pixels hash, question) -> evidence patches of the bundled generated scenes that record them."""
+    table = {}
+    for e in examples:
+        if e.get("evidence"):
+            try:
+                table[(image_key(load_image(e["image"])), check_question(e["question"]))] = list(e["evidence"])
+            except SparseVLMError:
+                continue
+    return table
+
+
+def load_examples(index: Path = EXAMPLES_DIR / "examples.json") -> list[dict]:
+    """[{image, question, answer, family}] from an examples.json; image paths relative to its folder."""
+    index = Path(index)
+    folder = index.parent
+    if not index.is_file():
+        return []
+    try:
+        items = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("could not read %s", index)
+        return []
+    out = []
+    for it in items:
+        p = Path(it.get("image", ""))
+        if not p.is_absolute():
+            p = folder / p if (folder / p).is_file() else ROOT / p
+        if p.is_file() and it.get("question"):
+            out.append({**it, "image": str(p)})
+    return out
+
+
+# --- the model: the process's cache and the GPU function ---------------------------------------------------------
+_PROCESS: dict[str, ModelCache] = {}  # the one model cache of this process, handed over at start
+
+
+def serve_models(models: ModelCache) -> None:
+    """Make `models` the process's model cache: the one the GPU function takes its model from."""
+    _PROCESS["models"] = models
+
+
+def process_models() -> ModelCache:
+    if "models" not in _PROCESS:
+        raise RuntimeError("no model cache: call serve_models(models) before serving requests")
+    return _PROCESS["models"]
+
+
+@gpu(duration=120)  # ZeroGPU lends the GPU only while this runs; a no-op without the `spaces` package
+def model_runs(model: str, image: Image.Image, question: str, config: dict, max_new_tokens: int,
+               with_dense: bool) -> tuple[dict, dict | None]:
+    """All the model (GPU) work of one request: the pruned run, and the dense run to compare with (the same
+    trace when the method is dense). Plain data in and out - the model's name, the picture, the question, the
+    config as a dict; the traces as dicts - because ZeroGPU pickles both onto a queue to its GPU worker: the
+    model itself is taken from the process's cache, already there."""
+    lm, _ = process_models().get(model)
+    cfg = PruneConfig.from_dict(config)
+    if cfg.method == "dense" or not with_dense:
+        pruned = run(lm, image, question, cfg, max_new_tokens=max_new_tokens).trace.to_dict()
+        return pruned, (pruned if cfg.method == "dense" else None)
+    # the pruned and the dense run share one encoding of the image (vision tower + projector measured once)
+    both = run_shared(lm, image, question, [cfg, PruneConfig(method="dense")], Decoding(max_new_tokens),
+                      raise_errors=True)
+    return both[0].trace.to_dict(), both[1].trace.to_dict()
+
+
+@gpu(duration=120)
+def compare_model_runs(model: str, image: Image.Image, question: str, configs: list[dict],
+                       max_new_tokens: int) -> list[tuple[str, dict | None, str]]:
+    """All the model work of "Compare all methods": every config on one encoding of the image; per method its
+    trace as a dict, or None and why it cannot run on this model (e.g. [CLS] attention on a tower without [CLS]).
+    Plain data in and out, as model_runs."""
+    lm, _ = process_models().get(model)
+    cfgs = [PruneConfig.from_dict(c) for c in configs]
+    results = run_shared(lm, image, question, cfgs, Decoding(max_new_tokens))
+    return [(c.method, r.trace.to_dict(), "") if isinstance(r, RunResult) else (c.method, None, str(r))
+            for c, r in zip(cfgs, results, strict=True)]
+
+
+# --- the model picker --------------------------------------------------------------------------------------------
+def reachable_budget(lm: Any) -> float | None:
+    """The smallest input-counted budget SparseVLM's default schedule can reach on this model (flops accounting;
+    paper accounting runs every budget). None if unknown."""
+    depth = lm.num_layers
+    try:
+        return min_equal_tokens(lm.visual_tokens, sparsevlm_layers(PruneConfig(), depth)[0], depth)
+    except SparseVLMError:  # too shallow for the schedule: no SparseVLM layer to prune after
+        return None
+
+
+def budget_choice(lm: LoadedModel, **layout: Any) -> gr.Radio:
+    """The budget radio for a model: the papers' 64 (paper accounting, the default, runs every budget)."""
+    budgets = list(FIXED_BUDGETS)
+    reachable = reachable_budget(lm)
+    info = f"mean visual tokens per decoder layer (dense = {lm.visual_tokens})"
+    if reachable is not None and reachable > min(budgets):
+        info += f"; flops accounting cannot go below {reachable:.0f} on this model's depth"
+    return gr.Radio(budgets, value=64, info=info + "; adaptive modes under SparseVLM options", **layout)
+
+
+def model_line(lm: LoadedModel, note: str = "") -> str:
+    rows, cols = lm.grid
+    weights = render.format_bytes(model_bytes(lm.model))
+    cls_only = ", ".join(render.method_label(m) for m in METHODS if get_method(m).needs_cls)
+    line = (f"Model: <b>{html.escape(lm.name)}</b> · {lm.arch} · {lm.num_layers} decoder layers · grid {rows}×{cols} "
+            f"= {lm.visual_tokens} visual tokens{'' if lm.has_cls else f' (no [CLS]: {cls_only} cannot run)'} · "
+            f"{lm.device} / {str(lm.dtype).replace('torch.', '')} · weights {weights} (measured from the loaded "
+            "tensors)")
+    return f"<div class='sv-model'>{line}{note}</div>"
+
+
+def model_choices(default: str) -> list[str]:
+    """The picker's list: the presets, then models that load without a network; any other id can be typed."""
+    names = [default, *PRESETS]
+    try:
+        names += available_local_models()
+    except Exception:  # noqa: BLE001 - an unreadable cache folder must not stop the page
+        log.warning("could not list the local models", exc_info=True)
+    return list(dict.fromkeys(names))
+
+
+# --- the handlers --------------------------------------------------------------------------------------------------
+def _progress(progress: gr.Progress | None):
+    return (lambda f, msg: progress(f, desc=msg)) if progress is not None else None
+
+
+class Handlers:
+    """The page's event handlers over one model cache; each browser session names its model (a cache key)."""
+
+    def __init__(self, models: ModelCache, default_model: str, examples: list[dict]):
+        self.models, self.default_model = models, default_model
+        self.evidence_of = example_evidence(examples)
+        serve_models(models)
+
+    # --- running the model ---------------------------------------------------------------------------------------
+    def use_model(self, name: Any, progress: gr.Progress | None = None) -> tuple[str, LoadedModel]:
+        """The session's model: loaded once, re-loaded only if memory pressure unloaded it meanwhile."""
+        key = str(name or self.default_model)
+        lm, unloaded = self.models.get(key, progress=_progress(progress))
+        if unloaded:
+            gr.Info(f"Unloaded {', '.join(unloaded)} to make room for {lm.name}.")
+        return key, lm
+
+    def execute(self, model: Any, image_src: Any, question: Any, config: PruneConfig, max_new_tokens: Any,
+                with_dense: bool, progress: gr.Progress | None = None, scene: dict | None = None) -> RunOutput:
+        key, lm = self.use_model(model, progress)
+        q = check_question(question)
+        image = image_src if isinstance(image_src, Image.Image) else load_image(image_src)
+        unknown = unknown_words(q, lm.processor.tokenizer)  # shown with the results; the run still happens
+        n_new = DEFAULT_NEW_TOKENS if max_new_tokens in (None, "") else whole(max_new_tokens, "max new tokens")
+        if progress is not None:
+            progress(0.1, desc=f"running {render.method_label(config.method)}"
+                     + (" and dense for comparison" if with_dense and config.method != "dense" else ""))
+        pruned_d, dense_d = model_runs(key, image, q, config.to_dict(), n_new, with_dense)
+        pruned = PruneTrace.from_dict(pruned_d)
+        dense = pruned if config.method == "dense" else (PruneTrace.from_dict(dense_d) if dense_d else None)
+        truth = scene_truth(scene, image, q, tuple(pruned.grid))
+        return RunOutput(image=image, pruned=pruned, dense=dense, budget=config.budget,
+                         evidence=truth["evidence"] if truth else self.evidence_of.get((image_key(image), q)),
+                         unknown=unknown, truth=truth)
+
+    def run_json(self, image, question, method, budget, accounting, count_mode, lam, scale, bias, recycle,
+                 max_new_tokens, model, scene, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+        """Answer with pruning and dense; return both answers and both traces as JSON."""
+        try:
+            cfg = build_config(method, budget, accounting, count_mode, lam, scale, bias, recycle)
+            return run_record(self.execute(model, image, question, cfg, max_new_tokens, True, progress, scene))
+        except Exception as exc:
+            raise user_error(exc) from exc
+
+    def explain(self, image, question, method, budget, accounting, count_mode, lam, scale, bias, recycle,
+                max_new_tokens, view, model, scene,
+                progress=gr.Progress()) -> tuple:  # noqa: B008 - Gradio injects it
+        """Every view of one run (in VIEW_NAMES order), then the session's new state."""
+        try:
+            cfg = build_config(method, budget, accounting, count_mode, lam, scale, bias, recycle)
+            out = self.execute(model, image, question, cfg, max_new_tokens, True, progress, scene)
+            progress(0.9, desc="drawing")
+            drawn = draw_views(out, view)
+        except Exception as exc:
+            raise user_error(exc) from exc
+        path = image if isinstance(image, str) else _save_png(out.image, "sparsevlm-run-")
+        return (*(drawn[k] for k in VIEW_NAMES), Session(image=path, record=drawn["record"], evidence=out.evidence))
+
+    # --- the layer slider and export (from the session alone) ----------------------------------------------------
+    @staticmethod
+    def session_trace(st: Any) -> PruneTrace:
+        if not st or not st.get("record"):
+            raise gr.Error("Run the model first: pick an example or upload an image and press Run.")
+        return PruneTrace.from_dict(st["record"]["trace"])
+
+    def show_layer(self, st, layer, view):
+        tr = self.session_trace(st)
+        layer = int(max(0, min(int(layer or 0), render.num_layers(tr) - 1)))
+        return (render.render_view(load_image(st["image"]), tr, layer, view, evidence=st.get("evidence")),
+                render.layer_caption(tr, layer))
+
+    def patch_info(self, st, evt: gr.SelectData):
+        """A click on the picture: the clicked patch's score, rank and fate at every pruning step."""
+        tr = self.session_trace(st)
+        size = render.display_size(load_image(st["image"]).size)
+        x, y = (evt.index if isinstance(evt.index, (list, tuple)) else (-1, -1))[:2]
+        return render.patch_fate_html(tr, render.patch_at(tr, float(x), float(y), size))
+
+    def token_view(self, st, evt: gr.SelectData):
+        """A click on a token after the image: its own attention over the patches at each pruning step."""
+        tr = self.session_trace(st)
+        i = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if not isinstance(i, int) or not 0 <= i < len(tr.raters):
+            return "Click one of the tokens above.", []
+        token = tr.raters[i].index
+        return (render.token_attention_note(tr, token),
+                render.token_attention_views(load_image(st["image"]), tr, token))
+
+    def step_layer(self, st, layer, view):
+        if not st or not st.get("record"):
+            return gr.Timer(active=False), gr.skip(), gr.skip(), gr.skip()
+        tr = PruneTrace.from_dict(st["record"]["trace"])
+        nxt = int(layer or 0) + 1
+        if nxt >= render.num_layers(tr):
+            return gr.Timer(active=False), gr.skip(), gr.skip(), gr.skip()
+        picture = render.render_view(load_image(st["image"]), tr, nxt, view, evidence=st.get("evidence"))
+        return gr.Timer(active=True), nxt, picture, render.layer_caption(tr, nxt)
+
+    def export(self, st):
+        tr = self.session_trace(st)
+        image = load_image(st["image"])
+        folder = Path(tempfile.mkdtemp(prefix="sparsevlm-export-"))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        trace_path = folder / f"trace-{tr.method}-{stamp}.json"
+        trace_path.write_text(tr.to_json(indent=1))
+        gif_path = folder / f"pruning-{tr.method}-{stamp}.gif"
+        gif_path.write_bytes(render.pruning_animation(image, tr, evidence=st.get("evidence")))
+        mp4_path = folder / f"pruning-{tr.method}-{stamp}.mp4"
+        render.pruning_video(image, tr, str(mp4_path), evidence=st.get("evidence"))
+        files = [str(trace_path), str(gif_path), str(mp4_path)]
+        dense = st["record"].get("dense_trace")
+        if dense and tr.method != "dense":
+            dense_path = folder / f"trace-dense-{stamp}.json"
+            dense_path.write_text(PruneTrace.from_dict(dense).to_json(indent=1))
+            files.append(str(dense_path))
+        return files, str(gif_path), str(mp4_path)
+
+    # --- compare -------------------------------------------------------------------------------------------------
+    def compare_runs(self, image_src, question, budget, max_new_tokens, model, scene, progress):
+        key, lm = self.use_model(model, progress)
+        q = check_question(question)
+        image = load_image(image_src)
+        truth = scene_truth(scene, image, q, tuple(lm.grid))
+        n_new = DEFAULT_NEW_TOKENS if max_new_tokens in (None, "") else whole(max_new_tokens, "max new tokens")
+        configs = [build_config(method, budget).to_dict() for method in COMPARE_METHODS]
+        progress(0.1, desc=f"running {len(configs)} methods on one encoding of the image")
+        results = [(m, PruneTrace.from_dict(t) if t is not None else None, why)
+                   for m, t, why in compare_model_runs(key, image, q, configs, n_new)]
+        return image, results, (truth["evidence"] if truth else None)
+
+    def compare_json(self, image, question, budget, max_new_tokens, model, scene,
+                     progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+        """Every method at one budget: per method its answer, agreement with dense and trace summary."""
+        try:
+            _, results, evidence = self.compare_runs(image, question, budget, max_new_tokens, model, scene, progress)
+            return compare_record(results, evidence)
+        except Exception as exc:
+            raise user_error(exc) from exc
+
+    def compare_view(self, image, question, budget, max_new_tokens, model, scene,
+                     progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+        try:
+            img, results, evidence = self.compare_runs(image, question, budget, max_new_tokens, model, scene,
+                                                       progress)
+            gallery = [(render.render_layer(img, tr, render.final_layer(tr), max_side=384, evidence=evidence),
+                        render.method_label(m)) for m, tr, _ in results if tr is not None]
+            table = render.compare_table_html(render.compare_rows(results, evidence))
+            return gallery, table, compare_record(results, evidence)
+        except Exception as exc:
+            raise user_error(exc) from exc
+
+    # --- the model picker and the studio -------------------------------------------------------------------------
+    def load_model(self, name, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+        """Switch this session to a model (a preset, a hub id or a local folder), loading it if needed."""
+        try:
+            key = str(name or "").strip()
+            already = key in self.models.loaded()
+            t0 = time.perf_counter()
+            lm, unloaded = self.models.get(key, progress=_progress(progress))
+        except Exception as exc:
+            raise user_error(exc) from exc
+        took = "already in memory" if already else f"loaded in {time.perf_counter() - t0:.1f} s (measured)"
+        note = f"<br>{html.escape(lm.name)}: {took}"
+        if unloaded:
+            note += f"; unloaded {html.escape(', '.join(unloaded))} to stay within the model memory budget"
+            gr.Info(f"Unloaded {', '.join(unloaded)} to make room for {lm.name}.")
+        return key, model_line(lm, note), budget_choice(lm)
+
+    def new_scene(self, seed, family, world=None, model=None):
+        """The studio: a generated scene and question into the inputs, its ground truth into the session. Without
+        a world, the session model's own."""
+        try:
+            if world in (None, ""):
+                world = model_world(self.use_model(model)[1])
+            image, truth = studio_scene(seed, family, world)
+        except Exception as exc:
+            raise user_error(exc) from exc
+        path = _save_png(image, "sparsevlm-scene-", f"scene-{truth['world']}-{truth['seed']}-{truth['family']}")
+        return (path, truth["question"], truth, (truth["seed"] + 1) % 2**31, {**truth, "key": image_key(image)},
+                render.truth_html(truth))
+
+    def world_picker(self, model):
+        """The studio's world choice for the session's model (its own world first), after a model switch."""
+        name = str(model or self.default_model)
+        if name not in self.models.loaded():
+            return gr.Dropdown()
+        own = model_world(self.models.get(name)[0])
+        return gr.Dropdown(choices=world_choices(own), value=own)
+
+    @staticmethod
+    def forget_scene():
+        """An upload, an edited question or an example is no longer the generated scene: drop its ground truth."""
+        return None, ""
+
+    def word_notice(self, question, model):
+        """The vocabulary hint as the question changes (before any run)."""
+        if not question or not str(question).strip():
+            return ""
+        try:
+            name = str(model or self.default_model)
+            if name not in self.models.loaded():  # never load a model on a keystroke; the run shows the notice too
+                return ""
+            lm, _ = self.models.get(name)
+            return render.unknown_words_html(unknown_words(str(question), lm.processor.tokenizer))
+        except Exception:  # noqa: BLE001 - a hint must never get in the way of typing; the run reports errors
+            log.warning("word notice failed", exc_info=True)
+            return ""
+
+
+def _save_png(image: Image.Image, prefix: str, stem: str = "image") -> str:
+    """A PNG in a fresh temporary folder: the pixels come back unchanged, so a run can recognise a studio scene."""
+    path = Path(tempfile.mkdtemp(prefix=prefix)) / f"{stem}.png"
+    image.save(path)
+    return str(path)
