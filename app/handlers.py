@@ -277,6 +277,11 @@ def load_examples(index: Path = EXAMPLES_DIR / "examples.json") -> list[dict]:
 
 
 # --- the model: the process's cache and the GPU function ---------------------------------------------------------
+def new_tokens(max_new_tokens: Any) -> int:
+    """The max-new-tokens box: the default when empty, else a whole number (a clear message otherwise)."""
+    return DEFAULT_NEW_TOKENS if max_new_tokens in (None, "") else whole(max_new_tokens, "max new tokens")
+
+
 _PROCESS: dict[str, ModelCache] = {}  # the one model cache of this process, handed over at start
 
 
@@ -392,7 +397,7 @@ class Handlers:
         q = check_question(question)
         image = image_src if isinstance(image_src, Image.Image) else load_image(image_src)
         unknown = unknown_words(q, lm.processor.tokenizer)  # shown with the results; the run still happens
-        n_new = DEFAULT_NEW_TOKENS if max_new_tokens in (None, "") else whole(max_new_tokens, "max new tokens")
+        n_new = new_tokens(max_new_tokens)
         if progress is not None:
             progress(0.1, desc=f"running {render.method_label(config.method)}"
                      + (" and dense for comparison" if with_dense and config.method != "dense" else ""))
@@ -492,7 +497,7 @@ class Handlers:
         q = check_question(question)
         image = load_image(image_src)
         truth = scene_truth(scene, image, q, tuple(lm.grid))
-        n_new = DEFAULT_NEW_TOKENS if max_new_tokens in (None, "") else whole(max_new_tokens, "max new tokens")
+        n_new = new_tokens(max_new_tokens)
         configs = [build_config(method, budget).to_dict() for method in COMPARE_METHODS]
         progress(0.1, desc=f"running {len(configs)} methods on one encoding of the image")
         results = [(m, PruneTrace.from_dict(t) if t is not None else None, why)

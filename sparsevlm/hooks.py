@@ -91,12 +91,17 @@ class SharedWork:
     def once(self, key: tuple, compute, device: torch.device) -> tuple[Any, float]:
         """(value, ms): compute() timed the first time `key` is asked for, the stored result afterwards."""
         if key not in self.store:
-            t0 = time.perf_counter()
-            value = compute()
-            _sync(device)
-            self.store[key] = (value, (time.perf_counter() - t0) * 1e3)
+            self.store[key] = _timed(compute, device)
         self.uses[key] = self.uses.get(key, 0) + 1
         return self.store[key]
+
+
+def _timed(compute, device: torch.device) -> tuple[Any, float]:
+    """(compute(), its wall-clock ms, the device synchronised)."""
+    t0 = time.perf_counter()
+    value = compute()
+    _sync(device)
+    return value, (time.perf_counter() - t0) * 1e3
 
 
 def encode_image(model, pixel_values: torch.Tensor) -> SharedWork:
@@ -381,10 +386,7 @@ class PruneHooks:
         """(value, ms) of work every run of the request shares (SharedWork.once); computed here without one."""
         self.state.shared_keys.append(key)
         if self._shared is None:
-            t0 = time.perf_counter()
-            value = compute()
-            _sync(self.device)
-            return value, (time.perf_counter() - t0) * 1e3
+            return _timed(compute, self.device)
         return self._shared.once(key, compute, self.device)
 
     def _vision_input(self) -> VisionInput:

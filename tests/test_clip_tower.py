@@ -127,7 +127,7 @@ def test_clip_loss_reaches_the_cls_path_and_the_temperature(tokenizer):
     torch.manual_seed(0)
     model = _tiny_llava()
     head = ct.ClipHead(tokenizer, vision_hidden=32)
-    _, px, caps = ct.contrastive_batch(0, 4, seed=5, max_objects=3, label_fonts=False, stroke_labels=0.0,
+    px, caps = ct.contrastive_batch(0, 4, seed=5, max_objects=3, label_fonts=False, stroke_labels=0.0,
                                        tinted=0.0)
     assert len(caps) == 4 and px.shape == (4, 3, 336, 336)
     loss, top1 = head.loss(model.model.vision_tower, px, caps)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from sparsevlm import algorithm as A
 from sparsevlm.scenes import world
 
 from .model import pixel_values
@@ -124,10 +125,10 @@ def info_nce(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor | float) 
 
 
 def contrastive_batch(step: int, n: int, seed: int, max_objects: int, label_fonts: bool, stroke_labels: float,
-                      tinted: float) -> tuple[list, torch.Tensor, list[str]]:
+                      tinted: float) -> tuple[torch.Tensor, list[str]]:
     """The step's contrastive batch, a pure function of (seed, step): scenes drawn as the conversations' are
-    (1..max_objects objects, a label half of the time, the same label and background variation), their
-    pixels and one alt-text caption each."""
+    (1..max_objects objects, a label half of the time, the same label and background variation): their pixels
+    and one alt-text caption each."""
     scenes, captions = [], []
     for b in range(n):
         s = CLIP_SEED + seed * 1_000_000 + step * n + b
@@ -138,7 +139,7 @@ def contrastive_batch(step: int, n: int, seed: int, max_objects: int, label_font
             world.vary_background(scene, s, tinted)
         scenes.append(scene)
         captions.append(alt_text(scene, np.random.default_rng([s, 31])))
-    return scenes, pixel_values([world.render(s) for s in scenes]), captions
+    return pixel_values([world.render(s) for s in scenes]), captions
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -174,10 +175,10 @@ def cls_attention_rows(model, pixels: torch.Tensor, layer: int | None = None) ->
     q, k = got["q"], got["k"]
     b, t, _ = k.shape
     h, hd = attn.num_heads, attn.head_dim
-    qh = q[:, :1].view(b, 1, h, hd).transpose(1, 2)
-    kh = k.view(b, t, h, hd).transpose(1, 2)
-    a = torch.softmax((qh @ kh.transpose(-1, -2)).float() * attn.scale, dim=-1)  # (B, H, 1, T)
-    return a.mean(1)[:, 0, 1:].cpu()
+    every_key = torch.tensor([t - 1], device=k.device)  # no causality in a ViT: the [CLS] row sees every key
+    rows = [A.rows_attention(q[i, :1].view(1, h, hd).transpose(0, 1), k[i].view(t, h, hd).transpose(0, 1),
+                             every_key, attn.scale)[0, 1:] for i in range(b)]
+    return torch.stack(rows).cpu()
 
 
 def object_attention_ratio(rows: torch.Tensor, object_masks: list[torch.Tensor]) -> float:

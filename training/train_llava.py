@@ -498,7 +498,7 @@ def prepared_step(args, conv: Conversations, step: int, weights) -> dict:
         if args.patch_weight > 0:
             out["patch_targets"] = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes])
     if args.phase == "instruct" and args.clip_weight > 0:
-        _, out["clip_pixels"], out["clip_captions"] = contrastive_batch(
+        out["clip_pixels"], out["clip_captions"] = contrastive_batch(
             step, args.clip_batch, args.seed, world.MAX_OBJECTS, args.label_fonts, args.stroke_labels,
             args.tinted_backgrounds)
     return out
