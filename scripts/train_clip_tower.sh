@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# The contrastive (CLIP) objective on the embedded model's vision tower, continued from the installed model: the
-# last instruction-tuning phase's settings plus CLIP's loss between the pooled [CLS] and a small text encoder
-# (training/clip_tower.py; docs/model.md "A contrastive (CLIP) objective for the tower"). Resumable: rerun it.
-# 400 steps took about 64 minutes on 2 CPU cores (~9 s a step). Then measure the result:
-#   python -m training.clip_tower checkpoints/v2-clip/checkpoint.pt          # [CLS] figures + caption retrieval
-#   bash scripts/ship_v2.sh checkpoints/v2-clip --dest /tmp/clip-ship          # bars, likeness, card (no install)
+# The embedded model's vision tower pretrained the way CLIP is, then LLaVA's instruction tuning on top of it with
+# the tower frozen (training/clip_tower.py; docs/model.md "A contrastive (CLIP) phase for the tower").
+# Resumable and seeded: rerun it and each phase goes on from its checkpoint (a finished phase exits at once).
+#   1. clip: the installed tower continued on CLIP's symmetric contrastive loss (pooled [CLS] vs a 2 x 128 text
+#      encoder over alt-text captions), batch 64, tower at a tenth of the head's rate; nothing else learns.
+#   2. instruct: the installed decoder and projector re-aligned to that tower (tower frozen, as LLaVA-1.5 freezes
+#      CLIP), with the last instruction-tuning phase's data settings.
+# Then measure and, if every bar is met, install:
+#   python -m training.clip_tower checkpoints/v3-instruct/checkpoint.pt   # [CLS] figures, decoder attention
+#   bash scripts/ship_v2.sh checkpoints/v3-instruct                        # bars, likeness, model card
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m training.train_llava --threads "${THREADS:-2}" --device "${DEVICE:-cpu}" --phase instruct \
-   --out checkpoints/v2-clip --init-from assets/models/scenes-llava --until "${CLIP_STEPS:-400}" \
-   --batch 8 --turns 12 --caption-p 0.2 --lr 5e-5 --warmup 30 --decay-from 250 --lr-end 5e-6 \
-   --background-keep-start 1 --family-weights read=5,shape=3,count=6,exist=2,colour=1.5,relation=1.5,position=1.5 \
-   --tower-lr-scale 0.4 --patch-weight 0.5 --label-fonts --stroke-labels 0.5 --tinted-backgrounds 0.4 \
-   --clip-weight 1 --clip-batch 32 --clip-lr-scale 6 --ckpt-minutes 3 --log-every 5 --seed 21
+T="${THREADS:-2}"
+D="${DEVICE:-cpu}"
+DATA=(--label-fonts --stroke-labels 0.5 --tinted-backgrounds 0.4)
+python -m training.train_llava --threads "$T" --device "$D" --phase clip \
+   --out checkpoints/v3-clip --init-from assets/models/scenes-llava --until "${CLIP_STEPS:-250}" \
+   --lr 3e-4 --warmup 20 --decay-from 150 --lr-end 3e-5 --tower-lr-scale 0.1 --clip-batch 64 --clip-lr-scale 1 \
+   "${DATA[@]}" --ckpt-minutes 3 --log-every 10 --seed 31
+python -m training.train_llava --threads "$T" --device "$D" --phase instruct \
+   --out checkpoints/v3-instruct --init-from checkpoints/v3-clip/checkpoint.pt --until "${INSTRUCT_STEPS:-300}" \
+   --batch 8 --turns 12 --caption-p 0.2 --lr 5e-5 --warmup 30 --decay-from 150 --lr-end 5e-6 \
+   --projector-lr-scale 2 --tower-lr-scale 0 --patch-weight 0 --grid-weight 0 \
+   --family-weights read=5,shape=3,count=6,exist=2,colour=1.5,relation=1.5,position=1.5 \
+   "${DATA[@]}" --ckpt-minutes 3 --log-every 5 --seed 32

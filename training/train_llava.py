@@ -4,6 +4,7 @@
     python -m training.train_llava --phase vision   --out checkpoints/v2-vision   --init-from ... --until N
     python -m training.train_llava --phase align    --out checkpoints/v2-align    --init-from ... --until N
     python -m training.train_llava --phase instruct --out checkpoints/v2-instruct --init-from ... --until N
+    python -m training.train_llava --phase clip     --out checkpoints/v3-clip     --init-from ... --until N
     python -m training.train_llava --out checkpoints/v2-grow32 --export checkpoints/v2-export
 
 `scripts/train_v2.sh` chains the phases with their arguments; rerunning it resumes where it stopped (each phase
@@ -26,6 +27,12 @@ Phases:
   block expansion (`parts.grow_decoder`). `--tower-lr-scale` > 0 trains the vision tower as well (at that share
   of the rate), `--patch-weight` keeps the vision phase's per-patch heads on it, `--label-fonts` letters the
   training labels in varied typefaces (`world.vary_label`). `--init-from` takes an exported model folder too.
+- `clip` (CLIP pretraining of the tower): the vision tower alone, at `--tower-lr-scale` of `--lr`, on CLIP's
+  symmetric contrastive loss between its pooled [CLS] (post-layernorm, projected) and a small text encoder's
+  embedding of an alt-text caption of the same picture (`clip_tower.py`), batches of `--clip-batch`; the text
+  encoder, projection and temperature learn at `--clip-lr-scale`. No conversation is drawn. The decoder and the
+  projector are untouched: an `instruct` phase with the tower frozen then re-aligns them to the new tower, as
+  LLaVA's stages sit on a pretrained CLIP.
 
 No loss reads attention weights, the projector-vs-embedding similarity, [CLS] attention or any pruning score.
 The auxiliary losses, all on hidden states with targets from the scene's geometry or the question's text: the
@@ -362,7 +369,7 @@ def trainable(model, phase: str, tower: bool = False) -> None:
     if phase == "text":
         lm.requires_grad_(True)
         model.lm_head.requires_grad_(True)
-    elif phase == "vision":
+    elif phase in ("vision", "clip"):
         model.model.vision_tower.requires_grad_(True)
     elif phase == "align":
         model.model.multi_modal_projector.requires_grad_(True)
@@ -374,7 +381,7 @@ def trainable(model, phase: str, tower: bool = False) -> None:
             model.model.vision_tower.requires_grad_(True)
     else:
         raise ValueError(phase)
-    if tower and phase != "instruct":
+    if tower and phase not in ("instruct", "clip"):
         raise ValueError("only instruction tuning trains the vision tower with the decoder")
     # The Llama embedding table is inside language_model; it learns in text/instruct, is frozen in align.
 
@@ -462,6 +469,8 @@ def family_weights(spec: str) -> dict[str, float]:
 
 def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
     """The step's batch: a pure function of (seed, step)."""
+    if args.phase == "clip":  # the contrastive batch is drawn by prepared_step
+        return [], [], None
     seeds = [args.seed * 1_000_000 + step * args.batch + b for b in range(args.batch)]
     seqs, scenes, refs, where = [], [], [], []
     caption_p = {"text": args.caption_p, "align": 1.0, "instruct": args.caption_p}.get(args.phase, 0.0)
@@ -497,7 +506,7 @@ def prepared_step(args, conv: Conversations, step: int, weights) -> dict:
         out["pixels"] = pixel_values([world.render(s) for s in scenes])
         if args.patch_weight > 0:
             out["patch_targets"] = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes])
-    if args.phase == "instruct" and args.clip_weight > 0:
+    if args.phase == "clip" or (args.phase == "instruct" and args.clip_weight > 0):
         out["clip_pixels"], out["clip_captions"] = contrastive_batch(
             step, args.clip_batch, args.seed, world.MAX_OBJECTS, args.label_fonts, args.stroke_labels,
             args.tinted_backgrounds)
@@ -554,7 +563,9 @@ def train(args: argparse.Namespace) -> None:
     model = build_model(size, tokenizer, seed=args.seed)
     model.load_state_dict(state)
     model.train()
-    train_tower = args.phase == "instruct" and args.tower_lr_scale > 0
+    train_tower = args.phase in ("instruct", "clip") and args.tower_lr_scale > 0
+    if args.phase == "clip" and not train_tower:
+        raise SystemExit("--phase clip trains the vision tower: give --tower-lr-scale > 0")
     trainable(model, args.phase, tower=train_tower)
     patch_heads = None
     if args.phase == "vision" or (args.phase == "instruct" and args.patch_weight > 0):
@@ -570,7 +581,7 @@ def train(args: argparse.Namespace) -> None:
     if args.phase == "instruct" and args.order_weight > 0:
         order_head = OrderHead(model, size.hidden, args.order_layer)
     clip_head = None
-    if args.clip_weight > 0:
+    if args.clip_weight > 0 or args.phase == "clip":
         if not train_tower:
             raise SystemExit("--clip-weight trains the vision tower: give --tower-lr-scale > 0 too")
         clip_head = ClipHead(tokenizer, size.vision_hidden, seed=args.seed)
@@ -662,6 +673,9 @@ def train(args: argparse.Namespace) -> None:
             loss, stats = weighted_loss(text_forward(model, pooled, pos), labels, fams, w)
             if ref_probe is not None:
                 ref_loss = ref_probe.loss(ref, ref_mask, [torch.arange(ids.shape[1], device=dev)] * ids.shape[0])
+        elif args.phase == "clip":
+            loss, top1 = clip_head.loss(model.model.vision_tower, prep["clip_pixels"].to(dev), prep["clip_captions"])
+            stats = {"clip_top1": (top1, 1), "clip_scale": (float(clip_head.logit_scale.detach().exp()), 1)}
         elif args.phase == "vision":
             model.model.vision_tower(pixel_values=pixel_values([world.render(s) for s in scenes]).to(dev))
             targets = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes]).to(dev)
@@ -771,7 +785,7 @@ def export(ckpt_dir: Path, dest: Path) -> None:
 def parser() -> argparse.ArgumentParser:
     """The command line; tests build their arguments through it, so a new flag has its default everywhere."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", choices=("text", "vision", "align", "instruct"), default="text")
+    p.add_argument("--phase", choices=("text", "vision", "align", "instruct", "clip"), default="text")
     p.add_argument("--out", required=True, help="checkpoint + log folder (resumed from)")
     p.add_argument("--export", default=None, help="export the checkpoint in --out to this folder and exit")
     p.add_argument("--init-from", default=None,
