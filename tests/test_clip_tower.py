@@ -137,3 +137,84 @@ def test_clip_loss_reaches_the_cls_path_and_the_temperature(tokenizer):
     for p in (vm.post_layernorm.weight, vm.embeddings.class_embedding, vm.encoder.layers[0].self_attn.q_proj.weight,
               head.logit_scale, head.visual_projection.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def _tiny_checkpoint(tmp_path, tokenizer):
+    from training.model import ModelSize, build_model
+
+    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=2, heads=2, kv_heads=1,
+                     intermediate=64)
+    model = build_model(size, tokenizer, seed=3)
+    path = tmp_path / "start.pt"
+    torch.save({"model": model.state_dict(), "size": size.to_dict(), "step": 0, "train_seconds": 0.0, "args": {},
+                "phase": "instruct"}, path)
+    return path, model.state_dict()
+
+
+def _clip_phase(tmp_path, tokenizer, steps: int = 2):
+    from training.train_llava import parser, train
+
+    start, before = _tiny_checkpoint(tmp_path, tokenizer)
+    out = tmp_path / "clip"
+    train(parser().parse_args(["--phase", "clip", "--out", str(out), "--init-from", str(start), "--until",
+                               str(steps), "--lr", "1e-3", "--warmup", "1", "--tower-lr-scale", "0.5",
+                               "--clip-batch", "4", "--log-every", "1", "--seed", "4"]))
+    return out / "checkpoint.pt", before
+
+
+def test_clip_phase_trains_the_tower_alone(tmp_path, tokenizer):
+    """`train_llava --phase clip`: the tower and the contrastive head learn; the decoder, embeddings, LM head
+    and projector come out bit for bit as they went in."""
+    path, before = _clip_phase(tmp_path, tokenizer)
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    assert ck["phase"] == "clip" and ck["step"] == 2 and ck["clip_head"]
+    after = ck["model"]
+    tower = [k for k in before if "vision_tower." in k]
+    rest = [k for k in before if "vision_tower." not in k]
+    assert tower and rest
+    assert any(not torch.equal(before[k], after[k]) for k in tower)
+    for k in rest:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_retrieval_head_is_found_only_for_the_tower_it_trained(tmp_path, tokenizer):
+    """An export whose last phase continued from a clip checkpoint with the tower frozen gets that head back
+    (and its retrieval is measured); once the tower changed, no head, and the reason says so."""
+    from training.train_llava import export
+
+    clip_ckpt, _ = _clip_phase(tmp_path, tokenizer)
+    ck = torch.load(clip_ckpt, map_location="cpu", weights_only=False)
+
+    def exported(name, state):
+        d = tmp_path / name
+        d.mkdir()
+        torch.save({"model": state, "size": ck["size"], "step": 3, "train_seconds": 1.0, "phase": "instruct",
+                    "args": {"init_from": str(clip_ckpt)}}, d / "checkpoint.pt")
+        export(d, tmp_path / f"{name}-export")
+        return tmp_path / f"{name}-export", LlavaForConditionalGeneration.from_pretrained(tmp_path / f"{name}-export")
+
+    folder, model = exported("frozen", ck["model"])
+    head, where = ct.head_for(folder, model.model.vision_tower)
+    assert head is not None and where == str(clip_ckpt)
+    torch.testing.assert_close(head.logit_scale.detach(), ck["clip_head"]["logit_scale"])
+    moved = dict(ck["model"])
+    key = next(k for k in moved if "vision_tower." in k and k.endswith("q_proj.weight"))
+    moved[key] = moved[key] + 0.01
+    folder, model = exported("moved", moved)
+    head, why = ct.head_for(folder, model.model.vision_tower)
+    assert head is None and "tower changed" in why
+    assert ct.head_for(tmp_path, model.model.vision_tower) == (None, "no training_state.json")
+
+
+def test_likeness_tower_rows_say_n_a_for_a_summary_without_them():
+    from training.likeness import TOWER_ROWS, tower_rows
+
+    assert tower_rows({}) == [(m, "n/a") for m in TOWER_ROWS]
+    s = {"tower": {"cls": {"cls_object_attention_vs_area": 1.25, "cls_top64_evidence_recall": 0.2,
+                           "random_top64_evidence_recall": 0.111},
+                   "decoder": {"layer1": {"positional_shift_spearman": 0.1, "top1pct_share": 0.03},
+                               "layer2": {"positional_shift_spearman": -0.2, "top1pct_share": 0.2}},
+                   "retrieval": {"unavailable": "no training_state.json"}}}
+    vals = [v for _, v in tower_rows(s)]
+    assert vals[0].startswith("1.25") and "random 0.111" in vals[1] and "no training_state.json" in vals[2]
+    assert vals[3] == "+0.10 / 0.030" and vals[4] == "-0.20 / 0.200"

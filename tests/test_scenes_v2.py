@@ -256,6 +256,7 @@ def test_each_phase_trains_what_llava_trains(tok):
     assert learning("vision") == {"vision"}
     assert learning("align") == {"projector"}  # stage 1: decoder and embeddings frozen
     assert learning("instruct") == {"decoder", "embeddings", "head", "projector"}  # stage 2: CLIP stays frozen
+    assert learning("clip") == {"vision"}  # CLIP pretraining of the tower: nothing of the LLaVA side learns
 
 
 def test_evaluation_reads_each_world_with_its_own_held_out_seed():

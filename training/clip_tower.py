@@ -14,12 +14,15 @@ VisionZip rank patches by. This module gives the embedded model's tower the same
   to their area share and its top-k evidence recall at the feature layer, and image-to-caption retrieval.
 
 The loss reads the pooled [CLS] output embedding only, as CLIP's does; no loss here reads attention weights.
-`python -m training.train_llava --clip-weight W` adds it to instruction tuning with the tower trainable.
+`python -m training.train_llava --phase clip` trains the tower alone on it (CLIP pretraining); `--clip-weight W`
+adds it to instruction tuning with the tower trainable. `tower_figures` is what `training.likeness` reports.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -288,10 +291,52 @@ def last_token_attention(model, processor, n: int = 60, layers: tuple[int, ...] 
                        for la, v in out.items()}}
 
 
+def head_for(model_dir: str | Path, tower) -> tuple[ClipHead | None, str]:
+    """The contrastive head this exported model's tower was pretrained with, if the export records it: the last
+    phase's `--init-from` (training_state.json) is a `--phase clip` checkpoint (or one that trained with
+    `--clip-weight`) whose vision tower is tensor-for-tensor this model's. Returns (head, where it came from) or
+    (None, why not): retrieval is only reported for the very tower it was measured on."""
+    from .model import ModelSize
+    from .train_llava import v2_tokenizer
+
+    try:
+        state = json.loads((Path(model_dir) / "training_state.json").read_text())
+    except (OSError, ValueError):
+        return None, "no training_state.json"
+    args = state.get("args") or {}
+    if state.get("phase") != "clip" and float(args.get("tower_lr_scale") or 0) > 0 and not args.get("clip_weight"):
+        return None, "its last phase trained the tower without a contrastive head"
+    src = args.get("init_from") or ""
+    path = Path(src)
+    if not path.is_absolute():
+        path = Path(__file__).resolve().parents[1] / path
+    if path.suffix != ".pt" or not path.is_file():
+        return None, f"no contrastive head found ({src or 'no earlier phase'} is not a checkpoint on this machine)"
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if not ck.get("clip_head"):
+        return None, f"{src} has no contrastive head"
+    mine = tower.state_dict()
+    theirs = {k.split("vision_tower.", 1)[1]: v for k, v in ck["model"].items() if "vision_tower." in k}
+    if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
+        return None, f"the tower changed after {src} (not frozen since)"
+    head = ClipHead(v2_tokenizer(), ModelSize(**ck["size"]).vision_hidden)
+    head.load_state_dict(ck["clip_head"])
+    return head.eval(), src
+
+
+def tower_figures(model, processor, model_dir: str | Path | None, n: int = 120, n_decoder: int = 60) -> dict:
+    """Everything `likeness` reports about the tower and the decoder's view of it: the [CLS] figures, the last
+    token's attention shift and concentration, and (when the export records its contrastive head) held-out
+    image-to-caption retrieval."""
+    out: dict = {"cls": tower_likeness(model, n), "decoder": last_token_attention(model, processor, n_decoder)}
+    head, where = head_for(model_dir, model.model.vision_tower) if model_dir is not None else (None, "no folder")
+    out["retrieval"] = (heldout_retrieval(head, model.model.vision_tower) | {"head_from": where} if head is not None
+                        else {"unavailable": where})
+    return out
+
+
 def main() -> None:
     import argparse
-    import json
-    from pathlib import Path
 
     from transformers import LlavaForConditionalGeneration
 

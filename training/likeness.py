@@ -25,6 +25,11 @@ word-embedding space):
 3. **Nearest words of object patches.** For colour and shape questions, each evidence patch's projector output is
    compared (cosine) with every input word embedding (special tokens excluded): how often the nearest word is
    the object's colour word or its shape word.
+4. **The vision tower** (`clip_tower.tower_figures`): the [CLS] row's attention on object patches relative to
+   their area share and its top-64 evidence recall at the feature layer, held-out image-to-caption retrieval
+   when the export records the contrastive head its tower was pretrained with, and, reported only, the last
+   prompt token's attention over the visual tokens at decoder layers 1 and 2 (shift and concentration).
+   `--add-tower FILE` measures these alone into an earlier summary.
 
 Attention rows are recomputed from the layer's own q/k: a pre-hook on `self_attn` takes its input hidden states
 and RoPE cos/sin, `q_proj`/`k_proj` and the decoder's own `apply_rotary_pos_emb` give q and k, and
@@ -66,6 +71,8 @@ from sparsevlm.scenes.worlds import (
 )
 from sparsevlm.schedule import scaled_layers
 from sparsevlm.tokenizer import prompt_for
+
+from .clip_tower import tower_figures
 
 TOP_K = 64
 CORE_FRACTION = 0.5  # an evidence patch is "core" when the object covers at least half of it
@@ -567,6 +574,22 @@ def markdown(summary: dict, model: str, command: str) -> str:
     top = nw["all evidence patches"]["top_nearest"]
     lines += ["", "Most frequent nearest words: " + ", ".join(f"`{w}` {c}" for w, c in top) + ".", ""]
     lines += [
+        "## 4. The vision tower, and the decoder's view of it",
+        "",
+        "The [CLS] row of the tower's head-mean attention at the feature layer on held-out pictures "
+        "(`training/clip_tower.py`): its mass on object and label patches relative to their share of the area "
+        "(CLIP's [CLS] follows salient content: above 1), and its top-64 recall of each question's evidence; "
+        "image-to-caption retrieval when the export records the contrastive head it was pretrained with; and, "
+        "reported only, the last prompt token's attention over the visual tokens at decoder layers 1 and 2 "
+        "(Spearman correlation with the token index, and the share held by the top 1% of tokens), the "
+        "\"attention shift\" and \"dispersion\" FasterVLM describes on LLaVA-1.5 (eager attention).",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        *(f"| {m} | {v} |" for m, v in tower_rows(s)),
+        "",
+    ]
+    lines += [
         "## Method",
         "",
         "Attention rows are recomputed from each pruning layer's q/k projections (input captured by a pre-hook on "
@@ -619,6 +642,7 @@ def compare_markdown(a: dict, b: dict) -> str:
                 cells.append(f"{_pm(_read(v['recall'] if v else None), pct=False)} (layer {layer})")
             rows.append((f"top-k evidence recall, pruning step {step + 1}: {t} rows", *cells))
     rows.append(("random k-subset recall", *(f"{s['evidence_recall']['random']:.3f}" for s in (a, b))))
+    rows += [(m, x, y) for (m, x), (_, y) in zip(tower_rows(a), tower_rows(b), strict=True)]
     for part in ("all evidence patches", "core patches"):
         for key, label in (("nearest_is_colour_word", "colour"), ("nearest_is_shape_word", "shape")):
             rows.append((f"{part}: nearest word is the object's {label} word",
@@ -694,7 +718,46 @@ def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_ev
     summary["python_hash_seed"] = os.environ.get("PYTHONHASHSEED", "random")
     summary.update(model=model_path, world=world, seed=seed, visual=m.visual, seconds=round(time.time() - t0, 1),
                    threads=torch.get_num_threads(), attention_rows="recomputed from q/k (SDPA model), not eager")
+    summary["tower"] = tower_figures(loaded.model, loaded.processor, model_path)
     return summary, records
+
+
+def add_tower(model_path: str, summary_file: str, command: str = "") -> dict:
+    """Measure `model_path`'s tower figures (`clip_tower.tower_figures`) into an existing `--json` file's summary
+    (a model measured before they were part of the report); the file's other contents are kept."""
+    from sparsevlm.loading import load_model
+
+    doc = json.loads(Path(summary_file).read_text())
+    loaded = load_model(model_path, device="cpu", dtype="float32")
+    doc["summary"]["tower"] = tower_figures(loaded.model, loaded.processor, model_path) | {"command": command}
+    Path(summary_file).write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
+    return doc["summary"]["tower"]
+
+
+def tower_rows(s: dict) -> list[tuple[str, str]]:
+    """The tower figures of a summary as (measure, value) rows; "n/a" where the summary predates them."""
+    t = s.get("tower")
+    if not t:
+        return [(name, "n/a") for name in TOWER_ROWS]
+    cls, dec, ret = t["cls"], t["decoder"], t["retrieval"]
+    k = next(key for key in cls if key.startswith("cls_top"))
+    rnd = k.replace("cls_", "random_")
+    vals = [
+        f"{cls['cls_object_attention_vs_area']:.2f} (1.00 = uniform)",
+        f"{cls[k]:.3f} (random {cls[rnd]:.3f})",
+        (f"{ret['image_to_caption_top1']:.2f} of {ret['candidates']} candidates" if "image_to_caption_top1" in ret
+         else f"n/a ({ret['unavailable']})"),
+        *(f"{dec[f'layer{la}']['positional_shift_spearman']:+.2f} / {dec[f'layer{la}']['top1pct_share']:.3f}"
+          for la in (1, 2)),
+    ]
+    return list(zip(TOWER_ROWS, vals, strict=True))
+
+
+TOWER_ROWS = ("tower: [CLS] attention on objects / their area share (feature layer)",
+              "tower: [CLS] top-64 evidence recall",
+              "tower: held-out image-to-caption retrieval top-1",
+              "decoder layer 1, last token over visual tokens: positional shift / top-1% share (reported only)",
+              "decoder layer 2, last token over visual tokens: positional shift / top-1% share (reported only)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -714,7 +777,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the summary (and with --records, per question) here")
     p.add_argument("--records", action="store_true", help="add every question's measurements to the JSON (~1 kB each)")
     p.add_argument("--md", default=None, help="write the markdown report here")
+    p.add_argument("--add-tower", metavar="SUMMARY.json", default=None,
+                   help="no questions: measure --model's tower figures into this earlier --json file")
     args = p.parse_args(argv)
+    if args.add_tower:
+        torch.set_num_threads(max(1, args.threads))
+        try:
+            tower = add_tower(args.model, args.add_tower,
+                              " ".join(["python -m training.likeness", *(sys.argv[1:] if argv is None else argv)]))
+            print(json.dumps(tower, indent=1))
+        except (OSError, ValueError, KeyError, SparseVLMError) as e:
+            print(f"error: --add-tower: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.compare:
         try:
             a, b = (json.loads(Path(f).read_text())["summary"] for f in args.compare)

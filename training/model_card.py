@@ -23,6 +23,8 @@ from pathlib import Path
 from sparsevlm.scenes.generator import FAMILIES
 from sparsevlm.scenes.worlds import WORLD_LABELS, world_of_model
 
+from .likeness import tower_rows
+
 # The quality bars an embedded model must meet to be installed: on >= 3000 held-out questions of its own world,
 # >= 97% overall and >= 90% in every family; on >= 3000 of the independent renderer's, >= 90% overall.
 BAR_QUESTIONS = 3000
@@ -129,6 +131,8 @@ def _likeness_lines(model_dir: Path) -> list[str]:
     nw = s["nearest_word"]["all evidence patches"]
     lines += ["", f"Object patches whose projector output's nearest word embedding is the object's colour word: "
               f"{val(nw['nearest_is_colour_word']):.1f}%, its shape word: {val(nw['nearest_is_shape_word']):.1f}%."]
+    lines += ["", "The vision tower and the decoder's view of it (`training/clip_tower.py`):", "",
+              "| measure | value |", "|---|---|", *(f"| {m} | {v} |" for m, v in tower_rows(s))]
     return lines
 
 
