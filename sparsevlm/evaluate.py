@@ -119,7 +119,7 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
                      "budget": s.config.budget if s.method != "dense" else None,
                      "correct": {f: 0 for f in FAMILIES}, "total": {f: 0 for f in FAMILIES}, "recall_last": [],
                      "recall_direct": [], "recall_layers": [], "equal_tokens": [], "equal_tokens_output": [],
-                     "errors": 0} for s in chosen}
+                     "hits": [], "errors": 0} for s in chosen}
     hooks = {}
     for s in chosen:
         try:
@@ -145,6 +145,7 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
             pred = lm.processor.decode(out[0, n_prompt:], skip_special_tokens=True).strip().lower()
             rec["total"][sample.family] += 1
             rec["correct"][sample.family] += int(pred == sample.answer.lower())
+            rec["hits"].append(int(pred == sample.answer.lower()))
             record = h.record()
             recall = evidence_recall(record, sample.evidence, depth)
             if recall is not None:
@@ -159,9 +160,54 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
     return {**summarize(per, lm, n, seed, time.time() - t0), "world": world}
 
 
+Z95 = 1.96  # a 95% interval is 1.96 standard errors either side
+
+
+def half_width(hits: Sequence[int]) -> float | None:
+    """95% interval half-width of an accuracy over `hits` (0/1 per question; normal approximation, questions as
+    the sampling unit)."""
+    n = len(hits)
+    if n < 2:
+        return None
+    p = sum(hits) / n
+    return Z95 * (p * (1 - p) / n) ** 0.5
+
+
+def paired_difference(a: Sequence[int], b: Sequence[int]) -> tuple[float, float] | None:
+    """Accuracy of `a` minus `b` on the same questions, with its 95% half-width from the per-question differences
+    (paired: both answered every question, so the question-to-question variation cancels)."""
+    n = len(a)
+    if n < 2 or len(b) != n:
+        return None
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return mean, Z95 * (var / n) ** 0.5
+
+
+def ordering(result: dict, budget: int, accounting: str) -> list[dict]:
+    """The fixed-budget settings at `budget` tokens in one accounting, best first, each with its accuracy, 95%
+    half-width and, against the next one down, the paired difference and whether it is outside the noise."""
+    rows = [r for r in result["rows"] if "accuracy" in r and r.get("budget") == budget
+            and r.get("accounting") == accounting and r["setting"] == f"{r['method']}-{budget}-{accounting}"]
+    rows.sort(key=lambda r: -r["accuracy"])
+    out = []
+    for k, r in enumerate(rows):
+        item = {"setting": r["setting"], "method": r["method"], "accuracy": r["accuracy"],
+                "half_width": r.get("accuracy_half_width"), "retained": r.get("retained")}
+        if k + 1 < len(rows) and r.get("hits") and rows[k + 1].get("hits"):
+            diff = paired_difference(r["hits"], rows[k + 1]["hits"])
+            if diff is not None:
+                item["vs_next"] = {"setting": rows[k + 1]["setting"], "difference": diff[0], "half_width": diff[1],
+                                   "outside_noise": abs(diff[0]) > diff[1]}
+        out.append(item)
+    return out
+
+
 def summarize(per: dict, lm: LoadedModel, n: int, seed: int, seconds: float) -> dict:
     rows = []
     dense_acc = None
+    dense_hits = per.get("dense", {}).get("hits")
     for label, rec in per.items():
         if "unavailable" in rec:
             rows.append({"setting": label, "unavailable": rec["unavailable"]})
@@ -185,7 +231,13 @@ def summarize(per: dict, lm: LoadedModel, n: int, seed: int, seconds: float) -> 
             "evidence_recall_direct": mean(rec["recall_direct"]),
             "evidence_recall_layers": mean(rec["recall_layers"]),
             "questions": total,
+            "accuracy_half_width": half_width(rec["hits"]),
+            "hits": rec["hits"],
         })
+        if dense_hits and label != "dense":
+            diff = paired_difference(rec["hits"], dense_hits)
+            if diff is not None:
+                rows[-1]["vs_dense"] = {"difference": diff[0], "half_width": diff[1]}
     for r in rows:
         if "accuracy" in r and dense_acc:
             r["retained"] = r["accuracy"] / dense_acc
@@ -201,7 +253,8 @@ def markdown(result: dict) -> str:
     rows = [r for r in result["rows"] if "accuracy" in r]
     fams = list(rows[0]["per_family"]) if rows else []
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
-    head = ["setting", "equal tokens (in)", "equal tokens (out)", "accuracy %", "retained %",
+    head = ["setting", "equal tokens (in)", "equal tokens (out)", "accuracy %", "± 95%", "vs dense (paired) pts",
+            "retained %",
             "evidence represented last %", "evidence kept directly last %", "evidence represented avg layers %",
             *fams]
     lines = [
@@ -214,7 +267,10 @@ def markdown(result: dict) -> str:
         "|" + "---|" * len(head),
     ]
     for r in rows:
+        vd = r.get("vs_dense")
         cells = [r["setting"], f"{r['equal_tokens']:.1f}", f"{r['equal_tokens_output']:.1f}", pct(r["accuracy"]),
+                 pct(r.get("accuracy_half_width")),
+                 "-" if vd is None else f"{100 * vd['difference']:+.1f} ± {100 * vd['half_width']:.1f}",
                  pct(r.get("retained")), pct(r["evidence_recall_last"]), pct(r["evidence_recall_direct"]),
                  pct(r["evidence_recall_layers"]),
                  *[pct(r["per_family"].get(f)) for f in fams]]
@@ -222,6 +278,22 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         if "unavailable" in r:
             lines.append(f"\n{r['setting']}: not run - {r['unavailable']}")
+    lines += ["", "± 95%: interval half-width of the accuracy (normal approximation, questions as the unit). vs dense: "
+              "the accuracy difference from dense on the same questions, with its paired 95% half-width."]
+    for accounting in ("paper", "flops"):
+        order = ordering(result, 64, accounting)
+        if len(order) < 2:
+            continue
+        lines += ["", f"Ordering at 64 tokens, {accounting} accounting (best first; each step down is the paired "
+                  "difference to the next setting, * where it is outside its 95% interval):", ""]
+        steps = []
+        for item in order:
+            nxt = item.get("vs_next")
+            gap = "" if nxt is None else (f" {'>' if nxt['outside_noise'] else '≈'} "
+                                          f"({100 * nxt['difference']:+.1f} ± {100 * nxt['half_width']:.1f}"
+                                          f"{'*' if nxt['outside_noise'] else ''})")
+            steps.append(f"{item['method']} {pct(item['accuracy'])}{gap}")
+        lines.append(" ".join(steps))
     return "\n".join(lines)
 
 

@@ -25,3 +25,42 @@ def test_curves_hold_only_fixed_budget_settings_sorted_by_tokens(tmp_path):
     assert [r["setting"] for r in curves[("sparsevlm", "paper")]] == ["sparsevlm-64-paper", "sparsevlm-192-paper"]
     png(RESULT, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_intervals_and_the_ordering_on_known_hits():
+    """Accuracy half-widths, paired differences and the ordering at 64 tokens, on hit vectors with known
+    answers: identical answers differ by exactly 0 ± 0, a setting right where another is wrong is outside the
+    noise only when that happens often enough."""
+    import pytest
+
+    from sparsevlm.evaluate import half_width, markdown, ordering, paired_difference
+
+    assert half_width([1, 0] * 50) == pytest.approx(1.96 * 0.05)
+    assert half_width([1] * 100) == 0.0 and half_width([1]) is None
+    same = [1, 0, 1, 1] * 25
+    assert paired_difference(same, same) == (0.0, 0.0)
+    better = [1] * 100
+    worse = [1] * 60 + [0] * 40
+    d, hw = paired_difference(better, worse)
+    assert d == pytest.approx(0.4) and 0 < hw < 0.4
+    slight = [1] * 98 + [0] * 2
+    d2, hw2 = paired_difference(better, slight)
+    assert d2 == pytest.approx(0.02) and hw2 > d2  # two questions in a hundred: inside the noise
+
+    def row(method, hits):
+        acc = sum(hits) / len(hits)
+        return {"setting": f"{method}-64-paper", "method": method, "budget": 64, "accounting": "paper",
+                "accuracy": acc, "accuracy_half_width": half_width(hits), "hits": hits, "equal_tokens": 64.0,
+                "equal_tokens_output": 64.0, "per_family": {}, "evidence_recall_last": None,
+                "evidence_recall_direct": None, "evidence_recall_layers": None}
+
+    result = {"rows": [row("a", worse), row("b", better), row("c", slight)], "questions": 100, "seed": 1,
+              "seconds": 1.0, "model": {"name": "m", "architecture": "x", "decoder_layers": 2, "visual_tokens": 576,
+                                        "device": "cpu"}}
+    order = ordering(result, 64, "paper")
+    assert [o["method"] for o in order] == ["b", "c", "a"]
+    assert order[0]["vs_next"]["outside_noise"] is False  # b vs c: 2 points on 100 questions
+    assert order[1]["vs_next"]["outside_noise"] is True  # c vs a: 38 points
+    assert "vs_next" not in order[2]
+    md = markdown(result)
+    assert "b 100.0 ≈ (+2.0 ± " in md and "c 98.0 > (+38.0 ± " in md
