@@ -194,6 +194,10 @@ def test_retrieval_head_is_found_only_for_the_tower_it_trained(tmp_path, tokeniz
         return tmp_path / f"{name}-export", LlavaForConditionalGeneration.from_pretrained(tmp_path / f"{name}-export")
 
     folder, model = exported("frozen", ck["model"])
+    import json
+
+    record = json.loads((folder / "training_state.json").read_text())["tower"]
+    assert record["contrastive"] is True and record["in"] == str(clip_ckpt) and record["step"] == 2
     head, where = ct.head_for(folder, model.model.vision_tower)
     assert head is not None and where == str(clip_ckpt)
     torch.testing.assert_close(head.logit_scale.detach(), ck["clip_head"]["logit_scale"])
@@ -203,6 +207,7 @@ def test_retrieval_head_is_found_only_for_the_tower_it_trained(tmp_path, tokeniz
     folder, model = exported("moved", moved)
     head, why = ct.head_for(folder, model.model.vision_tower)
     assert head is None and "tower changed" in why
+    assert json.loads((folder / "training_state.json").read_text())["tower"] == {"contrastive": False}
     assert ct.head_for(tmp_path, model.model.vision_tower) == (None, "no training_state.json")
 
 

@@ -24,9 +24,10 @@ pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason="e
 
 
 def _tower_trained_contrastively(model: Path) -> bool:
-    """Whether the export's last phase had CLIP's contrastive loss on the tower (train_llava --clip-weight)."""
+    """Whether the export's tower had CLIP's contrastive loss (training_state.json "tower", written by
+    train_llava's exporter; or its last phase's --clip-weight)."""
     state = json.loads((model / "training_state.json").read_text()) if (model / "training_state.json").is_file() else {}
-    return float(state.get("args", {}).get("clip_weight", 0.0)) > 0
+    return bool(state.get("tower", {}).get("contrastive")) or float(state.get("args", {}).get("clip_weight", 0.0)) > 0
 
 
 # A known defect of a tower whose [CLS] no objective trained: at 64 tokens the first example gets an empty answer.

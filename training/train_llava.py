@@ -775,11 +775,34 @@ def probe_text(model, conv: Conversations, n: int, max_objects: int, fused: int)
     return out
 
 
+def tower_record(ckpt: dict) -> dict:
+    """Where the checkpoint's vision tower got CLIP's contrastive objective, if it did: in this phase (`--phase
+    clip`, or `--clip-weight` with the tower trainable), or in the `--phase clip` checkpoint this phase continued
+    from with the tower frozen (so the tower is that phase's, unchanged). {"contrastive": False} otherwise."""
+    args = ckpt.get("args") or {}
+    if ckpt.get("phase") == "clip" or (float(args.get("clip_weight") or 0) > 0
+                                       and float(args.get("tower_lr_scale") or 0) > 0):
+        return {"contrastive": True, "in": "this phase"}
+    src = Path(str(args.get("init_from") or ""))
+    if float(args.get("tower_lr_scale") or 0) == 0 and src.suffix == ".pt" and src.is_file():
+        before = torch.load(src, map_location="cpu", weights_only=False)
+        tower = [k for k in ckpt["model"] if "vision_tower." in k]
+        same = all(k in before["model"] and torch.equal(ckpt["model"][k], before["model"][k]) for k in tower)
+        if before.get("phase") == "clip" and same:
+            keep = ("until", "lr", "tower_lr_scale", "clip_batch", "clip_lr_scale", "seed")
+            return {"contrastive": True, "in": str(src), "step": before["step"],
+                    "train_seconds": round(before["train_seconds"], 1),
+                    "args": {k: (before.get("args") or {}).get(k) for k in keep}}
+    return {"contrastive": False}
+
+
 def export(ckpt_dir: Path, dest: Path) -> None:
     """Write a checkpoint as a from_pretrained-loadable model + processor (`parts.export`, the v2 vocabulary),
-    recording `"world": "v2"` in training_state.json."""
+    recording `"world": "v2"` and the tower's contrastive pretraining (`tower_record`) in training_state.json."""
     # "world" tells the app and the likeness script which pictures the model knows (worlds.world_of_model).
-    train_export(ckpt_dir, dest, tokenizer=v2_tokenizer(), state_keys=("phase",), extra={"world": "v2"})
+    ckpt = torch.load(Path(ckpt_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    train_export(ckpt_dir, dest, tokenizer=v2_tokenizer(), state_keys=("phase",),
+                 extra={"world": "v2", "tower": tower_record(ckpt)})
 
 
 def parser() -> argparse.ArgumentParser:
