@@ -102,5 +102,5 @@ $T --phase instruct --out $C/v2-tinted --init-from $C/v2-strokes2/checkpoint.pt 
    --background-keep-start 1 --family-weights read=5,shape=3,count=6,exist=2,colour=1.5,relation=1.5,position=1.5 \
    --tower-lr-scale 0.2 --patch-weight 0.5 --label-fonts --stroke-labels 0.5 --tinted-backgrounds 0.4 \
    --log-every 20 --seed 13
-echo "all phases done; measure, gate on the bars and ship with:"
-echo "bash scripts/ship_v2.sh $C/v2-tinted"
+echo "all phases done; the tower's CLIP pretraining and the re-alignment on top of it come next:"
+echo "bash scripts/train_clip_tower.sh; bash scripts/ship_v2.sh checkpoints/v3-instruct"
