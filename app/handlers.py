@@ -30,11 +30,12 @@ from sparsevlm.gpu import gpu
 from sparsevlm.images import load_image
 from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, model_bytes
 from sparsevlm.methods import METHODS, get_method
+from sparsevlm.methods.sparsevlm import sparsevlm_layers
 from sparsevlm.pipeline import Decoding, RunResult, check_question, run, run_shared
 from sparsevlm.presets import PRESETS
 from sparsevlm.scenes import generator  # the studio draws scenes with it (the app may; the engine never does)
 from sparsevlm.scenes.worlds import WORLD_LABELS, WORLDS, WorldError, studio_item, world_of_model, world_order
-from sparsevlm.schedule import min_equal_tokens, sparsevlm_layers
+from sparsevlm.schedule import min_equal_tokens
 from sparsevlm.trace import PruneTrace
 from sparsevlm.vocab import unknown_words
 

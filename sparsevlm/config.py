@@ -12,13 +12,26 @@ FIXED_BUDGETS = (192, 128, 96, 64)
 
 # Visual tokens kept DIRECTLY after each pruning layer of the 32-layer reference schedule (reference code v1.5,
 # score.py); recycled clusters come on top (`v_token_num = kept.sum() + cluster_num`). Other depths, grids and
-# budgets scale the nearest list (see schedule.py).
+# budgets scale the nearest list (methods/sparsevlm.py, `sparsevlm_fixed`).
 REFERENCE_FIXED_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
 # Pruning happens after these layers of a 32-layer decoder; other depths scale them (docs/engine.md).
 REFERENCE_PRUNE_LAYERS_32 = (2, 6, 15)
 REFERENCE_DEPTH = 32
 REFERENCE_FASTV_K = 2  # FastV: layers 0..K-1 run in full, ranked in layer K-1
 REFERENCE_GRID_TOKENS = 576
+
+
+def check_accounting(accounting: str) -> None:
+    if accounting not in ACCOUNTINGS:
+        raise ConfigError(f"accounting must be one of {', '.join(ACCOUNTINGS)}, not {accounting!r}")
+
+
+def check_budget(budget: int, grid_tokens: int | None = None) -> None:
+    """A budget is a whole number of tokens from 1 to the image grid's (when the grid is known)."""
+    if not isinstance(budget, int) or budget < 1:
+        raise ConfigError(f"budget must be a positive whole number of tokens, not {budget!r}")
+    if grid_tokens is not None and budget > grid_tokens:
+        raise ConfigError(f"budget {budget} is larger than the image grid ({grid_tokens} tokens)")
 
 
 @dataclass
@@ -58,8 +71,7 @@ class PruneConfig:
         (`methods.get_method`), so this module knows no method."""
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError(f"method must be a method's name, not {self.method!r}")
-        if self.accounting not in ACCOUNTINGS:
-            raise ConfigError(f"accounting must be one of {', '.join(ACCOUNTINGS)}, not {self.accounting!r}")
+        check_accounting(self.accounting)
         if self.count_mode not in COUNT_MODES:
             raise ConfigError(f"unknown count mode {self.count_mode!r}; choose one of {', '.join(COUNT_MODES)}")
         if self.merge not in ("mean", "sum"):
@@ -71,10 +83,7 @@ class PruneConfig:
         if self.rater_rule not in ("gt", "ge"):
             raise ConfigError(f"rater_rule must be 'gt' or 'ge', not {self.rater_rule!r}")
         if self.method != "dense":
-            if not isinstance(self.budget, int) or self.budget < 1:
-                raise ConfigError(f"budget must be a positive whole number of tokens, not {self.budget!r}")
-            if grid_tokens is not None and self.budget > grid_tokens:
-                raise ConfigError(f"budget {self.budget} is larger than the image grid ({grid_tokens} tokens)")
+            check_budget(self.budget, grid_tokens)
         if not 0.0 < self.tau <= 1.0 or not 0.0 < self.theta <= 1.0:
             raise ConfigError("tau and theta must lie in (0, 1]")
         if self.lam < 0:

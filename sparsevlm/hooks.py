@@ -38,7 +38,7 @@ from .methods import (
     VisionInput,
     get_method,
 )
-from .methods.stage_plan import plain
+from .methods.base import plain
 from .schedule import Counts
 from .trace import LayerRecord, MergedToken, Stage
 
@@ -451,7 +451,7 @@ class PruneHooks:
         st = self.state
         n, v = hidden.shape[1], len(st.tokens)
         dev = hidden.device
-        keep = sel.keep.to(dev)
+        keep = sel.kept.to(dev)
 
         def slots(groups: list[MergedGroup]) -> torch.Tensor:
             return st.prefix + torch.tensor([max(g.center, 0) for g in groups], dtype=torch.long, device=dev)
@@ -552,7 +552,7 @@ class PruneHooks:
         index, spec = self.stage_specs[i]
         sel = self.method.select(self.config, self._stage_input(index, spec, hidden[0]))
         # Nothing deleted: the layer is skipped.
-        if len(sel.keep) == len(self.state.tokens) and not sel.merged and not sel.lead:
+        if len(sel.kept) == len(self.state.tokens) and not sel.merged and not sel.lead:
             _sync(self.device)
             self._record_stage(i, sel, (time.perf_counter() - t0) * 1e3)
             return None
@@ -577,7 +577,7 @@ class PruneHooks:
         """Record a stage and update the current visual tokens: kept ones, then new merged ones."""
         st = self.state
         before = st.tokens
-        new_tokens = [_Token(-1, []) for _ in sel.lead] + [before[j] for j in sel.keep.tolist()]
+        new_tokens = [_Token(-1, []) for _ in sel.lead] + [before[j] for j in sel.kept.tolist()]
         for g in sel.merged:
             members: list[int] = []
             for j in g.members:
@@ -590,7 +590,7 @@ class PruneHooks:
                 after_layer=after,
                 visual_in=len(before),
                 visual_out=len(new_tokens),
-                deleted=len(before) - len(sel.keep),
+                deleted=len(before) - len(sel.kept),
                 recycled=sum(len(g.members) for g in sel.merged),
                 clusters=len(sel.merged),
                 rank=sel.rank,

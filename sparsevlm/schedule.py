@@ -1,4 +1,6 @@
-"""Counting in one place: where methods prune, how many tokens they keep, and the two equal-token figures.
+"""Counting shared by every method: the two equal-token figures of a schedule, the `Counts` a plan carries,
+the one list-scaling function, and the count of a one-shot method. Each method's own count policy (where it acts
+and how many it keeps in each accounting) lives in its module under methods/.
 
 Equal tokens (docs/engine.md) = the mean over decoder layers of the visual tokens a layer holds, counted two ways:
 - *input* counting: a pruning layer counts at its input (it runs on the full set, its output is cut). This is
@@ -6,12 +8,9 @@ Equal tokens (docs/engine.md) = the mean over decoder layers of the visual token
 - *output* counting (the reference SparseVLM code's figure): a pruning layer counts at its output.
 
 Two accountings meet a budget:
-- `paper` (default): each method's published setting. SparseVLM: the reference v1.5 lists verbatim (32 layers,
-  576 tokens) as *directly kept* counts, recycled clusters on top, so that output counting lands on the budget
-  (192.0 / 128.6 / 96.9 / 64.8); other depths, grids or budgets scale the nearest list so that output counting
-  hits the budget, and a budget below what the schedule can reach runs at the smallest schedule (said in the
-  trace). FastV: its own counting - the budget is the number of tokens kept after layer K-1 (FastV's R).
-  Methods that prune before the LLM keep the budget in every layer (both countings agree).
+- `paper` (default): each method's published setting, in the method's own counting (e.g. SparseVLM's reference
+  lists counted at each pruning layer's output; FastV's budget = the tokens kept after layer K-1). Methods that
+  prune before the LLM keep the budget in every layer (both countings agree).
 - `flops`: every method at the same *input*-counted figure, i.e. the same prefill cost; a budget the model's
   depth cannot reach is a ConfigError.
 """
@@ -21,15 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .algorithm import recycle_sizes
-from .config import (
-    REFERENCE_DEPTH,
-    REFERENCE_FASTV_K,
-    REFERENCE_FIXED_COUNTS,
-    REFERENCE_GRID_TOKENS,
-    REFERENCE_PRUNE_LAYERS_32,
-    PruneConfig,
-)
+from .config import REFERENCE_DEPTH, PruneConfig
 from .errors import ConfigError
 
 # A budget counts as met when the accounting's figure lies within one token of it (the reference's own
@@ -46,21 +37,6 @@ def scaled_layers(reference: tuple[int, ...], depth: int) -> tuple[int, ...]:
         if i < depth - 1:
             out.append(i)
     return tuple(out)
-
-
-def sparsevlm_layers(cfg: PruneConfig, depth: int) -> tuple[int, ...]:
-    layers = cfg.prune_layers if cfg.prune_layers is not None else scaled_layers(REFERENCE_PRUNE_LAYERS_32, depth)
-    if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 0 or layers[-1] >= depth - 1:
-        raise ConfigError(f"pruning layers {list(layers)} must increase and lie in 0..{depth - 2}")
-    return tuple(layers)
-
-
-def fastv_k(cfg: PruneConfig, depth: int) -> int:
-    """FastV's K (layers 0..K-1 run in full; ranked in layer K-1, pruned after it). Default 2 of 32, scaled."""
-    k = cfg.fastv_k if cfg.fastv_k is not None else max(1, int(REFERENCE_FASTV_K * depth / REFERENCE_DEPTH + 0.5))
-    if not 1 <= k < depth:
-        raise ConfigError(f"FastV K = {k} must lie in 1..{depth - 1} (K layers run on the full sequence)")
-    return k
 
 
 def per_layer_inputs(visual: int, layers: tuple[int, ...], counts: list[int], depth: int) -> list[int]:
@@ -110,17 +86,6 @@ def min_equal_tokens(visual: int, first_layer: int, depth: int) -> float:
     return ((first_layer + 1) * visual + (depth - first_layer - 1)) / depth
 
 
-def totals_with_clusters(visual: int, direct: list[int], recycle: bool, tau: float, theta: float) -> list[int]:
-    """Visual tokens after each stage: the directly kept ones plus the clusters recycled from the deleted ones."""
-    out, cur = [], visual
-    for d in direct:
-        d = min(d, cur)
-        clusters = recycle_sizes(cur - d, tau, theta)[1] if recycle else 0
-        cur = d + clusters
-        out.append(cur)
-    return out
-
-
 @dataclass(frozen=True)
 class Counts:
     """A method's stage counts under one accounting, with both equal-token figures it is planned to give."""
@@ -152,7 +117,23 @@ def make_counts(layers, direct, totals, visual: int, depth: int, budget: int, co
                   abs(figure - budget) <= BUDGET_TOLERANCE, note, kept_extra)
 
 
-_counts = make_counts
+def measure(counting: str, visual: int, layers: tuple[int, ...], depth: int) -> Callable[[list[int]], float]:
+    """The equal-token figure of a list of totals after `layers`, in the given counting (input | output)."""
+
+    def f(totals: list[int]) -> float:
+        fin, fout = figures(visual, tuple(layers), list(totals), depth)
+        return fout if counting == "output" else fin
+
+    return f
+
+
+def floor_or_error(method: str, budget: int, reachable: float, what: str) -> None:
+    """flops accounting: a budget the method cannot reach at this depth is a clear error."""
+    if budget < reachable - 1e-9:
+        raise ConfigError(
+            f"{method}: budget {budget} is below what it can reach here ({what}: at least {reachable:.1f} "
+            f"equal tokens by input counting); use a larger budget or accounting 'paper'"
+        )
 
 
 def fit_scale(family: Callable[[float], list[int]], figure: Callable[[list[int]], float], budget: float, hi: float,
@@ -176,63 +157,6 @@ def fit_scale(family: Callable[[float], list[int]], figure: Callable[[list[int]]
     return min((below, above), key=lambda c: (abs(figure(c) - budget), figure(c))), lo_a
 
 
-def sparsevlm_fixed(cfg: PruneConfig, visual: int, depth: int) -> Counts:
-    """SparseVLM's fixed-budget schedule: directly kept counts per pruning layer, recycled clusters on top."""
-    layers = sparsevlm_layers(cfg, depth)
-    budget = cfg.budget
-    recycle = cfg.recycle
-
-    def totals(direct: list[int]) -> list[int]:
-        return totals_with_clusters(visual, direct, recycle, cfg.tau, cfg.theta)
-
-    verbatim = (depth == REFERENCE_DEPTH and visual == REFERENCE_GRID_TOKENS and budget in REFERENCE_FIXED_COUNTS
-                and layers == REFERENCE_PRUNE_LAYERS_32)
-    if cfg.accounting == "paper" and verbatim:
-        direct = list(REFERENCE_FIXED_COUNTS[budget])
-        return _counts(layers, direct, totals(direct), visual, depth, budget, "output",
-                       f"paper accounting: reference v1.5 list for {budget} verbatim, {direct} kept directly after "
-                       f"layers {list(layers)}, recycled clusters on top")
-    counting = "output" if cfg.accounting == "paper" else "input"
-    shape_key = min(REFERENCE_FIXED_COUNTS, key=lambda b: abs(b - budget))
-    shape = [c * visual / REFERENCE_GRID_TOKENS for c in REFERENCE_FIXED_COUNTS[shape_key]]
-    shape = (shape + [shape[-1]] * len(layers))[: len(layers)]
-
-    def direct_for(alpha: float) -> list[int]:
-        # Direct counts strictly decrease, and every stage leaves fewer tokens than it received (recycled
-        # clusters included; the reference caps its counts at V_cur - 1).
-        out, prev, cur = [], visual, visual
-        for s in shape:
-            c = max(1, min(prev - 1, cur - 1, round(alpha * s)))
-            while c > 1 and totals_with_clusters(cur, [c], recycle, cfg.tau, cfg.theta)[0] >= cur:
-                c -= 1
-            out.append(c)
-            prev, cur = c, totals_with_clusters(cur, [c], recycle, cfg.tau, cfg.theta)[0]
-        return out
-
-    def figure(direct: list[int]) -> float:
-        fin, fout = figures(visual, layers, totals(direct), depth)
-        return fin if counting == "input" else fout
-
-    smallest = [1] * len(layers)
-    if figure(smallest) > budget + BUDGET_TOLERANCE:
-        if cfg.accounting == "flops":
-            raise ConfigError(
-                f"budget {budget} is below what pruning after layer {layers[0]} of {depth} can reach "
-                f"(the first {layers[0] + 1} layers see all {visual} tokens: at least {figure(smallest):.1f} "
-                "equal tokens counted at each layer's input); choose a larger budget or paper accounting"
-            )
-        return _counts(layers, smallest, totals(smallest), visual, depth, budget, counting,
-                       f"paper accounting: budget {budget} is below what pruning after layer {layers[0]} of {depth} "
-                       f"can reach; ran the smallest schedule (1 token kept directly per stage, "
-                       f"{figure(smallest):.1f} equal tokens counted at each pruning layer's output)")
-    best, lo = fit_scale(direct_for, figure, budget, visual / max(min(shape), 1e-9) + 1.0, "closest", iterations=60)
-    which = "each pruning layer's output (the reference's counting)" if counting == "output" else \
-        "each layer's input (equal prefill cost)"
-    return _counts(layers, best, totals(best), visual, depth, budget, counting,
-                   f"{cfg.accounting} accounting: reference v1.5 list for {shape_key} scaled by {lo:.3f} so equal "
-                   f"tokens counted at {which} hit {budget}; {best} kept directly, recycled clusters on top")
-
-
 def single_stage_keep(budget: int, visual: int, after_layer: int, depth: int) -> int:
     """Tokens to keep for a one-shot method pruning after `after_layer` (-1 = before the LLM), input counting."""
     before = after_layer + 1
@@ -250,13 +174,13 @@ def single_stage(cfg: PruneConfig, visual: int, after_layer: int, depth: int, me
     """A one-shot method (FastV after layer K-1; FasterVLM, random before the LLM) under either accounting."""
     budget = min(cfg.budget, visual)
     if after_layer < 0:  # every decoder layer sees the kept set: both countings equal the budget
-        return _counts((-1,), (budget,), (budget,), visual, depth, budget, "input",
-                       f"{method}: keep {budget} of {visual} before the LLM (input and output counting agree)")
+        return make_counts((-1,), (budget,), (budget,), visual, depth, budget, "input",
+                           f"{method}: keep {budget} of {visual} before the LLM (input and output counting agree)")
     if cfg.accounting == "paper":
-        return _counts((after_layer,), (budget,), (budget,), visual, depth, budget, "kept",
-                       f"paper accounting: {method}'s own counting, the budget is the number of tokens kept after "
-                       f"layer {after_layer} (layers 0..{after_layer} see all {visual})")
+        return make_counts((after_layer,), (budget,), (budget,), visual, depth, budget, "kept",
+                           f"paper accounting: {method}'s own counting, the budget is the number of tokens kept after "
+                           f"layer {after_layer} (layers 0..{after_layer} see all {visual})")
     k = single_stage_keep(budget, visual, after_layer, depth)
-    return _counts((after_layer,), (k,), (k,), visual, depth, budget, "input",
-                   f"flops accounting: keep {k} after layer {after_layer} so equal tokens counted at each layer's "
-                   f"input hit {budget}")
+    return make_counts((after_layer,), (k,), (k,), visual, depth, budget, "input",
+                       f"flops accounting: keep {k} after layer {after_layer} so equal tokens counted at each layer's "
+                       f"input hit {budget}")

@@ -12,6 +12,8 @@ from sparsevlm import cost as C
 from sparsevlm import schedule as S
 from sparsevlm.config import REFERENCE_FIXED_COUNTS, PruneConfig
 from sparsevlm.errors import ConfigError
+from sparsevlm.methods.fastv import fastv_k
+from sparsevlm.methods.sparsevlm import sparsevlm_fixed, totals_with_clusters
 
 
 def test_text_relevance_is_mean_of_row_softmax_without_scaling():
@@ -113,20 +115,20 @@ def test_fixed_budgets_hit_their_accountings_figure(budget, depth, visual, accou
     if budget > visual:
         pytest.skip("budget above this grid")
     cfg = PruneConfig(budget=budget, accounting=accounting)
-    c = S.sparsevlm_fixed(cfg, visual, depth)
+    c = sparsevlm_fixed(cfg, visual, depth)
     assert c.budget_counting == {"paper": "output", "flops": "input"}[accounting]
     figure = c.equal_tokens_output if accounting == "paper" else c.equal_tokens_input
     assert c.budget_met and abs(figure - budget) <= S.BUDGET_TOLERANCE
     assert c.equal_tokens_input > c.equal_tokens_output  # a pruning layer counts more at its input
     assert all(b < a for a, b in zip(c.direct, c.direct[1:]))  # never grows back
     # recycled clusters come on top of the directly kept counts
-    assert list(c.totals) == S.totals_with_clusters(visual, list(c.direct), True, 0.3, 0.1)
+    assert list(c.totals) == totals_with_clusters(visual, list(c.direct), True, 0.3, 0.1)
     assert all(t > d for t, d in zip(c.totals, c.direct))
 
 
 @pytest.mark.parametrize("budget,output_figure", [(192, 192.0), (128, 128.6), (96, 96.9), (64, 64.8)])
 def test_paper_accounting_runs_the_v15_lists_verbatim_as_directly_kept_counts(budget, output_figure):
-    c = S.sparsevlm_fixed(PruneConfig(budget=budget), 576, 32)
+    c = sparsevlm_fixed(PruneConfig(budget=budget), 576, 32)
     assert c.layers == (2, 6, 15) and c.direct == REFERENCE_FIXED_COUNTS[budget]
     assert round(c.equal_tokens_output, 1) == output_figure  # docs/engine.md: the reference's own figure
     if budget == 64:
@@ -136,8 +138,8 @@ def test_paper_accounting_runs_the_v15_lists_verbatim_as_directly_kept_counts(bu
 
 def test_unreachable_budget_flops_is_an_error_paper_runs_smallest():
     with pytest.raises(ConfigError, match=r"at least 1\d\d.\d equal tokens"):
-        S.sparsevlm_fixed(PruneConfig(budget=64, accounting="flops"), 576, 8)
-    c = S.sparsevlm_fixed(PruneConfig(budget=64), 576, 8)
+        sparsevlm_fixed(PruneConfig(budget=64, accounting="flops"), 576, 8)
+    c = sparsevlm_fixed(PruneConfig(budget=64), 576, 8)
     assert not c.budget_met and c.direct == (1, 1, 1) and "below what" in c.note
     assert S.single_stage_keep(64, 576, 1, 32) == 30  # FastV K=2 at 64, flops: (64*32 - 2*576) / 30
     assert S.single_stage_keep(64, 576, -1, 32) == 64  # before the LLM: every layer sees k
@@ -148,11 +150,11 @@ def test_unreachable_budget_flops_is_an_error_paper_runs_smallest():
 
 
 def test_fastv_k_default_and_scaling():
-    assert S.fastv_k(PruneConfig(method="fastv"), 32) == 2  # prune after layer K-1 = 1
-    assert S.fastv_k(PruneConfig(method="fastv"), 16) == 1
-    assert S.fastv_k(PruneConfig(method="fastv", fastv_k=3), 8) == 3
+    assert fastv_k(PruneConfig(method="fastv"), 32) == 2  # prune after layer K-1 = 1
+    assert fastv_k(PruneConfig(method="fastv"), 16) == 1
+    assert fastv_k(PruneConfig(method="fastv", fastv_k=3), 8) == 3
     with pytest.raises(ConfigError):
-        S.fastv_k(PruneConfig(method="fastv", fastv_k=8), 8)
+        fastv_k(PruneConfig(method="fastv", fastv_k=8), 8)
 
 
 def test_accounting_anchors_llava_7b():

@@ -19,9 +19,9 @@ CONSTRUCTORS = {"zeros", "ones", "full", "empty", "arange", "tensor", "as_tensor
 # (file relative to sparsevlm/, constructor, a piece of its line): why it may be a CPU tensor
 ALLOWED = {
     ("methods/dart.py", "tensor", "local = torch.tensor(sorted("):
-        "Selection.keep: the hooks move it (`sel.keep.to(dev)`)",
-    ("methods/divprune.py", "tensor", "kept=torch.tensor(sorted(order)"): "Selection.keep: moved by the hooks",
-    ("methods/sparsevlm.py", "arange", "return Selection(torch.arange(v)"): "Selection.keep: moved by the hooks",
+        "Selection.kept: the hooks move it (`sel.kept.to(dev)`)",
+    ("methods/divprune.py", "tensor", "kept=torch.tensor(sorted(order)"): "Selection.kept: moved by the hooks",
+    ("methods/sparsevlm.py", "arange", "return Selection(torch.arange(v)"): "Selection.kept: moved by the hooks",
     ("methods/sparsevlm.py", "Generator", "gen = torch.Generator().manual_seed("):
         "seeds algorithm.density_peak_clusters' tie noise, drawn on the CPU (device='cpu') and then moved",
     ("methods/random_subset.py", "rand", "torch.rand(inp.visual, generator=torch.Generator()"):

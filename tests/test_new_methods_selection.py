@@ -1,4 +1,4 @@
-"""Selection rules and stage plans of the five newer methods, on constructed tensors whose right
+"""Selection rules and count policies of the five newer methods, on constructed tensors whose right
 answer is known by construction, plus the published count tables and budget scaling."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import torch
 
 from sparsevlm.errors import ConfigError
 from sparsevlm.methods import dart, divprune, pyramiddrop, sparsevlm_v2, visionzip
-from sparsevlm.methods.stage_plan import measure
-from sparsevlm.schedule import scaled_layers
+from sparsevlm.schedule import layer_counts, measure, scaled_layers
 
 METHOD_MODULES = (sparsevlm_v2, visionzip, divprune, pyramiddrop, dart)
 
@@ -60,7 +59,7 @@ def test_divprune_counts():
     assert divprune.count_for_ratio(divprune.DEFAULT_RATIO) == 56
     for b in (192, 128, 96, 64):
         p = divprune.plan(b)
-        assert p.after_layers == (-1,) and p.counts == (b,)
+        assert p.layers == (-1,) and p.totals == (b,)
         assert p.equal_tokens_input == p.equal_tokens_output == b
 
 
@@ -141,11 +140,11 @@ def test_pyramiddrop_ranks_by_last_token_row_head_mean():
 
 def test_pyramiddrop_published_tables():
     off = pyramiddrop.official_plan()
-    assert off.after_layers == (7, 15, 23) and off.counts == (288, 144, 72) and off.equal_tokens_input == 270
+    assert off.layers == (7, 15, 23) and off.totals == (288, 144, 72) and off.equal_tokens_input == 270
     table = {64: (110, 21, 4), 128: (242, 102, 42), 192: (322, 180, 101)}  # derived, not shipped
     for b, counts in table.items():
         p = pyramiddrop.plan(b)
-        assert p.after_layers == (1, 7, 15) and p.counts == counts
+        assert p.layers == (1, 7, 15) and p.totals == counts
         assert p.equal_tokens_input == (2 * 576 + 6 * counts[0] + 8 * counts[1] + 16 * counts[2]) / 32
         assert b - 1 < p.equal_tokens_input <= b
 
@@ -183,7 +182,7 @@ def test_dart_key_norm_and_counts():
     table = {192: 196, 128: 132, 96: 100, 64: 68}  # 4 image pivots + 8 * (B // 8)
     for b, kept in table.items():
         p = dart.plan(b)
-        assert p.after_layers == (1,) and p.counts == (kept,) and p.counting == "retained"
+        assert p.layers == (1,) and p.totals == (kept,) and p.budget_counting == "retained"
         assert p.equal_tokens_input == (2 * 576 + 30 * kept) / 32
     assert dart.token_topk(100) == 12
 
@@ -267,7 +266,7 @@ def test_sparsevlm_v2_published_lists():
     k1 = {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)}
     for b, (a, c, d) in k1.items():
         p = sparsevlm_v2.plan(b)
-        assert p.after_layers == (2, 6, 15) and p.counts == (a, c, d) and p.counting == "output"
+        assert p.layers == (2, 6, 15) and p.totals == (a, c, d) and p.budget_counting == "output"
         assert p.equal_tokens_input == (3 * 576 + 4 * a + 9 * c + 16 * d) / 32  # 206.75 / 144.1 / 113.9 / 81.8
         assert p.equal_tokens_output == (2 * 576 + 4 * a + 9 * c + 17 * d) / 32
     assert sparsevlm_v2.plan(128).equal_tokens_output == 128.0
@@ -285,25 +284,26 @@ def test_scaling_hits_the_budget_in_the_stated_counting(depth, visual):
                 except ConfigError:
                     assert accounting == "flops", (module.NAME, budget)
                     continue
-                assert len(p.per_layer) == depth and max(p.per_layer) <= visual
-                assert list(p.counts) == sorted(p.counts, reverse=True)
-                if p.counting == "retained":
-                    assert p.counts[0] - 4 == budget  # DART: MAX_NUM_TRUNCTION as the scripts pass it
+                per_layer = layer_counts(visual, p.layers, list(p.totals), depth)
+                assert len(per_layer) == depth and max(per_layer) <= visual
+                assert list(p.totals) == sorted(p.totals, reverse=True)
+                if p.budget_counting == "retained":
+                    assert p.totals[0] - 4 == budget  # DART: MAX_NUM_TRUNCTION as the scripts pass it
                     continue
-                fig = p.equal_tokens_input if p.counting == "input" else p.equal_tokens_output
+                fig = p.equal_tokens_input if p.budget_counting == "input" else p.equal_tokens_output
                 if accounting == "flops":
-                    assert p.counting == "input"
-                floor = measure(p.counting, visual, p.after_layers, depth)([1] * len(p.counts))
+                    assert p.budget_counting == "input"
+                floor = measure(p.budget_counting, visual, p.layers, depth)([1] * len(p.totals))
                 if floor <= budget:
-                    assert abs(fig - budget) <= 1.0, (module.NAME, accounting, budget, p.counts, fig)
+                    assert abs(fig - budget) <= 1.0, (module.NAME, accounting, budget, p.totals, fig)
                 else:  # paper accounting below what the depth can reach: everything at its minimum
                     assert accounting == "paper" and fig == pytest.approx(floor, abs=1.0)
 
 
 def test_scaled_stage_layers():
-    assert sparsevlm_v2.plan(128, depth=40).after_layers == scaled_layers((2, 6, 15), 40) == (3, 8, 19)
-    assert pyramiddrop.plan(128, depth=40).after_layers == (2, 9, 19)  # before 3/10/20
-    assert dart.plan(128, depth=40).after_layers == (2,) and dart.plan(128, depth=8).after_layers == (0,)
+    assert sparsevlm_v2.plan(128, depth=40).layers == scaled_layers((2, 6, 15), 40) == (3, 8, 19)
+    assert pyramiddrop.plan(128, depth=40).layers == (2, 9, 19)  # before 3/10/20
+    assert dart.plan(128, depth=40).layers == (2,) and dart.plan(128, depth=8).layers == (0,)
 
 
 def test_unreachable_budget_is_an_error_only_in_flops_accounting():
@@ -311,10 +311,10 @@ def test_unreachable_budget_is_an_error_only_in_flops_accounting():
     with pytest.raises(ConfigError, match="below what it can reach"):
         sparsevlm_v2.plan(64, depth=8, accounting="flops")
     p = sparsevlm_v2.plan(64, depth=8, accounting="paper")
-    assert p.counts[-1] >= 1 and p.equal_tokens_output > 64
+    assert p.totals[-1] >= 1 and p.equal_tokens_output > 64
     with pytest.raises(ConfigError, match="below what it can reach"):
         dart.plan(64, depth=8, accounting="flops")  # after layer 0 of 8: >= (576 + 7) / 8 = 72.9
-    assert dart.plan(64, depth=8, accounting="paper").counts == (68,)
+    assert dart.plan(64, depth=8, accounting="paper").totals == (68,)
     with pytest.raises(ConfigError, match="accounting"):
         divprune.plan(64, accounting="speed")
     with pytest.raises(ConfigError, match="budget"):

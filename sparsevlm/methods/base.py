@@ -1,9 +1,10 @@
 """What a pruning method is, as the engine's plumbing (hooks.py) sees it.
 
 A method is one small module with a `PruneMethod` subclass registered in `methods/__init__.py`. It never touches
-transformers: it declares a *plan* (where it acts and how many it keeps, from the budget, depth, grid and
-accounting) and, at each stage, *selects* from what the plumbing captured (`StageInput`). The plumbing cuts the
-sequence, inserts merged tokens, fixes positions / rotary embeddings / masks / cache and records the trace.
+transformers: it declares a `Plan` (where it acts and how many it keeps, from the budget, depth, grid and
+accounting: its module's count policy returns `schedule.Counts`, and `Plan.of` makes the stages) and, at each
+stage, returns a `Selection` from what the plumbing captured (`StageInput`). The plumbing cuts the sequence,
+inserts merged tokens, fixes positions / rotary embeddings / masks / cache and records the trace.
 
 Index conventions: "local" indices address the CURRENT visual tokens in sequence order (0..V_cur-1); the
 plumbing maps them back to original patches. Sequence indices (for attention rows) address the current full
@@ -45,11 +46,20 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class Plan:
+    """Where a method acts, how many tokens it keeps there, and how positions are handled."""
+
     stages: tuple[StageSpec, ...] = ()
     positions: str = "keep"  # keep the original position ids or compact them to 0..n-1
     vision_cls: bool = False  # capture the vision tower's feature layer (q/k, output): StageInput.vision
     counts: Counts | None = None  # the accounting's planned counts and figures (None: adaptive counts)
     note: str = ""  # how the counts were derived, shown in the trace
+
+    @classmethod
+    def of(cls, counts: Counts, positions: str, note: str | None = None) -> Plan:
+        """One stage after each of the counts' layers, keeping its directly kept count there; the counts' note
+        unless another is given."""
+        stages = tuple(StageSpec(layer, keep) for layer, keep in zip(counts.layers, counts.direct))
+        return cls(stages, positions, counts=counts, note=counts.note if note is None else note)
 
 
 @dataclass
@@ -147,17 +157,37 @@ class MergedGroup:
 
 @dataclass
 class Selection:
-    """A method's decision at one stage."""
+    """A method's decision at one stage: what its `select` returns and the plumbing carries out. A method's pure
+    selection rule returns one without a formula; its `select` fills in the formula and the trace data."""
 
-    keep: torch.Tensor  # local indices kept directly, ascending (sequence order is preserved)
-    scores: torch.Tensor  # (V_cur,) the score of each current visual token
-    formula: str  # the rule that ran, with its numbers filled in
+    kept: torch.Tensor  # local indices kept directly, ascending (sequence order is preserved)
+    scores: torch.Tensor  # (V_cur,) the score of each current visual token (higher = kept first)
+    formula: str = ""  # the rule that ran, with its numbers filled in
     merged: list[MergedGroup] = field(default_factory=list)
     rank: int | None = None  # rank(P) where the method has a P
     rows: int = 0  # attention rows used (raters, the last token, ...)
     # Tokens placed BEFORE the kept ones, centre -1 and no members (VisionZip's vision [CLS] token).
     lead: list[MergedGroup] = field(default_factory=list)
+    # (target, members) in local indices, as the rule formed them: VisionZip's contextual targets and the tokens
+    # merged onto each, DART's image pivots and the tokens each claimed. The plumbing reads `merged`, not these.
+    groups: list[tuple[int, list[int]]] = field(default_factory=list)
     extras: dict = field(default_factory=dict)  # method-specific trace data (plain values or tensors)
+
+    def as_record(self) -> dict[str, Any]:
+        """The kept indices, scores, groups and extras as plain lists and numbers, for a JSON trace."""
+        return {"kept": plain(self.kept), "scores": plain(self.scores), "groups": plain(self.groups),
+                "extras": plain(self.extras)}
+
+
+def plain(x: Any) -> Any:
+    """Tensors, tuples and dict keys made JSON-plain (lists, numbers, string keys), recursively."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().tolist()
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [plain(v) for v in x]
+    return x
 
 
 class PruneMethod:

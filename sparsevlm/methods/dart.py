@@ -9,22 +9,13 @@ pivots + claimed tokens; original position ids. Batch 1.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
-from ..schedule import scaled_layers, single_stage_keep
-from .base import ModelGeometry, Plan, PruneMethod, StageInput, StageSpec
-from .base import Selection as EngineSelection
-from .stage_plan import (
-    Selection,
-    StagePlan,
-    check_accounting,
-    check_budget,
-    floor_or_error,
-    make_plan,
-    measure,
-    to_counts,
-)
+from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig, check_accounting, check_budget
+from ..schedule import Counts, floor_or_error, make_counts, measure, scaled_layers, single_stage_keep
+from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput
 
 FORMULA = (
     "pivots = top-4 image + top-4 text by ‖k_j‖₁ (layer K-1); each pivot p keeps the image tokens with the "
@@ -104,8 +95,8 @@ def prune_after(depth: int) -> int:
 
 
 def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENCE_DEPTH,
-         accounting: str = "paper") -> StagePlan:
-    """One stage before layer K (2 of 32, scaled).
+         accounting: str = "paper") -> Counts:
+    """DART's count policy: one stage before layer K (2 of 32, scaled).
 
     paper: MAX_NUM_TRUNCTION = budget as the scripts pass it: kept = 4 image pivots + 8 * (budget // 8), i.e.
     budget + 4 for budgets divisible by 8; the budget counts the tokens kept for layers >= K without the pivots
@@ -120,16 +111,14 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
         picks = (PIVOT_IMAGE + PIVOT_TEXT) * token_topk(budget)
         kept = min(visual, n_img + picks)
         note = f"4 image pivots + 8 x {token_topk(budget)} picks = {kept} (MAX_NUM_TRUNCTION {budget})"
-        counting = "retained"
-    else:
-        reachable = measure("input", visual, (after,), depth)([1])
-        floor_or_error(NAME, budget, reachable, f"pruning before layer {after + 1}")
-        kept = single_stage_keep(budget, visual, after, depth)
-        picks = max(0, kept - n_img)
-        note = f"{kept} kept ({n_img} image pivots + {picks} picks) for {budget} input-counted equal tokens"
-        counting = "input"
-    return make_plan(NAME, visual, depth, (after,), (kept,), budget, accounting, counting, note,
-                     {"picks": picks, "pivot_image": PIVOT_IMAGE, "pivot_text": PIVOT_TEXT})
+        # the budget counts the claimed tokens: the image pivots are kept on top of it
+        return make_counts((after,), (kept,), (kept,), visual, depth, budget, "retained", note, kept_extra=n_img)
+    reachable = measure("input", visual, (after,), depth)([1])
+    floor_or_error(NAME, budget, reachable, f"pruning before layer {after + 1}")
+    kept = single_stage_keep(budget, visual, after, depth)
+    picks = max(0, kept - n_img)
+    note = f"{kept} kept ({n_img} image pivots + {picks} picks) for {budget} input-counted equal tokens"
+    return make_counts((after,), (kept,), (kept,), visual, depth, budget, "input", note)
 
 
 # --- the registered method --------------------------------------------------------------------------------------
@@ -153,13 +142,9 @@ class DART(PruneMethod):
                       "layer K - 1; the budget counts the claimed tokens (retained = kept - 4 pivots)")
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
-        sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
-        extra = min(PIVOT_IMAGE, geo.grid_tokens) if sp.counting == "retained" else 0
-        counts = to_counts(sp, kept_extra=extra)
-        return Plan((StageSpec(sp.after_layers[0], sp.counts[0]),), self.positions(cfg),
-                    counts=counts, note=counts.note)
+        return Plan.of(plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting), self.positions(cfg))
 
-    def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
+    def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
         norms = key_norms(inp.keys())
         hidden = inp.final_norm(inp.hidden[None])[0]
         n_img = min(PIVOT_IMAGE, inp.visual)
@@ -178,4 +163,4 @@ class DART(PruneMethod):
                    f"{picks} tokens; keep {len(sel.kept)} of {inp.visual}")
         extras = {"pivots": pivots, "image_pivots": [patches[p - s] for p in ex["image_pivots"]],
                   "text_pivots": [p - end for p in ex["text_pivots"]], "formula": FORMULA}
-        return EngineSelection(sel.kept, sel.scores, formula, rows=0, extras=extras)
+        return replace(sel, formula=formula, rows=0, extras=extras)

@@ -7,12 +7,13 @@ Batch 1.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
-from .base import ModelGeometry, Plan, PruneMethod, StageInput, StageSpec
-from .base import Selection as EngineSelection
-from .stage_plan import Selection, StagePlan, check_accounting, check_budget, make_plan, to_counts
+from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig, check_accounting, check_budget
+from ..schedule import Counts, make_counts
+from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput
 
 FORMULA = "S₀ = argmax_j min_{u≠j} d(u,j);  S_i = argmax_j min_{u∈S} d(u,j),  d = 1 − cos(x_u, x_j)"
 NAME = "divprune"
@@ -62,14 +63,14 @@ def select(x: torch.Tensor, n: int) -> Selection:
 
 
 def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENCE_DEPTH,
-         accounting: str = "paper") -> StagePlan:
-    """Before the LLM: n = round(SUBSET_RATIO * V) with SUBSET_RATIO = budget / V, i.e. n = budget; both countings
-    equal n (every decoder layer sees n tokens)."""
+         accounting: str = "paper") -> Counts:
+    """DivPrune's count policy. Before the LLM: n = round(SUBSET_RATIO * V) with SUBSET_RATIO = budget / V, i.e.
+    n = budget; both countings equal n (every decoder layer sees n tokens)."""
     check_accounting(accounting)
     check_budget(budget, visual)
     n = count_for_ratio(budget / visual, visual)
-    return make_plan(NAME, visual, depth, (-1,), (n,), budget, accounting, "input",
-                     f"SUBSET_RATIO = {budget}/{visual} -> {n} tokens")
+    return make_counts((-1,), (n,), (n,), visual, depth, budget, "input",
+                       f"SUBSET_RATIO = {budget}/{visual} -> {n} tokens")
 
 
 # --- the registered method --------------------------------------------------------------------------------------
@@ -85,11 +86,9 @@ class DivPrune(PruneMethod):
     paper_counting = "n = round(SUBSET_RATIO x 576) tokens kept before the LLM: every layer sees n"
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
-        sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
-        counts = to_counts(sp)
-        return Plan((StageSpec(-1, sp.counts[0]),), self.positions(cfg), counts=counts, note=counts.note)
+        return Plan.of(plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting), self.positions(cfg))
 
-    def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
+    def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
         x = inp.hidden[inp.prefix : inp.text_start]  # the projector outputs of the image block
         sel = select(x, inp.spec.keep)
         patches = inp.patches
@@ -97,4 +96,4 @@ class DivPrune(PruneMethod):
         formula = (f"{FORMULA} | keep {len(sel.kept)} of {inp.visual} (SUBSET_RATIO {inp.spec.keep}/{inp.visual}); "
                    f"score = nearest-neighbour distance d_j")
         extras = {"order": order, "gap": sel.extras["gap"], "formula": FORMULA}
-        return EngineSelection(sel.kept, sel.scores, formula, extras=extras)
+        return replace(sel, formula=formula, extras=extras)

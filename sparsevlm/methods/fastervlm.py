@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .. import schedule
 from ..config import PruneConfig
 from ..errors import ConfigError
-from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, StageSpec, top_k_keep
+from ..schedule import single_stage
+from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, top_k_keep
 
 
 class FasterVLM(PruneMethod):
@@ -24,9 +24,7 @@ class FasterVLM(PruneMethod):
                 "FasterVLM ranks patches by the vision tower's [CLS] attention, and this vision tower "
                 "(no [CLS] token, e.g. SigLIP) has none: choose another method"
             )
-        counts = schedule.single_stage(cfg, geo.grid_tokens, -1, geo.depth, "FasterVLM")
-        return Plan((StageSpec(-1, counts.direct[0]),), self.positions(cfg), counts=counts,
-                    note=counts.note)
+        return Plan.of(single_stage(cfg, geo.grid_tokens, -1, geo.depth, "FasterVLM"), self.positions(cfg))
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
         k = inp.spec.keep

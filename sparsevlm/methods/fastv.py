@@ -6,9 +6,18 @@ from __future__ import annotations
 import torch
 
 from .. import algorithm as A
-from .. import schedule
-from ..config import PruneConfig
-from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, StageSpec, top_k_keep
+from ..config import REFERENCE_DEPTH, REFERENCE_FASTV_K, PruneConfig
+from ..errors import ConfigError
+from ..schedule import single_stage
+from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, top_k_keep
+
+
+def fastv_k(cfg: PruneConfig, depth: int) -> int:
+    """FastV's K (layers 0..K-1 run in full; ranked in layer K-1, pruned after it). Default 2 of 32, scaled."""
+    k = cfg.fastv_k if cfg.fastv_k is not None else max(1, int(REFERENCE_FASTV_K * depth / REFERENCE_DEPTH + 0.5))
+    if not 1 <= k < depth:
+        raise ConfigError(f"FastV K = {k} must lie in 1..{depth - 1} (K layers run on the full sequence)")
+    return k
 
 
 class FastV(PruneMethod):
@@ -20,10 +29,9 @@ class FastV(PruneMethod):
     paper_counting = "FastV's own: the budget is the number of visual tokens kept after layer K-1"
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
-        after = schedule.fastv_k(cfg, geo.depth) - 1
-        counts = schedule.single_stage(cfg, geo.grid_tokens, after, geo.depth, "FastV")
-        return Plan((StageSpec(after, counts.direct[0]),), self.positions(cfg), counts=counts,
-                    note=counts.note)
+        after = fastv_k(cfg, geo.depth) - 1
+        counts = single_stage(cfg, geo.grid_tokens, after, geo.depth, "FastV")
+        return Plan.of(counts, self.positions(cfg))
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
         n = inp.hidden.shape[0]

@@ -9,22 +9,13 @@ compacted. Batch 1.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from ..config import FIXED_BUDGETS, REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
-from ..schedule import fit_scale, scaled_layers
-from .base import ModelGeometry, Plan, PruneMethod, StageInput, StageSpec, top_k_keep
-from .base import Selection as EngineSelection
-from .stage_plan import (
-    Selection,
-    StagePlan,
-    check_accounting,
-    check_budget,
-    floor_or_error,
-    make_plan,
-    measure,
-    to_counts,
-)
+from ..config import FIXED_BUDGETS, REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig, check_accounting, check_budget
+from ..schedule import Counts, fit_scale, floor_or_error, make_counts, measure, scaled_layers
+from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, top_k_keep
 
 FORMULA = "a_j = mean_h softmax(q_last·Kᵀ/√d)[h, j] at layer K;  keep top ⌊V·λ^i⌋ before layers K_i"
 NAME = "pyramiddrop"
@@ -71,18 +62,18 @@ def stage_layers(before_32: tuple[int, ...], depth: int) -> tuple[int, ...]:
     return tuple(k - 1 for k in scaled_layers(before_32, depth) if k >= 1)
 
 
-def official_plan(visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENCE_DEPTH) -> StagePlan:
+def official_plan(visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENCE_DEPTH) -> Counts:
     """The shipped setting: before layers 8/16/24 keep 1/2, 1/4, 1/8 (mean 270 of 576 at 32 layers)."""
     layers = stage_layers(OFFICIAL_LAYERS_32, depth)
     counts = stage_counts(visual, OFFICIAL_RATIOS[: len(layers)])
-    plan_ = make_plan(NAME, visual, depth, layers, tuple(counts), 0, "paper", "input",
-                      "official setting: layer_list [8,16,24], ratios [0.5,0.25,0.125]")
-    return plan_
+    return make_counts(layers, counts, counts, visual, depth, 0, "input",
+                       "official setting: layer_list [8,16,24], ratios [0.5,0.25,0.125]")
 
 
 def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENCE_DEPTH,
-         accounting: str = "paper") -> StagePlan:
-    """Stages before layers 2/8/16 of 32 (scaled), ratios lambda^i with lambda solved for the budget.
+         accounting: str = "paper") -> Counts:
+    """PyramidDrop's count policy: stages before layers 2/8/16 of 32 (scaled), ratios lambda^i with lambda solved
+    for the budget.
 
     PyramidDrop's own average (PyramidDrop#22) is the input-counted mean, so both accountings meet the budget in input
     counting. paper: the largest lambda whose mean does not exceed the budget (this reproduces the
@@ -106,7 +97,7 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
     note = f"before layers {[x + 1 for x in layers]}, ratios lambda^i (lambda ~ {lam_lo:.3f}), counts {counts}"
     if not (depth == REFERENCE_DEPTH and visual == REFERENCE_GRID_TOKENS and budget in FIXED_BUDGETS):
         note += " (scaled)"
-    return make_plan(NAME, visual, depth, layers, tuple(counts), budget, accounting, "input", note)
+    return make_counts(layers, counts, counts, visual, depth, budget, "input", note)
 
 
 # --- the registered method --------------------------------------------------------------------------------------
@@ -129,14 +120,12 @@ class PyramidDrop(PruneMethod):
     paper_counting = "PyramidDrop's average tokens: the mean over layers of the visual tokens each layer processes"
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
-        sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
-        counts = to_counts(sp)
-        stages = tuple(StageSpec(layer, k) for layer, k in zip(sp.after_layers, sp.counts))
+        counts = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
         note = (f"{counts.note}; stage layers and lambda^i ratios follow the author's advice for small budgets "
                 "(PyramidDrop#29), not a shipped setting (shipped: before 8/16/24 keep 1/2, 1/4, 1/8 = mean 270)")
-        return Plan(stages, self.positions(cfg), counts=counts, note=note)
+        return Plan.of(counts, self.positions(cfg), note)
 
-    def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
+    def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
         n = inp.hidden.shape[0]
         last = torch.tensor([n - 1], device=inp.hidden.device)
         scores = inp.next_attention_rows(last)[0, inp.prefix : inp.text_start]
@@ -147,4 +136,4 @@ class PyramidDrop(PruneMethod):
                    f"(index {n - 1}) attention in layer {rank_layer}")
         extras = {"rank_layer": rank_layer, "query_index": n - 1, "v_cur": inp.visual, "keep": k,
                   "formula": FORMULA}
-        return EngineSelection(sel.kept, sel.scores, formula, rows=1, extras=extras)
+        return replace(sel, formula=formula, rows=1, extras=extras)

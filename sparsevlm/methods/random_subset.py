@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import schedule
 from ..config import PruneConfig
-from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, StageSpec, top_k_keep
+from ..schedule import single_stage
+from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, top_k_keep
 
 
 class RandomSubset(PruneMethod):
@@ -18,8 +18,7 @@ class RandomSubset(PruneMethod):
     paper_counting = "k patches kept before the LLM: every layer sees k (input and output counting agree)"
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
-        counts = schedule.single_stage(cfg, geo.grid_tokens, -1, geo.depth, "random")
-        return Plan((StageSpec(-1, counts.direct[0]),), self.positions(cfg), counts=counts, note=counts.note)
+        return Plan.of(single_stage(cfg, geo.grid_tokens, -1, geo.depth, "random"), self.positions(cfg))
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
         k = inp.spec.keep

@@ -7,8 +7,15 @@ from __future__ import annotations
 import torch
 
 from .. import algorithm as A
-from .. import schedule
-from ..config import PruneConfig
+from ..config import (
+    REFERENCE_DEPTH,
+    REFERENCE_FIXED_COUNTS,
+    REFERENCE_GRID_TOKENS,
+    REFERENCE_PRUNE_LAYERS_32,
+    PruneConfig,
+)
+from ..errors import ConfigError
+from ..schedule import BUDGET_TOLERANCE, Counts, figures, fit_scale, make_counts, scaled_layers
 from .base import (
     MergedGroup,
     ModelGeometry,
@@ -23,6 +30,84 @@ from .base import (
 )
 
 
+# --- the count policy: where SparseVLM prunes and how many it keeps -----------------------------------------
+def sparsevlm_layers(cfg: PruneConfig, depth: int) -> tuple[int, ...]:
+    """The layers whose outputs SparseVLM prunes: `cfg.prune_layers`, else 2 / 6 / 15 of 32 scaled to depth."""
+    layers = cfg.prune_layers if cfg.prune_layers is not None else scaled_layers(REFERENCE_PRUNE_LAYERS_32, depth)
+    if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 0 or layers[-1] >= depth - 1:
+        raise ConfigError(f"pruning layers {list(layers)} must increase and lie in 0..{depth - 2}")
+    return tuple(layers)
+
+
+def totals_with_clusters(visual: int, direct: list[int], recycle: bool, tau: float, theta: float) -> list[int]:
+    """Visual tokens after each stage: the directly kept ones plus the clusters recycled from the deleted ones."""
+    out, cur = [], visual
+    for d in direct:
+        d = min(d, cur)
+        clusters = A.recycle_sizes(cur - d, tau, theta)[1] if recycle else 0
+        cur = d + clusters
+        out.append(cur)
+    return out
+
+
+def sparsevlm_fixed(cfg: PruneConfig, visual: int, depth: int) -> Counts:
+    """SparseVLM's fixed-budget schedule: directly kept counts per pruning layer, recycled clusters on top."""
+    layers = sparsevlm_layers(cfg, depth)
+    budget = cfg.budget
+    recycle = cfg.recycle
+
+    def totals(direct: list[int]) -> list[int]:
+        return totals_with_clusters(visual, direct, recycle, cfg.tau, cfg.theta)
+
+    verbatim = (depth == REFERENCE_DEPTH and visual == REFERENCE_GRID_TOKENS and budget in REFERENCE_FIXED_COUNTS
+                and layers == REFERENCE_PRUNE_LAYERS_32)
+    if cfg.accounting == "paper" and verbatim:
+        direct = list(REFERENCE_FIXED_COUNTS[budget])
+        return make_counts(layers, direct, totals(direct), visual, depth, budget, "output",
+                           f"paper accounting: reference v1.5 list for {budget} verbatim, {direct} kept directly after "
+                           f"layers {list(layers)}, recycled clusters on top")
+    counting = "output" if cfg.accounting == "paper" else "input"
+    shape_key = min(REFERENCE_FIXED_COUNTS, key=lambda b: abs(b - budget))
+    shape = [c * visual / REFERENCE_GRID_TOKENS for c in REFERENCE_FIXED_COUNTS[shape_key]]
+    shape = (shape + [shape[-1]] * len(layers))[: len(layers)]
+
+    def direct_for(alpha: float) -> list[int]:
+        # Direct counts strictly decrease, and every stage leaves fewer tokens than it received (recycled
+        # clusters included; the reference caps its counts at V_cur - 1).
+        out, prev, cur = [], visual, visual
+        for s in shape:
+            c = max(1, min(prev - 1, cur - 1, round(alpha * s)))
+            while c > 1 and totals_with_clusters(cur, [c], recycle, cfg.tau, cfg.theta)[0] >= cur:
+                c -= 1
+            out.append(c)
+            prev, cur = c, totals_with_clusters(cur, [c], recycle, cfg.tau, cfg.theta)[0]
+        return out
+
+    def figure(direct: list[int]) -> float:
+        fin, fout = figures(visual, layers, totals(direct), depth)
+        return fin if counting == "input" else fout
+
+    smallest = [1] * len(layers)
+    if figure(smallest) > budget + BUDGET_TOLERANCE:
+        if cfg.accounting == "flops":
+            raise ConfigError(
+                f"budget {budget} is below what pruning after layer {layers[0]} of {depth} can reach "
+                f"(the first {layers[0] + 1} layers see all {visual} tokens: at least {figure(smallest):.1f} "
+                "equal tokens counted at each layer's input); choose a larger budget or paper accounting"
+            )
+        return make_counts(layers, smallest, totals(smallest), visual, depth, budget, counting,
+                           f"paper accounting: budget {budget} is below what pruning after layer {layers[0]} of "
+                           f"{depth} can reach; ran the smallest schedule (1 token kept directly per stage, "
+                           f"{figure(smallest):.1f} equal tokens counted at each pruning layer's output)")
+    best, lo = fit_scale(direct_for, figure, budget, visual / max(min(shape), 1e-9) + 1.0, "closest", iterations=60)
+    which = "each pruning layer's output (the reference's counting)" if counting == "output" else \
+        "each layer's input (equal prefill cost)"
+    return make_counts(layers, best, totals(best), visual, depth, budget, counting,
+                       f"{cfg.accounting} accounting: reference v1.5 list for {shape_key} scaled by {lo:.3f} so equal "
+                       f"tokens counted at {which} hit {budget}; {best} kept directly, recycled clusters on top")
+
+
+# --- the registered method --------------------------------------------------------------------------------------
 class SparseVLM(PruneMethod):
     name = "sparsevlm"
     label = "SparseVLM"
@@ -34,10 +119,8 @@ class SparseVLM(PruneMethod):
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         if cfg.count_mode == "fixed":
-            counts = schedule.sparsevlm_fixed(cfg, geo.grid_tokens, geo.depth)
-            stages = tuple(StageSpec(layer, d) for layer, d in zip(counts.layers, counts.direct))
-            return Plan(stages, self.positions(cfg), counts=counts, note=counts.note)
-        layers = schedule.sparsevlm_layers(cfg, geo.depth)
+            return Plan.of(sparsevlm_fixed(cfg, geo.grid_tokens, geo.depth), self.positions(cfg))
+        layers = sparsevlm_layers(cfg, geo.depth)
         return Plan(tuple(StageSpec(layer, None) for layer in layers), self.positions(cfg),
                     note=f"adaptive count ({cfg.count_mode}): the kept count follows rank(P); no budget")
 

@@ -8,34 +8,14 @@ No recycling, original position ids kept. Batch 1, shapes without the batch dime
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from ..algorithm import select_raters, text_relevance
-from ..config import FIXED_BUDGETS, REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
-from ..schedule import fit_scale, scaled_layers
-from .base import (
-    ModelGeometry,
-    Plan,
-    PrefillInput,
-    PruneMethod,
-    Raters,
-    StageInput,
-    StageSpec,
-    text_raters,
-    top_k_keep,
-)
-from .base import Selection as EngineSelection
-from .stage_plan import (
-    Selection,
-    StagePlan,
-    check_accounting,
-    check_budget,
-    floor_or_error,
-    make_plan,
-    measure,
-    to_counts,
-)
+from ..config import FIXED_BUDGETS, REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig, check_accounting, check_budget
+from ..schedule import Counts, fit_scale, floor_or_error, make_counts, measure, scaled_layers
+from .base import ModelGeometry, Plan, PrefillInput, PruneMethod, Raters, Selection, StageInput, text_raters, top_k_keep
 
 FORMULA = (
     "a_j = mean_{h in top-14 heads} mean_{r in raters} A[h,r,j] / G[r,j],  G = RoPE(1)·RoPE(1)ᵀ/√d; "
@@ -176,10 +156,10 @@ def select(
     )
 
 
-# --- stage plan -----------------------------------------------------------------------------------------------
+# --- the count policy -----------------------------------------------------------------------------------------
 def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENCE_DEPTH,
-         accounting: str = "paper") -> StagePlan:
-    """Pruning layers (2/6/15 of 32 scaled to depth) and kept counts.
+         accounting: str = "paper") -> Counts:
+    """SparseVLM v2's count policy: pruning layers (2/6/15 of 32 scaled to depth) and kept counts.
 
     Output counting is what the code logs as "Equal Tokens" (num_token.append(v_token_num) after every layer,
     modelling L359-371): (2*576 + 4*k1 + 9*k2 + 17*k3)/32 = 192.4 / 128.0 / 96.8 / 64.4 for the v2 lists. The
@@ -197,8 +177,8 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
         floor_or_error(NAME, budget, float(visual), f"{depth} layers leave no pruning layer")
     if accounting == "paper" and depth == REFERENCE_DEPTH and visual == REFERENCE_GRID_TOKENS and budget in COUNTS_32:
         counts = list(COUNTS_32[budget])
-        return make_plan(NAME, visual, depth, layers, tuple(counts), budget, accounting, "output",
-                         f"reference v2 list for {budget}: {counts} (score.py)")
+        return make_counts(layers, counts, counts, visual, depth, budget, "output",
+                           f"reference v2 list for {budget}: {counts} (score.py)")
     shape_key = min(FIXED_BUDGETS, key=lambda b: (abs(b - budget), b))
     shape = [c * visual / REFERENCE_GRID_TOKENS for c in COUNTS_32[shape_key]]
     shape = (shape + [shape[-1]] * len(layers))[: len(layers)]
@@ -216,8 +196,8 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
     if accounting == "flops":
         floor_or_error(NAME, budget, figure([1] * len(layers)), f"pruning after layer {layers[0]} of {depth}")
     counts, _ = fit_scale(family, figure, budget, visual / max(min(shape), 1e-9) + 1.0, "closest")
-    return make_plan(NAME, visual, depth, layers, tuple(counts), budget, accounting, counting,
-                     f"v2 list for {shape_key} scaled so {counting}-counted equal tokens hit {budget}")
+    return make_counts(layers, counts, counts, visual, depth, budget, counting,
+                       f"v2 list for {shape_key} scaled so {counting}-counted equal tokens hit {budget}")
 
 
 # --- the registered method --------------------------------------------------------------------------------------
@@ -240,17 +220,14 @@ class SparseVLMv2(PruneMethod):
                       "counted at its output (the code's logged Equal Tokens)")
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
-        sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
-        counts = to_counts(sp)
-        stages = tuple(StageSpec(layer, k) for layer, k in zip(sp.after_layers, sp.counts))
-        return Plan(stages, self.positions(cfg), counts=counts, note=counts.note)
+        return Plan.of(plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting), self.positions(cfg))
 
     def prepare(self, cfg: PruneConfig, inp: PrefillInput) -> Raters:
         shared = text_raters(inp, "gt")  # what `raters` computes, shared with SparseVLM's (same rule) in a request
         inp.memo["raters"] = shared.indices
         return shared
 
-    def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
+    def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
         rows = inp.memo["raters"].to(inp.hidden.device) + inp.text_start
         attn = inp.head_attention_rows(rows)  # (H, r, n) post-softmax, per head
         pos = inp.positions
@@ -271,4 +248,4 @@ class SparseVLMv2(PruneMethod):
                         f"(head_dim {cos_r.shape[-1]}): the correction is ill-conditioned on this model")
         extras = {**sel.extras, "rater_positions": pos[rows], "prior_min": float(prior.min()),
                   "prior_ill_conditioned": bad, "formula": FORMULA}
-        return EngineSelection(sel.kept, sel.scores, formula, rows=len(rows), extras=extras)
+        return replace(sel, formula=formula, rows=len(rows), extras=extras)

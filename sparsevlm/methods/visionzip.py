@@ -9,15 +9,14 @@ its [CLS] attention row, its head-mean keys, its output hidden states. Batch 1; 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig
+from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig, check_accounting, check_budget
 from ..errors import ConfigError
-from .base import MergedGroup, ModelGeometry, Plan, PruneMethod, StageInput, StageSpec, top_k_keep
-from .base import Selection as EngineSelection
-from .stage_plan import Selection, StagePlan, check_accounting, check_budget, make_plan, to_counts
+from ..schedule import Counts, make_counts
+from .base import MergedGroup, ModelGeometry, Plan, PruneMethod, Selection, StageInput, top_k_keep
 
 FORMULA = (
     "dominant: [CLS] + top-(D-1) of c_j = Σ_h A_h[CLS, j]; contextual: rest merged onto C evenly spaced targets "
@@ -127,8 +126,9 @@ def select(scores: torch.Tensor, metric: torch.Tensor, hidden: torch.Tensor, dom
 
 
 def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENCE_DEPTH,
-         accounting: str = "paper") -> StagePlan:
-    """Before the LLM: every decoder layer sees D + C = budget tokens, so both countings equal the budget."""
+         accounting: str = "paper") -> Counts:
+    """VisionZip's count policy. Before the LLM: every decoder layer sees D + C = budget tokens, so both countings
+    equal the budget; D - 1 patches are kept directly, [CLS] and the C contextual tokens come on top."""
     check_accounting(accounting)
     check_budget(budget, visual)
     d, c = split(budget)
@@ -137,8 +137,7 @@ def plan(budget: int, visual: int = REFERENCE_GRID_TOKENS, depth: int = REFERENC
         note += " (27:5 split derived from the published 54+10)"
     elif budget != 64:
         note += " (LightCompress's split; the official repo shows only 54+10)"
-    return make_plan(NAME, visual, depth, (-1,), (budget,), budget, accounting, "input", note,
-                     {"dominant": d, "contextual": c})
+    return make_counts((-1,), (d - 1,), (budget,), visual, depth, budget, "input", note)
 
 
 # --- the registered method --------------------------------------------------------------------------------------
@@ -163,12 +162,9 @@ class VisionZip(PruneMethod):
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         require_cls(geo.has_cls)
-        sp = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
-        d = sp.extras["dominant"]
-        counts = to_counts(sp, direct=(d - 1,))  # D - 1 patches kept directly; [CLS] + C merged tokens on top
-        return Plan((StageSpec(-1, d - 1),), self.positions(cfg), counts=counts, note=counts.note)
+        return Plan.of(plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting), self.positions(cfg))
 
-    def select(self, cfg: PruneConfig, inp: StageInput) -> EngineSelection:
+    def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
         vis = inp.vision
         d, c = split(cfg.budget)
         scores = vis.cls_attention() * vis.heads  # head mean x heads = the reference's sum over heads
@@ -181,4 +177,4 @@ class VisionZip(PruneMethod):
         formula = (f"{FORMULA} | D = {d} ([CLS] + {n_dom} patches), C = {len(contextual)}: the LLM sees "
                    f"{1 + n_dom + len(contextual)} tokens; [CLS] softmax in fp32 (reference: fp16)")
         extras = {**sel.extras, "targets": [t for t, _ in sel.groups], "formula": FORMULA}
-        return EngineSelection(sel.kept, scores, formula, merged=contextual, lead=cls, extras=extras)
+        return replace(sel, scores=scores, formula=formula, merged=contextual, lead=cls, extras=extras)
