@@ -31,6 +31,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from sparsevlm import algorithm as A
 from sparsevlm.scenes import world
+from sparsevlm.tokenizer import build_tokenizer
 
 from .model import pixel_values
 
@@ -297,7 +298,6 @@ def head_for(model_dir: str | Path, tower) -> tuple[ClipHead | None, str]:
     `--clip-weight`) whose vision tower is tensor-for-tensor this model's. Returns (head, where it came from) or
     (None, why not): retrieval is only reported for the very tower it was measured on."""
     from .model import ModelSize
-    from .train_llava import v2_tokenizer
 
     try:
         state = json.loads((Path(model_dir) / "training_state.json").read_text())
@@ -319,7 +319,7 @@ def head_for(model_dir: str | Path, tower) -> tuple[ClipHead | None, str]:
     theirs = {k.split("vision_tower.", 1)[1]: v for k, v in ck["model"].items() if "vision_tower." in k}
     if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
         return None, f"the tower changed after {src} (not frozen since)"
-    head = ClipHead(v2_tokenizer(), ModelSize(**ck["size"]).vision_hidden)
+    head = ClipHead(build_tokenizer(world.vocabulary()), ModelSize(**ck["size"]).vision_hidden)
     head.load_state_dict(ck["clip_head"])
     return head.eval(), src
 
@@ -340,8 +340,6 @@ def main() -> None:
 
     from transformers import LlavaForConditionalGeneration
 
-    from .train_llava import v2_tokenizer
-
     p = argparse.ArgumentParser(description="How CLIP-like a model's vision tower is (and, from a training "
                                 "checkpoint with a contrastive head, its caption retrieval)")
     p.add_argument("model", help="an exported model folder, or a checkpoint.pt of train_llava")
@@ -361,7 +359,7 @@ def main() -> None:
         from .model import ModelSize, build_model
 
         ck = torch.load(a.model, map_location="cpu", weights_only=False)
-        tok = v2_tokenizer()
+        tok = build_tokenizer(world.vocabulary())  # the v2 vocabulary, as train_llava.v2_tokenizer
         model = build_model(ModelSize(**ck["size"]), tok)
         model.load_state_dict(ck["model"])
         model.eval()
