@@ -33,8 +33,16 @@ from sparsevlm.methods import METHODS, get_method
 from sparsevlm.methods.sparsevlm import sparsevlm_layers
 from sparsevlm.pipeline import Decoding, RunResult, check_question, run, run_shared
 from sparsevlm.presets import PRESETS
-from sparsevlm.scenes import generator  # the studio draws scenes with it (the app may; the engine never does)
-from sparsevlm.scenes.worlds import WORLD_LABELS, WORLDS, WorldError, studio_item, world_of_model, world_order
+from sparsevlm.scenes.world import FAMILIES, GRID  # the studio draws scenes (the app may; the engine never does)
+from sparsevlm.scenes.worlds import (
+    DEFAULT_WORLD,
+    WORLD_LABELS,
+    WORLDS,
+    WorldError,
+    studio_item,
+    world_of_model,
+    world_order,
+)
 from sparsevlm.schedule import min_equal_tokens
 from sparsevlm.trace import PruneTrace
 from sparsevlm.vocab import unknown_words
@@ -203,32 +211,38 @@ def image_key(image: Image.Image) -> str:
 
 
 def studio_scene(seed: Any, family: Any, world: Any) -> tuple[Image.Image, dict]:
-    """A generated scene of `world` (v1: the first generator, v2: the wider world, independent: pictures no model
-    trained on) and a question of `family` about it, deterministic from `seed`; returns the picture and its ground
-    truth (question, answer, evidence patches on the world's 24x24 grid)."""
+    """A generated scene of `world` (v2: the embedded model's world, independent: pictures no model trained on)
+    and a question of `family` about it, deterministic from `seed`; returns the picture and its ground truth
+    (question, answer, evidence patches on the world's 24x24 grid)."""
     seed = whole(seed if seed not in (None, "") else 0, "the seed")
     if not 0 <= seed < 2**31:
         raise InputError(f"the seed must be between 0 and {2**31 - 1}, not {seed}")
-    if family not in generator.FAMILIES:
-        raise InputError(f"the question family must be one of {', '.join(generator.FAMILIES)}, not {family!r}")
+    if family not in FAMILIES:
+        raise InputError(f"the question family must be one of {', '.join(FAMILIES)}, not {family!r}")
     if world not in WORLDS:
         raise InputError(f"the world must be one of {', '.join(WORLDS)}, not {world!r}")
     try:
         item = studio_item(seed, family, world)
     except WorldError as exc:  # no question of this family in 1000 draws: not reached for the worlds' families
         raise InputError(str(exc)) from None
-    grid = (generator.GRID, generator.GRID)
+    grid = (GRID, GRID)
     return item.image, {"seed": seed, "family": family, "world": world, "question": item.sample.question,
                         "answer": item.sample.answer, "evidence": list(item.sample.evidence), "grid": list(grid)}
 
 
-def model_world(lm: LoadedModel) -> str:
-    """The world a loaded model was trained on (its folder's training_state.json; v1 when it records none)."""
+def model_world(lm: LoadedModel) -> str | None:
+    """The world a loaded model was trained on (its folder's training_state.json); None when it records none."""
     return world_of_model(getattr(lm.model, "name_or_path", None) or None)
 
 
-def world_choices(own: str) -> list[tuple[str, str]]:
-    """The studio's world picker: the model's own world first and marked, then the others."""
+def studio_world(lm: LoadedModel) -> str:
+    """The world the studio draws from for a model: its own, else the embedded model's (`DEFAULT_WORLD`)."""
+    return model_world(lm) or DEFAULT_WORLD
+
+
+def world_choices(own: str | None) -> list[tuple[str, str]]:
+    """The studio's world picker: the model's own world first and marked as such, then the others; for a model
+    that records no world, the embedded model's world first, unmarked."""
     return [(WORLD_LABELS[w] + (" · this model's world" if w == own else ""), w) for w in world_order(own)]
 
 
@@ -238,7 +252,7 @@ def scene_truth(scene: dict | None, image: Image.Image, question: str, grid: tup
     if not scene or scene.get("key") != image_key(image) or scene.get("question", "").strip() != question.strip():
         return None
     truth = {k: scene[k] for k in ("seed", "family", "answer") if k in scene}
-    truth["world"] = scene.get("world", "v1")
+    truth["world"] = scene["world"]
     truth["evidence"] = render.regrid_patches(scene["evidence"], tuple(scene["grid"]), tuple(grid))
     truth["grid"] = list(grid)  # the model's
     return truth
@@ -545,10 +559,10 @@ class Handlers:
 
     def new_scene(self, seed, family, world=None, model=None):
         """The studio: a generated scene and question into the inputs, its ground truth into the session. Without
-        a world, the session model's own."""
+        a world, the session model's own (`studio_world`)."""
         try:
             if world in (None, ""):
-                world = model_world(self.use_model(model)[1])
+                world = studio_world(self.use_model(model)[1])
             image, truth = studio_scene(seed, family, world)
         except Exception as exc:
             raise user_error(exc) from exc
@@ -561,8 +575,8 @@ class Handlers:
         name = str(model or self.default_model)
         if name not in self.models.loaded():
             return gr.Dropdown()
-        own = model_world(self.models.get(name)[0])
-        return gr.Dropdown(choices=world_choices(own), value=own)
+        lm = self.models.get(name)[0]
+        return gr.Dropdown(choices=world_choices(model_world(lm)), value=studio_world(lm))
 
     @staticmethod
     def forget_scene():

@@ -14,7 +14,7 @@ import gradio as gr
 from sparsevlm.config import ACCOUNTINGS, COUNT_MODES
 from sparsevlm.loading import LoadedModel, ModelCache
 from sparsevlm.methods import METHODS
-from sparsevlm.scenes import generator
+from sparsevlm.scenes.world import FAMILIES
 
 from . import render
 from .handlers import (
@@ -26,6 +26,7 @@ from .handlers import (
     model_choices,
     model_line,
     model_world,
+    studio_world,
     world_choices,
 )
 
@@ -126,10 +127,10 @@ def studio_box(first: LoadedModel) -> dict[str, Any]:
         with gr.Row(equal_height=True):
             seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, label="Seed", elem_id="sv-seed",
                              min_width=90)
-            family = gr.Dropdown(list(generator.FAMILIES), value=generator.FAMILIES[0], label="Question family",
+            family = gr.Dropdown(list(FAMILIES), value=FAMILIES[0], label="Question family",
                                  elem_id="sv-family", min_width=120)
-            own = model_world(first)
-            world = gr.Dropdown(world_choices(own), value=own, label="World", elem_id="sv-world", min_width=160,
+            world = gr.Dropdown(world_choices(model_world(first)), value=studio_world(first), label="World",
+                                elem_id="sv-world", min_width=160,
                                 info="whose pictures: the model's own first")
             button = gr.Button("New random scene", elem_id="sv-new-scene", min_width=140)
         truth = gr.HTML("", elem_id="sv-truth")

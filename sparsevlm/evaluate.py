@@ -107,12 +107,20 @@ def evidence_recall_per_stage(run: PruneTrace | CallRecord, evidence: Sequence[i
 @torch.inference_mode()
 def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None, log=print,
              accountings: tuple[str, ...] = ACCOUNTINGS, world: str | None = None) -> dict:
-    """`world`: whose scenes (default: the model's own, read from its folder's training_state.json; v1 for a
-    folder without one), so the benchmark asks each embedded model what it was trained to answer."""
-    from .scenes.generator import FAMILIES
-    from .scenes.worlds import check_world, heldout_item, world_of_model
+    """`world`: whose scenes (default: the model's own, read from its folder's training_state.json, so the benchmark
+    asks each embedded model what it was trained to answer; the embedded model's world for a model that records
+    none, such as a hub checkpoint, and the log says so)."""
+    from .scenes.world import FAMILIES
+    from .scenes.worlds import DEFAULT_WORLD, check_world, heldout_item, world_of_model
 
-    world = check_world(world_of_model(getattr(lm.model, "name_or_path", None) or None) if world is None else world)
+    if world is None:
+        world = world_of_model(getattr(lm.model, "name_or_path", None) or None)
+        if world is None:
+            world = DEFAULT_WORLD
+            if log:
+                log(f"{lm.name} records no world of its own: asking questions of the embedded model's world "
+                    f"({world})")
+    world = check_world(world)
 
     chosen = [s for s in settings(accountings) if labels is None or s.label in labels]
     per = {s.label: {"method": s.method, "accounting": s.config.accounting if s.method != "dense" else None,
@@ -260,7 +268,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"Model: {result['model']['name']} ({result['model']['architecture']}, {result['model']['decoder_layers']} "
         f"layers, {result['model']['visual_tokens']} visual tokens); {result['questions']} held-out questions "
-        f"(world {result.get('world', 'v1')}, seed {result['seed']}); {result['seconds']:.0f} s on "
+        f"(world {result['world']}, seed {result['seed']}); {result['seconds']:.0f} s on "
         f"{result['model']['device']}.",
         "",
         "| " + " | ".join(head) + " |",

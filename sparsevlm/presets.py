@@ -202,12 +202,14 @@ def _embedded_data(d: Path = EMBEDDED_DIR, name: str = DEFAULT_PRESET) -> dict:
 
 
 def _world_of(d: Path) -> str:
-    """The picture world a scenes model was trained on (training_state.json "world"; absent = v1). Read here
-    rather than through sparsevlm.scenes.worlds: the engine never imports the scenes package."""
+    """"world X" for the picture world a scenes model was trained on (training_state.json "world"), or says the
+    folder records none. Read here rather than through sparsevlm.scenes.worlds: the engine never imports the
+    scenes package."""
     try:
-        return str(json.loads((d / "training_state.json").read_text()).get("world", "v1"))
+        world = json.loads((d / "training_state.json").read_text()).get("world")
     except (OSError, ValueError, AttributeError):
-        return "v1"
+        world = None
+    return f"world {world}" if world else "no world recorded"
 
 
 def _raters_measured(d: Path) -> str:
@@ -229,7 +231,7 @@ def _embedded_preset(d: Path, name: str, lead: str) -> Preset:
     size_mib = sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) / 2**20
     depth = text["num_hidden_layers"]
     llava_depth = " - LLaVA-1.5-7B's depth and grid" if depth == 32 else ""
-    summary = (f"{lead} (world {_world_of(d)}); CLIP 336/14 with [CLS] (576 tokens), {depth}-layer Llama decoder "
+    summary = (f"{lead} ({_world_of(d)}); CLIP 336/14 with [CLS] (576 tokens), {depth}-layer Llama decoder "
                f"x {text['hidden_size']}{llava_depth}{_raters_measured(d)}")
     hardware = f"any CPU ({size_mib:.0f} MiB{'; the default for a CPU Space' if name == DEFAULT_PRESET else ''})"
     return Preset(name, summary, hardware, data, local_path=str(d))

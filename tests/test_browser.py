@@ -29,6 +29,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from test_app_api import AppServer, scene
 
 from sparsevlm.methods import METHODS
+from sparsevlm.scenes.worlds import studio_item
 
 SHOTS = Path(__file__).resolve().parent / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -326,7 +327,8 @@ def test_scene_studio_and_the_word_notice(server, browser):
     assert_seen(drv, "#sv-truth", ".sv-truth", "studio ground truth")
     assert_seen(drv, "#sv-image", "img", "studio scene", min_ink=0.05)
     q = drv.find_element(By.CSS_SELECTOR, "#sv-question textarea")
-    assert q.get_attribute("value").startswith("what colour")  # the default family
+    # the default family and world, seed 0 (the tiny model records no world: the embedded model's)
+    assert q.get_attribute("value") == studio_item(0, "colour", "v2").sample.question
     assert drv.find_element(By.CSS_SELECTOR, "#sv-seed input").get_attribute("value") == "1"  # next seed
     drv.find_element(By.ID, "sv-run").click()
     wait(drv, lambda d: "Evidence recall" in d.find_element(By.ID, "sv-answer").text, 120)
@@ -338,19 +340,20 @@ def test_scene_studio_and_the_word_notice(server, browser):
     wait(drv, lambda d: "did you mean colour" in d.find_element(By.ID, "sv-notice").text, 60)
     assert "true answer" not in drv.find_element(By.ID, "sv-truth").text
     shot(drv, "14-word-notice", full=False)
-    # the world picker: the model's own world first (the tiny model records none: v1), then v2 by its label
+    # the world picker: the tiny model records no world, so the embedded model's (v2) first, not marked as its own;
+    # then the independent renderer by its label
     world = drv.find_element(By.CSS_SELECTOR, "#sv-world input")
-    assert "this model's world" in world.get_attribute("value") and world.get_attribute("value").startswith("v1")
+    assert "this model's world" not in world.get_attribute("value") and world.get_attribute("value").startswith("v2")
     drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", world)
     world.click()
     world.send_keys(Keys.CONTROL, "a")
-    world.send_keys("wider world")
+    world.send_keys("independent renderer")
     world.send_keys(Keys.ENTER)
-    wait(drv, lambda d: d.find_element(By.CSS_SELECTOR, "#sv-world input").get_attribute("value").startswith("v2"),
-         30)
+    wait(drv, lambda d: d.find_element(By.CSS_SELECTOR, "#sv-world input").get_attribute("value")
+         .startswith("independent"), 30)
     drv.execute_script("arguments[0].click()", drv.find_element(By.ID, "sv-new-scene"))
-    wait(drv, lambda d: "world v2" in d.find_element(By.ID, "sv-truth").text, 60)
-    shot(drv, "15-studio-world-v2", full=False)
+    wait(drv, lambda d: "world independent" in d.find_element(By.ID, "sv-truth").text, 60)
+    shot(drv, "15-studio-world-independent", full=False)
 
 
 def test_export_mp4_plays_in_the_browser(server, browser):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from sparsevlm.scenes.generator import FAMILIES
+from sparsevlm.scenes.world import FAMILIES
 from sparsevlm.scenes.worlds import heldout_item, studio_item, world_of_model
 from sparsevlm.tokenizer import prompt_for
 from training.evaluate import answer

@@ -15,7 +15,7 @@ from PIL import Image
 from sparsevlm.config import PruneConfig
 from sparsevlm.errors import SparseVLMError
 from sparsevlm.hooks import PruneHooks
-from sparsevlm.scenes.generator import COLOURS, PLURALS, SHAPES, heldout_sample
+from sparsevlm.scenes.world import COLOURS, PLURALS, SHAPES, heldout_sample
 from sparsevlm.testing import tiny_llava
 from sparsevlm.tokenizer import prompt_for
 from training import likeness as L

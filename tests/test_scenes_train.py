@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsevlm.scenes import world
-from sparsevlm.scenes.generator import FAMILIES
+from sparsevlm.scenes.world import FAMILIES
 from training.model import ModelSize, build_model
 from training.parts import (
     N_VISUAL,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sparsevlm.scenes import world
-from sparsevlm.scenes.generator import COLOURS, FAMILIES, GRID, PATCH, answer_words
 from sparsevlm.scenes.independent import PALETTE, independent_sample, make_independent_scene, render_independent
+from sparsevlm.scenes.world import COLOURS, FAMILIES, GRID, PATCH, answer_words
 from sparsevlm.tokenizer import build_tokenizer
 
 
@@ -150,12 +150,15 @@ def test_description_names_every_item_in_reading_order(tok):
     assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"]
 
 
-def test_v1_world_unchanged_for_the_shipped_model():
-    """v2's vocabulary extends v1's without moving a token id (v1 words keep their ids)."""
-    from sparsevlm.scenes.generator import vocabulary as v1_vocabulary
+def test_vocabulary_gives_the_embedded_models_token_ids():
+    """The world's words, in their order, are the embedded model's vocabulary: every token id as its tokenizer has
+    it (moving a word would change the ids the installed weights were trained on)."""
+    import json
+    from pathlib import Path
 
-    v1 = v1_vocabulary()
-    assert world.vocabulary()[: len(dict.fromkeys(v1))] == list(dict.fromkeys(v1))
+    folder = Path(__file__).resolve().parent.parent / "assets" / "models" / "scenes-llava"
+    installed = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    assert build_tokenizer(world.vocabulary()).get_vocab() == installed
 
 
 # ------------------------------------------------------------------------------------ independent renderer
@@ -293,7 +296,7 @@ def test_referent_probe_targets_what_the_question_names_at_the_answer_position(t
 
 
 def test_v2_export_loads_with_its_own_vocabulary_and_phase(tmp_path):
-    """train_llava.export (the v1 exporter with the v2 tokenizer) writes a model plain transformers loads."""
+    """train_llava.export (`parts.export` with the world's tokenizer) writes a model plain transformers loads."""
     import json
 
     import torch
@@ -546,8 +549,8 @@ def test_varied_labels_change_only_the_card_and_keep_the_questions():
 def test_stroke_labels_letter_every_character_on_the_card_only():
     """`vary_label(..., stroke_share=1)`: the card lettered in the project's own stroke hand (strokes.py), every
     label character has a glyph, the rest of the picture is untouched, and the characters stay apart."""
-    from sparsevlm.scenes.generator import LABEL_CHARS
     from sparsevlm.scenes.strokes import GLYPHS
+    from sparsevlm.scenes.world import LABEL_CHARS
 
     assert set(LABEL_CHARS) <= set(GLYPHS)
     lettered = 0
@@ -615,7 +618,7 @@ def test_tinted_backgrounds_change_only_the_background_and_keep_the_questions():
     """`world.vary_background(scene, seed, share)` (training pictures, train_llava --tinted-backgrounds): `share` of
     the scenes get a hued base colour - pastel on light scenes, deep on dark ones - where every held-out scene is
     grey within +-10 per channel. Objects, card and questions stay; no tint comes near an object colour."""
-    from sparsevlm.scenes.generator import COLOURS
+    from sparsevlm.scenes.world import COLOURS
 
     for seed in range(40):
         plain, qa = world.training_scene(seed, 6, 6)

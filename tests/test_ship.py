@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsevlm.scenes import generator
 from sparsevlm.scenes import world as world_v2
-from sparsevlm.scenes.generator import FAMILIES
-from sparsevlm.scenes.worlds import world_of_model
+from sparsevlm.scenes.world import FAMILIES
+from sparsevlm.scenes.worlds import DEFAULT_WORLD, world_of_model
 from training.examples import write_examples
 from training.model_card import accuracy_floor, card, check_bars, eval_records, own_eval
 
@@ -46,12 +45,12 @@ def test_examples_are_too_busy_for_64_tokens(tmp_path):
         covered = np.zeros(576, dtype=bool)
         for i in range(len(scene.objects)):
             mask = np.asarray(world_v2.object_mask(scene, i), dtype=bool)
-            covered |= mask.reshape(24, 14, 24, 14).mean(axis=(1, 3)).reshape(-1) >= generator.COVER_FRACTION
+            covered |= mask.reshape(24, 14, 24, 14).mean(axis=(1, 3)).reshape(-1) >= world_v2.COVER_FRACTION
         assert covered.sum() > 64, (it["image"], int(covered.sum()))
 
 
 def test_unknown_example_world_is_a_clear_error(tmp_path):
-    for world in ("independent", "v1"):  # a test set, and a world no installed model knows
+    for world in ("independent", "mars"):  # a test set, and a world that does not exist
         with pytest.raises(ValueError, match="unknown example world"):
             write_examples(tmp_path, world=world)
 
@@ -115,9 +114,20 @@ def test_the_gate_names_every_bar_that_is_missed(tmp_path):
     assert missing == ["independent: only 700 questions evaluated (the bar needs 3000)",
                        "v2 held-out count 88.6% < 90%", "independent overall 80.0% < 90%"]
     assert "**not met**" in card(d)
-    # An evaluation of another world never stands in for the model's own (a file without a "world" key is v1's).
+    # An evaluation that does not record its world stands for none, never for the model's own.
     d.joinpath("eval_heldout_5000.json").write_text(json.dumps(_result(None, dict.fromkeys(FAMILIES, (700, 714)))))
-    assert own_eval(d)["file"] == "eval_heldout_3003.json" and eval_records(d)["v1"]["overall"]["total"] == 4998
+    assert own_eval(d)["file"] == "eval_heldout_3003.json" and set(eval_records(d)) == {"v2", "independent"}
+
+
+def test_a_folder_that_records_no_world_is_said_so_by_the_gate_and_the_card(tmp_path):
+    d = _folder(tmp_path, "v2")
+    d.joinpath("training_state.json").write_text(json.dumps({"phase": "instruct", "step": 5}))
+    d.joinpath("eval_heldout_3003.json").write_text(json.dumps(_result("v2", dict.fromkeys(FAMILIES, (429, 429)))))
+    assert own_eval(d) is None
+    assert check_bars(d) == [f'{d} records no world of its own (training_state.json "world")',
+                             f"no evaluation on the independent set in {d}"]
+    text = card(d)
+    assert "(a world not recorded)" in text and "- World: not recorded in training_state.json." in text
 
 
 def test_accuracy_floor():
@@ -143,7 +153,7 @@ def test_presets_list_the_embedded_model_and_the_real_checkpoints():
 
 
 # --- the pruning benchmark asks the model's own world -------------------------------------------------------------
-@pytest.mark.parametrize("world", [None, "v2"])
+@pytest.mark.parametrize("world", [None, "independent"])
 def test_engine_eval_uses_the_models_world(tmp_path, world):
     from sparsevlm.evaluate import evaluate
     from sparsevlm.loading import load_model
@@ -155,7 +165,7 @@ def test_engine_eval_uses_the_models_world(tmp_path, world):
     if world:
         (tmp_path / "training_state.json").write_text(json.dumps({"world": world}))
     result = evaluate(load_model(str(tmp_path), device="cpu", dtype="float32"), 2, seed=0, labels=["dense"], log=None)
-    assert result["world"] == (world or "v1")  # a folder that records no world: the first generator's scenes
+    assert result["world"] == (world or DEFAULT_WORLD)  # a folder that records no world: the embedded model's
     assert result["rows"][0]["questions"] == 2
 
 

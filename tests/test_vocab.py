@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparsevlm.scenes import generator, world
-from sparsevlm.testing import tiny_llava
+from sparsevlm.scenes import world
+from sparsevlm.testing import TEST_WORDS, tiny_llava
 from sparsevlm.tokenizer import build_tokenizer
 from sparsevlm.vocab import edit_distance, nearest_word, split_words, unknown_words, unknown_words_notice
 
@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def v1_tok():
-    """The first generator's words only (no paraphrases): `color` is unknown to it."""
-    return build_tokenizer(generator.vocabulary())
+def plain_tok():
+    """The tiny test model's words (no paraphrases): `color` is unknown to it."""
+    return build_tokenizer(TEST_WORDS)
 
 
 def test_edit_distance():
@@ -35,14 +35,14 @@ def test_edit_distance():
     assert edit_distance("kitten", "sitting") == 3
 
 
-def test_words_split_as_the_tokenizer_splits_them(v1_tok):
-    assert split_words("What colour is the Circle?", v1_tok) == ["what", "colour", "is", "the", "circle", "?"]
+def test_words_split_as_the_tokenizer_splits_them(plain_tok):
+    assert split_words("What colour is the Circle?", plain_tok) == ["what", "colour", "is", "the", "circle", "?"]
 
 
-def test_unknown_words_named_with_the_nearest_known_word(v1_tok):
-    got = unknown_words("What color is the circel? What color!", v1_tok)
+def test_unknown_words_named_with_the_nearest_known_word(plain_tok):
+    got = unknown_words("What color is the circel? What color!", plain_tok)
     assert got == [("color", "colour"), ("circel", "circle"), ("!", None)]
-    assert unknown_words("what colour is the circle ?", v1_tok) == []
+    assert unknown_words("what colour is the circle ?", plain_tok) == []
 
 
 def test_v2_vocabulary_knows_the_common_paraphrases():
@@ -84,7 +84,7 @@ def image_file(tmp_path_factory):
 
 
 def test_cli_flags_unknown_words_before_the_run(image_file):
-    # A misspelling neither embedded model knows (model v2 knows `color`, the first model did not).
+    # A misspelling the embedded model does not know (it knows `color`, a paraphrase, but not `circel`).
     r = _cli("run", "--image", str(image_file), "--question", "What colour is the circel?", "--method", "dense",
              "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,4 @@
-"""The three picture worlds behind one interface (sparsevlm/scenes/worlds.py)."""
+"""The picture worlds behind one interface (sparsevlm/scenes/worlds.py)."""
 
 import json
 from pathlib import Path
@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsevlm.scenes import generator, independent, world
-from sparsevlm.scenes.generator import FAMILIES
+from sparsevlm.scenes import independent, world
+from sparsevlm.scenes.world import FAMILIES
 from sparsevlm.scenes.worlds import (
     DEFAULT_SEEDS,
+    DEFAULT_WORLD,
     WORLDS,
     WorldError,
     heldout_item,
@@ -41,7 +42,6 @@ def test_heldout_items_of_every_world_give_picture_question_and_evidence_objects
 def test_heldout_items_are_the_worlds_own_sets():
     """Same samples as each world's own held-out function (nothing re-implemented here)."""
     for i in (0, 3, 9):
-        assert heldout_item(i, world="v1").sample == generator.heldout_sample(i)[1]
         assert heldout_item(i, world="v2").sample == world.heldout_sample(i)[1]
         img, s = independent.independent_sample(i)
         item = heldout_item(i, world="independent")
@@ -62,7 +62,7 @@ def test_studio_items_are_deterministic_and_cover_every_family(name):
 
 
 def test_unknown_world_or_family_is_a_clear_error():
-    with pytest.raises(WorldError, match="unknown world 'v3'.*v1, v2, independent"):
+    with pytest.raises(WorldError, match="unknown world 'v3'.*v2, independent"):
         heldout_item(0, world="v3")
     with pytest.raises(WorldError, match="unknown world"):
         studio_item(0, "colour", "mars")
@@ -73,13 +73,22 @@ def test_unknown_world_or_family_is_a_clear_error():
 def test_world_of_model_reads_training_state(tmp_path):
     models = Path(__file__).resolve().parent.parent / "assets" / "models"
     assert world_of_model(models / "scenes-llava") == "v2"  # the installed model records its world
-    assert world_of_model(tmp_path) == "v1"  # no training_state.json (e.g. a hub model's folder)
-    assert world_of_model(None) == "v1"
+    assert world_of_model(tmp_path) is None  # no training_state.json (e.g. a hub model's folder)
+    assert world_of_model(None) is None
     (tmp_path / "training_state.json").write_text(json.dumps({"step": 1}))
-    assert world_of_model(tmp_path) == "v1"  # a folder that records no world: the first generator's
-    (tmp_path / "training_state.json").write_text(json.dumps({"step": 1, "world": "v2"}))
-    assert world_of_model(tmp_path) == "v2"
+    assert world_of_model(tmp_path) is None  # a folder that records no world
+    (tmp_path / "training_state.json").write_text(json.dumps({"step": 1, "world": "v1"}))
+    assert world_of_model(tmp_path) is None  # a world this package no longer draws
+    (tmp_path / "training_state.json").write_text(json.dumps({"step": 1, "world": "independent"}))
+    assert world_of_model(tmp_path) == "independent"
     (tmp_path / "training_state.json").write_text("not json")
-    assert world_of_model(tmp_path) == "v1"
-    assert world_order("v2") == ["v2", "v1", "independent"]
-    assert world_order("v1") == list(WORLDS)
+    assert world_of_model(tmp_path) is None
+
+
+def test_world_order_puts_the_models_own_world_first_else_the_embedded_models():
+    embedded = Path(__file__).resolve().parent.parent / "assets" / "models" / "scenes-llava"
+    assert DEFAULT_WORLD == world_of_model(embedded)  # the embedded model's world
+    assert world_order("independent") == ["independent", "v2"]
+    assert world_order("v2") == ["v2", "independent"]
+    assert world_order(None) == [DEFAULT_WORLD, *(w for w in WORLDS if w != DEFAULT_WORLD)] == ["v2", "independent"]
+    assert heldout_item(3).world == studio_item(3, "colour").world == DEFAULT_WORLD  # the defaults draw it too

@@ -1,12 +1,12 @@
 """Dense accuracy of a scenes model on the fixed held-out set, per question family.
 
     python -m training.evaluate --model assets/models/scenes-llava --n 3000
-    python -m training.evaluate --model DIR --world v2 --n 3000           # the v2 world
+    python -m training.evaluate --model DIR --world v2 --n 3000           # the embedded model's world
     python -m training.evaluate --model DIR --world independent --n 700   # the independent renderer
 
-`--world` (default: the model's own, `worlds.world_of_model`): v2 (`world.py`, the embedded model's world), v1
-(`generator.py`, the first generator) or independent (`independent.py`: a second held-out set, drawn by separately
-written code). The quality bars (`model_card.py`): own world >= 97% overall and >= 90% in every family;
+`--world` (default: the model's own, `worlds.world_of_model`; the embedded model's for a folder that records none):
+v2 (`world.py`, the embedded model's world) or independent (`independent.py`: a second held-out set, drawn by
+separately written code). The quality bars (`model_card.py`): own world >= 97% overall and >= 90% in every family;
 independent >= 90% overall.
 
 Plain greedy `model.generate` on the single-turn LLaVA prompt, batched with left padding; an answer counts when
@@ -24,14 +24,14 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from sparsevlm.scenes import worlds
-from sparsevlm.scenes.generator import FAMILIES
-from sparsevlm.scenes.worlds import DEFAULT_SEEDS, WORLDS, world_of_model
+from sparsevlm.scenes.world import FAMILIES
+from sparsevlm.scenes.worlds import DEFAULT_SEEDS, DEFAULT_WORLD, WORLDS, world_of_model
 from sparsevlm.tokenizer import prompt_for
 
 __all__ = ["DEFAULT_SEEDS", "WORLDS", "answer", "evaluate", "heldout_item", "load", "question_kind"]
 
 
-def heldout_item(index: int, seed: int, world: str = "v1"):
+def heldout_item(index: int, seed: int, world: str = DEFAULT_WORLD):
     """(picture, Sample) number `index` of a world's held-out set (`worlds.heldout_item`, kept for callers)."""
     item = worlds.heldout_item(index, seed, world)
     return item.image, item.sample
@@ -63,7 +63,7 @@ def question_kind(question: str, family: str) -> str | None:
 
 
 def evaluate(model, processor, n: int, seed: int | None = None, batch_size: int = 16, log_every: int = 0,
-             world: str = "v1") -> dict:
+             world: str = DEFAULT_WORLD) -> dict:
     seed = DEFAULT_SEEDS[world] if seed is None else seed
     correct = {f: 0 for f in FAMILIES}
     total = {f: 0 for f in FAMILIES}
@@ -102,7 +102,8 @@ def main() -> None:
     p.add_argument("--model", default="assets/models/scenes-llava")
     p.add_argument("--n", type=int, default=3000, help="held-out questions (families round-robin)")
     p.add_argument("--world", default=None, choices=WORLDS,
-                   help="whose held-out set (default: the model's own world, training_state.json 'world')")
+                   help="whose held-out set (default: the model's own world, training_state.json 'world'; "
+                        f"{DEFAULT_WORLD} for a folder that records none)")
     p.add_argument("--seed", type=int, default=None, help="held-out seed (default: the world's own)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -110,7 +111,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    world = world_of_model(args.model) if args.world is None else args.world
+    world = args.world or world_of_model(args.model)
+    if world is None:
+        world = DEFAULT_WORLD
+        print(f"{args.model} records no world of its own (training_state.json 'world'): evaluating on {world}")
     model, processor = load(args.model)
     result = evaluate(model, processor, args.n, args.seed, args.batch_size, log_every=10, world=world)
     result["model"] = args.model

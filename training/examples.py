@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsevlm.scenes import world as world_v2
-from sparsevlm.scenes.generator import FAMILIES
+from sparsevlm.scenes.world import FAMILIES
 
 EXAMPLES_SEED = 20_000_000
 EXAMPLE_WORLDS = ("v2",)  # the world the embedded model is trained on (the independent renderer is a test set only)

@@ -1,11 +1,11 @@
 """How LLaVA-like a model is where the pruning methods look: raters, attention to evidence, word-aligned patches.
 
     PYTHONHASHSEED=0 python -m training.likeness --model assets/models/scenes-llava --n 1050 \
-        --json out.json --md out.md [--records] [--world v1|v2|independent]
+        --json out.json --md out.md [--records] [--world v2|independent]
     python -m training.likeness --compare old.json new.json --md side-by-side.md
 
 `--world` picks whose held-out questions (`worlds.py`); the default is the model's own world (training_state.json
-"world", absent = v1).
+"world"; the embedded model's world, `worlds.DEFAULT_WORLD`, for a folder that records none).
 
 SparseVLM assumes what the paper's Figure 3 shows on LLaVA-1.5: the text tokens whose embeddings the projected
 patches resemble (the raters; docs/engine.md) are content words (`Tylenol`, `sticker`, `fridge`), and their
@@ -58,9 +58,10 @@ import torch
 from sparsevlm import algorithm as A
 from sparsevlm.config import REFERENCE_PRUNE_LAYERS_32
 from sparsevlm.errors import SparseVLMError
-from sparsevlm.scenes.generator import GRID, PATCH
+from sparsevlm.scenes.world import GRID, PATCH
 from sparsevlm.scenes.worlds import (
     DEFAULT_SEEDS,
+    DEFAULT_WORLD,
     WORLD_LABELS,
     WORLDS,
     EvidenceObject,
@@ -271,7 +272,7 @@ class Measurer:
         return self._ids_cache[word]
 
     @torch.no_grad()
-    def measure(self, index: int, seed: int | None = None, world: str = "v1") -> QuestionRecord:
+    def measure(self, index: int, seed: int | None = None, world: str = DEFAULT_WORLD) -> QuestionRecord:
         """Question `index` of `world`'s held-out set (seed: the world's own)."""
         item = heldout_item(index, seed, world)
         sample = item.sample
@@ -497,8 +498,8 @@ def markdown(summary: dict, model: str, command: str) -> str:
     lines = [
         f"# LLaVA-likeness of `{model}`",
         "",
-        f"Measured by `{command}` ({s['questions']} held-out questions of world {s.get('world', 'v1')} "
-        f"({WORLD_LABELS.get(s.get('world', 'v1'), '?')}), seed {s['seed']}, families round-robin; "
+        f"Measured by `{command}` ({s['questions']} held-out questions of world {s.get('world', '?')} "
+        f"({WORLD_LABELS.get(s.get('world'), 'not recorded')}), seed {s['seed']}, families round-robin; "
         f"{s['seconds']:.0f} s wall, {s['threads']} torch thread(s), PYTHONHASHSEED {s['python_hash_seed']}: the "
         "generator's exist-no questions depend on it). "
         "± is a 95% interval half-width with questions as the sampling unit. Dense first-token accuracy on these "
@@ -611,7 +612,7 @@ def _read(x) -> tuple[float, float]:
 
 def compare_markdown(a: dict, b: dict) -> str:
     """Two models' summaries side by side (e.g. the installed model and the one it replaced, for the model card)."""
-    name = lambda s: f"`{s.get('model', '?')}` on {s.get('world', 'v1')}"  # noqa: E731
+    name = lambda s: f"`{s.get('model', '?')}` on {s.get('world', 'a world not recorded')}"  # noqa: E731
     rows: list[tuple[str, str, str]] = [
         ("questions (seed)", f"{a['questions']} ({a['seed']})", f"{b['questions']} ({b['seed']})"),
         ("decoder layers", str(a["depth"]), str(b["depth"])),
@@ -696,7 +697,7 @@ def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_ev
     summarize. Returns (summary, per-question records)."""
     from sparsevlm.loading import load_model
 
-    world = world_of_model(model_path) if world is None else world
+    world = world or world_of_model(model_path) or DEFAULT_WORLD
     try:
         check_world(world)
     except WorldError as e:  # the CLI turns SparseVLMError into its message

@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from sparsevlm.scenes.generator import IMAGE_SIZE, PATCH
+from sparsevlm.scenes.world import IMAGE_SIZE, PATCH
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

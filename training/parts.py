@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsevlm.config import REFERENCE_PRUNE_LAYERS_32
-from sparsevlm.scenes.generator import COLOURS, GRID, LABEL_CHARS, SHAPES
+from sparsevlm.scenes.world import COLOURS, GRID, LABEL_CHARS, SHAPES
 from sparsevlm.schedule import scaled_layers
 
 from .model import ModelSize, build_model, build_processor

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsevlm.scenes import world
-from sparsevlm.scenes.generator import FAMILIES
+from sparsevlm.scenes.world import FAMILIES
 from sparsevlm.tokenizer import build_tokenizer
 
 from .clip_tower import ClipHead, contrastive_batch

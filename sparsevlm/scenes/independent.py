@@ -1,6 +1,6 @@
-"""A second held-out set drawn by a renderer written independently of the generators (`generator.py`, `world.py`).
+"""A second held-out set drawn by a renderer written independently of the training world (`world.py`).
 
-Nothing here is shared with them except the words (colour / shape names, question families, the answer words a
+Nothing here is shared with it except the words (colour / shape names, question families, the answer words a
 model knows): its own palette, its own drawing code (OpenCV, anti-aliased; PIL drawn differently if `cv2` is
 missing), its own shape proportions (equilateral triangles, narrow diamonds, thick or thin crosses, squares
 turned a few degrees), continuous object sizes of 30-100 px (not the training size classes), its own
@@ -10,7 +10,7 @@ in the common ways users ask (the model's vocabulary) and answered from this mod
 patches come from its own masks (grid cells covered >= 5%).
 
     from sparsevlm.scenes.independent import independent_sample
-    image, sample = independent_sample(0)   # PIL image, generator.Sample (question, answer, family, evidence)
+    image, sample = independent_sample(0)   # PIL image, world.Sample (question, answer, family, evidence)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .generator import FAMILIES, NUMBERS, Sample
+from .world import FAMILIES, NUMBERS, Sample
 
 try:
     import cv2
@@ -70,7 +70,7 @@ class Thing:
             rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
             pts = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * r * 0.82
             return [pts @ rot.T + c]
-        if self.shape == "triangle":  # equilateral, height 2r (wider than tall, unlike the generators')
+        if self.shape == "triangle":  # equilateral, height 2r (wider than tall, unlike world.py's)
             half = r / math.sqrt(3) * 2
             return [np.array([[0, -r], [half, r], [-half, r]]) + c]
         if self.shape == "diamond":  # narrower than tall

@@ -1,24 +1,32 @@
-"""The v2 world, the one the embedded model is trained on: objects of ~2x2 to ~8x8 patches anywhere, 1-12 of them,
-varied backgrounds, questions with common paraphrases, and scene descriptions in words.
+"""The world the embedded model is trained on: scenes of 1-12 objects of ~2x2 to ~8x8 patches anywhere, varied
+backgrounds, questions with common paraphrases, and scene descriptions in words; deterministic from a seed.
 
-It builds on the first generator (`generator.py`, world "v1": objects in a 6x6 layout of slots, two sizes), whose
-colours, shapes, vocabulary and question-drawing helpers it shares; `worlds.py` puts both worlds and the
-independent renderer behind one interface.
+A scene is a 336x336 picture (a 24x24 grid of 14 px patches, as LLaVA-1.5 sees it); `worlds.py` puts it and the
+independent renderer behind one interface. This module also holds what every world shares: the colour and shape
+names, the question families, the answer words and the `Sample` record.
 
-What is wider than v1:
-- object sides drawn from three size classes with gaps between them (small 28-42 px = 2-3 patches, medium
-  52-70 px, big 82-112 px = 6-8 patches), so a size word is never ambiguous; any pixel position (not slots),
-  non-overlapping boxes; the largest class allowed shrinks as the object count grows so 12 objects fit;
+- objects: distinct (colour, shape) pairs; sides drawn from three size classes with gaps between them (small
+  28-42 px = 2-3 patches, medium 52-70 px, big 82-112 px = 6-8 patches), so a size word is never ambiguous; any
+  pixel position, non-overlapping boxes; the largest class allowed shrinks as the object count grows so 12 fit;
 - backgrounds: plain, gradient, noisy or textured (stripes / checks), light or dark, slightly tinted (training
   pictures may get a stronger hue: `vary_background`, train_llava --tinted-backgrounds);
-- colour jitter of +-15 per channel and a brightness factor of 0.9-1.05; a label card of 42-56 px anywhere;
+- colour jitter of +-15 per channel and a brightness factor of 0.9-1.05; a label card of 42-56 px anywhere with
+  one character on it;
 - questions in several phrasings ("what color is ...", "what is the colour of the ...", "?" with or without a
   space, a capital first letter) - the tokenizer lower-cases and splits punctuation, so they all reach the model;
 - `describe(scene)`: the scene in words (size, colour, shape, position of every object in reading order), the
   caption of the feature-alignment phase and the context of the language-pretraining phase.
 
-Evidence patches are exact as in v1: the grid cells covered >= `COVER_FRACTION` by the masks of the objects the
-answer depends on (same per-family definitions as v1; see generator.py).
+Every sample records its evidence patches: the grid cells (row * 24 + col) covered >= `COVER_FRACTION` by the
+masks of the objects the answer depends on. Per family:
+
+- colour / shape / position: the object asked about.
+- exist, answer yes: the object asked about. Answer no: every object sharing the asked colour or the asked
+  shape (the hard negatives a model has to look at to say no); empty when no object shares either.
+- count: every object counted (empty for zero).
+- relation: both objects.
+- read: the label card.
+
 Positions: an object's row / column is the third of the picture its centre lies in; position questions only
 ask about objects whose centre is >= 10 px from a third's border, relation questions only about pairs whose
 boxes are apart along the asked axis (so the answer is clear to the eye).
@@ -27,34 +35,34 @@ boxes are apart along the asked axis (so the answer is clear to the eye).
 from __future__ import annotations
 
 import colorsys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .generator import (
-    COLOURS,
-    COVER_FRACTION,
-    GRID,
-    IMAGE_SIZE,
-    LABEL_CHARS,
-    MAX_OBJECTS,
-    NUMBERS,
-    PATCH,
-    PLURALS,
-    SHAPES,
-    Sample,
-    _draw_shape,
-    _font,
-    answer_words,
-    draw_heldout,
-    draw_questions,
-    render_set,
-)
-from .generator import vocabulary as v1_vocabulary
 from .strokes import draw_strokes
+
+IMAGE_SIZE = 336
+PATCH = 14
+GRID = IMAGE_SIZE // PATCH  # 24 patches a side -> 576 visual tokens
+COVER_FRACTION = 0.05
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 135, 20),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds", "cross": "crosses"}
+LABEL_CHARS = "23456789EHKX"
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
+FAMILIES = ("colour", "shape", "exist", "count", "position", "relation", "read")
+MAX_OBJECTS = 12
 
 SIZE_CLASSES: dict[str, tuple[int, int]] = {"small": (28, 42), "medium": (52, 70), "big": (82, 112)}
 ROWS = ("top", "middle", "bottom")
@@ -62,11 +70,16 @@ COLUMNS = ("left", "middle", "right")
 THIRD = IMAGE_SIZE / 3
 POSITION_MARGIN = 10  # px between an object's centre and a third's border for a position question
 BACKGROUNDS = ("plain", "gradient", "noise", "texture")
-HELDOUT_SEED = 30_000_000  # v2 held-out seeds; training seeds stay below 10,000,000 as in v1
+HELDOUT_SEED = 30_000_000  # held-out seeds; training seeds stay below 10,000,000
 CAPTION_PROMPTS = ("describe the picture .", "describe the image .", "what is in the picture ?",
                    "what do you see in the image ?")
 
-# Words v2 adds to v1's: paraphrases users type, size / position words, the caption's function words.
+# The words of the plainest questions, first in the vocabulary: their order fixes the embedded model's token ids.
+QUESTION_WORDS = (
+    "what", "colour", "is", "the", "shape", "object", "objects", "how", "many", "are", "there", "which", "row",
+    "column", "in", "left", "of", "above", "is", "there", "a", "written", "on", "label", "?", "small", "big",
+)
+# Words after the answers: paraphrases users type, size / position words, the caption's function words.
 EXTRA_WORDS = (
     "color", "colors", "colour", "colours", "shapes", "thing", "things", "one", "picture", "image", "this", "it",
     "its", "any", "do", "does", "you", "see", "can", "at", "to", "and", "or", "with", "right", "below", "under",
@@ -76,13 +89,28 @@ EXTRA_WORDS = (
 )
 
 
+@dataclass
+class Sample:
+    question: str
+    answer: str
+    family: str
+    evidence: list[int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def answer_words() -> list[str]:
+    """Every one-word answer a question can have."""
+    words = [*COLOURS, *SHAPES, "yes", "no", *NUMBERS, *ROWS, *COLUMNS]
+    words += [c.lower() for c in LABEL_CHARS]
+    return list(dict.fromkeys(words))
+
+
 def vocabulary() -> list[str]:
-    """v1's words first (same order), then v2's additions; answers are v1's answers plus size words."""
-    return list(dict.fromkeys([*v1_vocabulary(), *EXTRA_WORDS, "small", "big"]))
-
-
-def answer_vocabulary() -> list[str]:
-    return answer_words()
+    """Every word a question, an answer or a caption uses, in token-id order (the tokenizer adds specials and the
+    chat template's words): the plain question words, the plurals, the answers, then the paraphrase words."""
+    return list(dict.fromkeys([*QUESTION_WORDS, *PLURALS.values(), *answer_words(), *EXTRA_WORDS]))
 
 
 @dataclass
@@ -165,6 +193,35 @@ class Scene2:
 # ----------------------------------------------------------------------------------------------- scenes
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, px: int, fill) -> None:
+    x1, y1 = x0 + px - 1, y0 + px - 1
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=fill)
+    elif shape == "square":
+        m = px // 10
+        draw.rectangle([x0 + m, y0 + m, x1 - m, y1 - m], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    elif shape == "cross":
+        t = px // 6
+        draw.rectangle([x0, cy - t, x1, cy + t], fill=fill)
+        draw.rectangle([cx - t, y0, cx + t, y1], fill=fill)
+    else:
+        raise ValueError(shape)
+
+
+_FONT_CACHE: dict[int, ImageFont.FreeTypeFont] = {}
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    if size not in _FONT_CACHE:
+        _FONT_CACHE[size] = ImageFont.load_default(size=size)
+    return _FONT_CACHE[size]
+
+
 def _largest_class(n_objects: int) -> int:
     """Index into SIZE_CLASSES of the largest class used with `n_objects` (so that they fit)."""
     return 2 if n_objects <= 4 else 1
@@ -176,7 +233,7 @@ def _overlaps(box, boxes, gap: int) -> bool:
 
 
 def make_scene(seed: int, n_objects: int, with_label: bool) -> Scene2:
-    """A v2 scene: `n_objects` objects with distinct (colour, shape) pairs, anywhere, and maybe a label card."""
+    """A scene: `n_objects` objects with distinct (colour, shape) pairs, anywhere, and maybe a label card."""
     rng = np.random.default_rng([seed, 21])
     n_objects = int(min(max(n_objects, 1), MAX_OBJECTS))
     dark = bool(rng.random() < 0.35)
@@ -391,8 +448,9 @@ def items(scene: Scene2) -> list[int]:
 
 
 def patch_targets(scene: Scene2) -> np.ndarray:
-    """Per-patch classes (4 x 576) for the vision tower's auxiliary heads (as generator.patch_targets):
-    colour, shape, label character, object centre; 0 is background."""
+    """Per-patch classes (4 x 576) for the vision tower's auxiliary heads: colour, shape, label character, object
+    centre; 0 is background. A patch belongs to the item covering most of it (at least 30%); the centre row marks
+    one patch per item (the one under its middle), a clean per-object signal for counting."""
     out = np.zeros((4, GRID * GRID), dtype=np.int64)
     best = np.full(GRID * GRID, 0.3)
     for i in items(scene):
@@ -596,13 +654,41 @@ def training_scene(
     """A training scene (1..max_objects objects, a label half of the time) and up to `n_turns` questions."""
     rng = np.random.default_rng([seed, 23])
     scene = make_scene(seed, int(rng.integers(1, max_objects + 1)), with_label=bool(rng.random() < 0.5))
-    return scene, draw_questions(scene, rng, n_turns, family_weights, ask, same=lambda a, b: a.lower() == b.lower())
+    return scene, _draw_questions(scene, rng, n_turns, family_weights)
+
+
+def _draw_questions(scene: Scene2, rng: np.random.Generator, n_turns: int,
+                    family_weights: dict[str, float] | None) -> list[Sample]:
+    """Up to `n_turns` questions on `scene`, families drawn by weight (read only where there is a label, and once
+    a picture: repeats teach nothing new), no question asked twice (case aside)."""
+    weights = family_weights or {f: 1.0 for f in FAMILIES}
+    fams = [f for f in FAMILIES if weights.get(f, 0) > 0 and (f != "read" or scene.label is not None)]
+    p = np.array([weights[f] for f in fams], dtype=float)
+    p /= p.sum()
+    samples: list[Sample] = []
+    tries = 0
+    while len(samples) < n_turns and tries < n_turns * 10:
+        tries += 1
+        fam = fams[int(rng.choice(len(fams), p=p))]
+        if fam == "read" and any(s.family == "read" for s in samples):
+            continue
+        s = ask(scene, fam, rng)
+        if s is not None and all(s.question.lower() != t.question.lower() for t in samples):
+            samples.append(s)
+    return samples
 
 
 def heldout_sample(index: int, seed: int = HELDOUT_SEED) -> tuple[Scene2, Sample]:
-    """Held-out sample `index` of the v2 world: families round-robin, 1-12 objects."""
-    return draw_heldout(index, seed, 24, 1, make_scene, ask)
-
-
-def heldout_set(n: int, seed: int = HELDOUT_SEED) -> list[tuple[Image.Image, Sample]]:
-    return render_set(heldout_sample, render, n, seed)
+    """Held-out sample `index`: families round-robin, 1-12 objects, a label when the question reads one (and 30% of
+    the time otherwise); a scene the family cannot ask about is passed over for the next seed."""
+    family = FAMILIES[index % len(FAMILIES)]
+    k = 0
+    while True:
+        s = seed + index * 101 + k
+        rng = np.random.default_rng([s, 24])
+        scene = make_scene(s, int(rng.integers(1, MAX_OBJECTS + 1)),
+                           with_label=family == "read" or rng.random() < 0.3)
+        sample = ask(scene, family, rng)
+        if sample is not None:
+            return scene, sample
+        k += 1

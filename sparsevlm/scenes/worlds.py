@@ -1,11 +1,10 @@
-"""The three picture worlds behind one interface: held-out items, studio items and the objects behind the evidence.
+"""The picture worlds behind one interface: held-out items, studio items and the objects behind the evidence.
 
     from sparsevlm.scenes.worlds import heldout_item, studio_item, world_of_model
     item = heldout_item(0, world="v2")     # .image, .sample (question, answer, family, evidence), .target()
     item = studio_item(7, "count", "independent")
 
-- "v1": `generator.py`, the first generator (objects in a 6x6 layout of slots, two sizes);
-- "v2": `world.py`, the wider world the embedded model is trained on;
+- "v2": `world.py`, the world the embedded model is trained on;
 - "independent": `independent.py`, pictures drawn by separate code that no model trains on.
 
 Every world draws 336 px pictures and gives evidence patches on the same 24x24 grid (cells covered >= 5% by the
@@ -24,17 +23,17 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
-from . import generator, independent
+from . import independent
 from . import world as world_v2
-from .generator import FAMILIES, GRID, IMAGE_SIZE, PATCH, Sample
+from .world import COVER_FRACTION, FAMILIES, GRID, IMAGE_SIZE, MAX_OBJECTS, PATCH, Sample
 
-WORLDS = ("v1", "v2", "independent")
+WORLDS = ("v2", "independent")
 WORLD_LABELS = {
-    "v1": "v1: the first generator (slots, two sizes)",
-    "v2": "v2: the wider world (any size and place, paraphrases)",
+    "v2": "v2: the embedded model's world (any size and place, paraphrases)",
     "independent": "independent renderer: pictures no model was trained on",
 }
-DEFAULT_SEEDS = {"v1": generator.HELDOUT_SEED, "v2": world_v2.HELDOUT_SEED, "independent": independent.INDEPENDENT_SEED}
+DEFAULT_WORLD = "v2"  # the embedded model's: drawn for a model whose folder records no world of these
+DEFAULT_SEEDS = {"v2": world_v2.HELDOUT_SEED, "independent": independent.INDEPENDENT_SEED}
 assert GRID * PATCH == IMAGE_SIZE == independent.SIZE and independent.CELL == PATCH  # one grid for all worlds
 
 
@@ -51,21 +50,16 @@ def check_world(world: str) -> str:
 # Per world: its own scene maker, question asker, renderer, object list, mask of one object, and the object count
 # range the studio draws from. Lambdas only adapt names; every one calls the world's own code.
 _API: dict[str, SimpleNamespace] = {
-    "v1": SimpleNamespace(
-        make=lambda seed, n, label: generator.make_scene(seed, n, with_label=label),
-        ask=generator.ask, render=generator.render, objects=lambda s: s.objects,
-        mask=generator.object_mask, max_objects=generator.MAX_OBJECTS),
     "v2": SimpleNamespace(
         make=lambda seed, n, label: world_v2.make_scene(seed, n, with_label=label),
         ask=world_v2.ask, render=world_v2.render, objects=lambda s: s.objects,
-        mask=world_v2.object_mask, max_objects=generator.MAX_OBJECTS),
+        mask=world_v2.object_mask, max_objects=MAX_OBJECTS),
     "independent": SimpleNamespace(
         make=lambda seed, n, label: independent.make_independent_scene(seed, n, with_card=label),
         ask=independent.ask_independent, render=independent.render_independent, objects=lambda s: s.things,
         mask=independent._mask, max_objects=10),  # noqa: SLF001 - the renderer's own mask of one thing
 }
 _HELDOUT: dict[str, Callable[[int, int], tuple[object, Sample]]] = {
-    "v1": generator.heldout_sample,
     "v2": world_v2.heldout_sample,
     "independent": independent.independent_scene_sample,
 }
@@ -83,7 +77,7 @@ class EvidenceObject:
     def patches(self) -> list[int]:
         """Grid cells (row * 24 + col) the object covers >= 5%: the rule every world's evidence uses."""
         frac = self.mask.reshape(GRID, PATCH, GRID, PATCH).mean(axis=(1, 3)).reshape(-1)
-        return [int(j) for j in np.flatnonzero(frac >= generator.COVER_FRACTION)]
+        return [int(j) for j in np.flatnonzero(frac >= COVER_FRACTION)]
 
     def cover(self) -> np.ndarray:
         """(576,) fraction of each grid cell the object covers (core patches: >= 0.5)."""
@@ -116,14 +110,14 @@ class WorldItem:
         return None
 
 
-def heldout_item(index: int, seed: int | None = None, world: str = "v1") -> WorldItem:
+def heldout_item(index: int, seed: int | None = None, world: str = DEFAULT_WORLD) -> WorldItem:
     """Item `index` of a world's fixed held-out set (seed: the world's own by default)."""
     check_world(world)
     scene, sample = _HELDOUT[world](index, DEFAULT_SEEDS[world] if seed is None else seed)
     return WorldItem(world, _API[world].render(scene), sample, scene)
 
 
-def studio_item(seed: int, family: str, world: str = "v1") -> WorldItem:
+def studio_item(seed: int, family: str, world: str = DEFAULT_WORLD) -> WorldItem:
     """A scene of `world` with a question of `family`, deterministic from (seed, family, world): the app's scene
     studio. Object counts 1..the world's maximum, a label card 30% of the time (always for reading)."""
     check_world(world)
@@ -140,19 +134,22 @@ def studio_item(seed: int, family: str, world: str = "v1") -> WorldItem:
     raise WorldError(f"no {family} question found for seed {seed} in world {world}")
 
 
-def world_of_model(model_dir: str | Path | None) -> str:
-    """The world a scenes model was trained on: `training_state.json` key "world". Absent key or file -> "v1" (hub
-    models have no such file and no world of their own; the first generator's simple scenes suit them)."""
+def world_of_model(model_dir: str | Path | None) -> str | None:
+    """The world a scenes model was trained on: its folder's `training_state.json` key "world", when that names one
+    of `WORLDS`. None when the folder records none (a hub checkpoint has no such file: it was trained on none of
+    these worlds) or one this package no longer draws; callers then draw `DEFAULT_WORLD` and do not call it the
+    model's own."""
     if model_dir is None:
-        return "v1"
-    path = Path(model_dir) / "training_state.json"
+        return None
     try:
-        world = json.loads(path.read_text()).get("world", "v1")
+        world = json.loads((Path(model_dir) / "training_state.json").read_text()).get("world")
     except (OSError, ValueError, AttributeError):
-        return "v1"
-    return world if world in WORLDS else "v1"
+        return None
+    return world if world in WORLDS else None
 
 
-def world_order(first: str) -> list[str]:
-    """The worlds with `first` (a model's own) in front, the others in their usual order."""
-    return [first, *(w for w in WORLDS if w != first)] if first in WORLDS else list(WORLDS)
+def world_order(own: str | None) -> list[str]:
+    """The worlds with the model's own in front (`DEFAULT_WORLD` when it has none), the others in their usual
+    order."""
+    first = own if own in WORLDS else DEFAULT_WORLD
+    return [first, *(w for w in WORLDS if w != first)]
