@@ -3,6 +3,7 @@
     python -m app.speed --url http://127.0.0.1:7860 --n 20         # /explain on a running app
     python -m app.speed --compare --n 10                            # "Compare all methods", clicked on this app
     python -m app.speed --compare --url URL_A --url URL_B --n 10    # the same click on running apps, in turn
+    python -m app.speed --compare --serve ../other-checkout --serve . --n 10   # two checkouts' apps, in turn
     python -m app.speed --compare --engine --n 5                    # the model work alone: each method vs shared
 
 Drives /explain with gradio_client exactly as a user of the API would (upload, SparseVLM at budget 64, the dense
@@ -14,8 +15,10 @@ the request until the gallery, table and record arrive, plus fetching the galler
 browser does). Without --url it serves this checkout's app in this process on a free port (default: the embedded
 model) and also splits each click into its parts, timed inside the server: the model work, each renderer, the
 encoding of every output, and the rest (queue, events, transfer), with the payload's bytes. With one or more
---url it clicks running apps in turn (A B A B ...), so machine load hits each alike, and reports each one's
-figures and the ratio to the first, pair by pair.
+--url or --serve it clicks several apps in turn (A B A B ...), so machine load hits each alike, and reports each
+one's figures and the ratio to the first, pair by pair; an app --serve started (a checkout folder's `python -m
+app` in a subprocess) also reports its CPU time per click, which load from other programs inflates far less
+than the wall-clock time.
 
 --compare --engine times the model work of "Compare all methods" in this process, two ways side by side,
 interleaved: every method run alone (`pipeline.run` once per method: the image processed and encoded once per
@@ -27,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -238,6 +243,37 @@ def serve_here(model: str | None) -> tuple[str, Any, PartTimer]:
     return f"http://127.0.0.1:{port}/", demo, timer
 
 
+def serve_checkout(folder: str, model: str | None, threads: int | None, log: Path) -> tuple[str, subprocess.Popen]:
+    """`python -m app` of the checkout in `folder` on a free port, in a subprocess whose CPU time can be read."""
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "app", "--port", str(port), *(["--model", model] if model else [])]
+    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 900  # a busy machine can take minutes to import torch and gradio
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the app in {folder} exited early; its log: {log}")
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return url, proc
+        except OSError:
+            time.sleep(1)
+    proc.terminate()
+    raise SystemExit(f"the app in {folder} did not start in time; its log: {log}")
+
+
+def cpu_ms(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far, from /proc (None where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")
+
+
 def click_compare(client: Any, image: str, question: str, budget: int, max_new_tokens: int,
                   fetch: ThreadPoolExecutor) -> dict:
     """One "Compare all methods" click: the request, then the gallery's pictures fetched in parallel."""
@@ -266,28 +302,52 @@ def _stats(values: list[float]) -> dict:
 
 
 def click_bench(urls: list[str] | None, model: str | None, image: str, question: str, budget: int, n: int,
-                max_new_tokens: int) -> dict:
-    """--compare: N clicks (after one warm-up each) on this app served here, or in turn on running apps."""
+                max_new_tokens: int, serve: list[str] | None = None, threads: int | None = None) -> dict:
+    """--compare: N clicks (after one warm-up each) on this app served here, or in turn on the apps of the
+    checkouts in `serve` (started here in subprocesses: their CPU time per click is read too) and running `urls`."""
+    import tempfile
+
     import torch
     from gradio_client import Client
 
     demo, timer = None, None
-    if not urls:
-        url, demo, timer = serve_here(model)
-        targets = [url]
-    else:
-        targets = urls
+    procs: list[subprocess.Popen] = []
+    names: list[str] = []
     try:
+        if not urls and not serve:
+            url, demo, timer = serve_here(model)
+            targets, pids, names = [url], [None], ["this checkout, served here"]
+        else:
+            logs = Path(tempfile.mkdtemp(prefix="sparsevlm-speed-"))
+            targets, pids = [], []
+            for k, folder in enumerate(serve or []):
+                url, proc = serve_checkout(folder, model, threads, logs / f"app-{k}.log")
+                procs.append(proc)
+                targets.append(url)
+                pids.append(proc.pid)
+                names.append(str(Path(folder).resolve()))
+            targets += urls or []
+            pids += [None] * len(urls or [])
+            names += list(urls or [])
         clients = [Client(u, verbose=False, download_files=False) for u in targets]
+
+        def click(i: int, fetch: ThreadPoolExecutor) -> dict:
+            c0 = cpu_ms(pids[i]) if pids[i] else None
+            out = click_compare(clients[i], image, question, budget, max_new_tokens, fetch)
+            c1 = cpu_ms(pids[i]) if pids[i] else None
+            if c0 is not None and c1 is not None:
+                out["server_cpu_ms"] = c1 - c0
+            return out
+
         with ThreadPoolExecutor(6) as fetch:  # a browser fetches about six files at once from one host
-            for c in clients:  # warm-up
-                click_compare(c, image, question, budget, max_new_tokens, fetch)
+            for i in range(len(clients)):  # warm-up
+                click(i, fetch)
             if timer:
                 timer.take()
             clicks: list[list[dict]] = [[] for _ in targets]
             for _ in range(n):
-                for i, c in enumerate(clients):
-                    clicks[i].append(click_compare(c, image, question, budget, max_new_tokens, fetch))
+                for i in range(len(clients)):
+                    clicks[i].append(click(i, fetch))
                     if timer:
                         clicks[i][-1]["parts_ms"] = timer.take()
     finally:
@@ -295,14 +355,22 @@ def click_bench(urls: list[str] | None, model: str | None, image: str, question:
             timer.restore()
         if demo is not None:
             demo.close()
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     runs = []
-    for u, cs in zip(targets, clicks, strict=True):
+    for u, name, cs in zip(targets, names, clicks, strict=True):
         row: dict[str, Any] = {
-            "url": u, "click_ms": _stats([c["click_ms"] for c in cs]),
+            "app": name, "url": u, "click_ms": _stats([c["click_ms"] for c in cs]),
             "request_ms": _stats([c["request_ms"] for c in cs]), "pictures_ms": _stats([c["pictures_ms"] for c in cs]),
             "message_bytes": cs[-1]["message_bytes"] if cs else None,
             "picture_bytes": cs[-1]["picture_bytes"] if cs else None, "pictures": cs[-1]["pictures"] if cs else None,
         }
+        if cs and "server_cpu_ms" in cs[0]:
+            row["server_cpu_ms"] = _stats([c["server_cpu_ms"] for c in cs])
         if cs and "parts_ms" in cs[0]:
             parts = {part for c in cs for part in c["parts_ms"]}
             per = {p: [c["parts_ms"].get(p, 0.0) for c in cs] for p in parts}
@@ -321,12 +389,16 @@ def click_bench(urls: list[str] | None, model: str | None, image: str, question:
     first = clicks[0]
     for row, cs in zip(runs[1:], clicks[1:], strict=True):
         # pair by pair: click k of this app against click k of the first, taken one after the other
-        row["ratio_to_first_p50"] = round(percentile([b["click_ms"] / a["click_ms"] for a, b in zip(first, cs,
-                                                                                                    strict=True)], 0.5),
-                                          3)
+        row["ratio_to_first_p50"] = round(percentile([b["click_ms"] / a["click_ms"]
+                                                      for a, b in zip(first, cs, strict=True)], 0.5), 3)
+        if "server_cpu_ms" in row and "server_cpu_ms" in runs[0]:
+            row["server_cpu_ratio_to_first_p50"] = round(percentile(
+                [b["server_cpu_ms"] / a["server_cpu_ms"] for a, b in zip(first, cs, strict=True)
+                 if a["server_cpu_ms"] > 0], 0.5), 3)
     return {"what": "Compare all methods (/compare_view) clicked through gradio_client, pictures fetched in "
                     "parallel: client-side wall-clock ms, measured",
-            "served_here": demo is not None, "model": model or "embedded (assets/models/scenes-llava)",
+            "served_here": demo is not None, "server_threads": threads,
+            "model": model or "embedded (assets/models/scenes-llava)",
             "threads": torch.get_num_threads(), "image": image, "question": question, "budget": budget,
             "max_new_tokens": max_new_tokens, "n": n, "methods": clicks[0][-1]["methods"] if clicks[0] else [],
             "runs": runs}
@@ -336,12 +408,14 @@ def print_clicks(result: dict) -> None:
     print(f"{result['what']}; {len(result['methods'])} methods, n={result['n']} after one warm-up, "
           f"{result['threads']} torch threads{' (server in this process)' if result['served_here'] else ''}")
     print(f"{'app':<32}{'click p50':>11}{'p90':>9}{'min':>9}{'request p50':>13}{'pictures p50':>14}"
-          f"{'message KiB':>13}{'pictures KiB':>14}{'ratio':>8}")
+          f"{'message KiB':>13}{'pictures KiB':>14}{'ratio':>8}{'server CPU p50':>16}{'CPU ratio':>11}")
     for r in result["runs"]:
         ratio = f"{r['ratio_to_first_p50']:.3f}" if "ratio_to_first_p50" in r else "1"
-        print(f"{r['url']:<32}{r['click_ms']['p50']:>11.1f}{r['click_ms']['p90']:>9.1f}{r['click_ms']['min']:>9.1f}"
-              f"{r['request_ms']['p50']:>13.1f}{r['pictures_ms']['p50']:>14.1f}{r['message_bytes'] / 1024:>13.1f}"
-              f"{r['picture_bytes'] / 1024:>14.1f}{ratio:>8}")
+        cpu = f"{r['server_cpu_ms']['p50']:.0f}" if "server_cpu_ms" in r else "-"
+        cpu_ratio = f"{r['server_cpu_ratio_to_first_p50']:.3f}" if "server_cpu_ratio_to_first_p50" in r else "-"
+        print(f"{r['app'][-32:]:<32}{r['click_ms']['p50']:>11.1f}{r['click_ms']['p90']:>9.1f}"
+              f"{r['click_ms']['min']:>9.1f}{r['request_ms']['p50']:>13.1f}{r['pictures_ms']['p50']:>14.1f}"
+              f"{r['message_bytes'] / 1024:>13.1f}{r['picture_bytes'] / 1024:>14.1f}{ratio:>8}{cpu:>16}{cpu_ratio:>11}")
         if "parts_ms_p50" in r:
             total = r["click_ms"]["p50"] or 1.0
             print(f"  {'part of a click (p50 over clicks, measured)':<78}{'ms':>9}{'share':>8}")
@@ -363,10 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 8 (API), 16 with --compare (the page's)")
     p.add_argument("--json", dest="json_out", help="also write the result JSON here")
     p.add_argument("--compare", action="store_true", help="time a click on Compare all methods (see above)")
+    p.add_argument("--serve", action="append", default=None, metavar="CHECKOUT",
+                   help="with --compare: start the app of this checkout folder in a subprocess and click it (repeat "
+                        "to compare checkouts in turn; their CPU time per click is read too)")
     p.add_argument("--engine", action="store_true",
                    help="with --compare: the model work alone in this process, method by method and shared")
     p.add_argument("--model", default=None, help="with --compare and no --url: the model to load (default: embedded)")
-    p.add_argument("--threads", type=int, default=None, help="with --compare: torch threads here (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="with --compare: torch threads here and in the apps --serve starts (default: torch's)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1")
@@ -384,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             result = engine_bench(args.model, image, question, args.budget, args.n, max_new)
             show, ok = print_engine, result["decisions_identical"]
         else:
-            result = click_bench(args.url, args.model, image, question, args.budget, args.n, max_new)
+            result = click_bench(args.url, args.model, image, question, args.budget, args.n, max_new, args.serve,
+                                 args.threads)
             show, ok = print_clicks, True
         show(result)
         if args.json_out:
