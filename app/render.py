@@ -802,7 +802,9 @@ def latency_figure(pruned: PruneTrace, dense: PruneTrace | None) -> go.Figure:
         tops[col] = top / scale
         fig.update_yaxes(title_text=unit, row=1, col=col)
     fig.update_yaxes(title_text="ms", row=1, col=1)
-    fig.update_layout(height=340, barmode="group", legend={"orientation": "h", "y": -0.18}, **_layout_base())
+    # a taller top margin: the page's label badge sits over the chart's top-left corner, above the subplot titles
+    fig.update_layout(height=360, barmode="group", legend={"orientation": "h", "y": -0.18},
+                      **{**_layout_base(), "margin": {"l": 60, "r": 20, "t": 80, "b": 60}})
     # the value labels sit above the bars: each axis reaches LABEL_HEADROOM above its tallest bar
     for col, top in tops.items():
         fig.update_yaxes(range=[0, (top or 1.0) * (1 + LABEL_HEADROOM)], autorange=False, row=1, col=col)

@@ -226,6 +226,7 @@ def test_latency_chart_leaves_headroom_above_its_value_labels():
             lo, hi = fig.layout[axis].range
             assert fig.layout[axis].autorange is False and lo == 0
             assert hi >= top * (1 + render.LABEL_HEADROOM) and render.LABEL_HEADROOM >= 0.15, (axis, hi, top)
+        assert fig.layout.margin.t >= 70  # room for the page's label badge above the subplot titles
 
 
 def test_pictures_drawn_on_a_shared_canvas_equal_pictures_drawn_alone():
