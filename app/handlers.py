@@ -533,8 +533,7 @@ class Handlers:
         try:
             img, results, evidence = self.compare_runs(image, question, budget, max_new_tokens, model, scene,
                                                        progress)
-            gallery = [(render.render_layer(img, tr, render.final_layer(tr), max_side=384, evidence=evidence),
-                        render.method_label(m)) for m, tr, _ in results if tr is not None]
+            gallery = render.compare_pictures(img, results, evidence)
             table = render.compare_table_html(render.compare_rows(results, evidence))
             return gallery, table, compare_record(results, evidence)
         except Exception as exc:

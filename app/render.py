@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -216,29 +216,61 @@ def _evidence_mask(pmap: np.ndarray, evidence: Sequence[int] | None) -> np.ndarr
     return mask if mask.any() else None
 
 
+@dataclass(frozen=True)
+class Canvas:
+    """What every picture of one upload drawn at one size shares, whatever the method or layer: the upload at
+    display size, its patch map, the dimmed copies and the hatched margin. Built once (`canvas`) and reused by
+    render_layer, so ten methods' pictures or one picture per layer resize and map the upload once."""
+
+    key: tuple
+    arr: np.ndarray  # the upload, RGB uint8 at display size
+    pmap: np.ndarray  # patch per pixel, -1 outside the model's input
+    inside: np.ndarray  # pmap >= 0
+    dimmed: np.ndarray  # the upload as a pruned patch shows it
+    margin: np.ndarray  # the upload as the cropped-away margin shows it (dimmed, hatched)
+    edges: np.ndarray  # 1-px lines between patches (the faint token grid)
+
+
+def _canvas_key(image: Image.Image, trace: PruneTrace, max_side: int) -> tuple:
+    return (id(image), image.size, tuple(trace.image_size), tuple(trace.input_region), tuple(trace.grid), max_side)
+
+
+def canvas(image: Image.Image, trace: PruneTrace, max_side: int = DISPLAY_SIDE) -> Canvas:
+    """The shared part of every picture of `image` under traces of this geometry (size, crop, grid)."""
+    arr = _fit(image, trace, max_side)
+    h, w = arr.shape[:2]
+    pmap = patch_index_map(trace, (w, h))
+    inside = pmap >= 0
+    margin = _dim(arr, OUTSIDE_DIM)
+    margin[_hatch((h, w))] = 70
+    for a in (arr, pmap, inside, margin):
+        a.setflags(write=False)
+    return Canvas(key=_canvas_key(image, trace, max_side), arr=arr, pmap=pmap, inside=inside,
+                  dimmed=_dim(arr, PRUNED_DIM, 18), margin=margin, edges=_patch_edges(np.where(inside, pmap, -3)))
+
+
 def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: int = DISPLAY_SIDE,
-                 evidence: Sequence[int] | None = None) -> Image.Image:
+                 evidence: Sequence[int] | None = None, shared: Canvas | None = None) -> Image.Image:
     """The upload in its own aspect as decoder layer `layer` sees it.
 
     Kept patches are clear, pruned ones dimmed, each recycled cluster tinted and outlined in its own colour (its
     center marked with a dot); parts of the picture the processor cropped away are hatched. `evidence` (patch
     indices, e.g. a generated scene's ground truth; default: the trace's own `evidence` if it has one) is
-    outlined in white.
+    outlined in white. `shared`: a Canvas of this image, trace geometry and size (built here when absent or
+    built for another geometry); the picture is the same either way.
     """
-    arr = _fit(image, trace, max_side)
-    h, w = arr.shape[:2]
-    pmap = patch_index_map(trace, (w, h))
-    inside = pmap >= 0
+    cv = shared if shared is not None and shared.key == _canvas_key(image, trace, max_side) else canvas(
+        image, trace, max_side)
+    h, w = cv.arr.shape[:2]
     states = patch_states(trace, layer)
-    pix_state = np.where(inside, states[np.clip(pmap, 0, None)], -3)
+    pix_state = np.where(cv.inside, states[np.clip(cv.pmap, 0, None)], -3)
 
-    out = np.where((pix_state == PRUNED)[..., None], _dim(arr, PRUNED_DIM, 18), arr)
-    outside = pix_state == -3
-    out[outside] = _dim(arr, OUTSIDE_DIM)[outside]
-    out[outside & _hatch((h, w))] = 70
+    out = np.where((pix_state == PRUNED)[..., None], cv.dimmed, cv.arr)
+    outside = ~cv.inside
+    out[outside] = cv.margin[outside]
 
     # faint patch grid on the visible tokens, so "a token is a square" reads at a glance
-    grid = _patch_edges(np.where(inside, pmap, -3)) & (pix_state == KEPT)
+    grid = cv.edges & (pix_state == KEPT)
     out = _blend(out, np.full_like(out, 255), 0.25, grid)
 
     stage = trace.stage_for_layer(layer)
@@ -260,10 +292,23 @@ def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: in
             r = max(3, round((x1 - x0) / 5))
             cv2.circle(out, centre, r, CLUSTER_COLOURS[k % len(CLUSTER_COLOURS)], -1, cv2.LINE_AA)
             cv2.circle(out, centre, r, (0, 0, 0), 1, cv2.LINE_AA)
-    ev = _evidence_mask(pmap, evidence if evidence is not None else getattr(trace, "evidence", None))
+    ev = _evidence_mask(cv.pmap, evidence if evidence is not None else getattr(trace, "evidence", None))
     if ev is not None:
         out = draw_outline(np.ascontiguousarray(out), ev, EVIDENCE_RGB, 2, rim=True)
     return Image.fromarray(out)
+
+
+def render_layers(image: Image.Image, views: Sequence[tuple[PruneTrace, int]], max_side: int = DISPLAY_SIDE,
+                  evidence: Sequence[int] | None = None) -> list[Image.Image]:
+    """render_layer for each (trace, layer), the upload resized and mapped once for every trace of one geometry
+    (the methods of one request, the layers of one trace)."""
+    out: list[Image.Image] = []
+    shared: Canvas | None = None
+    for trace, layer in views:
+        if shared is None or shared.key != _canvas_key(image, trace, max_side):
+            shared = canvas(image, trace, max_side)
+        out.append(render_layer(image, trace, layer, max_side, evidence, shared))
+    return out
 
 
 def heatmap_stage(trace: PruneTrace, layer: int) -> Stage | None:
@@ -349,12 +394,10 @@ def caption_strip(img: Image.Image, text: str, height: int = 34) -> Image.Image:
 def animation_frames(image: Image.Image, trace: PruneTrace, max_side: int = 384,
                      evidence: Sequence[int] | None = None) -> list[Image.Image]:
     """One captioned picture per decoder layer: what it sees and how many visual tokens that is."""
-    frames = []
-    for layer in range(num_layers(trace)):
-        c = layer_counts(trace, layer)
-        pic = render_layer(image, trace, layer, max_side, evidence)
-        frames.append(caption_strip(pic, f"layer {layer}: {c['tokens']}/{trace.visual_tokens} visual tokens"))
-    return frames
+    layers = range(num_layers(trace))
+    pictures = render_layers(image, [(trace, layer) for layer in layers], max_side, evidence)
+    return [caption_strip(pic, f"layer {layer}: {layer_counts(trace, layer)['tokens']}/{trace.visual_tokens} visual "
+                               "tokens") for layer, pic in zip(layers, pictures, strict=True)]
 
 
 def pruning_animation(image: Image.Image, trace: PruneTrace, max_side: int = 384, frame_ms: int = 700,
@@ -721,6 +764,7 @@ def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
     return rows
 
 
+LABEL_HEADROOM = 0.22  # room above a bar chart's tallest bar for the value label printed over it
 LATENCY_HEADERS = ["quantity", "with pruning", "dense", "change", "unit", "how obtained"]
 
 
@@ -740,7 +784,8 @@ def latency_figure(pruned: PruneTrace, dense: PruneTrace | None) -> go.Figure:
         t = tr.timings_ms
         fig.add_bar(x=names, y=[t.prefill, t.decode_per_token, t.total], name=label, marker_color=colour,
                     legendgroup=label, row=1, col=1, texttemplate="%{y:.0f}", textposition="outside",
-                    hovertemplate="%{x}: %{y:.1f} ms (measured)<extra>" + label + "</extra>")
+                    cliponaxis=False, hovertemplate="%{x}: %{y:.1f} ms (measured)<extra>" + label + "</extra>")
+    tops = {1: max(max(t.timings_ms.prefill, t.timings_ms.decode_per_token, t.timings_ms.total) for _, t, _ in runs)}
     del tp
     for col, field, dense_field, fmt in ((2, "prefill_flops", "prefill_flops_dense", _flops),
                                          (3, "kv_bytes", "kv_bytes_dense", _bytes)):
@@ -752,14 +797,17 @@ def latency_figure(pruned: PruneTrace, dense: PruneTrace | None) -> go.Figure:
         scale = top / (v or 1)
         for lbl, b, c in bars:
             fig.add_bar(x=[lbl], y=[b / scale], marker_color=c, showlegend=False, row=1, col=col,
-                        texttemplate="%{y:.3g}", textposition="outside",
+                        texttemplate="%{y:.3g}", textposition="outside", cliponaxis=False,
                         hovertemplate="%{y:.4g} " + unit + " (computed)<extra></extra>")
+        tops[col] = top / scale
         fig.update_yaxes(title_text=unit, row=1, col=col)
     fig.update_yaxes(title_text="ms", row=1, col=1)
-    fig.update_layout(height=340, barmode="group", legend={"orientation": "h", "y": -0.18}, **_layout_base())
-    fig.update_yaxes(rangemode="tozero")
-    for ax in ("yaxis", "yaxis2", "yaxis3"):
-        fig.layout[ax].update(autorange=True)
+    # a taller top margin: the page's label badge sits over the chart's top-left corner, above the subplot titles
+    fig.update_layout(height=360, barmode="group", legend={"orientation": "h", "y": -0.18},
+                      **{**_layout_base(), "margin": {"l": 60, "r": 20, "t": 80, "b": 60}})
+    # the value labels sit above the bars: each axis reaches LABEL_HEADROOM above its tallest bar
+    for col, top in tops.items():
+        fig.update_yaxes(range=[0, (top or 1.0) * (1 + LABEL_HEADROOM)], autorange=False, row=1, col=col)
     return fig
 
 
@@ -828,6 +876,19 @@ def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]],
                      round(tr.timings_ms.prefill, 1), round(tr.timings_ms.total, 1), f"{f:.3g} {fu}",
                      f"{b:.3g} {bu}", recall_text(evidence_recall(tr, evidence)) if evidence is not None else ""])
     return rows
+
+
+COMPARE_SIDE = 256  # the compare gallery's pictures: the size a cell of its five columns shows on a wide page
+
+
+def compare_pictures(image: Image.Image, results: Sequence[tuple[str, PruneTrace | None, str]],
+                     evidence: Sequence[int] | None = None,
+                     max_side: int = COMPARE_SIDE) -> list[tuple[Image.Image, str]]:
+    """The compare gallery: per method that ran, what its last decoder layer sees, captioned with its label. The
+    upload is resized and mapped once for all of them (render_layers)."""
+    ran = [(m, tr) for m, tr, _ in results if tr is not None]
+    pictures = render_layers(image, [(tr, final_layer(tr)) for _, tr in ran], max_side, evidence)
+    return [(pic, method_label(m)) for (m, _), pic in zip(ran, pictures, strict=True)]
 
 
 # --- tables as the page shows them ----------------------------------------------------------------------------

@@ -1,27 +1,47 @@
-"""End-to-end speed of a running app: request -> every view returned, through the public API.
+"""End-to-end speed of the app: a request -> every view returned, through the public API.
 
-    python -m app.speed --url http://127.0.0.1:7860 --n 20
-    python -m app.speed --compare --n 5          # "Compare all methods", in this process, before / after
+    python -m app.speed --url http://127.0.0.1:7860 --n 20         # /explain on a running app
+    python -m app.speed --compare --n 10                            # "Compare all methods", clicked on this app
+    python -m app.speed --compare --url URL_A --url URL_B --n 10    # the same click on running apps, in turn
+    python -m app.speed --compare --serve ../other-checkout --serve . --n 10   # two checkouts' apps, in turn
+    python -m app.speed --compare --engine --n 5                    # the model work alone: each method vs shared
 
 Drives /explain with gradio_client exactly as a user of the API would (upload, SparseVLM at budget 64, the dense
 run for comparison, all renderers) and prints p50/p95 of the wall-clock time per request, then the same as JSON.
 Time is measured here, on the client; the first request (warm-up) is reported separately and left out.
 
---compare times "Compare all methods" on a model loaded here (default: the embedded one), two ways side by side,
-interleaved so machine load hits both alike: every method run alone (`pipeline.run` once per method: the image
-processed and encoded once per method) and one request (`pipeline.run_shared`: processor, vision tower +
-projector and shared raters once). Both add the page's compare renderers (last-layer picture per method, table,
-trace summaries); the decisions of both are checked to be identical.
+--compare clicks "Compare all methods" (/compare_view) the way the page does and times what a user waits for:
+the request until the gallery, table and record arrive, plus fetching the gallery's pictures (in parallel, as a
+browser does). Without --url it serves this checkout's app in this process on a free port (default: the embedded
+model) and also splits each click into its parts, timed inside the server: the model work, each renderer, the
+encoding of every output, and the rest (queue, events, transfer), with the payload's bytes. With one or more
+--url or --serve it clicks several apps in turn (A B A B ...), so machine load hits each alike, and reports each
+one's figures and the ratio to the first, pair by pair; an app --serve started (a checkout folder's `python -m
+app` in a subprocess) also reports its CPU time per click, which load from other programs inflates far less
+than the wall-clock time.
+
+--compare --engine times the model work of "Compare all methods" in this process, two ways side by side,
+interleaved: every method run alone (`pipeline.run` once per method: the image processed and encoded once per
+method) and one request (`pipeline.run_shared`: processor, vision tower + projector and shared raters once). Both
+add the page's compare renderers; the decisions of both are checked to be identical.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
+import subprocess
 import sys
+import threading
 import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,9 +66,10 @@ def default_example() -> tuple[str, str]:
     raise SystemExit("no --image given and assets/examples/examples.json is missing")
 
 
-def compare_bench(model: str | None, image_path: str, question: str, budget: int, n: int,
-                  max_new_tokens: int) -> dict:
-    """Wall-clock ms of "Compare all methods" done method by method and as one shared request (see --compare)."""
+def engine_bench(model: str | None, image_path: str, question: str, budget: int, n: int,
+                 max_new_tokens: int) -> dict:
+    """Wall-clock ms of "Compare all methods" done method by method and as one shared request (--compare
+    --engine)."""
     import torch
     from PIL import Image
 
@@ -79,9 +100,9 @@ def compare_bench(model: str | None, image_path: str, question: str, budget: int
     def views(results: list) -> None:  # what the page draws from the traces after the model work
         rows = [(c.method, r.trace, "") if isinstance(r, RunResult) else (c.method, None, str(r))
                 for c, r in zip(configs, results)]
+        render.compare_pictures(image, rows)
         for _, tr, _ in rows:
             if tr is not None:
-                render.render_layer(image, tr, render.final_layer(tr), max_side=384)
                 tr.summary()
         render.compare_table_html(render.compare_rows(rows))
 
@@ -126,7 +147,7 @@ def compare_bench(model: str | None, image_path: str, question: str, budget: int
     }
 
 
-def print_compare(result: dict) -> None:
+def print_engine(result: dict) -> None:
     print(f"Compare all methods ({len(result['methods'])} runs) on {result['model']}, {result['device']}, "
           f"{result['threads']} threads, n={result['n']}, measured wall-clock ms")
     print(f"{'way':<22}{'model p50':>11}{'views p50':>11}{'request p50':>13}{'request min':>13}{'CPU ms p50':>12}")
@@ -138,9 +159,276 @@ def print_compare(result: dict) -> None:
     print(json.dumps(result))
 
 
+# --- "Compare all methods", clicked ---------------------------------------------------------------------------
+# Parts of one click timed inside the server (when this process serves the app): (owner, attribute, part). The
+# owner is "handlers", "render" or a Gradio component class; a part missing from the code is left out.
+CLICK_PARTS: tuple[tuple[str, str, str], ...] = (
+    ("handlers", "compare_model_runs", "engine: model work (processor, vision tower + projector, raters, generate)"),
+    ("render", "compare_pictures", "render: last-layer picture per method"),
+    ("render", "compare_rows", "render: table rows"),
+    ("render", "compare_table_html", "render: table HTML"),
+    ("handlers", "compare_record", "render: /compare record (per-method summaries)"),
+    ("Gallery", "postprocess", "serialize: pictures encoded + cached"),
+    ("HTML", "postprocess", "serialize: table"),
+    ("JSON", "postprocess", "serialize: record"),
+)
+HANDLER = "handler total"
+
+
+class PartTimer:
+    """Wraps functions and methods in place to add up their wall-clock ms per part until `restore`; one click at a
+    time (the benchmark's clicks are sequential), so the sums belong to the click in flight."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, owner: Any, attr: str, part: str) -> None:
+        original = getattr(owner, attr, None)
+        if original is None:
+            return
+
+        def timed(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                with self._lock:
+                    self.ms[part] = self.ms.get(part, 0.0) + (time.perf_counter() - t0) * 1e3
+
+        self._undo.append((owner, attr, original))
+        setattr(owner, attr, timed)
+
+    def take(self) -> dict[str, float]:
+        with self._lock:
+            out, self.ms = self.ms, {}
+        return out
+
+    def restore(self) -> None:
+        for owner, attr, original in reversed(self._undo):
+            setattr(owner, attr, original)
+        self._undo.clear()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_here(model: str | None) -> tuple[str, Any, PartTimer]:
+    """This checkout's app on a free port in this process, its compare parts timed; returns (url, demo, timer)."""
+    import gradio as gr
+
+    from sparsevlm.loading import DEFAULT_MODEL, ModelAccess, ModelCache, resolve
+
+    from . import handlers, layout, render
+
+    timer = PartTimer()
+    owners = {"handlers": handlers, "render": render, "Gallery": gr.Gallery, "HTML": gr.HTML, "JSON": gr.JSON}
+    for owner, attr, part in CLICK_PARTS:
+        timer.wrap(owners[owner], attr, part)
+    timer.wrap(handlers.Handlers, "compare_view", HANDLER)  # before the page binds it
+    name = model or DEFAULT_MODEL
+    access = ModelAccess.for_server(name)
+    models = ModelCache(None, access=access)
+    key = ModelCache.key(resolve(name, access))
+    models.get(key)
+    demo = layout.build_app(models, key, examples=handlers.load_examples())
+    demo.queue(default_concurrency_limit=1)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
+                **layout.launch_kwargs())
+    return f"http://127.0.0.1:{port}/", demo, timer
+
+
+def serve_checkout(folder: str, model: str | None, threads: int | None, log: Path) -> tuple[str, subprocess.Popen]:
+    """`python -m app` of the checkout in `folder` on a free port, in a subprocess whose CPU time can be read."""
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "app", "--port", str(port), *(["--model", model] if model else [])]
+    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 900  # a busy machine can take minutes to import torch and gradio
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the app in {folder} exited early; its log: {log}")
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return url, proc
+        except OSError:
+            time.sleep(1)
+    proc.terminate()
+    raise SystemExit(f"the app in {folder} did not start in time; its log: {log}")
+
+
+def cpu_ms(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far, from /proc (None where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")
+
+
+def click_compare(client: Any, image: str, question: str, budget: int, max_new_tokens: int,
+                  fetch: ThreadPoolExecutor) -> dict:
+    """One "Compare all methods" click: the request, then the gallery's pictures fetched in parallel."""
+    from gradio_client import handle_file
+
+    t0 = time.perf_counter()
+    gallery, table, record = client.predict(handle_file(image), question, budget, max_new_tokens,
+                                            api_name="/compare_view")
+    t1 = time.perf_counter()
+    urls = [g["image"]["url"] for g in gallery]
+
+    def get(url: str) -> int:
+        with urllib.request.urlopen(url, timeout=120) as r:
+            return len(r.read())
+
+    sizes = list(fetch.map(get, urls))
+    t2 = time.perf_counter()
+    return {"click_ms": (t2 - t0) * 1e3, "request_ms": (t1 - t0) * 1e3, "pictures_ms": (t2 - t1) * 1e3,
+            "message_bytes": len(json.dumps([gallery, table, record]).encode()), "picture_bytes": sum(sizes),
+            "pictures": len(sizes), "methods": [r["method"] for r in record]}
+
+
+def _stats(values: list[float]) -> dict:
+    return {"p50": round(percentile(values, 0.5), 1), "p90": round(percentile(values, 0.9), 1),
+            "min": round(min(values), 1) if values else None}
+
+
+def click_bench(urls: list[str] | None, model: str | None, image: str, question: str, budget: int, n: int,
+                max_new_tokens: int, serve: list[str] | None = None, threads: int | None = None) -> dict:
+    """--compare: N clicks (after one warm-up each) on this app served here, or in turn on the apps of the
+    checkouts in `serve` (started here in subprocesses: their CPU time per click is read too) and running `urls`."""
+    import tempfile
+
+    import torch
+    from gradio_client import Client
+
+    demo, timer = None, None
+    procs: list[subprocess.Popen] = []
+    names: list[str] = []
+    try:
+        if not urls and not serve:
+            url, demo, timer = serve_here(model)
+            targets, pids, names = [url], [None], ["this checkout, served here"]
+        else:
+            logs = Path(tempfile.mkdtemp(prefix="sparsevlm-speed-"))
+            targets, pids = [], []
+            for k, folder in enumerate(serve or []):
+                url, proc = serve_checkout(folder, model, threads, logs / f"app-{k}.log")
+                procs.append(proc)
+                targets.append(url)
+                pids.append(proc.pid)
+                names.append(str(Path(folder).resolve()))
+            targets += urls or []
+            pids += [None] * len(urls or [])
+            names += list(urls or [])
+        clients = [Client(u, verbose=False, download_files=False) for u in targets]
+
+        def click(i: int, fetch: ThreadPoolExecutor) -> dict:
+            c0 = cpu_ms(pids[i]) if pids[i] else None
+            out = click_compare(clients[i], image, question, budget, max_new_tokens, fetch)
+            c1 = cpu_ms(pids[i]) if pids[i] else None
+            if c0 is not None and c1 is not None:
+                out["server_cpu_ms"] = c1 - c0
+            return out
+
+        with ThreadPoolExecutor(6) as fetch:  # a browser fetches about six files at once from one host
+            for i in range(len(clients)):  # warm-up
+                click(i, fetch)
+            if timer:
+                timer.take()
+            clicks: list[list[dict]] = [[] for _ in targets]
+            for _ in range(n):
+                for i in range(len(clients)):
+                    clicks[i].append(click(i, fetch))
+                    if timer:
+                        clicks[i][-1]["parts_ms"] = timer.take()
+    finally:
+        if timer:
+            timer.restore()
+        if demo is not None:
+            demo.close()
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    runs = []
+    for u, name, cs in zip(targets, names, clicks, strict=True):
+        row: dict[str, Any] = {
+            "app": name, "url": u, "click_ms": _stats([c["click_ms"] for c in cs]),
+            "request_ms": _stats([c["request_ms"] for c in cs]), "pictures_ms": _stats([c["pictures_ms"] for c in cs]),
+            "message_bytes": cs[-1]["message_bytes"] if cs else None,
+            "picture_bytes": cs[-1]["picture_bytes"] if cs else None, "pictures": cs[-1]["pictures"] if cs else None,
+        }
+        if cs and "server_cpu_ms" in cs[0]:
+            row["server_cpu_ms"] = _stats([c["server_cpu_ms"] for c in cs])
+        if cs and "parts_ms" in cs[0]:
+            parts = {part for c in cs for part in c["parts_ms"]}
+            per = {p: [c["parts_ms"].get(p, 0.0) for c in cs] for p in parts}
+            inner = [sum(v for p, v in c["parts_ms"].items() if p != HANDLER and not p.startswith("serialize"))
+                     for c in cs]
+            serialize = [sum(v for p, v in c["parts_ms"].items() if p.startswith("serialize")) for c in cs]
+            per["handler: other (inputs, traces as data, progress)"] = [
+                c["parts_ms"].get(HANDLER, 0.0) - x for c, x in zip(cs, inner, strict=True)]
+            per["transfer: queue, events, upload, picture fetches"] = [
+                c["click_ms"] - c["parts_ms"].get(HANDLER, 0.0) - s for c, s in zip(cs, serialize, strict=True)]
+            order = [part for _, _, part in CLICK_PARTS] + ["handler: other (inputs, traces as data, progress)",
+                                                             "transfer: queue, events, upload, picture fetches"]
+            row["parts_ms_p50"] = {p: round(percentile(per[p], 0.5), 1) for p in order if p in per}
+            row["handler_ms_p50"] = round(percentile(per.get(HANDLER, []), 0.5), 1)
+        runs.append(row)
+    first = clicks[0]
+    for row, cs in zip(runs[1:], clicks[1:], strict=True):
+        # pair by pair: click k of this app against click k of the first, taken one after the other
+        row["ratio_to_first_p50"] = round(percentile([b["click_ms"] / a["click_ms"]
+                                                      for a, b in zip(first, cs, strict=True)], 0.5), 3)
+        if "server_cpu_ms" in row and "server_cpu_ms" in runs[0]:
+            row["server_cpu_ratio_to_first_p50"] = round(percentile(
+                [b["server_cpu_ms"] / a["server_cpu_ms"] for a, b in zip(first, cs, strict=True)
+                 if a["server_cpu_ms"] > 0], 0.5), 3)
+    return {"what": "Compare all methods (/compare_view) clicked through gradio_client, pictures fetched in "
+                    "parallel: client-side wall-clock ms, measured",
+            "served_here": demo is not None, "server_threads": threads,
+            "model": model or "embedded (assets/models/scenes-llava)",
+            "threads": torch.get_num_threads(), "image": image, "question": question, "budget": budget,
+            "max_new_tokens": max_new_tokens, "n": n, "methods": clicks[0][-1]["methods"] if clicks[0] else [],
+            "runs": runs}
+
+
+def print_clicks(result: dict) -> None:
+    print(f"{result['what']}; {len(result['methods'])} methods, n={result['n']} after one warm-up, "
+          f"{result['threads']} torch threads{' (server in this process)' if result['served_here'] else ''}")
+    print(f"{'app':<32}{'click p50':>11}{'p90':>9}{'min':>9}{'request p50':>13}{'pictures p50':>14}"
+          f"{'message KiB':>13}{'pictures KiB':>14}{'ratio':>8}{'server CPU p50':>16}{'CPU ratio':>11}")
+    for r in result["runs"]:
+        ratio = f"{r['ratio_to_first_p50']:.3f}" if "ratio_to_first_p50" in r else "1"
+        cpu = f"{r['server_cpu_ms']['p50']:.0f}" if "server_cpu_ms" in r else "-"
+        cpu_ratio = f"{r['server_cpu_ratio_to_first_p50']:.3f}" if "server_cpu_ratio_to_first_p50" in r else "-"
+        print(f"{r['app'][-32:]:<32}{r['click_ms']['p50']:>11.1f}{r['click_ms']['p90']:>9.1f}"
+              f"{r['click_ms']['min']:>9.1f}{r['request_ms']['p50']:>13.1f}{r['pictures_ms']['p50']:>14.1f}"
+              f"{r['message_bytes'] / 1024:>13.1f}{r['picture_bytes'] / 1024:>14.1f}{ratio:>8}{cpu:>16}{cpu_ratio:>11}")
+        if "parts_ms_p50" in r:
+            total = r["click_ms"]["p50"] or 1.0
+            print(f"  {'part of a click (p50 over clicks, measured)':<78}{'ms':>9}{'share':>8}")
+            for part, ms in r["parts_ms_p50"].items():
+                print(f"  {part:<78}{ms:>9.1f}{ms / total:>8.0%}")
+    print(json.dumps(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m app.speed", description=__doc__.split("\n")[0])
-    p.add_argument("--url", default="http://127.0.0.1:7860")
+    p.add_argument("--url", action="append", default=None,
+                   help="a running app (default http://127.0.0.1:7860); with --compare, repeat it to click several "
+                        "apps in turn, or leave it out to serve this checkout's app here")
     p.add_argument("--n", type=int, default=20, help="timed requests (after one warm-up)")
     p.add_argument("--image", help="image file (default: the first bundled example)")
     p.add_argument("--question", help="question (default: the example's)")
@@ -148,32 +436,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 8 (API), 16 with --compare (the page's)")
     p.add_argument("--json", dest="json_out", help="also write the result JSON here")
-    p.add_argument("--compare", action="store_true",
-                   help="time Compare all methods in this process, method by method and as one shared request")
-    p.add_argument("--model", default=None, help="with --compare: model to load (default: the embedded model)")
-    p.add_argument("--threads", type=int, default=None, help="with --compare: torch threads (default: torch's)")
+    p.add_argument("--compare", action="store_true", help="time a click on Compare all methods (see above)")
+    p.add_argument("--serve", action="append", default=None, metavar="CHECKOUT",
+                   help="with --compare: start the app of this checkout folder in a subprocess and click it (repeat "
+                        "to compare checkouts in turn; their CPU time per click is read too)")
+    p.add_argument("--engine", action="store_true",
+                   help="with --compare: the model work alone in this process, method by method and shared")
+    p.add_argument("--model", default=None, help="with --compare and no --url: the model to load (default: embedded)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="with --compare: torch threads here and in the apps --serve starts (default: torch's)")
     args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be at least 1")
 
+    image, question = (args.image, args.question) if args.image else default_example()
+    question = args.question or question
     if args.compare:
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        image, question = (args.image, args.question) if args.image else default_example()
-        result = compare_bench(args.model, image, args.question or question, args.budget, args.n,
-                               16 if args.max_new_tokens is None else args.max_new_tokens)
-        print_compare(result)
+        max_new = 16 if args.max_new_tokens is None else args.max_new_tokens
+        show: Callable[[dict], None]
+        if args.engine:
+            result = engine_bench(args.model, image, question, args.budget, args.n, max_new)
+            show, ok = print_engine, result["decisions_identical"]
+        else:
+            result = click_bench(args.url, args.model, image, question, args.budget, args.n, max_new, args.serve,
+                                 args.threads)
+            show, ok = print_clicks, True
+        show(result)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(result, indent=1))
-        return 0 if result["decisions_identical"] else 1
+        return 0 if ok else 1
 
+    url = (args.url or ["http://127.0.0.1:7860"])[0]
     from gradio_client import Client, handle_file
 
     max_new = 8 if args.max_new_tokens is None else args.max_new_tokens
 
-    image, question = (args.image, args.question) if args.image else default_example()
-    question = args.question or question
-    client = Client(args.url, verbose=False)
+    client = Client(url, verbose=False)
 
     def once() -> tuple[float, dict]:
         t0 = time.perf_counter()
@@ -190,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         if summary.get("dense_trace"):
             prefill_dense.append(summary["dense_trace"]["timings_ms"]["prefill"])
     result = {
-        "url": args.url,
+        "url": url,
         "model": summary["trace"]["model"].get("name"),
         "device": summary["trace"]["model"].get("device"),
         "method": args.method,

@@ -207,6 +207,57 @@ def test_latency_rows_label_everything():
     assert any("measured" in t and "ms" in t for t in titles) and sum("computed" in t for t in titles) == 2
 
 
+def test_latency_chart_leaves_headroom_above_its_value_labels():
+    """Each bar's value label sits above the bar (textposition outside): every y axis reaches at least
+    LABEL_HEADROOM above its tallest bar, so no label touches the top of the plot."""
+    tr = make_trace()
+    dense = make_trace()
+    dense.method, dense.stages = "dense", []
+    dense.timings_ms = Timings(vision=20, prefill=200, decode_per_token=12, decode_tokens=2, total=230)
+    for d in (dense, None):
+        fig = render.latency_figure(tr, d)
+        tops: dict[str, float] = {}
+        for bar in fig.data:
+            assert bar.textposition == "outside" and bar.cliponaxis is False
+            axis = "yaxis" + (bar.yaxis or "y")[1:]
+            tops[axis] = max(tops.get(axis, 0.0), *bar.y)
+        assert set(tops) == {"yaxis", "yaxis2", "yaxis3"}
+        for axis, top in tops.items():
+            lo, hi = fig.layout[axis].range
+            assert fig.layout[axis].autorange is False and lo == 0
+            assert hi >= top * (1 + render.LABEL_HEADROOM) and render.LABEL_HEADROOM >= 0.15, (axis, hi, top)
+        assert fig.layout.margin.t >= 70  # room for the page's label badge above the subplot titles
+
+
+def test_pictures_drawn_on_a_shared_canvas_equal_pictures_drawn_alone():
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (480, 640, 3), dtype=np.uint8))
+    tr = make_trace()
+    other = make_trace(input_region=(0.0, -80.0, 640.0, 560.0))  # another crop: its own canvas
+    views = [(tr, layer) for layer in (0, 2, 3, 7, 16, 31)] + [(other, 3), (tr, 20)]
+    alone = [np.asarray(render.render_layer(img, t, layer, 300, [0, 1, 24])) for t, layer in views]
+    shared = [np.asarray(p) for p in render.render_layers(img, views, 300, [0, 1, 24])]
+    assert all(np.array_equal(a, b) for a, b in zip(alone, shared, strict=True))
+    assert not np.array_equal(alone[2], alone[6])  # same layer, other crop: a different picture
+    # a canvas built for another geometry or size is not used for this one
+    wrong = render.canvas(img, other, 300)
+    assert np.array_equal(np.asarray(render.render_layer(img, tr, 3, 300, [0, 1, 24], shared=wrong)), alone[2])
+    small = render.canvas(img, tr, 200)
+    assert np.array_equal(np.asarray(render.render_layer(img, tr, 3, 300, [0, 1, 24], shared=small)), alone[2])
+
+
+def test_compare_pictures_one_per_method_that_ran_at_the_gallery_size():
+    img = white()
+    tr = make_trace()
+    dense = make_trace()
+    dense.method, dense.stages = "dense", []
+    results = [("dense", dense, ""), ("sparsevlm", tr, ""), ("visionzip", None, "needs [CLS]")]
+    pictures = render.compare_pictures(img, results, evidence=[0, 1])
+    assert [c for _, c in pictures] == [render.method_label("dense"), render.method_label("sparsevlm")]
+    assert all(max(p.size) == render.COMPARE_SIDE for p, _ in pictures)
+    want = render.render_layer(img, tr, render.final_layer(tr), render.COMPARE_SIDE, [0, 1])
+    assert np.array_equal(np.asarray(pictures[1][0]), np.asarray(want))
+
+
 def test_answer_markdown_agreement():
     tr = make_trace()
     dense = make_trace()
