@@ -18,10 +18,11 @@
 #   7. regenerate the one-click examples from the model's world.
 # --dest DIR: DIR stands in for assets/ (DIR/models/..., DIR/examples; the staging folder is DIR/staging); when
 #   DIR has no model yet it gets a copy of today's assets/models/scenes-llava to replace.
-# --quick: small n (N_EVAL, N_LIKE; default 14 and 7), the gate reports but does not stop; needs --dest.
+# --quick: small n (N_EVAL, N_LIKE, N_TOWER; default 14, 7 and 4), the gate reports but does not stop; needs --dest.
 # --below-bars: full n, the gate reports but does not stop: a deliberate install of a model that misses some
 #   bars; the model card says "not met" and names them.
-# Environment: THREADS (torch threads, default 1), N_EVAL, N_LIKE, NICE (default 15), PYTHON (default python).
+# Environment: THREADS (torch threads, default 1), N_EVAL, N_LIKE, N_TOWER (the tower's pictures in likeness,
+#   default 120), NICE (default 15), PYTHON (default python).
 set -euo pipefail
 CALLER=$PWD
 cd "$(dirname "$0")/.."
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
     --dest) [ $# -ge 2 ] || usage; DEST=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
     --below-bars) BELOW=1; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     -*) usage ;;
     *) [ -z "$CKPT" ] || usage; CKPT=$1; shift ;;
   esac
@@ -50,7 +51,8 @@ abs() { case "$1" in /*|"") echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }  # path
 THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS PYTHONHASHSEED=0  # the generators' exist-no questions depend on the hash seed
 PY="nice -n ${NICE:-15} ${PYTHON:-python}"
-if [ $QUICK = 1 ]; then N_EVAL=${N_EVAL:-14} N_LIKE=${N_LIKE:-7}; else N_EVAL=${N_EVAL:-3000} N_LIKE=${N_LIKE:-1050}; fi
+if [ $QUICK = 1 ]; then N_EVAL=${N_EVAL:-14} N_LIKE=${N_LIKE:-7} N_TOWER=${N_TOWER:-4}
+else N_EVAL=${N_EVAL:-3000} N_LIKE=${N_LIKE:-1050} N_TOWER=${N_TOWER:-120}; fi
 LIKENESS_FILE=likeness_1050.json  # the installed model's own summary (sparsevlm/presets.py quotes it)
 
 if [ -n "$DEST" ]; then
@@ -87,7 +89,7 @@ json_step "$STAGE/eval_independent_$N_EVAL.json" \
   $PY -m training.evaluate --model "$STAGE" --world independent --n "$N_EVAL" --threads "$THREADS" --json
 
 # 3. likeness, and beside the installed model's
-json_step "$STAGE/likeness_$N_LIKE.json" $PY -m training.likeness --model "$STAGE" --n "$N_LIKE" \
+json_step "$STAGE/likeness_$N_LIKE.json" $PY -m training.likeness --model "$STAGE" --n "$N_LIKE" --tower-n "$N_TOWER" \
   --threads "$THREADS" --md "$STAGE/likeness_$N_LIKE.md" --json > /dev/null
 if [ ! -f "$STAGE/likeness_previous.json" ] && [ -f "$NEW/$LIKENESS_FILE" ] \
    && ! cmp -s "$STAGE/model.safetensors" "$NEW/model.safetensors"; then

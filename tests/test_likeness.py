@@ -134,7 +134,8 @@ def test_ratio_error_is_the_binomial_error_for_one_token_per_question():
 # --- the CLI -------------------------------------------------------------------------------------------------------
 def test_cli_runs_on_a_few_questions(tmp_path, capsys):
     out_json, out_md = tmp_path / "l.json", tmp_path / "l.md"
-    rc = L.main(["--model", str(MODEL), "--n", "7", "--json", str(out_json), "--md", str(out_md), "--records"])
+    rc = L.main(["--model", str(MODEL), "--n", "7", "--json", str(out_json), "--md", str(out_md), "--records",
+                 "--tower-n", "4"])
     assert rc == 0
     data = json.loads(out_json.read_text())
     s = data["summary"]
@@ -151,6 +152,11 @@ def test_cli_runs_on_a_few_questions(tmp_path, capsys):
     md = out_md.read_text()
     assert "| word class | share of raters" in md and "| token type | layer 2 | layer 6 | layer 15 |" in md
     assert "share of raters" in capsys.readouterr().out
+    tower = s["tower"]
+    assert tower["cls"]["n"] == 4 and tower["decoder"]["n"] == 2
+    assert 0.0 <= tower["cls"]["cls_top64_evidence_recall"] <= 1.0 and tower["cls"]["cls_object_attention_vs_area"] > 0
+    assert "unavailable" in tower["retrieval"]  # the installed export records no contrastive head
+    assert "## 4. The vision tower" in md and "[CLS] top-64 evidence recall" in md
 
 
 def test_cli_bad_model_is_a_message(tmp_path, capsys):
@@ -252,8 +258,9 @@ def test_results_on_the_installed_model_are_those_recorded_in_tests_data(tmp_pat
 @pytest.mark.parametrize("world", ["v2", "independent"])
 def test_cli_measures_another_world_and_compares_two_summaries(world, tmp_path, capsys):
     a, b, md = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "cmp.md"
-    assert L.main(["--model", str(MODEL), "--n", "7", "--json", str(a)]) == 0
-    assert L.main(["--model", str(MODEL), "--n", "7", "--world", world, "--json", str(b), "--records"]) == 0
+    assert L.main(["--model", str(MODEL), "--n", "7", "--json", str(a), "--tower-n", "0"]) == 0
+    assert L.main(["--model", str(MODEL), "--n", "7", "--world", world, "--json", str(b), "--records",
+                   "--tower-n", "0"]) == 0
     data = json.loads(b.read_text())
     assert data["summary"]["world"] == world and len(data["records"]) == 7
     from sparsevlm.scenes.worlds import heldout_item

@@ -692,7 +692,7 @@ def to_json(summary: dict, records: list[QuestionRecord] | None = None) -> str:
 
 
 def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_every: int = 0,
-        world: str | None = None) -> tuple[dict, list]:
+        world: str | None = None, tower_n: int = 120) -> tuple[dict, list]:
     """Load the model, measure `n` held-out questions of `world` (default: the model's own, `world_of_model`), and
     summarize. Returns (summary, per-question records)."""
     from sparsevlm.loading import load_model
@@ -719,18 +719,20 @@ def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_ev
     summary["python_hash_seed"] = os.environ.get("PYTHONHASHSEED", "random")
     summary.update(model=model_path, world=world, seed=seed, visual=m.visual, seconds=round(time.time() - t0, 1),
                    threads=torch.get_num_threads(), attention_rows="recomputed from q/k (SDPA model), not eager")
-    summary["tower"] = tower_figures(loaded.model, loaded.processor, model_path)
+    if tower_n > 0:  # the tower's figures on their own pictures (`--tower-n`; the decoder's on half as many)
+        summary["tower"] = tower_figures(loaded.model, loaded.processor, model_path, tower_n, max(1, tower_n // 2))
     return summary, records
 
 
-def add_tower(model_path: str, summary_file: str, command: str = "") -> dict:
+def add_tower(model_path: str, summary_file: str, command: str = "", tower_n: int = 120) -> dict:
     """Measure `model_path`'s tower figures (`clip_tower.tower_figures`) into an existing `--json` file's summary
     (a model measured before they were part of the report); the file's other contents are kept."""
     from sparsevlm.loading import load_model
 
     doc = json.loads(Path(summary_file).read_text())
     loaded = load_model(model_path, device="cpu", dtype="float32")
-    doc["summary"]["tower"] = tower_figures(loaded.model, loaded.processor, model_path) | {"command": command}
+    doc["summary"]["tower"] = (tower_figures(loaded.model, loaded.processor, model_path, tower_n, max(1, tower_n // 2))
+                               | {"command": command})
     Path(summary_file).write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
     return doc["summary"]["tower"]
 
@@ -778,6 +780,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the summary (and with --records, per question) here")
     p.add_argument("--records", action="store_true", help="add every question's measurements to the JSON (~1 kB each)")
     p.add_argument("--md", default=None, help="write the markdown report here")
+    p.add_argument("--tower-n", type=int, default=120,
+                   help="pictures for the tower's [CLS] figures (the decoder's attention figures use half as many "
+                        "questions; 0: leave the tower out)")
     p.add_argument("--add-tower", metavar="SUMMARY.json", default=None,
                    help="no questions: measure --model's tower figures into this earlier --json file")
     args = p.parse_args(argv)
@@ -785,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, args.threads))
         try:
             tower = add_tower(args.model, args.add_tower,
-                              " ".join(["python -m training.likeness", *(sys.argv[1:] if argv is None else argv)]))
+                              " ".join(["python -m training.likeness", *(sys.argv[1:] if argv is None else argv)]),
+                              tower_n=max(1, args.tower_n))
             print(json.dumps(tower, indent=1))
         except (OSError, ValueError, KeyError, SparseVLMError) as e:
             print(f"error: --add-tower: {e}", file=sys.stderr)
@@ -809,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     command = " ".join(["python -m training.likeness", *(sys.argv[1:] if argv is None else argv)])
     try:
-        summary, records = run(args.model, args.n, args.seed, args.top_k, log_every=25, world=args.world)
+        summary, records = run(args.model, args.n, args.seed, args.top_k, log_every=25, world=args.world,
+                               tower_n=args.tower_n)
     except SparseVLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
