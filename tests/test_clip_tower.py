@@ -131,7 +131,7 @@ def test_clip_loss_reaches_the_cls_path_and_the_temperature(tokenizer):
                                        tinted=0.0)
     assert len(caps) == 4 and px.shape == (4, 3, 336, 336)
     loss, top1 = head.loss(model.model.vision_tower, px, caps)
-    assert 0.0 <= top1 <= 1.0 and float(loss) > 0
+    assert 0.0 <= top1 <= 1.0 and float(loss.detach()) > 0
     loss.backward()
     vm = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
     for p in (vm.post_layernorm.weight, vm.embeddings.class_embedding, vm.encoder.layers[0].self_attn.q_proj.weight,

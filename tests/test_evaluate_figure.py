@@ -54,7 +54,7 @@ def test_intervals_and_the_ordering_on_known_hits():
                 "equal_tokens_output": 64.0, "per_family": {}, "evidence_recall_last": None,
                 "evidence_recall_direct": None, "evidence_recall_layers": None}
 
-    result = {"rows": [row("a", worse), row("b", better), row("c", slight)], "questions": 100, "seed": 1,
+    result = {"rows": [row("a", worse), row("b", better), row("c", slight)], "questions": 100, "seed": 1, "world": "v2",
               "seconds": 1.0, "model": {"name": "m", "architecture": "x", "decoder_layers": 2, "visual_tokens": 576,
                                         "device": "cpu"}}
     order = ordering(result, 64, "paper")
