@@ -162,10 +162,16 @@ def _clip_phase(tmp_path, tokenizer, steps: int = 2):
     return out / "checkpoint.pt", before
 
 
-def test_clip_phase_trains_the_tower_alone(tmp_path, tokenizer):
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory, tokenizer):
+    """One short `--phase clip` run, shared by the tests that read its checkpoint."""
+    return _clip_phase(tmp_path_factory.mktemp("clip-run"), tokenizer)
+
+
+def test_clip_phase_trains_the_tower_alone(clip_run):
     """`train_llava --phase clip`: the tower and the contrastive head learn; the decoder, embeddings, LM head
     and projector come out bit for bit as they went in."""
-    path, before = _clip_phase(tmp_path, tokenizer)
+    path, before = clip_run
     ck = torch.load(path, map_location="cpu", weights_only=False)
     assert ck["phase"] == "clip" and ck["step"] == 2 and ck["clip_head"]
     after = ck["model"]
@@ -177,12 +183,12 @@ def test_clip_phase_trains_the_tower_alone(tmp_path, tokenizer):
         assert torch.equal(before[k], after[k]), k
 
 
-def test_retrieval_head_is_found_only_for_the_tower_it_trained(tmp_path, tokenizer):
+def test_retrieval_head_is_found_only_for_the_tower_it_trained(tmp_path, clip_run):
     """An export whose last phase continued from a clip checkpoint with the tower frozen gets that head back
     (and its retrieval is measured); once the tower changed, no head, and the reason says so."""
     from training.train_llava import export
 
-    clip_ckpt, _ = _clip_phase(tmp_path, tokenizer)
+    clip_ckpt, _ = clip_run
     ck = torch.load(clip_ckpt, map_location="cpu", weights_only=False)
 
     def exported(name, state):
