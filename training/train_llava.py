@@ -527,14 +527,15 @@ def _worker_step(step: int) -> dict:
 
 def step_feed(args, conv: Conversations, start: int, weights):
     """Iterator over prepared steps from `start` to `--until`: in this process, or with `--workers` N drawn
-    ahead by N forked processes (same batches: each is a function of seed and step). Start it before the model
-    moves to a GPU, so the workers fork from a process without CUDA."""
+    ahead by N worker processes (same batches: each is a function of seed and step). The workers are spawned, not
+    forked: a fork copies whatever lock another thread of this process holds at that moment (the tokenizer's or
+    torch's thread pools), and a worker could then wait on it forever; spawned ones start clean, CUDA or not."""
     steps = range(start, args.until)
     if args.workers <= 0:
         return (prepared_step(args, conv, s, weights) for s in steps), None
     import multiprocessing as mp
 
-    pool = mp.get_context("fork").Pool(args.workers, initializer=_worker_init, initargs=(args, weights))
+    pool = mp.get_context("spawn").Pool(args.workers, initializer=_worker_init, initargs=(args, weights))
     return pool.imap(_worker_step, steps, chunksize=1), pool
 
 
