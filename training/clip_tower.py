@@ -31,9 +31,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from sparsevlm import algorithm as A
 from sparsevlm.scenes import world
-from sparsevlm.tokenizer import build_tokenizer
 
-from .model import pixel_values
+from .model import ModelSize, pixel_values, v2_tokenizer
 
 CLIP_SEED = 70_000_000  # contrastive batches: a stream of their own, apart from the conversations' scenes
 MAX_CAPTION = 160  # tokens: 12 objects and a label in the longest phrasing fit
@@ -297,8 +296,6 @@ def head_for(model_dir: str | Path, tower) -> tuple[ClipHead | None, str]:
     phase's `--init-from` (training_state.json) is a `--phase clip` checkpoint (or one that trained with
     `--clip-weight`) whose vision tower is tensor-for-tensor this model's. Returns (head, where it came from) or
     (None, why not): retrieval is only reported for the very tower it was measured on."""
-    from .model import ModelSize
-
     try:
         state = json.loads((Path(model_dir) / "training_state.json").read_text())
     except (OSError, ValueError):
@@ -319,7 +316,7 @@ def head_for(model_dir: str | Path, tower) -> tuple[ClipHead | None, str]:
     theirs = {k.split("vision_tower.", 1)[1]: v for k, v in ck["model"].items() if "vision_tower." in k}
     if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
         return None, f"the tower changed after {src} (not frozen since)"
-    head = ClipHead(build_tokenizer(world.vocabulary()), ModelSize(**ck["size"]).vision_hidden)
+    head = ClipHead(v2_tokenizer(), ModelSize(**ck["size"]).vision_hidden)
     head.load_state_dict(ck["clip_head"])
     return head.eval(), src
 
@@ -356,10 +353,10 @@ def main() -> None:
         model = LlavaForConditionalGeneration.from_pretrained(a.model).eval()
         out["decoder"] = last_token_attention(model, AutoProcessor.from_pretrained(a.model), a.n_decoder)
     else:
-        from .model import ModelSize, build_model
+        from .model import build_model
 
         ck = torch.load(a.model, map_location="cpu", weights_only=False)
-        tok = build_tokenizer(world.vocabulary())  # the v2 vocabulary, as train_llava.v2_tokenizer
+        tok = v2_tokenizer()
         model = build_model(ModelSize(**ck["size"]), tok)
         model.load_state_dict(ck["model"])
         model.eval()

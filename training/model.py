@@ -21,7 +21,9 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from sparsevlm.scenes import world
 from sparsevlm.scenes.world import IMAGE_SIZE, PATCH
+from sparsevlm.tokenizer import build_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -124,3 +126,8 @@ def pixel_values(images: list[Image.Image]) -> torch.Tensor:
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0
     arr = (arr - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def v2_tokenizer():
+    """The embedded model's word-level tokenizer: the v2 world's vocabulary."""
+    return build_tokenizer(world.vocabulary())

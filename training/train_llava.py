@@ -60,10 +60,9 @@ import torch.nn.functional as F
 
 from sparsevlm.scenes import world
 from sparsevlm.scenes.world import FAMILIES
-from sparsevlm.tokenizer import build_tokenizer
 
 from .clip_tower import ClipHead, contrastive_batch
-from .model import ModelSize, build_model, pixel_values
+from .model import ModelSize, build_model, pixel_values, v2_tokenizer
 from .parts import (
     DecoderProbe,
     GridHeads,
@@ -160,10 +159,6 @@ class ReferentProbe(DecoderProbe):
     def loss(self, refs: torch.Tensor, mask: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
         b, t = mask.nonzero(as_tuple=True)
         return F.binary_cross_entropy_with_logits(self.read(b, t, rows), refs[b, t])
-
-
-def v2_tokenizer():
-    return build_tokenizer(world.vocabulary())
 
 
 class Conversations:
