@@ -217,6 +217,34 @@ def test_retrieval_head_is_found_only_for_the_tower_it_trained(tmp_path, clip_ru
     assert ct.head_for(tmp_path, model.model.vision_tower) == (None, "no training_state.json")
 
 
+def test_a_joint_phase_continues_the_clip_head_and_records_the_towers_history(tmp_path, clip_run):
+    """Instruction tuning with the tower trainable and the contrastive term on (`--clip-weight`) starts from the
+    clip phase's head when `--clip-head-from` names it (checked at rate 0, where nothing moves: a fresh head has
+    other weights); the export records both contrastive phases, and finds the head in the phase's own checkpoint."""
+    import json
+
+    from training.train_llava import export, parser, train
+
+    clip_ckpt, _ = clip_run
+    out = tmp_path / "joint"
+    train(parser().parse_args(["--phase", "instruct", "--out", str(out), "--init-from", str(clip_ckpt),
+                               "--until", "1", "--lr", "0", "--warmup", "1", "--batch", "2", "--turns", "2",
+                               "--grid-weight", "0", "--tower-lr-scale", "0.5", "--clip-weight", "1",
+                               "--clip-batch", "4", "--clip-head-from", str(clip_ckpt), "--seed", "5"]))
+    source = torch.load(clip_ckpt, map_location="cpu", weights_only=False)["clip_head"]
+    joint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["clip_head"]
+    assert joint.keys() == source.keys()
+    for k in source:
+        assert torch.equal(joint[k], source[k]), k
+    export(out, tmp_path / "joint-export")
+    record = json.loads((tmp_path / "joint-export" / "training_state.json").read_text())["tower"]
+    assert record["in"] == "this phase" and record["args"]["clip_head_from"] == str(clip_ckpt)
+    assert record["before"] == {"contrastive": True, "in": "this phase"}
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "joint-export")
+    head, where = ct.head_for(tmp_path / "joint-export", model.model.vision_tower)
+    assert head is not None and where == str(out / "checkpoint.pt")
+
+
 def test_likeness_tower_rows_say_n_a_for_a_summary_without_them():
     from training.likeness import TOWER_ROWS, tower_rows
 

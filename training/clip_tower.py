@@ -292,18 +292,23 @@ def last_token_attention(model, processor, n: int = 60, layers: tuple[int, ...] 
 
 
 def head_for(model_dir: str | Path, tower) -> tuple[ClipHead | None, str]:
-    """The contrastive head this exported model's tower was pretrained with, if the export records it: the last
-    phase's `--init-from` (training_state.json) is a `--phase clip` checkpoint (or one that trained with
-    `--clip-weight`) whose vision tower is tensor-for-tensor this model's. Returns (head, where it came from) or
+    """The contrastive head this exported model's tower was pretrained with, if the export records it: when the
+    last phase (training_state.json) trained the tower contrastively (`--phase clip`, or `--clip-weight` with the
+    tower trainable), that phase's own checkpoint (`--out`); when it froze the tower, its `--init-from`, a
+    checkpoint with a contrastive head. Either way the checkpoint's vision tower must be tensor-for-tensor this
+    model's. Returns (head, where it came from) or
     (None, why not): retrieval is only reported for the very tower it was measured on."""
     try:
         state = json.loads((Path(model_dir) / "training_state.json").read_text())
     except (OSError, ValueError):
         return None, "no training_state.json"
     args = state.get("args") or {}
-    if state.get("phase") != "clip" and float(args.get("tower_lr_scale") or 0) > 0 and not args.get("clip_weight"):
+    tower_trained = state.get("phase") == "clip" or float(args.get("tower_lr_scale") or 0) > 0
+    if tower_trained and state.get("phase") != "clip" and not float(args.get("clip_weight") or 0):
         return None, "its last phase trained the tower without a contrastive head"
-    src = args.get("init_from") or ""
+    # A phase that trained the tower contrastively saved the head beside it, in its own checkpoint (--out);
+    # a phase that froze the tower kept the one of the checkpoint it continued from.
+    src = str(Path(args.get("out") or "") / "checkpoint.pt") if tower_trained else args.get("init_from") or ""
     path = Path(src)
     if not path.is_absolute():
         path = Path(__file__).resolve().parents[1] / path

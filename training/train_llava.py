@@ -581,6 +581,9 @@ def train(args: argparse.Namespace) -> None:
         if not train_tower:
             raise SystemExit("--clip-weight trains the vision tower: give --tower-lr-scale > 0 too")
         clip_head = ClipHead(tokenizer, size.vision_hidden, seed=args.seed)
+        if args.clip_head_from and saved is None:
+            clip_head.load_state_dict(clip_head_of(Path(args.clip_head_from)))
+            print(f"contrastive head from {args.clip_head_from}", flush=True)
     weights = family_weights(args.family_weights)
     feed, pool = step_feed(args, conv, step0, weights)
     for part in (model, patch_heads, grid_heads, ref_probe, where_head, order_head, clip_head):
@@ -771,15 +774,30 @@ def probe_text(model, conv: Conversations, n: int, max_objects: int, fused: int)
     return out
 
 
+def clip_head_of(path: Path) -> dict:
+    """The contrastive head saved in a checkpoint (a `--phase clip` run, or one with `--clip-weight`)."""
+    head = torch.load(path, map_location="cpu", weights_only=False).get("clip_head")
+    if head is None:
+        raise SystemExit(f"{path} holds no contrastive head: give a checkpoint of --phase clip or --clip-weight")
+    return head
+
+
 def tower_record(ckpt: dict) -> dict:
     """Where the checkpoint's vision tower got CLIP's contrastive objective, if it did: in this phase (`--phase
-    clip`, or `--clip-weight` with the tower trainable), or in the `--phase clip` checkpoint this phase continued
-    from with the tower frozen (so the tower is that phase's, unchanged). {"contrastive": False} otherwise."""
+    clip`, or `--clip-weight` with the tower trainable; then "before" says where the tower it started from got
+    it), or in the `--phase clip` checkpoint this phase continued from with the tower frozen (so the tower is that
+    phase's, unchanged). {"contrastive": False} otherwise."""
     args = ckpt.get("args") or {}
+    src = Path(str(args.get("init_from") or ""))
     if ckpt.get("phase") == "clip" or (float(args.get("clip_weight") or 0) > 0
                                        and float(args.get("tower_lr_scale") or 0) > 0):
-        return {"contrastive": True, "in": "this phase"}
-    src = Path(str(args.get("init_from") or ""))
+        record = {"contrastive": True, "in": "this phase"}
+        if ckpt.get("phase") != "clip":  # instruction tuning with the contrastive term kept on the tower
+            record["args"] = {k: args.get(k) for k in ("clip_weight", "tower_lr_scale", "clip_batch",
+                                                       "clip_head_from")}
+            if src.suffix == ".pt" and src.is_file():
+                record["before"] = tower_record(torch.load(src, map_location="cpu", weights_only=False))
+        return record
     if float(args.get("tower_lr_scale") or 0) == 0 and src.suffix == ".pt" and src.is_file():
         before = torch.load(src, map_location="cpu", weights_only=False)
         tower = [k for k in ckpt["model"] if "vision_tower." in k]
@@ -842,6 +860,9 @@ def parser() -> argparse.ArgumentParser:
                    help="CLIP's contrastive loss on the tower's pooled [CLS] vs a text encoder (clip_tower.py)")
     p.add_argument("--clip-batch", type=int, default=48, help="pictures per contrastive batch")
     p.add_argument("--clip-lr-scale", type=float, default=1.0, help="the contrastive head's rate / --lr")
+    p.add_argument("--clip-head-from", default=None,
+                   help="with --clip-weight: start the contrastive head (text encoder, projection, temperature) from "
+                        "this checkpoint's, e.g. the --phase clip run the tower came from, instead of a fresh one")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--grid-weight", type=float, default=0.5, help="grid heads on the projector output (0: off)")
