@@ -245,6 +245,37 @@ def test_a_joint_phase_continues_the_clip_head_and_records_the_towers_history(tm
     assert head is not None and where == str(out / "checkpoint.pt")
 
 
+def test_per_patch_heads_start_from_a_checkpoints_heads_when_asked(tmp_path, tokenizer):
+    """`--patch-weight` with `--patch-heads-from`: the per-patch heads start as the named checkpoint's (at rate 0
+    nothing moves, so the saved heads are exactly those), not fresh ones; a checkpoint without heads is refused."""
+    from training.model import ModelSize, build_model
+    from training.parts import PatchHeads
+    from training.train_llava import parser, train
+
+    start, _ = _tiny_checkpoint(tmp_path, tokenizer)
+    ck = torch.load(start, map_location="cpu", weights_only=False)
+    heads = PatchHeads(build_model(ModelSize(**ck["size"]), tokenizer, seed=3), ck["size"]["vision_hidden"],
+                       balanced=True)
+    torch.manual_seed(8)
+    for p in heads.parameters():
+        p.data.normal_()
+    source = tmp_path / "with-heads.pt"
+    torch.save(ck | {"patch_heads": heads.state_dict()}, source)
+
+    def run(out, heads_from):
+        train(parser().parse_args(["--phase", "instruct", "--out", str(out), "--init-from", str(start), "--until",
+                                   "1", "--lr", "0", "--warmup", "1", "--batch", "2", "--turns", "2", "--grid-weight",
+                                   "0", "--tower-lr-scale", "0.5", "--patch-weight", "0.5", "--patch-heads-from",
+                                   str(heads_from), "--seed", "5"]))
+        return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["patch_heads"]
+
+    saved = run(tmp_path / "run", source)
+    for k, v in heads.state_dict().items():
+        assert torch.equal(saved[k], v), k
+    with pytest.raises(SystemExit, match="holds no patch_heads"):
+        run(tmp_path / "refused", start)
+
+
 def test_likeness_tower_rows_say_n_a_for_a_summary_without_them():
     from training.likeness import TOWER_ROWS, tower_rows
 

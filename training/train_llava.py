@@ -566,6 +566,9 @@ def train(args: argparse.Namespace) -> None:
     patch_heads = None
     if args.phase == "vision" or (args.phase == "instruct" and args.patch_weight > 0):
         patch_heads = PatchHeads(model, size.vision_hidden, balanced=True)
+        if args.patch_heads_from and saved is None:
+            patch_heads.load_state_dict(head_state(Path(args.patch_heads_from), "patch_heads"))
+            print(f"per-patch heads from {args.patch_heads_from}", flush=True)
     grid_heads = GridHeads(model, size.hidden) if args.phase in ("align", "instruct") and args.grid_weight > 0 else None
     ref_probe = None
     if args.phase in ("text", "instruct") and args.referent_weight > 0:
@@ -582,7 +585,7 @@ def train(args: argparse.Namespace) -> None:
             raise SystemExit("--clip-weight trains the vision tower: give --tower-lr-scale > 0 too")
         clip_head = ClipHead(tokenizer, size.vision_hidden, seed=args.seed)
         if args.clip_head_from and saved is None:
-            clip_head.load_state_dict(clip_head_of(Path(args.clip_head_from)))
+            clip_head.load_state_dict(head_state(Path(args.clip_head_from), "clip_head"))
             print(f"contrastive head from {args.clip_head_from}", flush=True)
     weights = family_weights(args.family_weights)
     feed, pool = step_feed(args, conv, step0, weights)
@@ -774,11 +777,12 @@ def probe_text(model, conv: Conversations, n: int, max_objects: int, fused: int)
     return out
 
 
-def clip_head_of(path: Path) -> dict:
-    """The contrastive head saved in a checkpoint (a `--phase clip` run, or one with `--clip-weight`)."""
-    head = torch.load(path, map_location="cpu", weights_only=False).get("clip_head")
+def head_state(path: Path, key: str) -> dict:
+    """An auxiliary head saved in a checkpoint: "clip_head" (a `--phase clip` run, or one with `--clip-weight`) or
+    "patch_heads" (`--phase vision`, or instruct with `--patch-weight`)."""
+    head = torch.load(path, map_location="cpu", weights_only=False).get(key)
     if head is None:
-        raise SystemExit(f"{path} holds no contrastive head: give a checkpoint of --phase clip or --clip-weight")
+        raise SystemExit(f"{path} holds no {key}: give a checkpoint of a phase that trained them")
     return head
 
 
@@ -848,6 +852,8 @@ def parser() -> argparse.ArgumentParser:
                    help="instruct: train the vision tower too, at this share of --lr (0: frozen, as LLaVA-1.5)")
     p.add_argument("--patch-weight", type=float, default=0.0,
                    help="instruct: the vision phase's per-patch heads on the tower as an auxiliary loss (0: off)")
+    p.add_argument("--patch-heads-from", default=None,
+                   help="with --patch-weight: start the per-patch heads from this checkpoint's instead of fresh ones")
     p.add_argument("--label-fonts", action="store_true",
                    help="letter training labels in varied typefaces (world.vary_label); held-out pictures are not")
     p.add_argument("--stroke-labels", type=float, default=0.0,
