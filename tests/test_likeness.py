@@ -273,7 +273,8 @@ def test_cli_measures_another_world_and_compares_two_summaries(world, tmp_path, 
     assert L.main(["--compare", str(a), str(b), "--md", str(md)]) == 0
     text = md.read_text()
     assert text in capsys.readouterr().out  # printed and written
-    assert f"`{MODEL}` on v2 | `{MODEL}` on {world} |" in text
+    # the same folder measured twice (as ship_v2 does: both in its staging folder) still names which is which
+    assert f"| measure | before: `{MODEL}` on v2 | after: `{MODEL}` on {world} |" in text
     sa, sb = json.loads(a.read_text())["summary"], data["summary"]
     acc = [L._pm(L._read(s["dense_first_token_accuracy"])) for s in (sa, sb)]
     assert f"| dense first-token accuracy | {acc[0]} | {acc[1]} |" in text

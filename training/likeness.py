@@ -611,7 +611,8 @@ def _read(x) -> tuple[float, float]:
 
 
 def compare_markdown(a: dict, b: dict) -> str:
-    """Two models' summaries side by side (e.g. the installed model and the one it replaced, for the model card)."""
+    """Two models' summaries side by side, `a` as "before" and `b` as "after" (for the model card: the model it
+    replaced, then the installed one; both may have been measured in the same staging folder)."""
     name = lambda s: f"`{s.get('model', '?')}` on {s.get('world', 'a world not recorded')}"  # noqa: E731
     rows: list[tuple[str, str, str]] = [
         ("questions (seed)", f"{a['questions']} ({a['seed']})", f"{b['questions']} ({b['seed']})"),
@@ -652,10 +653,11 @@ def compare_markdown(a: dict, b: dict) -> str:
         "# LLaVA-likeness, two models side by side",
         "",
         "Both columns computed by `python -m training.likeness` (each model's own command: "
-        f"`{a.get('command', '?')}`; `{b.get('command', '?')}`); ± is a 95% interval half-width, questions as "
-        "the sampling unit. Recall is of the top-k visual tokens of the attention rows on the dense forward.",
+        f"before `{a.get('command', '?')}`; after `{b.get('command', '?')}`); ± is a 95% interval half-width, "
+        "questions as the sampling unit. Recall is of the top-k visual tokens of the attention rows on the dense "
+        "forward.",
         "",
-        f"| measure | {name(a)} | {name(b)} |",
+        f"| measure | before: {name(a)} | after: {name(b)} |",
         "|---|---|---|",
         *(f"| {m} | {x} | {y} |" for m, x, y in rows),
         "",
