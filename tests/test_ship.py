@@ -94,6 +94,15 @@ def test_model_card_reads_every_figure_from_the_folder(tmp_path):
     assert f"| content | {100 * content:.1f}% |" in text
     assert "phase `instruct`, step 5, 2 CPU-minutes" in text
     assert "$T --phase align --out $C/v2-align" in text  # every phase's command, from scripts/train_v2.sh
+    assert "train_clip_tower.sh" not in text  # no contrastive tower recorded: the v2 chain alone
+    # A tower pretrained contrastively: the card adds the CLIP phase and the phases on top, command by command.
+    state = json.loads(d.joinpath("training_state.json").read_text())
+    d.joinpath("training_state.json").write_text(json.dumps({**state, "tower": {"contrastive": True,
+                                                                                  "in": "this phase"}}))
+    clip_text = card(d)
+    assert "bash scripts/train_clip_tower.sh" in clip_text
+    assert "--phase clip --until" in clip_text and "--out checkpoints/v3-joint3" in clip_text
+    d.joinpath("training_state.json").write_text(json.dumps(state))
     # A phase trained on a lent GPU says so (its minutes are not CPU-minutes).
     state = json.loads(d.joinpath("training_state.json").read_text())
     d.joinpath("training_state.json").write_text(json.dumps({**state, "args": {"device": "cuda"}}))

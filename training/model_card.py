@@ -32,6 +32,7 @@ BAR_OWN_OVERALL = 0.97
 BAR_OWN_FAMILY = 0.90
 BAR_INDEPENDENT_OVERALL = 0.90
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_v2.sh"  # every phase's command
+CLIP_SCRIPT = TRAIN_SCRIPT.with_name("train_clip_tower.sh")  # the tower's CLIP phase and the phases on top
 
 
 def eval_records(model_dir: str | Path) -> dict[str, dict]:
@@ -193,9 +194,16 @@ def card(model_dir: str | Path) -> str:
     if (d / "likeness_compare.md").is_file():
         compare = (d / "likeness_compare.md").read_text().splitlines()
         lines += ["## Beside the previous embedded model", "", *compare[1:], ""]  # its own title dropped
-    script = TRAIN_SCRIPT.read_text().splitlines() if TRAIN_SCRIPT.is_file() else []
-    commands = [ln for ln in script if ln.strip() and not ln.lstrip().startswith("#")
+    def commands(script: Path) -> list[str]:
+        text = script.read_text().splitlines() if script.is_file() else []
+        return [ln for ln in text if ln.strip() and not ln.lstrip().startswith("#")
                 and not ln.startswith(("set ", "cd ", "echo "))]
+
+    clip = []
+    if (state.get("tower") or {}).get("contrastive"):
+        clip = ["", "Then the tower's CLIP phase and the phases on top of it: `bash scripts/train_clip_tower.sh` "
+                "(why each setting: its comments and docs/model.md), with these commands:", "", "```bash",
+                *commands(CLIP_SCRIPT), "```"]
     lines += [
         "## How it was made",
         "",
@@ -204,8 +212,9 @@ def card(model_dir: str | Path) -> str:
         "counts):",
         "",
         "```bash",
-        *commands,
+        *commands(TRAIN_SCRIPT),
         "```",
+        *clip,
         "",
         "The last phase's arguments, as the exporter recorded them:",
         "",
