@@ -296,8 +296,8 @@ def head_for(model_dir: str | Path, tower) -> tuple[ClipHead | None, str]:
     last phase (training_state.json) trained the tower contrastively (`--phase clip`, or `--clip-weight` with the
     tower trainable), that phase's own checkpoint (`--out`); when it froze the tower, its `--init-from`, a
     checkpoint with a contrastive head. Either way the checkpoint's vision tower must be tensor-for-tensor this
-    model's. Returns (head, where it came from) or
-    (None, why not): retrieval is only reported for the very tower it was measured on."""
+    model's. Returns (head, where it came from) or (None, why not): retrieval is only reported for the very tower
+    it was measured on."""
     try:
         state = json.loads((Path(model_dir) / "training_state.json").read_text())
     except (OSError, ValueError):
@@ -326,10 +326,11 @@ def head_for(model_dir: str | Path, tower) -> tuple[ClipHead | None, str]:
     return head.eval(), src
 
 
-def tower_figures(model, processor, model_dir: str | Path | None, n: int = 120, n_decoder: int = 60) -> dict:
-    """Everything `likeness` reports about the tower and the decoder's view of it: the [CLS] figures, the last
-    token's attention shift and concentration, and (when the export records its contrastive head) held-out
-    image-to-caption retrieval."""
+def tower_figures(model, processor, model_dir: str | Path | None, n: int = 120, n_decoder: int | None = None) -> dict:
+    """Everything `likeness` reports about the tower and the decoder's view of it: the [CLS] figures on `n`
+    pictures, the last token's attention shift and concentration on `n_decoder` questions (default: half of `n`),
+    and (when the export records its contrastive head) held-out image-to-caption retrieval."""
+    n_decoder = max(1, n // 2) if n_decoder is None else n_decoder
     out: dict = {"cls": tower_likeness(model, n), "decoder": last_token_attention(model, processor, n_decoder)}
     head, where = head_for(model_dir, model.model.vision_tower) if model_dir is not None else (None, "no folder")
     out["retrieval"] = (heldout_retrieval(head, model.model.vision_tower) | {"head_from": where} if head is not None

@@ -722,7 +722,7 @@ def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_ev
     summary.update(model=model_path, world=world, seed=seed, visual=m.visual, seconds=round(time.time() - t0, 1),
                    threads=torch.get_num_threads(), attention_rows="recomputed from q/k (SDPA model), not eager")
     if tower_n > 0:  # the tower's figures on their own pictures (`--tower-n`; the decoder's on half as many)
-        summary["tower"] = tower_figures(loaded.model, loaded.processor, model_path, tower_n, max(1, tower_n // 2))
+        summary["tower"] = tower_figures(loaded.model, loaded.processor, model_path, tower_n)
     return summary, records
 
 
@@ -733,8 +733,7 @@ def add_tower(model_path: str, summary_file: str, command: str = "", tower_n: in
 
     doc = json.loads(Path(summary_file).read_text())
     loaded = load_model(model_path, device="cpu", dtype="float32")
-    doc["summary"]["tower"] = (tower_figures(loaded.model, loaded.processor, model_path, tower_n, max(1, tower_n // 2))
-                               | {"command": command})
+    doc["summary"]["tower"] = tower_figures(loaded.model, loaded.processor, model_path, tower_n) | {"command": command}
     Path(summary_file).write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
     return doc["summary"]["tower"]
 
