@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from sparsevlm.config import ACCOUNTINGS, COUNT_MODES
+from sparsevlm.config import ACCOUNTINGS
 from sparsevlm.loading import LoadedModel, ModelCache
 from sparsevlm.methods import METHODS
 from sparsevlm.scenes.world import FAMILIES
@@ -33,7 +33,7 @@ from .handlers import (
 METHOD_CHOICES = [(render.method_label(m, long=True), m) for m in METHODS]
 COUNT_LABELS = {"fixed": "Fixed budget (equal tokens)", "paper": "Adaptive - paper eq. 8 (λ)",
                 "code": "Adaptive - reference code (scale, bias)"}
-COUNT_CHOICES = [(COUNT_LABELS.get(m, m), m) for m in COUNT_MODES]
+COUNT_CHOICES = [(COUNT_LABELS.get(m, m), m) for m in ("fixed", "paper", "code")]
 MAX_NEW_TOKENS_UI = 64  # the page's slider; the engine's own limit applies to API calls
 
 

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from .config import ACCOUNTINGS, COUNT_MODES, PruneConfig
+from .config import ACCOUNTINGS, PruneConfig
 from .errors import SparseVLMError
 from .methods import METHODS
 
@@ -29,6 +29,47 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def option_flags() -> dict[str, list[tuple[str, object]]]:
+    """flag -> [(method, Option)] for every option a registered method declares (methods/<name>.py `options`)."""
+    from .methods import get_method
+
+    out: dict[str, list[tuple[str, object]]] = {}
+    for name in METHODS:
+        for o in get_method(name).options:
+            for flag in (o.flag, *o.aliases):
+                out.setdefault(flag, []).append((name, o))
+    return out
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option name, generated from the methods' declarations. A flag is read for the chosen
+    --method (ZipVL's --tau is its attention-mass threshold, SparseVLM's its recycling share); a flag the chosen
+    method does not have is an error. Values are checked by the method's own Option."""
+    g = parser.add_argument_group("method options (read for the chosen --method; `python -m sparsevlm methods` "
+                                  "lists them)")
+    seen: dict[str, str] = {}
+    for flag, owners in option_flags().items():
+        main = owners[0][1].flag
+        if main in seen and flag != main:
+            continue
+        dest = "opt_" + owners[0][1].name
+        if flag != main:  # an alias: the same destination as its option's own flag
+            g.add_argument(flag, dest=dest, default=None, metavar="VALUE", help=f"same as {main}")
+            continue
+        seen[main] = dest
+        text = "; ".join(f"{m}: {o.help} [{o.range_text()}; default {o.default}]" for m, o in owners)
+        g.add_argument(flag, dest=dest, default=None, metavar="VALUE", help=text)
+        bools = [o for _, o in owners if o.kind == "bool"]
+        if bools:
+            g.add_argument("--no-" + flag[2:], dest=dest, action="store_const", const="false",
+                           help=f"{flag} false")
+
+
+def chosen_options(a: argparse.Namespace) -> dict:
+    """The option flags given on the command line, by option name (checked later for the chosen method)."""
+    return {k[4:]: v for k, v in vars(a).items() if k.startswith("opt_") and v is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m sparsevlm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -42,15 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--accounting", default="paper", choices=ACCOUNTINGS,
                    help="paper: each method's published setting and counting; flops: every method at the same "
                         "input-counted equal tokens (same prefill cost)")
-    r.add_argument("--mode", default="fixed", choices=COUNT_MODES, help="SparseVLM count mode")
-    r.add_argument("--lam", type=float, default=1.0, help="lambda of paper eq. 8 (--mode paper)")
-    r.add_argument("--scale", type=float, default=13.5, help="reference-code scale (--mode code)")
-    r.add_argument("--bias", type=float, default=0.0, help="reference-code bias (--mode code)")
-    r.add_argument("--no-recycle", action="store_true", help="turn token recycling off")
-    r.add_argument("--merge", default="mean", choices=("mean", "sum"))
     r.add_argument("--positions", default=None, choices=("keep", "compact"),
                    help="position ids of survivors (default: the method's own)")
-    r.add_argument("--fastv-k", type=_positive_int, default=None, help="FastV's K (default 2 of 32, scaled)")
+    r.add_argument("--seed", type=int, default=0, help="random draws (random baseline, clustering noise, probes)")
+    add_option_flags(r)
     r.add_argument("--max-new-tokens", type=_positive_int, default=16)
     r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     r.add_argument("--device", default=None)
@@ -103,11 +139,8 @@ def cmd_run(a) -> int:
 
     image = load_image(a.image)
     check_question(a.question)
-    cfg = PruneConfig(
-        method=a.method, budget=a.budget, accounting=a.accounting, fastv_k=a.fastv_k, count_mode=a.mode,
-        lam=a.lam, scale=a.scale, bias=a.bias,
-        recycle=not a.no_recycle, merge=a.merge, positions=a.positions,
-    ).validate()
+    cfg = PruneConfig(method=a.method, budget=a.budget, accounting=a.accounting, positions=a.positions, seed=a.seed,
+                      options=chosen_options(a)).validate()
     lm = load_model(a.model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
     cfg.validate(lm.visual_tokens)  # a bad budget is the one error line, before the word notice
     unknown = unknown_words(a.question, lm.processor.tokenizer)
@@ -183,7 +216,9 @@ def methods_table() -> list[dict]:
     from .methods import get_method
 
     return [{"name": m.name, "label": m.label, "ranks_by": m.ranks_by, "needs_cls": m.needs_cls,
-             "captures": sorted(m.captures), "positions": m.default_positions, "paper_counting": m.paper_counting}
+             "captures": sorted(m.captures), "positions": m.default_positions, "paper_counting": m.paper_counting,
+             "options": [{"name": o.name, "flag": o.flag, "default": o.plain(o.default), "range": o.range_text(),
+                          "help": o.help} for o in m.options]}
             for m in (get_method(name) for name in METHODS)]
 
 
@@ -203,6 +238,8 @@ def cmd_methods(a) -> int:
     for r in rows:
         cls = ", needs [CLS]" if r["needs_cls"] else ""
         print(f"{r['name']:<{width}}{r['label']}: {r['ranks_by'] or '-'}{cls}; positions {r['positions']}")
+        for o in r["options"]:
+            print(f"{'':<{width}}  {o['flag']} [{o['range']}; default {o['default']}]: {o['help']}")
     return 0
 
 

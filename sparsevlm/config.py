@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ConfigError
 
-COUNT_MODES = ("fixed", "paper", "code")
 ACCOUNTINGS = ("paper", "flops")
 FIXED_BUDGETS = (192, 128, 96, 64)
 
@@ -34,70 +34,100 @@ def check_budget(budget: int, grid_tokens: int | None = None) -> None:
         raise ConfigError(f"budget {budget} is larger than the image grid ({grid_tokens} tokens)")
 
 
-@dataclass
+# Settings that lived on PruneConfig before each method declared its own (methods/<name>.py `options`): settings
+# files, traces and /run records written then carry them as flat keys, and `from_dict` moves them into `options`.
+LEGACY_OPTION_KEYS = ("count_mode", "lam", "scale", "bias", "prune_layers", "recycle", "tau", "theta", "merge",
+                      "assign", "rater_rule", "fastv_k")
+SHARED_KEYS = ("method", "budget", "accounting", "positions", "seed")
+
+
+@dataclass(init=False)
 class PruneConfig:
-    """Which method runs and how.
+    """Which method runs and how: what every method shares, plus the chosen method's own `options`.
 
     budget is the target visual-token figure; `accounting` says how it is met (docs/engine.md, schedule.py):
     "paper" = each method's published setting and counting, "flops" = every method at the same input-counted
-    equal tokens (the same prefill cost).
+    equal tokens (the same prefill cost). `options` holds the method's own settings by name, as its class declares
+    them (`PruneMethod.options`, sparsevlm/options.py); what is left out takes the declared default, and
+    `cfg.<option>` reads the value for this configuration's method. Options may also be passed as keywords:
+    `PruneConfig(method="zipvl", tau=0.96)`.
     """
 
     method: str = "sparsevlm"
     budget: int = 64
     accounting: str = "paper"  # paper | flops
-    # SparseVLM: how many tokens to drop at each pruning layer.
-    count_mode: str = "fixed"  # fixed | paper (eq. 8, lambda) | code (reference scale/bias)
-    lam: float = 1.0  # paper eq. 8
-    scale: float = 13.5  # reference code, MME setting
-    bias: float = 0.0
-    prune_layers: tuple[int, ...] | None = None  # default: reference schedule scaled to depth
-    # Token recycling (docs/engine.md).
-    recycle: bool = True
-    tau: float = 0.3
-    theta: float = 0.1
-    merge: str = "mean"  # mean (reference code) | sum (paper eq. 11)
-    assign: str = "euclidean"  # euclidean (reference code) | cosine (paper)
     # Positions of surviving tokens: keep original ids (reference v2, FastV) or compact to 0..N-1 (v1, v1.5).
     # None: the method's own default (methods/<name>.py `default_positions`).
     positions: str | None = None
-    rater_rule: str = "gt"  # gt: R > mean(R) (reference code) | ge: R >= mean(R) (paper)
-    # FastV's K: layers 0..K-1 run in full, ranked by the last token in layer K-1 (default: 2 of 32, scaled).
-    fastv_k: int | None = None
-    seed: int = 0  # random baseline and clustering tie-break noise
+    seed: int = 0  # random draws (random baseline, clustering tie-break noise, ZipVL's random probes)
+    options: dict = field(default_factory=dict)
+
+    def __init__(self, method: str = "sparsevlm", budget: int = 64, accounting: str = "paper",
+                 positions: str | None = None, seed: int = 0, options: dict | None = None, **more: Any):
+        self.method, self.budget, self.accounting = method, budget, accounting
+        self.positions, self.seed = positions, seed
+        self.options = {**dict(options or {}), **more}
+
+    def __getattr__(self, name: str) -> Any:
+        """`cfg.<option>`: the chosen method's option, its declared default when not set."""
+        if name.startswith("_") or name in SHARED_KEYS or name == "options":
+            raise AttributeError(name)
+        declared = _declared(self.__dict__.get("method"))
+        if declared is None or name not in declared:
+            raise AttributeError(f"{self.__dict__.get('method')!r} has no option {name!r}")
+        opts = self.__dict__.get("options", {})
+        return opts[name] if name in opts else declared[name].default
+
+    def resolved_options(self) -> dict:
+        """Every option the method declares, set or default, as JSON data."""
+        declared = _declared(self.method) or {}
+        return {name: o.plain(self.options.get(name, o.default)) for name, o in declared.items()}
 
     def validate(self, grid_tokens: int | None = None) -> PruneConfig:
-        """The settings' ranges. Whether `method` names a registered method is the registry's to say
-        (`methods.get_method`), so this module knows no method."""
+        """The settings' ranges, the method's options included (each coerced to its kind). Whether `method`
+        names a registered method is the registry's to say (`methods.get_method`)."""
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError(f"method must be a method's name, not {self.method!r}")
         check_accounting(self.accounting)
-        if self.count_mode not in COUNT_MODES:
-            raise ConfigError(f"unknown count mode {self.count_mode!r}; choose one of {', '.join(COUNT_MODES)}")
-        if self.merge not in ("mean", "sum"):
-            raise ConfigError(f"merge must be 'mean' or 'sum', not {self.merge!r}")
-        if self.assign not in ("euclidean", "cosine"):
-            raise ConfigError(f"assign must be 'euclidean' or 'cosine', not {self.assign!r}")
         if self.positions not in (None, "keep", "compact"):
             raise ConfigError(f"positions must be 'keep' or 'compact', not {self.positions!r}")
-        if self.rater_rule not in ("gt", "ge"):
-            raise ConfigError(f"rater_rule must be 'gt' or 'ge', not {self.rater_rule!r}")
         if self.method != "dense":
             check_budget(self.budget, grid_tokens)
-        if not 0.0 < self.tau <= 1.0 or not 0.0 < self.theta <= 1.0:
-            raise ConfigError("tau and theta must lie in (0, 1]")
-        if self.lam < 0:
-            raise ConfigError("lambda must be >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be a whole number, not {self.seed!r}")
+        declared = _declared(self.method)
+        if declared is not None:
+            unknown = sorted(set(self.options) - set(declared))
+            if unknown:
+                has = ", ".join(declared) if declared else "none"
+                raise ConfigError(f"{self.method} has no option {', '.join(map(repr, unknown))} (its options: {has})")
+            self.options = {k: declared[k].check(v, self.method) for k, v in self.options.items()}
         return self
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["prune_layers"] = list(self.prune_layers) if self.prune_layers is not None else None
-        return d
+        """JSON data: the shared settings and every option of the method (defaults filled in)."""
+        return {"method": self.method, "budget": self.budget, "accounting": self.accounting,
+                "positions": self.positions, "seed": self.seed, "options": self.resolved_options()}
 
     @classmethod
     def from_dict(cls, d: dict) -> PruneConfig:
+        """From `to_dict` data, or from the flat dicts written before options moved out (their keys move into
+        `options` when the method declares them; a setting the method never read is dropped)."""
         d = dict(d)
-        if d.get("prune_layers") is not None:
-            d["prune_layers"] = tuple(d["prune_layers"])
-        return cls(**d)
+        options = dict(d.pop("options", None) or {})
+        declared = _declared(d.get("method", "sparsevlm"))
+        for key in LEGACY_OPTION_KEYS:
+            if key in d:
+                value = d.pop(key)
+                if declared is not None and key in declared and key not in options:
+                    options[key] = value
+        shared = {k: d[k] for k in SHARED_KEYS if k in d}
+        return cls(**shared, options=options)
+
+
+def _declared(method: str | None) -> dict | None:
+    """name -> Option of a registered method (None when the name is not registered)."""
+    from .methods import registered  # the registry imports this module: read it at call time
+
+    m = registered(method) if isinstance(method, str) else None
+    return None if m is None else {o.name: o for o in m.options}

@@ -70,14 +70,28 @@ def resolve_shape(preset_or_path: str) -> DecoderShape:
         raise ConfigError(f"{p} is not a decoder config.json ({e})") from None
 
 
-def layer_flops(n: int, s: DecoderShape) -> float:
-    """One decoder layer on n tokens: projections 2nd(2d + 2d_kv), attention 4n^2 d, SwiGLU FFN 6ndm."""
+def layer_flops(n: int, s: DecoderShape, attended: int | None = None) -> float:
+    """One decoder layer on n tokens: projections 2nd(2d + 2d_kv), attention 4m^2 d among the m tokens that
+    attend (m = n unless a method decides attention, as ZipVL does), SwiGLU FFN 6ndm."""
     d = s.hidden
-    return 2 * n * d * (2 * d + 2 * s.kv_dim) + 4 * n * n * d + 6 * n * d * s.intermediate
+    m = n if attended is None else attended
+    return 2 * n * d * (2 * d + 2 * s.kv_dim) + 4 * m * m * d + 6 * n * d * s.intermediate
 
 
-def prefill_flops(tokens_per_layer: list[int], s: DecoderShape) -> float:
-    return float(sum(layer_flops(n, s) for n in tokens_per_layer))
+def prefill_flops(tokens_per_layer: list[int], s: DecoderShape, attended_per_layer: list[int] | None = None) -> float:
+    attended = attended_per_layer or [None] * len(tokens_per_layer)
+    return float(sum(layer_flops(n, s, m) for n, m in zip(tokens_per_layer, attended, strict=True)))
+
+
+def linear_flops(n: int, s: DecoderShape) -> float:
+    """The part of a layer that runs on every token whatever attends: projections and the FFN."""
+    return layer_flops(n, s, 0)
+
+
+def probe_flops(rows: int, n: int, s: DecoderShape) -> float:
+    """Scoring keys with explicit query rows (ZipVL's probes): the rows' q·k over every key, 2 r n d (the softmax
+    and the sums are not counted, as the other overheads count only products)."""
+    return float(2 * rows * n * s.hidden)
 
 
 def kv_bytes(tokens_per_layer: list[int], s: DecoderShape, bytes_per_value: int) -> int:

@@ -25,9 +25,11 @@ from typing import Any
 import torch
 
 from . import algorithm as A
+from .attention import LayerSeam, column_sums
 from .config import PruneConfig
 from .errors import ConfigError
 from .methods import (
+    AttentionInput,
     MergedGroup,
     ModelGeometry,
     PrefillInput,
@@ -40,7 +42,7 @@ from .methods import (
 )
 from .methods.base import plain
 from .schedule import Counts
-from .trace import LayerRecord, MergedToken, Stage
+from .trace import AttentionLayer, LayerRecord, MergedToken, Stage
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -151,6 +153,7 @@ class CallRecord:
     counts: Counts | None  # the accounting's planned counts (None: adaptive or dense)
     note: str
     shared_keys: list = field(default_factory=list)  # SharedWork keys this call read (raters, ...)
+    attention: list[AttentionLayer] = field(default_factory=list)  # per layer, where the method decided attention
 
     def layer_records(self) -> list[LayerRecord]:
         by_layer = {s.after_layer: k for k, s in enumerate(self.stages)}
@@ -187,6 +190,8 @@ class CallState:
     t_vision: float | None = None  # set while the vision tower + projector runs (None: not timing)
     vision_in_forward: bool = False  # plain forward(): vision time is inside the first forward's time
     shared_keys: list = field(default_factory=list)  # SharedWork keys read by this call
+    attention: list[AttentionLayer] = field(default_factory=list)  # the method's attention decisions (prefill)
+    attention_ms: float = 0.0  # measured time spent deciding attention (probe rows, counts, selection)
 
 
 class PruneHooks:
@@ -198,6 +203,9 @@ class PruneHooks:
 
     def __init__(self, model, config: PruneConfig, keep_debug: bool = False, method: PruneMethod | None = None):
         """`method` overrides the registry's `config.method` (an unregistered method: tests, experiments)."""
+        if getattr(model.config, "model_type", None) != "llava":
+            raise ConfigError(f"the engine runs LLaVA-1.5-style models (LlavaForConditionalGeneration) only, not "
+                              f"{type(model).__name__} ({getattr(model.config, 'model_type', None)!r})")
         self.model = model
         self.llava = model.model
         self.lm = self.llava.language_model
@@ -222,6 +230,8 @@ class PruneHooks:
                                                                enumerate(self.plan.stages)}
         self.prune_layers: tuple[int, ...] = tuple(s.after_layer for s in self.plan.stages if s.after_layer >= 0)
         self.schedule_note = self.plan.note
+        self.attention_layers: tuple[int, ...] = tuple(self.plan.attention_layers)
+        self._seams: list[LayerSeam] = []
         self._handles: list = []
         self._in_forward = False
         self._vision_before_forward = False
@@ -264,6 +274,9 @@ class PruneHooks:
             reg(attn.k_proj.register_forward_hook(self._make_capture("vision", "k")))
             reg(layer.register_forward_hook(self._make_capture("vision", "out")))
             self.vision_attn = attn
+        for i in self.attention_layers:
+            seam = LayerSeam(self.layers[i].self_attn, self._make_decide(i), lambda: self.state.prefilling)
+            self._seams.append(seam.install())
         return self
 
     def _captures_attention(self, spec: StageSpec) -> bool:
@@ -276,6 +289,9 @@ class PruneHooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for seam in self._seams:
+            seam.remove()
+        self._seams.clear()
 
     def __enter__(self) -> PruneHooks:
         return self.install()
@@ -572,6 +588,40 @@ class PruneHooks:
             st.compacted = True
         st.pos_emb = self.lm.rotary_emb(hidden, st.positions)
 
+    # --- attention decided by the method (the attention seam) -------------------------------------------------
+    def _make_decide(self, i: int):
+        def decide(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+            st = self.state
+            _sync(self.device)
+            t0 = time.perf_counter()
+            n = query.shape[2]
+            inp = AttentionInput(
+                layer=i, n=n, prefix=st.prefix, visual=len(st.tokens), text=n - st.prefix - len(st.tokens),
+                heads=query.shape[1], kv_heads=key.shape[1], memo=st.memo, seed=self.config.seed,
+                column_sums=lambda rows, per_head: column_sums(query, key, scaling, rows, per_head),
+            )
+            choice = self.method.attend(self.config, inp)
+            attended = choice.attended.long()
+            _sync(self.device)
+            ms = (time.perf_counter() - t0) * 1e3
+            st.attention_ms += ms
+            st.attention.append(self._attention_record(inp, choice.p, attended, choice.formula, choice.extras, ms))
+            return attended
+
+        return decide
+
+    @staticmethod
+    def _attention_record(inp: AttentionInput, p: int, attended: torch.Tensor, formula: str, extras: dict,
+                          ms: float) -> AttentionLayer:
+        first = attended[0]
+        vis_end = inp.prefix + inp.visual
+        return AttentionLayer(
+            layer=inp.layer, n=inp.n, p=int(p), attended=first.tolist(),
+            per_head=[row.tolist() for row in attended] if attended.shape[0] > 1 else None,
+            prefix=int((first < inp.prefix).sum()), visual=int(((first >= inp.prefix) & (first < vis_end)).sum()),
+            text=int((first >= vis_end).sum()), formula=formula, overhead_ms=ms, extras=plain(extras),
+        )
+
     # --- records -----------------------------------------------------------------------------------------------
     def _record_stage(self, after: int, sel: Selection, overhead_ms: float) -> None:
         """Record a stage and update the current visual tokens: kept ones, then new merged ones."""
@@ -625,6 +675,7 @@ class PruneHooks:
             counts=self.plan.counts,
             note=self.plan.note,
             shared_keys=list(st.shared_keys),
+            attention=list(st.attention),
         )
 
     def layer_records(self) -> list[LayerRecord]:

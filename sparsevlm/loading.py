@@ -357,6 +357,25 @@ def complete_processor(processor, config) -> None:
         processor.num_additional_image_tokens = 1 if v.model_type == "clip_vision_model" else 0
 
 
+RUNS = "LLaVA-1.5-style models (LlavaForConditionalGeneration, model_type 'llava')"
+
+
+def check_architecture(folder: str, name: str) -> None:
+    """A folder whose config names another architecture (LLaVA-NeXT's anyres tiles, Qwen2-VL, ...) gets one
+    message saying what the engine runs, before transformers would load it into the wrong class."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # from_pretrained reports an unreadable config in its own words
+    model_type = config.get("model_type")
+    if model_type == "llava":
+        return
+    arch = ", ".join(config.get("architectures") or []) or "an unnamed architecture"
+    raise ModelLoadError(
+        f"{name} is a {model_type or 'model of unknown type'} model ({arch}); the engine runs {RUNS} with a "
+        f"{', '.join(SUPPORTED_DECODERS)} decoder only")
+
+
 def load_model(path_or_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
                progress: Progress | None = None) -> LoadedModel:
     """Model + processor, on CUDA when present (bf16, else fp16), with SDPA or FlashAttention-2 attention."""
@@ -371,6 +390,7 @@ def load_model(path_or_id: str = DEFAULT_MODEL, device: str | None = None, dtype
     if progress:
         progress(0.05, f"finding the files of {path_or_id}")
     folder = _folder_for(target, progress)
+    check_architecture(folder, path_or_id)
     attention = pick_attention(dev, dt)
     if progress:
         progress(0.4, f"reading the weights of {path_or_id} ({str(dt).replace('torch.', '')}, {attention})")

@@ -279,24 +279,42 @@ def build_trace(lm, record: CallRecord, config, question, prompt, input_ids, ima
     for s in st.stages:
         overhead += C.stage_overhead_flops(s.raters, fixed + s.visual_in, s.visual_in, s.recycled, s.clusters, shape)
     visual_per_layer = [r.visual_in for r in layers]
+    # Where the method decided attention (ZipVL): attention among the attended tokens only, the probe rows' cost,
+    # and a cache that holds the attended tokens.
+    attended: list[int | None] = [None] * len(layers)
+    cached, cached_visual = list(per_layer), list(visual_per_layer)
+    for a in record.attention:
+        attended[a.layer] = cached[a.layer] = len(a.attended)
+        cached_visual[a.layer] = a.visual
+        rows = a.n if a.extras.get("probes") == "all" else len(a.extras.get("probes", []))
+        rows += a.n if "full" in a.extras else 0
+        overhead += C.probe_flops(rows, a.n, shape)
     cost = Cost(
         **budget_figures(record, config),
         prefill_flops_dense=C.prefill_flops(dense, shape),
-        prefill_flops=C.prefill_flops(per_layer, shape) + overhead,
+        prefill_flops=C.prefill_flops(per_layer, shape, attended) + overhead,
         prune_overhead_flops=overhead,
         kv_bytes_dense=C.kv_bytes(dense, shape, bpv),
-        kv_bytes=C.kv_bytes(per_layer, shape, bpv),
+        kv_bytes=C.kv_bytes(cached, shape, bpv),
         visual_kv_bytes_dense=C.kv_bytes([st.visual_total] * len(layers), shape, bpv),
-        visual_kv_bytes=C.kv_bytes(visual_per_layer, shape, bpv),
+        visual_kv_bytes=C.kv_bytes(cached_visual, shape, bpv),
         bytes_per_value=bpv,
     )
+    if record.attention:
+        cost.attended_share = sum(len(a.attended) / a.n for a in record.attention) / len(record.attention)
+        cost.attended_visual = sum(a.visual for a in record.attention) / len(record.attention)
+        if cost.budget is None:
+            cost.budget_note = (f"no budget: τ = {record.attention[0].extras.get('tau', 0):g} sets each layer's "
+                                f"count; {cost.attended_visual:.1f} of {st.visual_total} visual tokens attended per "
+                                "layer on average")
     fwd = st.forward_ms
     prefill = (fwd[0] if fwd else 0.0) + (0.0 if st.vision_in_forward else st.vision_ms)
     decode = fwd[1:]
     timings = Timings(
         vision=st.vision_ms,
         raters=st.raters_ms,
-        prune_overhead=st.raters_ms + sum(s.overhead_ms for s in st.stages),
+        prune_overhead=st.raters_ms + sum(s.overhead_ms for s in st.stages) + sum(a.overhead_ms for a in
+                                                                                  record.attention),
         prefill=prefill,
         llm_prefill=(fwd[0] if fwd else 0.0) - (st.vision_ms if st.vision_in_forward else 0.0),
         decode_per_token=sum(decode) / len(decode) if decode else 0.0,
@@ -334,4 +352,5 @@ def build_trace(lm, record: CallRecord, config, question, prompt, input_ids, ima
         cost=cost,
         notes=notes,
         memory=memory or Memory(),
+        attention=list(record.attention),
     )

@@ -60,6 +60,27 @@ class Stage:
 
 
 @dataclass
+class AttentionLayer:
+    """One decoder layer where the method decided which tokens take part in attention (ZipVL; docs/engine.md).
+    Positions are 0-based indices into the prefill sequence [prefix | visual | text]; nothing left the residual
+    stream, so visual position prefix + j is patch j."""
+
+    layer: int
+    n: int  # sequence length at this layer
+    p: int  # the count the rule chose
+    attended: list[int]  # positions that attended (among themselves) and stay in this layer's KV cache
+    prefix: int  # how many of them lie before the image
+    visual: int  # ... are visual tokens
+    text: int  # ... lie after the image
+    per_head: list[list[int]] | None = None  # per-KV-head selection: each head's positions (attended = head 0's)
+    formula: str = ""
+    overhead_ms: float = 0.0  # measured: probe rows, the count and the selection at this layer
+    # tau, probe positions ("all" for every row), forced_last, the sorted cumulative mass curve (curve_ranks,
+    # curve_mass) and, with probes "both", the full-attention set's p and its overlap with the probes' set.
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
 class LayerRecord:
     layer: int
     visual_in: int  # visual tokens this decoder layer processes
@@ -104,6 +125,11 @@ class Cost:
     visual_kv_bytes: int = 0
     bytes_per_value: int = 2
     attention_counting: str = "full"  # scores+values counted as 4 n^2 d (no causal halving)
+    # Methods that decide attention (ZipVL): the mean over layers of the share of all tokens that attended, of the
+    # visual tokens that attended (a count), and what the budget column says for a method without a budget.
+    attended_share: float | None = None
+    attended_visual: float | None = None
+    budget_note: str = ""
 
 
 @dataclass
@@ -141,6 +167,7 @@ class PruneTrace:
     cost: Cost = field(default_factory=Cost)
     notes: list[str] = field(default_factory=list)
     memory: Memory = field(default_factory=Memory)
+    attention: list[AttentionLayer] = field(default_factory=list)  # per layer, where the method decided attention
 
     # --- derived views -------------------------------------------------------------------------------------
     def stage_for_layer(self, layer: int) -> Stage | None:
@@ -190,6 +217,7 @@ class PruneTrace:
         d["timings_ms"] = Timings(**d.get("timings_ms", {}))
         d["cost"] = Cost(**d.get("cost", {}))
         d["memory"] = Memory(**d.get("memory", {}))
+        d["attention"] = [AttentionLayer(**a) for a in d.get("attention", [])]
         for k in ("image_size", "input_region", "grid"):
             if k in d:
                 d[k] = tuple(d[k])
@@ -249,4 +277,17 @@ class PruneTrace:
                 "peak_gpu_note": self.memory.peak_gpu_note,
             },
             "notes": self.notes,
+            **({"attention": self.attention_summary()} if self.attention else {}),
         }
+
+    def attention_summary(self) -> dict:
+        """Where the method decided attention: per layer p and the attended counts; the means; the KV cache."""
+        c, m = self.cost, self.memory
+        rows = [{"layer": a.layer, "p": a.p, "attended": len(a.attended), "visual": a.visual, "text": a.text,
+                 "prefix": a.prefix, "forced_last": a.extras.get("forced_last"),
+                 **({"full": a.extras["full"]} if "full" in a.extras else {})} for a in self.attention]
+        return {"attended_share": c.attended_share, "attended_visual": c.attended_visual,
+                "attended_visual_share": (c.attended_visual / self.visual_tokens
+                                          if c.attended_visual is not None and self.visual_tokens else None),
+                "kv_bytes_prefill_measured": m.kv_bytes_prefill, "kv_tokens_per_layer": list(m.kv_tokens_per_layer),
+                "layers": rows}

@@ -11,6 +11,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from ..errors import ConfigError
 from .base import (
+    AttentionChoice,
+    AttentionInput,
     MergedGroup,
     ModelGeometry,
     Plan,
@@ -32,10 +34,11 @@ from .random_subset import RandomSubset
 from .sparsevlm import SparseVLM
 from .sparsevlm_v2 import SparseVLMv2
 from .visionzip import VisionZip
+from .zipvl import ZipVL
 
 _BUILT_IN: tuple[PruneMethod, ...] = (
     Dense(), SparseVLM(), FastV(), FasterVLM(), RandomSubset(),
-    SparseVLMv2(), VisionZip(), DivPrune(), PyramidDrop(), DART(),
+    SparseVLMv2(), VisionZip(), DivPrune(), PyramidDrop(), DART(), ZipVL(),
 )
 _REGISTRY: dict[str, PruneMethod] = {}
 
@@ -99,6 +102,11 @@ METHODS: Sequence[str] = _Names()
 METHOD_LABELS: Mapping[str, str] = _Labels()
 
 
+def registered(name: str) -> PruneMethod | None:
+    """The method registered under `name`, or None."""
+    return _REGISTRY.get(name)
+
+
 def get_method(name: str) -> PruneMethod:
     try:
         return _REGISTRY[name]
@@ -107,6 +115,6 @@ def get_method(name: str) -> PruneMethod:
 
 
 __all__ = [
-    "METHODS", "METHOD_LABELS", "get_method", "register", "unregister", "MergedGroup", "ModelGeometry", "Plan",
+    "AttentionChoice", "AttentionInput", "METHODS", "METHOD_LABELS", "get_method", "registered", "register", "unregister", "MergedGroup", "ModelGeometry", "Plan",
     "PrefillInput", "PruneMethod", "Raters", "Selection", "StageInput", "StageSpec", "VisionInput",
 ]

@@ -21,6 +21,7 @@ import torch
 
 from .. import algorithm as A
 from ..config import PruneConfig
+from ..options import Option
 from ..schedule import Counts
 
 
@@ -53,6 +54,10 @@ class Plan:
     vision_cls: bool = False  # capture the vision tower's feature layer (q/k, output): StageInput.vision
     counts: Counts | None = None  # the accounting's planned counts and figures (None: adaptive counts)
     note: str = ""  # how the counts were derived, shown in the trace
+    # Decoder layers whose attention the method itself decides in prefill (`PruneMethod.attend`, through the
+    # attention seam, sparsevlm/attention.py): only the tokens it chooses attend there, and the rest leave that
+    # layer's KV cache.
+    attention_layers: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, counts: Counts, positions: str, note: str | None = None) -> Plan:
@@ -147,6 +152,35 @@ class StageInput:
 
 
 @dataclass
+class AttentionInput:
+    """What the attention seam hands `PruneMethod.attend` at one decoder layer in prefill (batch 1)."""
+
+    layer: int
+    n: int  # sequence length
+    prefix: int  # tokens before the image
+    visual: int  # visual tokens in the sequence
+    text: int  # tokens after the image
+    heads: int
+    kv_heads: int
+    memo: dict  # the method's per-call scratch space (shared with its stages)
+    seed: int
+    # (rows, per_head) -> column sums of the post-softmax causal attention of query rows `rows` (sequence
+    # positions; None = every row), fp32 softmax, summed over the rows and the heads: (1, n) float64; per_head:
+    # summed over the query heads of each KV head, (kv_heads, n). Computed from the layer's own RoPE'd q and k.
+    column_sums: Callable[[torch.Tensor | None, bool], torch.Tensor]
+
+
+@dataclass
+class AttentionChoice:
+    """A method's decision at one layer: which positions attend (among themselves, causally) and stay cached."""
+
+    attended: torch.Tensor  # (G, m) ascending sequence positions: G = 1 (every head) or one row per KV head
+    p: int  # the count the rule chose (attended may hold the last position on top)
+    formula: str = ""
+    extras: dict = field(default_factory=dict)  # method-specific trace data (plain values)
+
+
+@dataclass
 class MergedGroup:
     """A token the method adds after the kept ones: the merge of `members` (local indices)."""
 
@@ -208,8 +242,17 @@ class PruneMethod:
     # (StageInput.attention_rows, head_attention_rows, keys); "vision" = the vision tower's feature layer
     # (StageInput.vision). Stages before the LLM capture no layer attention.
     captures: ClassVar[frozenset[str]] = frozenset()
+    # The method's own settings (sparsevlm/options.py): defaults, ranges and help, read by the CLI and the page.
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    # Decides attention itself at `Plan.attention_layers` (`attend`): tokens stay in the residual stream.
+    changes_attention: ClassVar[bool] = False
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
+        raise NotImplementedError
+
+    def attend(self, cfg: PruneConfig, inp: AttentionInput) -> AttentionChoice:
+        """The positions that take part in attention at one layer (methods with `changes_attention`)."""
         raise NotImplementedError
 
     def prepare(self, cfg: PruneConfig, inp: PrefillInput) -> Raters | None:

@@ -8,6 +8,7 @@ import torch
 from .. import algorithm as A
 from ..config import REFERENCE_DEPTH, REFERENCE_FASTV_K, PruneConfig
 from ..errors import ConfigError
+from ..options import Option
 from ..schedule import single_stage
 from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, top_k_keep
 
@@ -27,6 +28,8 @@ class FastV(PruneMethod):
     captures = frozenset({"attention"})
     default_positions = "keep"  # FastV keeps the original position ids
     paper_counting = "FastV's own: the budget is the number of visual tokens kept after layer K-1"
+    options = (Option("fastv_k", None, "FastV's K: layers 0..K-1 run on the full sequence, ranked in layer K-1 "
+                      "(default 2 of 32, scaled to depth)", kind="int", low=1, optional=True, ui=False),)
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         after = fastv_k(cfg, geo.depth) - 1

@@ -15,6 +15,7 @@ from ..config import (
     PruneConfig,
 )
 from ..errors import ConfigError
+from ..options import Option
 from ..schedule import BUDGET_TOLERANCE, Counts, figures, fit_scale, make_counts, scaled_layers
 from .base import (
     MergedGroup,
@@ -116,6 +117,32 @@ class SparseVLM(PruneMethod):
     default_positions = "compact"  # v1 / v1.5 renumber the survivors 0..N-1
     paper_counting = ("reference v1.5 lists as directly kept counts, recycled clusters on top; each pruning layer "
                       "counted at its output")
+    options = (
+        Option("count_mode", "fixed", "how many tokens each pruning layer drops: fixed (the reference lists for the "
+               "budget), paper (eq. 8, lambda), code (the reference's rank(P) x scale + bias)", kind="choice",
+               choices=("fixed", "paper", "code"), label="How many tokens to drop", param="count_mode", aliases=("--mode",),
+               choice_labels=("Fixed budget (equal tokens)", "Adaptive - paper eq. 8 (λ)",
+                              "Adaptive - reference code (scale, bias)")),
+        Option("lam", 1.0, "lambda of paper eq. 8: deleted = floor(lambda x (tokens - rank(P))) (count_mode paper)",
+               low=0.0, label="λ (paper eq. 8)", param="lam"),
+        Option("scale", 13.5, "kept = rank(P) x scale + bias (count_mode code; 13.5 is the reference's MME setting)",
+               label="scale (reference code)", param="scale"),
+        Option("bias", 0.0, "the bias of kept = rank(P) x scale + bias (count_mode code)", label="bias",
+               param="bias"),
+        Option("recycle", True, "recycle deleted tokens: cluster the top tau of them and merge each cluster",
+               kind="bool", label="Recycle deleted tokens (cluster + merge)", param="recycle"),
+        Option("prune_layers", None, "decoder layers whose outputs are pruned (default: 2, 6, 15 of 32, scaled)",
+               kind="layers", optional=True, ui=False),
+        Option("tau", 0.3, "share of the deleted tokens recycled into clusters", low=0.0, high=1.0, low_open=True,
+               ui=False),
+        Option("theta", 0.1, "clusters per recycled token", low=0.0, high=1.0, low_open=True, ui=False),
+        Option("merge", "mean", "how a cluster merges: mean (reference code) or sum (paper eq. 11)", kind="choice",
+               choices=("mean", "sum"), ui=False),
+        Option("assign", "euclidean", "cluster assignment: euclidean (reference code) or cosine (paper)",
+               kind="choice", choices=("euclidean", "cosine"), ui=False),
+        Option("rater_rule", "gt", "raters: R > mean(R) (gt, reference code) or R >= mean(R) (ge, paper)",
+               kind="choice", choices=("gt", "ge"), ui=False),
+    )
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         if cfg.count_mode == "fixed":
