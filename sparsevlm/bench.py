@@ -16,7 +16,7 @@ from PIL import Image
 from .config import ACCOUNTINGS, PruneConfig
 from .errors import ConfigError
 from .loading import from_objects
-from .methods import METHODS
+from .methods import METHODS, get_method
 from .pipeline import run
 from .testing import preset_llava, tiny_llava
 
@@ -33,61 +33,91 @@ TTFT_GOAL_7B = 0.40  # SparseVLM at 64 tokens: time to first token at most this 
 BUDGETS = {"sparsevlm": (192, 128, 64)}
 
 
-def cases(accountings: tuple[str, ...] = ACCOUNTINGS) -> list[tuple[str, int, str]]:
-    out = [("dense", 576, "paper")]
-    for accounting in accountings:
-        for method in METHODS:
-            if method != "dense":
-                out += [(method, b, accounting) for b in BUDGETS.get(method, (64,))]
+# Grid sides: LLaVA-1.5's 24 x 24 = 576 visual tokens, and a long sequence of 54 x 54 = 2,916 (one square grid
+# standing in for LLaVA-NeXT's five 24 x 24 views and their newlines, about 2,900 tokens).
+GRID_SIDES = {"576": 24, "long": 54}
+
+
+def cases(accountings: tuple[str, ...] = ACCOUNTINGS, methods: tuple[str, ...] | None = None,
+          visual: int = 576) -> list[tuple[str, int, str, dict]]:
+    """(method, budget, accounting, options): dense; every budgeted method at its budgets in each accounting; a
+    method whose own rule sets the counts (ZipVL) once per benchmark setting, with no budget."""
+    out = [("dense", visual, "paper", {})]
+    for method in METHODS:
+        if method == "dense" or (methods is not None and method not in methods):
+            continue
+        m = get_method(method)
+        if not m.budgeted:
+            out += [(method, visual, "paper", dict(o)) for o in m.benchmark_options]
+            continue
+        for accounting in accountings:
+            out += [(method, b, accounting, {}) for b in BUDGETS.get(method, (64,))]
     return out
 
 
-def build(width: str, device: str, dtype: torch.dtype):
+def case_label(case: tuple[str, int, str, dict]) -> str:
+    method, budget, accounting, options = case
+    if options:
+        return method + "-" + "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in options.items())
+    return f"{method}-{budget}-{accounting}"
+
+
+def build(width: str, device: str, dtype: torch.dtype, side: int = 24):
     if width == "7b":
+        if side != 24:
+            raise ConfigError("--visual long runs at the cpu and tiny widths (the 7B preset has its 24 x 24 grid)")
         # LLaVA-1.5-7B's full published shape (CLIP-L/336 tower, 7.06B parameters), random weights made on `device`.
         model, processor = preset_llava("llava-hf/llava-1.5-7b-hf", reduce=False, dtype=dtype, device=device)
         return from_objects(model, processor, name="random LLaVA-1.5-7B (full shape, 7.06B parameters)")
     hidden, heads, kv, inter = WIDTHS[width]
     model, processor = tiny_llava(
-        "llama", image_size=336, patch_size=14, hidden=hidden, layers=32, heads=heads, kv_heads=kv,
+        "llama", image_size=side * 14, patch_size=14, hidden=hidden, layers=32, heads=heads, kv_heads=kv,
         intermediate=inter, vision_hidden=64, vision_layers=2, dtype=dtype,
     )
     model = model.to(device)
-    return from_objects(model, processor, name=f"random LLaVA 32 layers x {hidden} ({width})")
+    return from_objects(model, processor, name=f"random LLaVA 32 layers x {hidden} ({width}), {side * side} visual "
+                                                  "tokens")
 
 
 def bench(width: str = "cpu", runs: int = 5, warmup: int = 2, device: str | None = None,
-          accountings: tuple[str, ...] = ACCOUNTINGS) -> dict:
+          accountings: tuple[str, ...] = ACCOUNTINGS, methods: tuple[str, ...] | None = None,
+          visual: str = "576") -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if width == "7b" and not str(device).startswith("cuda"):
         raise ConfigError("--width 7b builds LLaVA-1.5-7B's full shape (13.2 GiB in fp16) and needs a CUDA GPU; "
                           "on a CPU use --width cpu")
     dtype = torch.float16 if device == "cuda" else torch.float32
-    lm = build(width, device, dtype)
-    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (336, 448, 3), dtype=np.uint8))
+    if visual not in GRID_SIDES:
+        raise ConfigError(f"--visual must be one of {', '.join(GRID_SIDES)}, not {visual!r}")
+    side = GRID_SIDES[visual]
+    lm = build(width, device, dtype, side)
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (side * 14, side * 18, 3), dtype=np.uint8))
     configs, unavailable = {}, {}
-    for method, budget, accounting in cases(accountings):
-        cfg = PruneConfig(method=method, budget=budget, accounting=accounting)
+    for case in cases(accountings, methods, lm.visual_tokens):
+        method, budget, accounting, options = case
+        cfg = PruneConfig(method=method, budget=budget if method != "dense" else 64, accounting=accounting,
+                          options=options)
         try:
             cfg.validate(lm.visual_tokens)
             run(lm, image, QUESTION, cfg, max_new_tokens=1)  # also the first warm-up round
-            configs[(method, budget, accounting)] = cfg
+            configs[case_label(case)] = (case, cfg)
         except ConfigError as e:  # e.g. [CLS]-based selection on a tower without [CLS]: reported, not hidden
-            unavailable[f"{method}-{budget}-{accounting}"] = str(e)
-    samples: dict[tuple[str, int, str], list] = {case: [] for case in configs}
+            unavailable[case_label(case)] = str(e)
+    samples: dict[str, list] = {label: [] for label in configs}
     for _ in range(max(0, warmup - 1)):
-        for cfg in configs.values():
+        for _, cfg in configs.values():
             run(lm, image, QUESTION, cfg, max_new_tokens=1)
     # Interleave the methods so drift in machine load hits them all alike.
     for _ in range(runs):
-        for case, cfg in configs.items():
-            samples[case].append(run(lm, image, QUESTION, cfg, max_new_tokens=1).trace)
+        for label, (_, cfg) in configs.items():
+            samples[label].append(run(lm, image, QUESTION, cfg, max_new_tokens=1).trace)
     rows = []
-    dense_case = ("dense", 576, "paper")
+    dense_case = case_label(("dense", lm.visual_tokens, "paper", {}))
     dense_ms = statistics.median(t.timings_ms.llm_prefill for t in samples[dense_case])
     dense_ttft = statistics.median(t.timings_ms.prefill for t in samples[dense_case])
     dense_flops = samples[dense_case][0].cost.prefill_flops
-    for (method, budget, accounting), traces in samples.items():
+    for label, traces in samples.items():
+        (method, budget, accounting, options), _ = configs[label]
         ms = statistics.median(t.timings_ms.llm_prefill for t in traces)
         overhead = statistics.median(t.timings_ms.prune_overhead for t in traces)
         ttft = statistics.median(t.timings_ms.prefill for t in traces)
@@ -95,10 +125,13 @@ def bench(width: str = "cpu", runs: int = 5, warmup: int = 2, device: str | None
         t0 = traces[0]
         time_ratio = ms / dense_ms
         flops_ratio = t0.cost.prefill_flops / dense_flops
+        budgeted = method != "dense" and get_method(method).budgeted
         rows.append({
             "method": method,
-            "budget": budget if method != "dense" else None,
-            "accounting": accounting if method != "dense" else None,
+            "setting": label,
+            "options": options,
+            "budget": budget if budgeted else None,
+            "accounting": accounting if budgeted else None,
             "equal_tokens": round(t0.cost.equal_tokens, 2),
             "equal_tokens_output": round(t0.cost.equal_tokens_reference, 2),
             "prefill_ms_median": round(ms, 2),
@@ -106,6 +139,9 @@ def bench(width: str = "cpu", runs: int = 5, warmup: int = 2, device: str | None
             "time_ratio": round(time_ratio, 4),
             "flops_ratio": round(flops_ratio, 4),
             "time_over_flops": round(time_ratio / flops_ratio, 3),
+            "kv_ratio": round(t0.cost.kv_bytes / t0.cost.kv_bytes_dense, 4),
+            "attended_share": round(statistics.median(t.cost.attended_share for t in traces), 4)
+            if t0.cost.attended_share is not None else None,
             "overhead_ms": round(overhead, 3),
             "overhead_share_of_dense": round(overhead / dense_ms, 5),
             "ttft_ms_median": round(ttft, 2),  # vision + LLM prefill + pruning: time to the first token
@@ -122,6 +158,7 @@ def bench(width: str = "cpu", runs: int = 5, warmup: int = 2, device: str | None
                     r["ttft_ratio"] <= TTFT_GOAL_7B
     return {
         "model": lm.name,
+        "visual_tokens": lm.visual_tokens,
         "device": str(lm.device),
         "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
@@ -138,6 +175,10 @@ def bench(width: str = "cpu", runs: int = 5, warmup: int = 2, device: str | None
     }
 
 
+def _options_text(options: dict | None) -> str:
+    return " (" + ", ".join(f"{k} {v}" for k, v in options.items()) + ")" if options else ""
+
+
 def format_table(result: dict) -> str:
     lines = [
         f"model: {result['model']}  device: {result['device']} {result['dtype']}  threads: {result['threads']}  "
@@ -145,16 +186,18 @@ def format_table(result: dict) -> str:
         f"measured: {result['measured']}",
         "",
         "| method | budget | accounting | equal tokens (in) | equal tokens (out) | prefill ms (median) | time ratio | "
-        "FLOPs ratio | time/FLOPs | overhead ms | overhead / dense | TTFT ms (median) | TTFT ratio | "
-        "peak GPU MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "FLOPs ratio | time/FLOPs | KV ratio | attended share | overhead ms | overhead / dense | TTFT ms (median) | "
+        "TTFT ratio | peak GPU MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         peak = r.get("peak_gpu_mib")
         lines.append(
-            f"| {r['method']} | {r['budget'] or '-'} | {r['accounting'] or '-'} | {r['equal_tokens']} | "
-            f"{r['equal_tokens_output']} | {r['prefill_ms_median']:.1f} | "
+            f"| {r['method']}{_options_text(r.get('options'))} | {r['budget'] or '-'} | {r['accounting'] or '-'} | "
+            f"{r['equal_tokens']} | {r['equal_tokens_output']} | {r['prefill_ms_median']:.1f} | "
             f"{r['time_ratio']:.3f} | {r['flops_ratio']:.3f} | {r['time_over_flops']:.2f} | "
+            f"{r.get('kv_ratio', float('nan')):.3f} | "
+            f"{'-' if r.get('attended_share') is None else format(r['attended_share'], '.3f')} | "
             f"{r['overhead_ms']:.2f} | {100 * r['overhead_share_of_dense']:.2f}% | "
             f"{r.get('ttft_ms_median', float('nan')):.1f} | {r.get('ttft_ratio', float('nan')):.3f} | "
             f"{'n/a (not CUDA)' if peak is None else f'{peak:,.0f}'} |"

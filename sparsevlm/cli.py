@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prefix-tokens", type=int, default=0)
     c.add_argument("--pruned-to", type=_positive_int, default=None, help="visual tokens in every layer after pruning")
     c.add_argument("--bytes", type=int, default=2, help="bytes per cached value (2 = fp16)")
+    c.add_argument("--attended-share", type=float, default=None,
+                   help="ZipVL-style sparse attention: this share of the tokens attends at every layer; prints, per "
+                        "sequence length, attention's share of the FLOPs and the FLOPs and KV cache with and without")
+    c.add_argument("--lengths", default="650,2900,8192,32768",
+                   help="prefill lengths for --attended-share (comma-separated tokens)")
+    c.add_argument("--probe-rows", type=int, default=128, help="probe rows scoring every key (--attended-share)")
     c.add_argument("--json", action="store_true")
 
     m = sub.add_parser("models", help="the model presets: grid, depth, parameters, memory, methods, hardware")
@@ -117,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=_positive_int, default=5)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--accounting", default="both", choices=(*ACCOUNTINGS, "both"))
+    b.add_argument("--methods", default=None, help="comma-separated methods (default: every registered method)")
+    b.add_argument("--visual", default="576", choices=("576", "long"),
+                   help="576: LLaVA-1.5's 24x24 grid; long: one 54x54 grid of 2,916 visual tokens (about LLaVA-NeXT's "
+                        "length; cpu and tiny widths)")
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", default=None, help="also write the result JSON to this file")
 
@@ -180,10 +190,23 @@ def cmd_run(a) -> int:
 
 
 def cmd_cost(a) -> int:
-    from .cost import calculator, resolve_shape
+    from .cost import calculator, resolve_shape, sparse_attention_table
+    from .errors import ConfigError
 
-    out = calculator(resolve_shape(a.preset), a.visual_tokens, a.text_tokens, a.prefix_tokens, a.pruned_to, a.bytes)
+    shape = resolve_shape(a.preset)
+    out = calculator(shape, a.visual_tokens, a.text_tokens, a.prefix_tokens, a.pruned_to, a.bytes)
     out["preset"] = a.preset
+    if a.attended_share is not None:
+        if not 0.0 < a.attended_share <= 1.0:
+            raise ConfigError(f"--attended-share must lie in (0, 1], not {a.attended_share}")
+        try:
+            lengths = [int(x) for x in a.lengths.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--lengths must be whole numbers of tokens, such as 650,2900, not {a.lengths!r}") \
+                from None
+        if not lengths or min(lengths) < 1 or a.probe_rows < 0:
+            raise ConfigError("--lengths must be positive token counts and --probe-rows at least 0")
+        out["sparse_attention"] = sparse_attention_table(shape, lengths, a.attended_share, a.probe_rows, a.bytes)
     if a.json:
         print(json.dumps(out))
         return 0
@@ -194,6 +217,11 @@ def cmd_cost(a) -> int:
     if a.pruned_to:
         print(f"pruned to {a.pruned_to}: {out['pruned_prefill_flops'] / 1e12:.3f} TFLOPs, visual KV "
               f"{out['pruned_visual_kv_bytes'] / 2**20:.1f} MiB")
+    for r in out.get("sparse_attention", []):
+        print(f"{r['tokens']:>6} tokens: attention is {100 * r['attention_share']:.1f}% of the dense prefill "
+              f"({r['prefill_flops_dense'] / 1e12:.2f} TFLOPs); {r['attended']} attending at every layer: "
+              f"{r['prefill_flops_sparse'] / 1e12:.2f} TFLOPs ({r['flops_ratio']:.3f}x, probes included), KV cache "
+              f"{r['kv_bytes_sparse'] / 2**20:,.0f} MiB instead of {r['kv_bytes_dense'] / 2**20:,.0f} MiB")
     print(f"({out['attention_counting']})")
     return 0
 
@@ -247,10 +275,15 @@ def cmd_bench(a) -> int:
     import torch
 
     from .bench import bench, format_table
+    from .methods import get_method
 
     width = a.width or ("7b" if torch.cuda.is_available() and a.device in (None, "cuda") else "cpu")
     accountings = ACCOUNTINGS if a.accounting == "both" else (a.accounting,)
-    result = bench(width=width, runs=a.runs, warmup=a.warmup, device=a.device, accountings=accountings)
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip()) if a.methods else None
+    for m in methods or ():
+        get_method(m)  # an unknown name is one error line
+    result = bench(width=width, runs=a.runs, warmup=a.warmup, device=a.device, accountings=accountings,
+                   methods=methods, visual=a.visual)
     if a.out:
         with open(a.out, "w") as f:
             f.write(json.dumps(result, indent=1) + "\n")

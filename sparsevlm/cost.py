@@ -141,3 +141,26 @@ def calculator(s: DecoderShape, visual: int, text: int, prefix: int = 0, visual_
         out["pruned_prefill_flops"] = prefill_flops(pruned, s)
         out["pruned_visual_kv_bytes"] = kv_bytes([visual_after] * s.layers, s, bytes_value)
     return out
+
+
+def attention_share(n: int, s: DecoderShape) -> float:
+    """The share of a dense layer's FLOPs that attention (scores and values, 4 n^2 d) takes at n tokens."""
+    return 4 * n * n * s.hidden / layer_flops(n, s)
+
+
+def sparse_attention_table(s: DecoderShape, lengths: list[int], attended_share: float, probe_rows: int = 128,
+                           bytes_value: int = 2) -> list[dict]:
+    """Where attending among a share of the tokens pays (ZipVL's sparse attention): for each prefill length n, the
+    dense prefill FLOPs, attention's share of them, the FLOPs when ceil(share x n) tokens attend at every layer
+    (plus `probe_rows` probe rows scoring every key), and the KV cache either way. The linear layers and the MLP
+    still run on every token."""
+    rows = []
+    for n in lengths:
+        m = max(1, min(n, -(-int(attended_share * n * 1e6) // 1_000_000)))
+        dense = prefill_flops([n] * s.layers, s)
+        sparse = prefill_flops([n] * s.layers, s, [m] * s.layers) + s.layers * probe_flops(min(probe_rows, n), n, s)
+        rows.append({"tokens": n, "attended": m, "prefill_flops_dense": dense, "attention_share": attention_share(n, s),
+                     "prefill_flops_sparse": sparse, "flops_ratio": sparse / dense,
+                     "kv_bytes_dense": kv_bytes([n] * s.layers, s, bytes_value),
+                     "kv_bytes_sparse": kv_bytes([m] * s.layers, s, bytes_value)})
+    return rows

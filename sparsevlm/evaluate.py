@@ -19,8 +19,8 @@ import torch
 from .config import ACCOUNTINGS, PruneConfig
 from .hooks import CallRecord, PruneHooks
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
-from .methods import METHODS
-from .pipeline import budget_figures, build_prompt
+from .methods import METHODS, get_method
+from .pipeline import budget_figures, build_prompt, call_cost
 from .trace import PruneTrace, Stage
 
 BUDGETS = (192, 128, 96, 64)
@@ -38,11 +38,15 @@ def settings(accountings: tuple[str, ...] = ACCOUNTINGS) -> list[Setting]:
     out = [Setting("dense", "dense", PruneConfig(method="dense"))]
     for accounting in accountings:
         for method in METHODS:
-            if method == "dense":
+            if method == "dense" or not get_method(method).budgeted:
                 continue
             for b in BUDGETS:
                 out.append(Setting(f"{method}-{b}-{accounting}", method,
                                    PruneConfig(method=method, budget=b, accounting=accounting)))
+    for method in METHODS:  # methods whose own rule sets the counts: at their benchmark settings, no budget
+        for opts in get_method(method).benchmark_options:
+            label = method + "-" + "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in opts.items())
+            out.append(Setting(label, method, PruneConfig(method=method, options=dict(opts))))
     out.append(Setting("sparsevlm-paper-l1", "sparsevlm", PruneConfig(method="sparsevlm", count_mode="paper", lam=1.0)))
     out.append(Setting("sparsevlm-code-9/6", "sparsevlm",
                        PruneConfig(method="sparsevlm", count_mode="code", scale=9, bias=6)))
@@ -89,8 +93,14 @@ def evidence_recall(run: PruneTrace | CallRecord, evidence: Sequence[int] | None
 
     kept, represented = seen(_seen_by(run.stages, depth - 1))
     layers = [seen(_seen_by(run.stages, layer))[1] / n for layer in range(depth)]
-    return {"evidence_patches": n, "kept": kept / n, "merged_only": (represented - kept) / n,
-            "represented": represented / n, "represented_mean_over_layers": sum(layers) / len(layers)}
+    out = {"evidence_patches": n, "kept": kept / n, "merged_only": (represented - kept) / n,
+           "represented": represented / n, "represented_mean_over_layers": sum(layers) / len(layers)}
+    attention = getattr(run, "attention", None) or []
+    if attention:  # a method that decides attention keeps every token; what counts is who attended
+        prefix = run.prefix if hasattr(run, "prefix") else run.prefix_tokens
+        shares = [len(ev & {p - prefix for p in a.attended}) / n for a in attention]
+        out["attended_mean_over_layers"] = sum(shares) / len(shares)
+    return out
 
 
 def evidence_recall_per_stage(run: PruneTrace | CallRecord, evidence: Sequence[int] | None) -> list[dict]:
@@ -123,8 +133,11 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
     world = check_world(world)
 
     chosen = [s for s in settings(accountings) if labels is None or s.label in labels]
-    per = {s.label: {"method": s.method, "accounting": s.config.accounting if s.method != "dense" else None,
-                     "budget": s.config.budget if s.method != "dense" else None,
+    budgeted = {s.label: s.method != "dense" and get_method(s.method).budgeted for s in chosen}
+    per = {s.label: {"method": s.method, "accounting": s.config.accounting if budgeted[s.label] else None,
+                     "budget": s.config.budget if budgeted[s.label] else None,
+                     "options": s.config.resolved_options(), "flops_ratio": [], "kv_ratio": [],
+                     "attended_share": [], "attended_visual": [], "recall_attended": [],
                      "correct": {f: 0 for f in FAMILIES}, "total": {f: 0 for f in FAMILIES}, "recall_last": [],
                      "recall_direct": [], "recall_layers": [], "equal_tokens": [], "equal_tokens_output": [],
                      "hits": [], "errors": 0} for s in chosen}
@@ -160,7 +173,15 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
                 rec["recall_last"].append(recall["represented"])
                 rec["recall_direct"].append(recall["kept"])
                 rec["recall_layers"].append(recall["represented_mean_over_layers"])
+                if "attended_mean_over_layers" in recall:
+                    rec["recall_attended"].append(recall["attended_mean_over_layers"])
             figures = budget_figures(record, s.config)
+            cost = call_cost(lm, record, s.config)
+            rec["flops_ratio"].append(cost.prefill_flops / cost.prefill_flops_dense)
+            rec["kv_ratio"].append(cost.kv_bytes / cost.kv_bytes_dense)
+            if cost.attended_share is not None:
+                rec["attended_share"].append(cost.attended_share)
+                rec["attended_visual"].append(cost.attended_visual)
             rec["equal_tokens"].append(figures["equal_tokens"])
             rec["equal_tokens_output"].append(figures["equal_tokens_reference"])
         if log and (i + 1) % max(1, n // 10) == 0:
@@ -233,11 +254,17 @@ def summarize(per: dict, lm: LoadedModel, n: int, seed: int, seconds: float) -> 
             "budget": rec["budget"],
             "equal_tokens": mean(rec["equal_tokens"]),
             "equal_tokens_output": mean(rec["equal_tokens_output"]),
+            "flops_ratio": mean(rec["flops_ratio"]),
+            "kv_ratio": mean(rec["kv_ratio"]),
+            "attended_share": mean(rec["attended_share"]),
+            "attended_visual": mean(rec["attended_visual"]),
+            "options": rec["options"],
             "accuracy": acc,
             "per_family": fam,
             "evidence_recall_last": mean(rec["recall_last"]),
             "evidence_recall_direct": mean(rec["recall_direct"]),
             "evidence_recall_layers": mean(rec["recall_layers"]),
+            "evidence_recall_attended": mean(rec["recall_attended"]),
             "questions": total,
             "accuracy_half_width": half_width(rec["hits"]),
             "hits": rec["hits"],

@@ -208,6 +208,9 @@ def run_prepared(lm: LoadedModel, prepared: Prepared, config: PruneConfig,
         gen.update(temperature=float(d.temperature), top_p=float(d.top_p))
         torch.manual_seed(d.seed)
     work = prepared.work
+    fitted = None
+    if get_method(config.method).changes_attention and config.options.get("fit") == "budget":
+        config, fitted = fit_tau(lm, prepared, config)
     hooks = PruneHooks(lm.model, config).share(work)
     probe = _CacheProbe()
     on_cuda = lm.device.type == "cuda"
@@ -238,7 +241,95 @@ def run_prepared(lm: LoadedModel, prepared: Prepared, config: PruneConfig,
     record = hooks.record()
     trace = build_trace(lm, record, config, prepared.question, prepared.prompt, prepared.inputs["input_ids"][0],
                         prepared.image_size, answer, len(new_ids), total_ms, memory)
+    if fitted is not None:
+        _fitted_budget(trace, config, fitted, C.DecoderShape.from_config(lm.model.config), lm.num_layers)
     return RunResult(answer, trace, record.shared_keys)
+
+
+FIT_PASSES = 14  # bisection steps on tau (each one prefill pass)
+
+
+def _attention_figure(lm: LoadedModel, record: CallRecord, config: PruneConfig) -> float:
+    """What a fitted budget is compared with: the mean attended visual tokens per layer (paper accounting), or
+    the prefill FLOPs (flops accounting), of one prefill's attention decisions."""
+    if config.accounting == "paper":
+        return sum(a.visual for a in record.attention) / max(1, len(record.attention))
+    return call_cost(lm, record, config).prefill_flops
+
+
+def fit_tau(lm: LoadedModel, prepared: Prepared, config: PruneConfig) -> tuple[PruneConfig, dict]:
+    """ZipVL's rule with tau fitted to the budget for this input: bisection on tau over prefill passes, so that the
+    mean attended visual tokens per layer (paper accounting) or the prefill FLOPs (flops accounting, the FLOPs of
+    `budget` visual tokens in every layer) come nearest the budget. A flops budget below what the projections and
+    MLP cost on every token is a ConfigError: ZipVL never removes a token from them."""
+    shape = C.DecoderShape.from_config(lm.model.config)
+    n = prepared.n_prompt
+    fixed = n - lm.visual_tokens
+    depth = lm.num_layers
+    if config.accounting == "flops":
+        target = C.prefill_flops([fixed + config.budget] * depth, shape)
+        floor = depth * (C.linear_flops(n, shape) + C.layer_flops(1, shape, 1) - C.linear_flops(1, shape))
+        if floor > target:
+            raise ConfigError(
+                f"ZipVL cannot meet a flops budget of {config.budget} tokens: its projections and MLP run on all {n} "
+                f"tokens at every layer ({floor / 1e9:.2f} GFLOPs with a single token attending) and exceed the "
+                f"{target / 1e9:.2f} GFLOPs of {config.budget} visual tokens in every layer")
+    else:
+        target = float(config.budget)
+
+    def figure_at(tau: float) -> float:
+        cfg = PruneConfig(method=config.method, budget=config.budget, accounting=config.accounting,
+                          positions=config.positions, seed=config.seed, options={**config.options, "tau": tau})
+        hooks = PruneHooks(lm.model, cfg).share(prepared.work)
+        with torch.inference_mode(), hooks:
+            lm.model(**prepared.inputs, mm_encoder_outputs={"image": prepared.work.image}, use_cache=False)
+        return _attention_figure(lm, hooks.record(), cfg)
+
+    lo, hi = 1e-4, 1.0
+    best = (float("inf"), 1.0, figure_at(1.0))
+    if best[2] <= target:  # even tau = 1 stays within the budget
+        best = (abs(best[2] - target), 1.0, best[2])
+    else:
+        for _ in range(FIT_PASSES - 1):
+            mid = (lo + hi) / 2
+            f = figure_at(mid)
+            if abs(f - target) < best[0]:
+                best = (abs(f - target), mid, f)
+            lo, hi = (mid, hi) if f < target else (lo, mid)
+    tau = best[1]
+    fitted = PruneConfig(method=config.method, budget=config.budget, accounting=config.accounting,
+                         positions=config.positions, seed=config.seed, options={**config.options, "tau": tau})
+    return fitted.validate(lm.visual_tokens), {"tau": tau, "target": target, "passes": FIT_PASSES}
+
+
+def equivalent_tokens(flops: float, fixed: int, depth: int, shape: C.DecoderShape) -> float:
+    """The visual-token count v whose dense prefill (v visual tokens in every layer) costs `flops`."""
+    lo, hi = 0.0, 1e7
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if depth * C.layer_flops(fixed + mid, shape) < flops:  # type: ignore[arg-type]
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def _fitted_budget(trace: PruneTrace, config: PruneConfig, fitted: dict, shape: C.DecoderShape, depth: int) -> None:
+    """The budget claim of ZipVL's rule with tau fitted to the budget, in the accounting's own figure."""
+    c = trace.cost
+    c.budget, c.budget_note = config.budget, ""
+    if config.accounting == "paper":
+        c.budget_counting, c.budget_figure = "attended", c.attended_visual
+        c.budget_met = c.attended_visual is not None and abs(c.attended_visual - config.budget) <= BUDGET_TOLERANCE
+    else:
+        c.budget_counting = "flops"
+        c.budget_figure = equivalent_tokens(c.prefill_flops, trace.prefix_tokens + trace.text_tokens, depth, shape)
+        c.budget_met = abs(c.budget_figure - config.budget) <= BUDGET_TOLERANCE
+    trace.notes.insert(0, f"ZipVL's rule, τ fitted to the budget: τ = {fitted['tau']:.4f} found by bisection over "
+                          f"{fitted['passes']} prefill passes (not part of this run's measured latency), so that "
+                          + ("the mean attended visual tokens per layer" if config.accounting == "paper" else
+                             "the prefill FLOPs") + f" come nearest {config.budget} tokens' worth; not the paper's "
+                          "setting (the paper runs at a fixed τ)")
 
 
 def budget_figures(record: CallRecord, config: PruneConfig) -> dict:
@@ -260,15 +351,9 @@ def budget_figures(record: CallRecord, config: PruneConfig) -> dict:
     return out
 
 
-def build_trace(lm, record: CallRecord, config, question, prompt, input_ids, image_size, answer, n_new, total_ms,
-                memory: Memory | None = None):
+def call_cost(lm, record: CallRecord, config: PruneConfig) -> Cost:
+    """The computed cost of one call (cost.py's formulas over its layer counts and attention decisions)."""
     st = record
-    text_ids = input_ids[st.prefix + st.visual_total :].tolist()
-    tokens = lm.processor.tokenizer.convert_ids_to_tokens(text_ids)
-    raters: list[Rater] = []
-    if st.relevance is not None:
-        chosen = set(st.raters or [])
-        raters = [Rater(i, tok, float(r), i in chosen) for i, (tok, r) in enumerate(zip(tokens, st.relevance))]
     layers = record.layer_records()
     shape = C.DecoderShape.from_config(lm.model.config)
     fixed = st.prefix + st.text
@@ -307,6 +392,20 @@ def build_trace(lm, record: CallRecord, config, question, prompt, input_ids, ima
             cost.budget_note = (f"no budget: τ = {record.attention[0].extras.get('tau', 0):g} sets each layer's "
                                 f"count; {cost.attended_visual:.1f} of {st.visual_total} visual tokens attended per "
                                 "layer on average")
+    return cost
+
+
+def build_trace(lm, record: CallRecord, config, question, prompt, input_ids, image_size, answer, n_new, total_ms,
+                memory: Memory | None = None):
+    st = record
+    text_ids = input_ids[st.prefix + st.visual_total :].tolist()
+    tokens = lm.processor.tokenizer.convert_ids_to_tokens(text_ids)
+    raters: list[Rater] = []
+    if st.relevance is not None:
+        chosen = set(st.raters or [])
+        raters = [Rater(i, tok, float(r), i in chosen) for i, (tok, r) in enumerate(zip(tokens, st.relevance))]
+    layers = record.layer_records()
+    cost = call_cost(lm, record, config)
     fwd = st.forward_ms
     prefill = (fwd[0] if fwd else 0.0) + (0.0 if st.vision_in_forward else st.vision_ms)
     decode = fwd[1:]

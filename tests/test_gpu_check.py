@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sparsevlm.config import ACCOUNTINGS
-from sparsevlm.methods import METHODS
+from sparsevlm.methods import METHODS, get_method
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,9 @@ def test_gpu_check_dry_run_on_cpu_writes_the_report(tmp_path):
     bench = report["bench"]
     assert bench["device"] == "cpu" and "32 layers x 64" in bench["model"]
     covered = {(r["method"], r["accounting"]) for r in bench["rows"]}
-    assert covered == {("dense", None)} | {(m, a) for m in METHODS if m != "dense" for a in ACCOUNTINGS}
+    budgeted = {m for m in METHODS if m != "dense" and get_method(m).budgeted}
+    assert covered == {("dense", None)} | {(m, a) for m in budgeted for a in ACCOUNTINGS} | \
+        {(m, None) for m in METHODS if m != "dense" and m not in budgeted}
     for r in bench["rows"]:
         assert r["ttft_ms_median"] >= r["prefill_ms_median"] > 0  # TTFT includes the vision tower
         assert r["time_ratio"] > 0 and r["flops_ratio"] > 0 and r["ttft_ratio"] > 0 and r["overhead_ms"] >= 0

@@ -268,8 +268,8 @@ def test_per_layer_cache_lengths_while_decoding(tiny64):
 def test_probe_rows_and_both_record_the_overlap(tiny64):
     model, processor, image, _ = tiny64
     lm = from_objects(model, processor, "tiny64")
-    tr = run(lm, image, "what colour is the shape ?", PruneConfig(method="zipvl", budget=8, probes="both", recent=8, random=8),
-             max_new_tokens=1).trace
+    cfg = PruneConfig(method="zipvl", budget=8, probes="both", recent=8, random=8)
+    tr = run(lm, image, "what colour is the shape ?", cfg, max_new_tokens=1).trace
     for a in tr.attention:
         full = a.extras["full"]
         assert 0 <= full["overlap"] <= min(len(a.attended), full["attended"])
@@ -288,7 +288,8 @@ def test_cost_counts_what_runs(tiny64):
 
     model, processor, image, _ = tiny64
     lm = from_objects(model, processor, "tiny64")
-    tr = run(lm, image, "what colour is the shape ?", PruneConfig(method="zipvl", budget=8, tau=0.9), max_new_tokens=1).trace
+    cfg = PruneConfig(method="zipvl", budget=8, tau=0.9)
+    tr = run(lm, image, "what colour is the shape ?", cfg, max_new_tokens=1).trace
     shape = C.DecoderShape.from_config(model.config)
     n = tr.attention[0].n
     want = sum(C.layer_flops(n, shape, len(a.attended)) + C.probe_flops(len(a.extras["probes"]), n, shape)

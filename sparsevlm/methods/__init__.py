@@ -115,6 +115,7 @@ def get_method(name: str) -> PruneMethod:
 
 
 __all__ = [
-    "AttentionChoice", "AttentionInput", "METHODS", "METHOD_LABELS", "get_method", "registered", "register", "unregister", "MergedGroup", "ModelGeometry", "Plan",
+    "AttentionChoice", "AttentionInput", "METHODS", "METHOD_LABELS", "get_method", "registered", "register",
+    "unregister", "MergedGroup", "ModelGeometry", "Plan",
     "PrefillInput", "PruneMethod", "Raters", "Selection", "StageInput", "StageSpec", "VisionInput",
 ]

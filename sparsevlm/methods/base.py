@@ -247,6 +247,10 @@ class PruneMethod:
 
     # Decides attention itself at `Plan.attention_layers` (`attend`): tokens stay in the residual stream.
     changes_attention: ClassVar[bool] = False
+    # False for a method whose own rule sets the counts (ZipVL's tau): the benchmark runs it at
+    # `benchmark_options` instead of at every budget.
+    budgeted: ClassVar[bool] = True
+    benchmark_options: ClassVar[tuple[dict, ...]] = ()
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         raise NotImplementedError

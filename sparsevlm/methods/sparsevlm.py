@@ -120,7 +120,8 @@ class SparseVLM(PruneMethod):
     options = (
         Option("count_mode", "fixed", "how many tokens each pruning layer drops: fixed (the reference lists for the "
                "budget), paper (eq. 8, lambda), code (the reference's rank(P) x scale + bias)", kind="choice",
-               choices=("fixed", "paper", "code"), label="How many tokens to drop", param="count_mode", aliases=("--mode",),
+               choices=("fixed", "paper", "code"), label="How many tokens to drop", param="count_mode",
+               aliases=("--mode",),
                choice_labels=("Fixed budget (equal tokens)", "Adaptive - paper eq. 8 (λ)",
                               "Adaptive - reference code (scale, bias)")),
         Option("lam", 1.0, "lambda of paper eq. 8: deleted = floor(lambda x (tokens - rank(P))) (count_mode paper)",

@@ -99,7 +99,9 @@ def mass_curve(scores: torch.Tensor, points: int = 256) -> tuple[list[int], list
     total = float(cum[-1]) if cum.numel() else 0.0
     n = s.numel()
     ranks = sorted({1, n, *(int(round(1 + i * (n - 1) / (points - 1))) for i in range(points))}) if n else []
-    return ranks, [float(cum[r - 1]) / total if total > 0 else 0.0 for r in ranks]
+    if total <= 0:
+        return ranks, [0.0] * len(ranks)
+    return ranks, (cum[torch.tensor(ranks, dtype=torch.long) - 1] / total).tolist()
 
 
 # --- the registered method ---------------------------------------------------------------------------------------
@@ -114,6 +116,8 @@ class ZipVL(PruneMethod):
     paper_counting = ("no budget: tau sets each layer's attended count; the budget column reports the mean "
                       "attended visual tokens (or fits tau to the budget with fit=budget)")
     changes_attention = True
+    budgeted = False
+    benchmark_options = ({"tau": 0.975}, {"tau": 0.96})  # the paper's two settings on LLaVA-1.5-7B (v1 Table 1)
     options = (
         Option("tau", 0.975, "share of the attention mass the attended tokens must hold at each layer",
                low=0.0, high=1.0, low_open=True, label="τ (attention-mass share)", param="zipvl_tau"),
