@@ -313,3 +313,93 @@ def test_llava_next_gets_one_clear_message(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert "llava_next" in out.stderr and "LlavaForConditionalGeneration" in out.stderr
+
+
+# --- options: declared once, generated everywhere, older settings still load ---------------------------------------
+@pytest.mark.parametrize("name", ["trace-flat-config-sparsevlm.json", "trace-flat-config-fastv.json"])
+def test_traces_written_with_flat_settings_load_and_rerun_the_same(name):
+    """These traces were written by `python -m sparsevlm run --trace-out` when every setting was a flat field of
+    PruneConfig (SparseVLM --mode paper --lam 0.5 --no-recycle; FastV --fastv-k 3 --budget 96): they load, their
+    config moves into the method's options, and running it again makes the same decisions."""
+    from sparsevlm.loading import load_model
+    from sparsevlm.trace import PruneTrace
+
+    old = PruneTrace.from_json((ROOT / "tests" / "data" / name).read_text())
+    cfg = PruneConfig.from_dict(old.config).validate()
+    if old.method == "sparsevlm":
+        assert cfg.options["count_mode"] == "paper" and cfg.lam == 0.5 and cfg.recycle is False
+    else:
+        assert cfg.options == {"fastv_k": 3} and cfg.budget == 96
+    lm = load_model(str(ROOT / "assets" / "models" / "scenes-llava"))
+    new = run(lm, Image.open(ROOT / "assets" / "examples" / "01-colour.png"), old.question, cfg,
+              max_new_tokens=2).trace
+    assert [(s.after_layer, s.kept, s.visual_out) for s in new.stages] == \
+        [(s.after_layer, s.kept, s.visual_out) for s in old.stages]
+    assert new.answer == old.answer
+
+
+def test_a_registered_method_gets_its_flags_from_its_declaration():
+    from sparsevlm.cli import build_parser, chosen_options
+    from sparsevlm.methods import register, unregister
+    from sparsevlm.methods.dense import Dense
+    from sparsevlm.options import Option
+
+    class Knob(Dense):
+        name = "knob-test"
+        label = "Knob"
+        options = (Option("knob_level", 3, "how much", kind="int", low=1, high=9),)
+
+    register(Knob())
+    try:
+        a = build_parser().parse_args(["run", "--image", "x.png", "--question", "q", "--method", "knob-test",
+                                       "--knob-level", "7"])
+        cfg = PruneConfig(method=a.method, options=chosen_options(a)).validate()
+        assert cfg.knob_level == 7
+        with pytest.raises(ConfigError, match=r"knob-test option knob_level must lie in \[1, 9\]"):
+            PruneConfig(method="knob-test", knob_level=12).validate()
+    finally:
+        unregister("knob-test")
+
+
+def test_options_read_for_the_chosen_method():
+    assert PruneConfig(method="zipvl").tau == 0.975
+    assert PruneConfig(method="sparsevlm").tau == 0.3
+    assert PruneConfig(method="zipvl", tau=0.96).to_dict()["options"]["tau"] == 0.96
+    with pytest.raises(AttributeError):
+        getattr(PruneConfig(method="fastv"), "tau")  # noqa: B009 - the attribute read is the test
+
+
+# --- tau fitted to the budget ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_tau_fitted_to_the_budget_and_cannot_meet(tiny64):
+    model, processor, image, _ = tiny64
+    lm = from_objects(model, processor, "tiny64")
+    q = "what colour is the shape ?"
+    tr = run(lm, image, q, PruneConfig(method="zipvl", budget=8, fit="budget"), max_new_tokens=1).trace
+    assert tr.cost.budget == 8 and tr.cost.budget_counting == "attended"
+    assert tr.cost.budget_figure == pytest.approx(sum(a.visual for a in tr.attention) / len(tr.attention))
+    assert tr.cost.budget_met == (abs(tr.cost.budget_figure - 8) <= 1.0)
+    assert tr.notes[0].startswith("ZipVL's rule, τ fitted to the budget")
+    plain = run(lm, image, q, PruneConfig(method="zipvl", budget=8), max_new_tokens=1).trace
+    assert plain.cost.budget is None and plain.cost.budget_met is None
+    with pytest.raises(ConfigError, match="ZipVL cannot meet a flops budget of 2 tokens"):
+        run(lm, image, q, PruneConfig(method="zipvl", budget=2, accounting="flops", fit="budget"), max_new_tokens=1)
+
+
+@torch.no_grad()
+def test_the_seam_runs_eager_attention_the_same(tiny64):
+    model, _, _, inputs = tiny64
+    batch = {k: (v.double() if k == "pixel_values" else v) for k, v in inputs.items()}
+    with PruneHooks(model, PruneConfig(method="zipvl", budget=8, tau=0.9, probes="all")) as hooks:
+        sdpa = model(**batch).logits
+    sets = [a.attended for a in hooks.record().attention]
+    model.set_attn_implementation("eager")
+    try:
+        with PruneHooks(model, PruneConfig(method="zipvl", budget=8, tau=0.9, probes="all")) as hooks:
+            eager = model(**batch).logits
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert [a.attended for a in hooks.record().attention] == sets
+    # eager attention takes its softmax in float32 (transformers' eager_attention_forward), so float32 tolerance
+    assert torch.allclose(sdpa, eager, atol=1e-6, rtol=0)
+    assert model.model.language_model.layers[0].self_attn.config._attn_implementation == "sdpa"  # restored
