@@ -29,8 +29,9 @@ from sparsevlm.evaluate import evidence_recall, evidence_recall_per_stage
 from sparsevlm.gpu import gpu
 from sparsevlm.images import load_image
 from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, model_bytes
-from sparsevlm.methods import METHODS, get_method
+from sparsevlm.methods import METHODS, get_method, registered
 from sparsevlm.methods.sparsevlm import sparsevlm_layers
+from sparsevlm.options import Option
 from sparsevlm.pipeline import Decoding, RunResult, check_question, run, run_shared
 from sparsevlm.presets import PRESETS
 from sparsevlm.scenes.world import FAMILIES, GRID  # the studio draws scenes (the app may; the engine never does)
@@ -57,9 +58,13 @@ EXAMPLES_DIR = ROOT / "assets" / "examples"
 # Defaults come from the engine; the app only labels them.
 DEFAULTS = PruneConfig()
 COMPARE_METHODS = ("dense", *(m for m in METHODS if m != "dense"))
-# The views /explain returns, in order (the layout puts a component at each name).
+# The views /explain returns, in order (the layout puts a component at each name). The attention views (a method
+# that decides attention per layer, ZipVL) come before the notice and the record, which stay last.
 VIEW_NAMES = ("answer", "raters", "rater_note", "raters_fig", "overlay", "layer", "caption", "counts", "formulas",
-              "latency", "latency_fig", "notice", "record")
+              "latency", "latency_fig", "count_compare", "mass_curve", "probes", "notice", "record")
+# Runs beside an attention-deciding method on the same request, for the chart of per-layer counts: a rank-derived
+# adaptive count (SparseVLM) and two fixed schedules (FastV, PyramidDrop).
+COUNT_REFERENCES = ("sparsevlm", "fastv", "pyramiddrop")
 DEFAULT_NEW_TOKENS = int(inspect.signature(run).parameters["max_new_tokens"].default)
 
 
@@ -82,6 +87,7 @@ class RunOutput:
     evidence: list[int] | None = None  # patches the answer depends on, in the trace's grid (generated scenes)
     unknown: list[tuple[str, str | None]] | None = None  # question words the tokenizer reads as <unk>
     truth: dict | None = None  # a studio scene's ground truth (answer, family, seed, evidence in the trace's grid)
+    references: list[PruneTrace] | None = None  # other methods on the same request (the counts chart beside)
 
 
 # --- input checks ----------------------------------------------------------------------------------------------
@@ -106,30 +112,126 @@ def whole(value: Any, what: str) -> int:
         raise InputError(f"{what} must be a whole number, not {value!r}") from None
 
 
-def _number(value: Any, default: float, what: str) -> float:
-    if value is None or value == "":
-        return default
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} must be a number, not {value!r}") from None
+# --- the methods' own settings, generated from their declarations -----------------------------------------------
+# The API's parameters before each method declared its options: SparseVLM's settings keep these slots (between
+# accounting and max_new_tokens), so callers by position keep working; every other method's options come after
+# the page's own inputs, with defaults.
+LEGACY_PARAMS = ("count_mode", "lam", "scale", "bias", "recycle")
 
 
-def build_config(method: Any, budget: Any, accounting: Any = None, count_mode: Any = None, lam: Any = None,
-                 scale: Any = None, bias: Any = None, recycle: Any = None) -> PruneConfig:
-    """A PruneConfig from the page's (or an API caller's) values; what is left out takes the engine's default."""
-    kw: dict[str, Any] = {
-        "method": method or DEFAULTS.method,
-        "budget": DEFAULTS.budget if budget in (None, "") else whole(budget, "the budget"),
-        "count_mode": count_mode or DEFAULTS.count_mode,
-        "lam": _number(lam, DEFAULTS.lam, "λ"),
-        "scale": _number(scale, DEFAULTS.scale, "scale"),
-        "bias": _number(bias, DEFAULTS.bias, "bias"),
-        "recycle": DEFAULTS.recycle if recycle is None else bool(recycle),
-    }
+@dataclass(frozen=True)
+class PageOption:
+    """One of a method's declared options as the page shows it: its method, the declaration, the API name."""
+
+    method: str
+    option: Option
+
+    @property
+    def param(self) -> str:
+        return self.option.param or f"{self.method.replace('-', '_')}_{self.option.name}"
+
+
+def page_options(method: str | None = None) -> list[PageOption]:
+    """Every option the registered methods show on the page (`ui=True`), in registry order; or one method's."""
+    names = [method] if method is not None else list(METHODS)
+    out = [PageOption(m, o) for m in names if registered(m) is not None for o in get_method(m).options if o.ui]
+    seen: dict[str, PageOption] = {}
+    for po in out:
+        if po.param in seen:
+            raise ValueError(f"{po.method} option {po.option.name} and {seen[po.param].method} option "
+                             f"{seen[po.param].option.name} both take the page parameter {po.param!r}")
+        seen[po.param] = po
+    return out
+
+
+def option_groups() -> dict[str, list[PageOption]]:
+    """method -> its page options, for each method that has any (the page's settings groups)."""
+    groups: dict[str, list[PageOption]] = {}
+    for po in page_options():
+        groups.setdefault(po.method, []).append(po)
+    return groups
+
+
+def option_params() -> tuple[list[str], list[str]]:
+    """The options' API parameter names: those at the slots they had before (LEGACY_PARAMS), then the rest."""
+    params = [po.param for po in page_options()]
+    early = [p for p in LEGACY_PARAMS if p in params]
+    return early, [p for p in params if p not in early]
+
+
+def run_params() -> list[str]:
+    """/run's parameters, in order (the session's model and scene last: page state, not API parameters)."""
+    early, later = option_params()
+    return ["image", "question", "method", "budget", "accounting", *early, "max_new_tokens", *later, "model",
+            "scene"]
+
+
+def explain_params() -> list[str]:
+    """/explain's parameters: /run's, with the overlay's view after max_new_tokens (where it always was)."""
+    early, later = option_params()
+    return ["image", "question", "method", "budget", "accounting", *early, "max_new_tokens", "view", *later,
+            "model", "scene"]
+
+
+def with_parameters(fn: Any, params: list[str], doc: str) -> Any:
+    """A handler that takes `params` by name, as Gradio reads them (inspect.signature), and Gradio's progress
+    tracker last; it calls fn(values by name, progress)."""
+
+    def handler(*args: Any) -> Any:
+        progress = args[len(params)] if len(args) > len(params) else None
+        return fn(dict(zip(params, args)), progress)
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    handler.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(p, kind) for p in params]
+        + [inspect.Parameter("progress", kind, default=gr.Progress())])
+    handler.__doc__ = doc
+    handler.__name__ = getattr(fn, "__name__", "handler").lstrip("_")
+    return handler
+
+
+def build_config(method: Any, budget: Any, accounting: Any = None, params: dict[str, Any] | None = None,
+                 **more: Any) -> PruneConfig:
+    """A PruneConfig from the page's (or an API caller's) values: the chosen method's options, read from their
+    page parameters (`params`, or keywords); options of other methods are ignored; what is left out or empty
+    takes the method's declared default. A value outside an option's range is a ConfigError naming it."""
+    values = {**(params or {}), **more}
+    method = method or DEFAULTS.method
+    options = {}
+    for po in page_options(method) if registered(method) is not None else []:
+        value = values.get(po.param)
+        if value is None or (isinstance(value, str) and not value.strip() and po.option.kind != "choice"):
+            continue
+        options[po.option.name] = value
+    kw: dict[str, Any] = {"method": method,
+                          "budget": DEFAULTS.budget if budget in (None, "") else whole(budget, "the budget"),
+                          "options": options}
     if accounting:
         kw["accounting"] = accounting
     return PruneConfig(**kw).validate()
+
+
+def page_sparsevlm_options(values: dict) -> dict | None:
+    """SparseVLM's options as the page sets them (None when they are out of range: the reference run then takes
+    its defaults)."""
+    if "sparsevlm" not in METHODS:
+        return None
+    try:
+        return build_config("sparsevlm", None, None, values).options
+    except SparseVLMError:
+        return None
+
+
+def reference_config(method: str, config: PruneConfig, sparsevlm_options: dict | None = None) -> PruneConfig:
+    """A reference run beside an attention-deciding method, at its budget and accounting: SparseVLM with an
+    adaptive, rank-derived count (the page's adaptive mode when one is chosen, else the reference code's rule),
+    the others as declared (their fixed schedules)."""
+    options: dict[str, Any] = {}
+    if method == "sparsevlm":
+        options = dict(sparsevlm_options or {})
+        if options.get("count_mode") not in ("paper", "code"):
+            options["count_mode"] = "code"
+    return PruneConfig(method=method, budget=config.budget, accounting=config.accounting, options=options)
 
 
 # --- records the API returns -------------------------------------------------------------------------------------
@@ -201,7 +303,20 @@ def draw_views(out: RunOutput, view: str) -> dict[str, Any]:
         "formulas": render.formulas_markdown(tr),
         "latency": render.latency_table_html(render.latency_rows(tr, dense)),
         "latency_fig": render.latency_figure(tr, dense),
+        **attention_views(tr, layer, out.references),
         "record": run_record(out),
+    }
+
+
+def attention_views(tr: PruneTrace, layer: int, references: list[PruneTrace] | None = None) -> dict[str, Any]:
+    """The views of a method that decides attention per layer (ZipVL), shown only for such a run: each layer's
+    count beside other methods', the attention-mass curve at `layer` and its probe rows."""
+    shown = bool(tr.attention)
+    return {
+        "count_compare": gr.Plot(value=render.count_comparison_figure(tr, references or []) if shown else None,
+                                 visible=shown),
+        "mass_curve": gr.Plot(value=render.mass_curve_figure(tr, layer) if shown else None, visible=shown),
+        "probes": gr.HTML(value=render.probes_html(tr, layer) if shown else "", visible=shown),
     }
 
 
@@ -330,6 +445,24 @@ def model_runs(model: str, image: Image.Image, question: str, config: dict, max_
 
 
 @gpu(duration=120)
+def model_runs_beside(model: str, image: Image.Image, question: str, config: dict, max_new_tokens: int,
+                      references: list[dict]) -> tuple[dict, dict, list[dict | None]]:
+    """model_runs (the pruned and the dense run), and beside them other methods' runs on the same encoding of the
+    image (the counts chart of an attention-deciding method); a reference that cannot run on this model is None.
+    Plain data in and out, as model_runs."""
+    lm, _ = process_models().get(model)
+    cfg = PruneConfig.from_dict(config)
+    refs = [PruneConfig.from_dict(c) for c in references]
+    results = run_shared(lm, image, question, [cfg, PruneConfig(method="dense"), *refs], Decoding(max_new_tokens))
+    first = results[0]
+    if not isinstance(first, RunResult):
+        raise first
+    dense = results[1].trace.to_dict() if isinstance(results[1], RunResult) else None
+    return (first.trace.to_dict(), dense,
+            [r.trace.to_dict() if isinstance(r, RunResult) else None for r in results[2:]])
+
+
+@gpu(duration=120)
 def compare_model_runs(model: str, image: Image.Image, question: str, configs: list[dict],
                        max_new_tokens: int) -> list[tuple[str, dict | None, str]]:
     """All the model work of "Compare all methods": every config on one encoding of the image; per method its
@@ -396,6 +529,12 @@ class Handlers:
         self.models, self.default_model = models, default_model
         self.evidence_of = example_evidence(examples)
         serve_models(models)
+        # /run and /explain take every method's page options by their API names (generated from the methods'
+        # declarations, sparsevlm/options.py), so the handlers are built here with an explicit signature.
+        self.run_json = with_parameters(self._run_json, run_params(), "Answer with pruning and dense; return both "
+                                        "answers and both traces as JSON.")
+        self.explain = with_parameters(self._explain, explain_params(), "Every view of one run (in VIEW_NAMES "
+                                       "order), then the session's new state.")
 
     # --- running the model ---------------------------------------------------------------------------------------
     def use_model(self, name: Any, progress: gr.Progress | None = None) -> tuple[str, LoadedModel]:
@@ -407,7 +546,11 @@ class Handlers:
         return key, lm
 
     def execute(self, model: Any, image_src: Any, question: Any, config: PruneConfig, max_new_tokens: Any,
-                with_dense: bool, progress: gr.Progress | None = None, scene: dict | None = None) -> RunOutput:
+                with_dense: bool, progress: gr.Progress | None = None, scene: dict | None = None,
+                with_references: bool = False, sparsevlm_options: dict | None = None) -> RunOutput:
+        """One request's runs. with_references: a method that decides attention (ZipVL) also gets other methods'
+        runs at the same budget (COUNT_REFERENCES; SparseVLM adaptive: `sparsevlm_options` when they choose an
+        adaptive count, else the reference code's rule), for the chart of per-layer counts."""
         key, lm = self.use_model(model, progress)
         q = check_question(question)
         image = image_src if isinstance(image_src, Image.Image) else load_image(image_src)
@@ -416,34 +559,40 @@ class Handlers:
         if progress is not None:
             progress(0.1, desc=f"running {render.method_label(config.method)}"
                      + (" and dense for comparison" if with_dense and config.method != "dense" else ""))
-        pruned_d, dense_d = model_runs(key, image, q, config.to_dict(), n_new, with_dense)
+        references = None
+        if with_references and with_dense and get_method(config.method).changes_attention:
+            refs = [reference_config(m, config, sparsevlm_options).to_dict() for m in COUNT_REFERENCES
+                    if m in METHODS]
+            pruned_d, dense_d, ref_d = model_runs_beside(key, image, q, config.to_dict(), n_new, refs)
+            references = [PruneTrace.from_dict(t) for t in ref_d if t is not None]
+        else:
+            pruned_d, dense_d = model_runs(key, image, q, config.to_dict(), n_new, with_dense)
         pruned = PruneTrace.from_dict(pruned_d)
         dense = pruned if config.method == "dense" else (PruneTrace.from_dict(dense_d) if dense_d else None)
         truth = scene_truth(scene, image, q, tuple(pruned.grid))
         return RunOutput(image=image, pruned=pruned, dense=dense, budget=config.budget,
                          evidence=truth["evidence"] if truth else self.evidence_of.get((image_key(image), q)),
-                         unknown=unknown, truth=truth)
+                         unknown=unknown, truth=truth, references=references)
 
-    def run_json(self, image, question, method, budget, accounting, count_mode, lam, scale, bias, recycle,
-                 max_new_tokens, model, scene, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
-        """Answer with pruning and dense; return both answers and both traces as JSON."""
+    def _run_json(self, v: dict, progress: gr.Progress | None = None) -> dict:
         try:
-            cfg = build_config(method, budget, accounting, count_mode, lam, scale, bias, recycle)
-            return run_record(self.execute(model, image, question, cfg, max_new_tokens, True, progress, scene))
+            cfg = build_config(v["method"], v["budget"], v["accounting"], v)
+            return run_record(self.execute(v["model"], v["image"], v["question"], cfg, v["max_new_tokens"], True,
+                                           progress, v["scene"]))
         except Exception as exc:
             raise user_error(exc) from exc
 
-    def explain(self, image, question, method, budget, accounting, count_mode, lam, scale, bias, recycle,
-                max_new_tokens, view, model, scene,
-                progress=gr.Progress()) -> tuple:  # noqa: B008 - Gradio injects it
-        """Every view of one run (in VIEW_NAMES order), then the session's new state."""
+    def _explain(self, v: dict, progress: gr.Progress | None = None) -> tuple:
         try:
-            cfg = build_config(method, budget, accounting, count_mode, lam, scale, bias, recycle)
-            out = self.execute(model, image, question, cfg, max_new_tokens, True, progress, scene)
-            progress(0.9, desc="drawing")
-            drawn = draw_views(out, view)
+            cfg = build_config(v["method"], v["budget"], v["accounting"], v)
+            out = self.execute(v["model"], v["image"], v["question"], cfg, v["max_new_tokens"], True, progress,
+                               v["scene"], with_references=True, sparsevlm_options=page_sparsevlm_options(v))
+            if progress is not None:
+                progress(0.9, desc="drawing")
+            drawn = draw_views(out, v["view"])
         except Exception as exc:
             raise user_error(exc) from exc
+        image = v["image"]
         path = image if isinstance(image, str) else _save_png(out.image, "sparsevlm-run-")
         return (*(drawn[k] for k in VIEW_NAMES), Session(image=path, record=drawn["record"], evidence=out.evidence))
 
@@ -459,6 +608,14 @@ class Handlers:
         layer = int(max(0, min(int(layer or 0), render.num_layers(tr) - 1)))
         return (render.render_view(load_image(st["image"]), tr, layer, view, evidence=st.get("evidence")),
                 render.layer_caption(tr, layer))
+
+    def show_attention(self, st, layer):
+        """The attention-mass curve and probe rows at the slider's layer, for a run that decided attention."""
+        if not st or not st.get("record") or not st["record"]["trace"].get("attention"):
+            return gr.skip(), gr.skip()
+        tr = self.session_trace(st)
+        layer = int(max(0, min(int(layer or 0), render.num_layers(tr) - 1)))
+        return render.mass_curve_figure(tr, layer), render.probes_html(tr, layer)
 
     def patch_info(self, st, evt: gr.SelectData):
         """A click on the picture: the clicked patch's score, rank and fate at every pruning step."""

@@ -14,6 +14,7 @@ import gradio as gr
 from sparsevlm.config import ACCOUNTINGS
 from sparsevlm.loading import LoadedModel, ModelCache
 from sparsevlm.methods import METHODS
+from sparsevlm.options import Option
 from sparsevlm.scenes.world import FAMILIES
 
 from . import render
@@ -21,19 +22,21 @@ from .handlers import (
     DEFAULTS,
     VIEW_NAMES,
     Handlers,
+    PageOption,
     budget_choice,
+    explain_params,
     load_examples,
     model_choices,
     model_line,
     model_world,
+    option_groups,
+    run_params,
     studio_world,
     world_choices,
 )
 
 METHOD_CHOICES = [(render.method_label(m, long=True), m) for m in METHODS]
-COUNT_LABELS = {"fixed": "Fixed budget (equal tokens)", "paper": "Adaptive - paper eq. 8 (λ)",
-                "code": "Adaptive - reference code (scale, bias)"}
-COUNT_CHOICES = [(COUNT_LABELS.get(m, m), m) for m in ("fixed", "paper", "code")]
+SLIDER_STEPS = 200  # a bounded float option's slider: its range in this many steps
 MAX_NEW_TOKENS_UI = 64  # the page's slider; the engine's own limit applies to API calls
 
 
@@ -73,6 +76,8 @@ CSS = """
 .sv-truth {border-left: 4px solid #4f46e5; padding: .35rem .7rem; margin-top: .4rem; font-size: .92rem}
 .sv-model {font-size: .85rem; color: var(--body-text-color-subdued)}
 .sv-help {font-size: .9rem; color: var(--body-text-color-subdued)}
+.sv-probes p {margin: .35rem 0; font-size: .9rem; line-height: 1.4}
+.sv-probe-strip {display: block; margin: .3rem 0}
 #sv-overlay img {object-fit: contain}
 #sv-compare-gallery .grid-wrap, #sv-compare-gallery .gallery-container, #sv-token-attention .grid-wrap,
 #sv-token-attention .gallery-container {max-height: none !important; height: auto !important;
@@ -146,17 +151,55 @@ def method_inputs(first: LoadedModel) -> dict[str, Any]:
                                   info="paper: the published settings (a pruning layer counts at its output); "
                                        "flops: every method at the same input-counted cost",
                                   elem_id="sv-accounting")
-    with gr.Accordion("SparseVLM options", open=False):
-        c["count_in"] = gr.Radio(COUNT_CHOICES, value=DEFAULTS.count_mode, label="How many tokens to drop")
-        c["lam_in"] = gr.Slider(0.0, 1.0, value=DEFAULTS.lam, step=0.05, label="λ (paper eq. 8)",
-                                info="deleted = ⌊λ·(tokens − rank(P))⌋")
-        with gr.Row():
-            c["scale_in"] = gr.Number(value=DEFAULTS.scale, label="scale (reference code)",
-                                      info="kept = rank(P)·scale + bias")
-            c["bias_in"] = gr.Number(value=DEFAULTS.bias, label="bias")
-        c["recycle_in"] = gr.Checkbox(value=DEFAULTS.recycle, label="Recycle deleted tokens (cluster + merge)")
+    c["option_groups"] = {}
+    for method, options in option_groups().items():
+        # one group per method with page options, shown while that method is chosen
+        with gr.Accordion(f"{render.method_label(method)} options", open=False, visible=method == DEFAULTS.method,
+                          elem_id=f"sv-options-{method}") as group:
+            for po in options:
+                c[option_key(po.param)] = option_component(po)
+        c["option_groups"][method] = group
     c["max_new_in"] = gr.Slider(1, MAX_NEW_TOKENS_UI, value=8, step=1, label="Max new tokens")
     return c
+
+
+def option_key(param: str) -> str:
+    """The layout's key of the component for a method option's page parameter."""
+    return f"opt:{param}"
+
+
+def option_component(po: PageOption) -> gr.components.Component:
+    """A method option's component, built from its declaration (sparsevlm/options.py), its value handed to the
+    engine unchecked: the engine's own check names the method, the option and its range (`engine_checked`)."""
+    return engine_checked(_option_component(po))
+
+
+def engine_checked(comp: gr.components.Component) -> gr.components.Component:
+    """The component hands its value to the handler as it came, without Gradio's own range or choice check: the
+    engine checks every option (Option.check) and its message names the method, the option and the range, where
+    Gradio's would name neither (an instance override, as raw_image_input)."""
+    comp.preprocess = lambda payload: payload  # type: ignore[method-assign]
+    return comp
+
+
+def _option_component(po: PageOption) -> gr.components.Component:
+    """A choice is a radio (its choice labels shown), a bool a checkbox, a number with both ends of its range a
+    slider, any other number a number box; the option's help is the component's info line."""
+    o: Option = po.option
+    label = o.label or o.name
+    common = {"label": label, "info": o.help, "elem_id": f"sv-opt-{po.param}"}
+    if o.kind == "choice":
+        labels = o.choice_labels if len(o.choice_labels) == len(o.choices) else o.choices
+        return gr.Radio(list(zip(labels, o.choices)), value=o.default, **common)
+    if o.kind == "bool":
+        return gr.Checkbox(value=bool(o.default), **common)
+    if o.kind == "layers":
+        return gr.Textbox(value=",".join(map(str, o.default)) if o.default else "", placeholder="e.g. 2,6,15",
+                          **common)
+    if o.low is not None and o.high is not None:
+        step = 1 if o.kind == "int" else (o.high - o.low) / SLIDER_STEPS
+        return gr.Slider(o.low, o.high, value=o.default, step=step, **common)
+    return gr.Number(value=o.default, precision=0 if o.kind == "int" else None, **common)
 
 
 def inputs_column(first: LoadedModel, examples: list[dict]) -> dict[str, Any]:
@@ -190,6 +233,10 @@ def results_column() -> dict[str, Any]:
     c["view_in"] = gr.Radio([("Kept / pruned / recycled tokens", "tokens"), ("Significance heatmap", "heatmap")],
                             value="tokens", show_label=False, label="View", elem_id="sv-view")
     c["caption"] = gr.Markdown(label="Layer caption", elem_id="sv-caption")
+    # a method that decides attention per layer (ZipVL): the count at the slider's layer, and its probe rows
+    c["mass_curve"] = gr.Plot(label="How the count p is read off at this layer (computed)", elem_id="sv-mass-curve",
+                              visible=False)
+    c["probes"] = gr.HTML("", label="Probe rows", elem_id="sv-probes", visible=False)
     gr.HTML(render.legend_html())
     c["patch"] = gr.HTML("<div class='sv-help'>Click a patch of the picture to follow it through every pruning "
                          "step: its score, its rank and what became of it.</div>", elem_id="sv-patch")
@@ -215,6 +262,8 @@ def explain_tabs() -> dict[str, Any]:
     with gr.Tab("② Token counts", id="counts"):
         c["counts"] = gr.Plot(label="Visual tokens per layer (computed)", elem_id="sv-counts")
         c["formulas"] = gr.Markdown(label="Count rules", elem_id="sv-formulas")
+        c["count_compare"] = gr.Plot(label="Adaptive and fixed counts per layer, same question (computed)",
+                                     elem_id="sv-count-compare", visible=False)
     with gr.Tab("③ Latency & cost", id="latency"):
         gr.Markdown("**Measured**: wall-clock on this machine for this request. **Computed**: analytic FLOPs and "
                     "KV-cache bytes from the model shape and the token counts.", elem_classes="sv-help")
@@ -252,11 +301,20 @@ def data_tabs() -> dict[str, Any]:
 
 
 # --- wiring --------------------------------------------------------------------------------------------------------
+PAGE_INPUTS = {"image": "image_in", "question": "question_in", "method": "method_in", "budget": "budget_in",
+               "accounting": "accounting_in", "max_new_tokens": "max_new_in", "view": "view_in",
+               "model": "model_state", "scene": "scene_state"}
+
+
+def inputs_for(c: dict[str, Any], params: list[str]) -> list[Any]:
+    """The components behind a handler's parameters, in its order (a method option by its page parameter)."""
+    return [c[PAGE_INPUTS[p]] if p in PAGE_INPUTS else c[option_key(p)] for p in params]
+
+
 def wire_runs(h: Handlers, c: dict[str, Any]) -> None:
     """Run, the example clicks, the model picker, and the data endpoints /run and /compare."""
-    run_inputs = [c[k] for k in ("image_in", "question_in", "method_in", "budget_in", "accounting_in", "count_in",
-                                 "lam_in", "scale_in", "bias_in", "recycle_in", "max_new_in")]
-    explain_inputs = [*run_inputs, c["view_in"], c["model_state"], c["scene_state"]]
+    run_inputs = inputs_for(c, run_params())
+    explain_inputs = inputs_for(c, explain_params())
     explain_outputs = [*(c[k] for k in VIEW_NAMES), c["state"]]
     c["run_btn"].click(h.explain, explain_inputs, explain_outputs, api_name="explain", concurrency_id="model")
     c["question_in"].submit(h.explain, explain_inputs, explain_outputs, api_visibility="private",
@@ -270,8 +328,7 @@ def wire_runs(h: Handlers, c: dict[str, Any]) -> None:
         h.world_picker, [c["model_state"]], [c["world_in"]], api_visibility="private", queue=False)
     # The data endpoints for programs: no button on the page runs them (the page draws its views from the same
     # record via /explain), so hidden triggers carry them.
-    gr.Button(visible=False).click(h.run_json, [*run_inputs, c["model_state"], c["scene_state"]], [c["record"]],
-                                   api_name="run", concurrency_id="model")
+    gr.Button(visible=False).click(h.run_json, run_inputs, [c["record"]], api_name="run", concurrency_id="model")
     compare_inputs = [c[k] for k in ("image_in", "question_in", "budget_in", "max_new_in", "model_state",
                                      "scene_state")]
     gr.Button(visible=False).click(h.compare_json, compare_inputs, [c["compare_out"]], api_name="compare",
@@ -287,6 +344,13 @@ def wire_views(h: Handlers, c: dict[str, Any]) -> None:
     c["layer"].input(h.show_layer, *layer_io, api_name="layer_view", show_progress="hidden", concurrency_limit=4)
     c["view_in"].change(h.show_layer, *layer_io, api_visibility="private", show_progress="hidden",
                         concurrency_limit=4)
+    # the attention-mass curve and probe rows follow the layer however it changes (slider, play, a new run)
+    c["layer"].change(h.show_attention, [c["state"], c["layer"]], [c["mass_curve"], c["probes"]],
+                      api_visibility="private", show_progress="hidden", trigger_mode="always_last",
+                      concurrency_limit=4)
+    groups = c["option_groups"]
+    c["method_in"].change(lambda m: [gr.Accordion(visible=m == g) for g in groups], [c["method_in"]],
+                          list(groups.values()), api_visibility="private", queue=False, show_progress="hidden")
     c["raters"].select(h.token_view, [c["state"]], [c["token_note"], c["token_views"]], api_visibility="private",
                        concurrency_limit=4)
     c["overlay"].select(h.patch_info, [c["state"]], [c["patch"]], api_visibility="private", concurrency_limit=4)

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sparsevlm.evaluate import evidence_recall, evidence_recall_per_stage
 from sparsevlm.methods import METHODS, get_method
-from sparsevlm.trace import PruneTrace, Stage
+from sparsevlm.trace import AttentionLayer, PruneTrace, Stage
 
 
 class _RanksBy(Mapping[str, str]):
@@ -47,6 +47,16 @@ def method_label(method: str, long: bool = False) -> str:
     return f"{m.label} ({m.ranks_by})" if long and m.ranks_by else m.label
 
 
+def config_option(trace: PruneTrace, name: str, default=None):
+    """One of the method's options as the trace's config records it: under "options" (traces written since each
+    method declares its own options), or as a flat key (traces and /run records written before)."""
+    cfg = trace.config or {}
+    options = cfg.get("options")
+    if isinstance(options, dict) and name in options:
+        return options[name]
+    return cfg.get(name, default)
+
+
 # Cluster outlines: a qualitative palette that stays readable on top of photos.
 CLUSTER_COLOURS: tuple[tuple[int, int, int], ...] = (
     (255, 64, 129),
@@ -68,8 +78,10 @@ OUTSIDE_DIM = 0.10  # brightness of image parts the model never saw (cropped awa
 EVIDENCE_RGB = (255, 255, 255)  # evidence outlines: white over a dark rim, apart from every cluster colour
 DISPLAY_SIDE = 512
 
-# Patch states in a label grid.
-PRUNED, KEPT = -1, -2
+# Patch states in a label grid. SKIPPED: still in the residual stream, but left out of attention at this layer (a
+# method that decides attention per layer, ZipVL).
+PRUNED, KEPT, SKIPPED = -1, -2, -4
+SKIPPED_TINT = (56, 132, 255)  # the blue a patch that skipped attention is tinted with (dimmed underneath)
 
 
 # --- geometry ------------------------------------------------------------------------------------------------
@@ -113,9 +125,30 @@ def patch_index_map(trace: PruneTrace, size: tuple[int, int]) -> np.ndarray:
 
 
 # --- per-layer state -----------------------------------------------------------------------------------------
+def attention_at(trace: PruneTrace, layer: int) -> AttentionLayer | None:
+    """The attention decision recorded for a decoder layer (None where the method decided none)."""
+    return next((a for a in trace.attention if a.layer == layer), None)
+
+
+def attended_patches(trace: PruneTrace, layer: int) -> list[int] | None:
+    """The patches whose visual tokens took part in attention at `layer` (visual token j sits at position
+    prefix_tokens + j of the prefill sequence); None where the method decided no attention there."""
+    a = attention_at(trace, layer)
+    if a is None:
+        return None
+    lo, n = trace.prefix_tokens, trace.grid[0] * trace.grid[1]
+    return sorted(p - lo for p in a.attended if 0 <= p - lo < min(n, trace.visual_tokens or n))
+
+
 def patch_states(trace: PruneTrace, layer: int) -> np.ndarray:
-    """Per patch: KEPT, PRUNED, or the index (>= 0) of the recycled cluster that represents it."""
+    """Per patch: KEPT, PRUNED, SKIPPED (left out of attention at this layer), or the index (>= 0) of the recycled
+    cluster that represents it."""
     n = trace.grid[0] * trace.grid[1]
+    attended = attended_patches(trace, layer)
+    if attended is not None and trace.stage_for_layer(layer) is None:
+        states = np.full(n, SKIPPED, dtype=np.int64)
+        states[attended] = KEPT
+        return states
     stage = trace.stage_for_layer(layer)
     if stage is None:
         return np.full(n, KEPT, dtype=np.int64)
@@ -128,6 +161,9 @@ def patch_states(trace: PruneTrace, layer: int) -> np.ndarray:
 
 def layer_counts(trace: PruneTrace, layer: int) -> dict:
     stage = trace.stage_for_layer(layer)
+    attended = attended_patches(trace, layer)
+    if stage is None and attended is not None:  # every token stays; `tokens` counts those that attended
+        return {"tokens": len(attended), "kept": len(attended), "clusters": 0, "covered": 0}
     if stage is None:
         return {"tokens": trace.visual_tokens, "kept": trace.visual_tokens, "clusters": 0, "covered": 0}
     covered = sum(len(m.members) for m in stage.merged)
@@ -139,7 +175,31 @@ def num_layers(trace: PruneTrace) -> int:
     return len(trace.layers) or int(trace.model.get("decoder_layers", trace.model.get("num_layers", 1)))
 
 
+def attention_caption(trace: PruneTrace, layer: int) -> str:
+    """What a layer of an attention-deciding run (ZipVL) does: how many took part in attention, and how many of
+    the patches left out at the layer before came back."""
+    a = attention_at(trace, layer)
+    total = trace.visual_tokens
+    here = set(attended_patches(trace, layer) or [])
+    tau = a.extras.get("tau") if a else None
+    head = (f"**Decoder layer {layer}** (of {num_layers(trace)}): **{len(here)}** of {total} visual tokens took part "
+            f"in attention (clear); the other {total - len(here)} (blue) skipped it here")
+    rule = f" - p = {a.p} of the {a.n} tokens hold τ = {tau:g} of the probe attention mass" if a and tau else ""
+    text = (f"{head}{rule}. Every token stays in the residual stream and goes through the MLP; the skipped ones leave "
+            "this layer's KV cache.")
+    before = attended_patches(trace, layer - 1) if layer > 0 else None
+    if before is not None:
+        back = len(here - set(before))
+        text += (f" A patch left out at one layer can come back at the next: {back} of the patches left out at layer "
+                 f"{layer - 1} attend again here.")
+    else:
+        text += " A patch left out at one layer can come back at the next: the set is chosen again at every layer."
+    return text
+
+
 def layer_caption(trace: PruneTrace, layer: int) -> str:
+    if trace.attention and trace.stage_for_layer(layer) is None and attention_at(trace, layer) is not None:
+        return attention_caption(trace, layer)
     c = layer_counts(trace, layer)
     total = trace.visual_tokens
     head = f"**Decoder layer {layer}** (of {num_layers(trace)}) processes **{c['tokens']}** of {total} visual tokens"
@@ -266,6 +326,10 @@ def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: in
     pix_state = np.where(cv.inside, states[np.clip(cv.pmap, 0, None)], -3)
 
     out = np.where((pix_state == PRUNED)[..., None], cv.dimmed, cv.arr)
+    skipped = pix_state == SKIPPED
+    if skipped.any():  # left out of attention here, still in the residual stream: dimmed and tinted blue
+        out = np.where(skipped[..., None], cv.dimmed, out)
+        out = _blend(np.ascontiguousarray(out), np.full_like(out, SKIPPED_TINT), 0.35, skipped)
     outside = ~cv.inside
     out[outside] = cv.margin[outside]
 
@@ -326,6 +390,15 @@ def patch_scores(trace: PruneTrace, stage: Stage) -> np.ndarray:
     return vals
 
 
+def attendance_share(trace: PruneTrace) -> np.ndarray:
+    """Per patch, the share of the layers with an attention decision at which its visual token took part."""
+    n = trace.grid[0] * trace.grid[1]
+    hits = np.zeros(n, dtype=np.float64)
+    for a in trace.attention:
+        hits[attended_patches(trace, a.layer) or []] += 1
+    return hits / max(1, len(trace.attention))
+
+
 def colormap(values: np.ndarray) -> np.ndarray:
     """Values in [0, 1] (any shape) -> RGB uint8 through OpenCV's perceptual inferno map."""
     grey = np.clip(np.nan_to_num(values) * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -342,10 +415,13 @@ def render_heatmap(image: Image.Image, trace: PruneTrace, layer: int, max_side: 
     pmap = patch_index_map(trace, (w, h))
     inside = pmap >= 0
     out = _dim(arr, OUTSIDE_DIM)
-    if stage is None or not stage.scores:
+    if stage is None and trace.attention:  # no scores recorded per patch: how often each patch took part
+        vals = attendance_share(trace)
+    elif stage is None or not stage.scores:
         out[inside] = _dim(arr, PRUNED_DIM, 18)[inside]
         return Image.fromarray(out)
-    vals = patch_scores(trace, stage)
+    else:
+        vals = patch_scores(trace, stage)
     finite = vals[np.isfinite(vals)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     # sqrt spreads the many small attention shares over more of the colour ramp
@@ -375,6 +451,7 @@ def legend_html() -> str:
     items = [
         sw((230, 230, 230), "kept token (clear)", "1px solid #999"),
         sw((40, 40, 46), "pruned token (dimmed)"),
+        sw((48, 82, 140), "skipped attention at this layer, still in the residual stream (ZipVL)"),
         sw(CLUSTER_COLOURS[0], "recycled cluster: deleted patches merged into one token (dot = its center)"),
         sw((70, 70, 70), "cropped away by the processor (never seen)"),
         sw((40, 40, 46), "evidence (examples): the patches the answer depends on", "2px solid #fff"),
@@ -396,8 +473,9 @@ def animation_frames(image: Image.Image, trace: PruneTrace, max_side: int = 384,
     """One captioned picture per decoder layer: what it sees and how many visual tokens that is."""
     layers = range(num_layers(trace))
     pictures = render_layers(image, [(trace, layer) for layer in layers], max_side, evidence)
-    return [caption_strip(pic, f"layer {layer}: {layer_counts(trace, layer)['tokens']}/{trace.visual_tokens} visual "
-                               "tokens") for layer, pic in zip(layers, pictures, strict=True)]
+    what = "visual tokens attended" if trace.attention else "visual tokens"
+    return [caption_strip(pic, f"layer {layer}: {layer_counts(trace, layer)['tokens']}/{trace.visual_tokens} {what}")
+            for layer, pic in zip(layers, pictures, strict=True)]
 
 
 def pruning_animation(image: Image.Image, trace: PruneTrace, max_side: int = 384, frame_ms: int = 700,
@@ -529,6 +607,15 @@ def patch_fate_html(trace: PruneTrace, patch: int | None) -> str:
     rows, cols = trace.grid
     head = (f"<b>Patch {patch}</b> (row {patch // cols}, column {patch % cols} of the {rows}×{cols} grid) through "
             f"{_method(trace)}'s pruning steps (computed from the trace)")
+    if not trace.stages and trace.attention:
+        left_out = [a.layer for a in trace.attention if patch not in (attended_patches(trace, a.layer) or [])]
+        n = len(trace.attention)
+        text = (f"{head.replace('pruning steps', 'layers')}: it stays a token in every layer and took part in "
+                f"attention at {n - len(left_out)} of {n} layers")
+        if left_out:
+            shown = ", ".join(map(str, left_out[:24])) + (" …" if len(left_out) > 24 else "")
+            text += f"; left out at layer{'s' if len(left_out) > 1 else ''} {shown}"
+        return f"<div class='sv-patch'>{text}.</div>"
     if not trace.stages:
         return f"<div class='sv-patch'>{head}: no pruning step; the patch stays a token in every layer.</div>"
     body = []
@@ -616,6 +703,12 @@ def counts_figure(trace: PruneTrace, budget: float | None = None) -> go.Figure:
                     hoverinfo="skip")
     fig.add_scatter(x=xs, y=ys, mode="markers", marker={"size": 7, "color": "rgb(99,102,241)"},
                     hovertemplate="layer %{x}: %{y} visual tokens<extra></extra>", showlegend=False)
+    if trace.attention:  # every token stays; attention shrinks
+        ax = [a.layer for a in trace.attention]
+        fig.add_scatter(x=ax, y=[a.visual for a in trace.attention], mode="lines+markers",
+                        line={"width": 2, "color": "rgb(239,68,60)"}, marker={"size": 6},
+                        name="visual tokens that took part in attention (the rest skip it there)",
+                        hovertemplate="layer %{x}: %{y} visual tokens attended<extra></extra>")
     fig.add_hline(y=trace.visual_tokens, line_dash="dot", line_color="#94a3b8",
                   annotation_text=f"dense: {trace.visual_tokens}", annotation_position="top right")
     eq, eq_out = trace.cost.equal_tokens, trace.cost.equal_tokens_reference
@@ -656,6 +749,8 @@ def _method(trace: PruneTrace) -> str:
 
 def formulas_markdown(trace: PruneTrace) -> str:
     """Each pruning step's count rule with its numbers, and what rank(P) means."""
+    if not trace.stages and trace.attention:
+        return attention_formulas_markdown(trace)
     if not trace.stages:
         return f"**{_method(trace)}** keeps all {trace.visual_tokens} visual tokens in every layer."
     rows = ["| step | tokens in → out | rank(P) | deleted | recycled → clusters | rule that produced the count |",
@@ -666,7 +761,7 @@ def formulas_markdown(trace: PruneTrace) -> str:
         rec = f"{st.recycled} → {st.clusters}" if (st.recycled or st.clusters) else "—"
         formula = st.formula.replace("|", "\\|")
         rows.append(f"| {where} | {st.visual_in} → {st.visual_out} | {rank} | {st.deleted} | {rec} | `{formula}` |")
-    mode = trace.config.get("count_mode", "fixed")
+    mode = config_option(trace, "count_mode", "fixed")
     notes = []
     if trace.method == "sparsevlm":
         notes.append(
@@ -680,10 +775,208 @@ def formulas_markdown(trace: PruneTrace) -> str:
         else:
             notes.append("Fixed budget: counts chosen so the mean tokens per layer hits the budget; rank(P) is "
                          "computed and shown, but does not set the count in this mode.")
-    if trace.config.get("recycle") and trace.method == "sparsevlm":
+    if config_option(trace, "recycle") and trace.method == "sparsevlm":
         notes.append("Recycling: the top 30% of the deleted tokens (by score) are clustered (density peaks) and "
                      "each cluster is merged into one token, so their information is not entirely lost.")
     return "\n".join(rows) + ("\n\n" + "\n\n".join(notes) if notes else "")
+
+
+# --- a method that decides attention per layer (ZipVL) ---------------------------------------------------------
+def attention_formulas_markdown(trace: PruneTrace) -> str:
+    """Per decoder layer: the count p the τ rule chose and who attended (prefix / visual / text), with the rule."""
+    first = trace.attention[0]
+    tau = first.extras.get("tau")
+    rows = ["| layer | p (τ rule) | attended: prefix / visual / text | last position added | probe vs all rows |",
+            "|---|---|---|---|---|"]
+    for a in trace.attention:
+        full = a.extras.get("full")
+        agree = (f"p {full['p']} with all rows; recall {full['recall']:.0%}, Jaccard {full['jaccard']:.2f}"
+                 if full else "—")
+        rows.append(f"| {a.layer} | {a.p} of {a.n} | {len(a.attended)}: {a.prefix} / {a.visual} / {a.text} | "
+                    f"{'yes' if a.extras.get('forced_last') else 'no'} | {agree} |")
+    formula = (first.formula or "").replace("|", "\\|")
+    notes = [f"Rule at every layer: `{formula}`" if formula else "",
+             f"**{_method(trace)}** prunes nothing: all {trace.visual_tokens} visual tokens stay in every layer's "
+             "residual stream and go through its MLP. At each layer, the tokens holding a share τ"
+             + (f" = {tau:g}" if tau is not None else "") + " of the probe rows' attention mass (p of them, the "
+             "rest ranked out by attention per query that can see them) take part in attention there, and only "
+             "their keys and values stay in that layer's cache. The count adapts to the layer and the input: no "
+             "budget sets it."]
+    if trace.cost.budget_note:
+        notes.append(f"Budget: {trace.cost.budget_note}.")
+    return "\n".join(rows) + "\n\n" + "\n\n".join(n for n in notes if n)
+
+
+def _curve_at(ranks: Sequence[int], mass: Sequence[float], p: int) -> float:
+    """The curve's share at rank p (linear between the recorded ranks)."""
+    if not ranks:
+        return 0.0
+    return float(np.interp(p, np.asarray(ranks, dtype=np.float64), np.asarray(mass, dtype=np.float64)))
+
+
+def mass_curve_figure(trace: PruneTrace, layer: int) -> go.Figure:
+    """At one decoder layer: the probe rows' accumulated attention per token, sorted largest first and summed
+    (share of the total), with τ marked and the count p read off where the curve reaches it."""
+    fig = go.Figure()
+    a = attention_at(trace, layer)
+    if a is None or not a.extras.get("curve_ranks"):
+        fig.add_annotation(text=f"no attention decision recorded at layer {layer}", showarrow=False,
+                           font={"size": 14})
+        fig.update_layout(height=220, xaxis={"visible": False}, yaxis={"visible": False}, **_layout_base())
+        return fig
+    ranks, mass = a.extras["curve_ranks"], a.extras["curve_mass"]
+    tau = float(a.extras.get("tau", 1.0))
+    fig.add_scatter(x=ranks, y=mass, mode="lines", line={"width": 3, "color": "rgb(99,102,241)"},
+                    fill="tozeroy", fillcolor="rgba(99,102,241,0.10)", name="share of the attention mass",
+                    hovertemplate="the %{x} most-attended tokens hold %{y:.1%} of the mass<extra></extra>")
+    fig.add_hline(y=tau, line_dash="dash", line_color="rgb(234,88,12)",
+                  annotation_text=f"τ = {tau:g}", annotation_position="bottom right",
+                  annotation_font_color="rgb(194,65,12)")
+    at_p = _curve_at(ranks, mass, a.p)
+    fig.add_vline(x=a.p, line_dash="dot", line_color="rgb(239,68,60)")
+    fig.add_scatter(x=[a.p], y=[at_p], mode="markers", marker={"size": 11, "color": "rgb(239,68,60)"},
+                    name=f"p = {a.p}", hovertemplate=f"p = {a.p}: the first rank reaching τ<extra></extra>")
+    fig.add_annotation(x=a.p, y=min(at_p, tau), text=f"p = {a.p} of {a.n} tokens<br>reach τ = {tau:g}",
+                       showarrow=True, arrowhead=2, ax=-80, ay=40, align="right", bgcolor="rgba(255,255,255,0.9)",
+                       bordercolor="rgb(239,68,60)", font={"size": 11})
+    probes = a.extras.get("probes")
+    rows = "every row" if probes == "all" else f"{len(probes or [])} probe rows"
+    fig.update_layout(
+        height=300, showlegend=False,
+        title={"text": f"Layer {layer}: attention mass of {rows}, tokens sorted by it (computed)", "x": 0.01,
+               "font": {"size": 13}},
+        xaxis={"title": "tokens, most-attended first (rank)", "range": [0, a.n * 1.02]},
+        yaxis={"title": "share of the mass", "range": [0, 1.05], "tickformat": ".0%"},
+        **{**_layout_base(), "margin": {"l": 60, "r": 20, "t": 45, "b": 50}})
+    return fig
+
+
+def count_kind(trace: PruneTrace) -> str:
+    """Whether a run's per-layer count adapts to the input or follows a fixed schedule, in words."""
+    if trace.attention:
+        tau = trace.attention[0].extras.get("tau")
+        return "adaptive: τ" + (f" = {tau:g}" if tau is not None else "")
+    if trace.method == "sparsevlm" and config_option(trace, "count_mode", "fixed") in ("paper", "code"):
+        return "adaptive: rank(P)"
+    if trace.method == "dense":
+        return "no pruning"
+    return "fixed schedule"
+
+
+COUNT_COLOURS = {"sparsevlm": "rgb(16,185,129)", "fastv": "rgb(234,88,12)", "pyramiddrop": "rgb(168,85,247)"}
+
+
+def count_comparison_figure(trace: PruneTrace, references: Sequence[PruneTrace] = ()) -> go.Figure:
+    """Each layer's count of an attention-deciding run (visual tokens attended, and p over the whole sequence)
+    beside other runs of the same question: visual tokens each layer processes, adaptive or on a fixed schedule."""
+    fig = go.Figure()
+    depth = num_layers(trace)
+    xs = [a.layer for a in trace.attention]
+    fig.add_scatter(x=xs, y=[a.visual for a in trace.attention], mode="lines+markers",
+                    line={"width": 3, "color": "rgb(99,102,241)"}, marker={"size": 6},
+                    name=f"{_method(trace)}: visual tokens attended ({count_kind(trace)})",
+                    hovertemplate="layer %{x}: %{y} visual tokens attended<extra></extra>")
+    fig.add_scatter(x=xs, y=[a.p for a in trace.attention], mode="lines", line={"width": 1.5, "dash": "dot",
+                                                                                 "color": "rgb(99,102,241)"},
+                    name=f"{_method(trace)}: p, tokens of the whole sequence ({count_kind(trace)})",
+                    hovertemplate="layer %{x}: p = %{y}<extra></extra>")
+    for ref in references:
+        rx = [r.layer for r in ref.layers] or list(range(depth))
+        ry = [r.visual_in for r in ref.layers] or [ref.visual_tokens] * depth
+        colour = COUNT_COLOURS.get(ref.method, "rgb(100,116,139)")
+        fig.add_scatter(x=[*rx, rx[-1] + 1] if rx else [], y=[*ry, ry[-1]] if ry else [], mode="lines",
+                        line={"shape": "hv", "width": 2, "color": colour,
+                              "dash": "solid" if count_kind(ref).startswith("adaptive") else "dash"},
+                        name=f"{_method(ref)}: visual tokens kept ({count_kind(ref)})",
+                        hovertemplate=f"{_method(ref)}, layer %{{x}}: %{{y}} visual tokens<extra></extra>")
+    fig.add_hline(y=trace.visual_tokens, line_dash="dot", line_color="#94a3b8",
+                  annotation_text=f"dense: {trace.visual_tokens} visual tokens", annotation_position="top right")
+    budget = trace.cost.budget or (trace.config or {}).get("budget")
+    fig.update_layout(
+        height=420,
+        title={"text": f"Per-layer counts for this question (computed): {_method(trace)} beside "
+                       + (", ".join(_method(r) for r in references) or "no other method")
+                       + (f" at budget {budget}" if budget and references else ""), "x": 0.01, "font": {"size": 13}},
+        xaxis={"title": "decoder layer", "dtick": 2 if depth > 16 else 1, "range": [-0.5, depth - 0.5]},
+        yaxis={"title": "tokens", "rangemode": "tozero"},
+        legend={"orientation": "h", "y": -0.22, "x": 0, "font": {"size": 11}},
+        **{**_layout_base(), "margin": {"l": 60, "r": 20, "t": 50, "b": 40}})
+    return fig
+
+
+def _where(trace: PruneTrace, positions: Sequence[int]) -> dict[str, int]:
+    """How many of `positions` (prefill sequence) lie before the image, in it, after it."""
+    lo, hi = trace.prefix_tokens, trace.prefix_tokens + trace.visual_tokens
+    out = {"prefix": 0, "visual": 0, "text": 0}
+    for p in positions:
+        out["prefix" if p < lo else "visual" if p < hi else "text"] += 1
+    return out
+
+
+def _counted(where: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in where.items() if v) or "none"
+
+
+def probe_strip_svg(trace: PruneTrace, a: AttentionLayer) -> str:
+    """The prefill sequence as a strip [prefix | visual | text] with a tick at every probe row."""
+    n = max(1, a.n)
+    lo, hi = trace.prefix_tokens, trace.prefix_tokens + trace.visual_tokens
+    parts = [f'<rect x="0" y="6" width="{lo}" height="18" fill="#cbd5e1"/>',
+             f'<rect x="{lo}" y="6" width="{hi - lo}" height="18" fill="#c7d2fe"/>',
+             f'<rect x="{hi}" y="6" width="{max(0, n - hi)}" height="18" fill="#fde68a"/>']
+    probes = a.extras.get("probes")
+    if isinstance(probes, list):
+        for p in sorted(set(probes)):
+            parts.append(f'<rect x="{p}" y="2" width="{max(1.0, n / 400):.2f}" height="26" fill="#111827"/>')
+    return (f'<svg class="sv-probe-strip" viewBox="0 0 {n} 30" preserveAspectRatio="none" width="100%" height="30" '
+            f'role="img" aria-label="probe rows over the sequence">{"".join(parts)}</svg>'
+            '<div class="sv-legend"><span class="sv-swatch"><i style="background:#cbd5e1"></i>before the image</span>'
+            '<span class="sv-swatch"><i style="background:#c7d2fe"></i>visual tokens</span>'
+            '<span class="sv-swatch"><i style="background:#fde68a"></i>question and prompt</span>'
+            '<span class="sv-swatch"><i style="background:#111827"></i>a probe row</span></div>')
+
+
+def probes_html(trace: PruneTrace, layer: int) -> str:
+    """The probe rows at one layer (which positions, how many visual / text) and how far the probe estimate of
+    the attended set agrees with full attention (probes=both), or how to get that figure."""
+    a = attention_at(trace, layer)
+    if a is None:
+        return f"<div class='sv-probes'>No attention decision recorded at layer {layer}.</div>"
+    probes = a.extras.get("probes")
+    if probes == "all":
+        head = (f"<b>Probe rows at layer {layer}</b>: every one of the {a.n} rows (full attention), so the attended "
+                "set is exact here.")
+    else:
+        probes = list(probes or [])
+        recent_n = int(config_option(trace, "recent", 64) or 0)
+        recent = [p for p in probes if p >= a.n - recent_n]
+        drawn = [p for p in probes if p < a.n - recent_n]
+        head = (f"<b>Probe rows at layer {layer}</b>: {len(probes)} query rows of the {a.n} score every key. The "
+                f"{len(recent)} most recent (positions {min(recent, default=0)}–{max(recent, default=0)}: "
+                f"{_counted(_where(trace, recent))})")
+        if drawn:
+            head += (f" and {len(drawn)} drawn at random before them ({len(set(drawn))} distinct: "
+                     f"{_counted(_where(trace, sorted(set(drawn))))})")
+        head += ". Only these rows' attention is computed in full; the rest of the layer keeps the fast kernel."
+    full = a.extras.get("full")
+    if full:
+        rec = [x.extras["full"]["recall"] for x in trace.attention if "full" in x.extras]
+        jac = [x.extras["full"]["jaccard"] for x in trace.attention if "full" in x.extras]
+        agree = (f"<b>Probes against full attention</b> (every row, computed beside the run): at layer {layer} the "
+                 f"probes chose p = {a.p}, all rows p = {full['p']}; {full['overlap']} tokens in both, so the probe "
+                 f"set holds {full['recall']:.0%} of the full-attention set (Jaccard {full['jaccard']:.2f}). Over the "
+                 f"{len(rec)} layers: recall {np.mean(rec):.0%} on average (lowest {min(rec):.0%}), Jaccard "
+                 f"{np.mean(jac):.2f}.")
+    elif probes == "all":
+        agree = "The probe estimate is not in play: every row was computed."
+    else:
+        agree = ("How far the probes agree with full attention is not recorded for this run: choose <i>Probe rows → "
+                 f"probes, compared with all rows</i> under {_method(trace)} options (API: "
+                 "<code>zipvl_probes=\"both\"</code>) and run again.")
+    forced = " The last position was not among the p and was added (it is always attended)." if a.extras.get(
+        "forced_last") else ""
+    return (f"<div class='sv-probes'><p>{head}{forced}</p>{probe_strip_svg(trace, a)}<p>{agree}</p>"
+            "<p class='sv-help'>Heatmap view: how often each patch took part in attention over all layers.</p></div>")
 
 
 # --- latency and cost ----------------------------------------------------------------------------------------
@@ -725,8 +1018,9 @@ def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
     if td is not None:  # the same work in both runs: never a difference, whatever the two timings say
         rows[-1][3] = "same work, measured once" if "vision" in tp.shared else "same work in both runs"
     add("text raters", tp.raters, td.raters if td else None, "ms", "measured", 2)
-    add("pruning overhead (scores, rank, clustering)", tp.prune_overhead, td.prune_overhead if td else None,
-        "ms", "measured", 2)
+    overhead = ("selection overhead (probe rows, count, selection)" if pruned.attention else
+                "pruning overhead (scores, rank, clustering)")
+    add(overhead, tp.prune_overhead, td.prune_overhead if td else None, "ms", "measured", 2)
     add("prefill = time to first token", tp.prefill, td.prefill if td else None, "ms", "measured")
     add("  of which the decoder (incl. pruning overhead)", tp.llm_prefill, td.llm_prefill if td else None, "ms",
         "measured")
@@ -739,6 +1033,11 @@ def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
     add("equal tokens, output-counted (a pruning layer at its output; the papers' figure)",
         cp.equal_tokens_reference, cd.equal_tokens_reference if cd else float(pruned.visual_tokens), "tokens",
         "computed")
+    if cp.attended_visual is not None:  # every token stays in the residual stream; attention shrinks
+        add("visual tokens attended per layer (mean; the rest skip attention there and leave its cache)",
+            cp.attended_visual, float(pruned.visual_tokens), "tokens", "computed")
+        if cp.attended_share is not None:
+            add("share of all tokens attended per layer (mean)", cp.attended_share * 100, 100.0, "%", "computed")
     dense_flops = cd.prefill_flops if cd else cp.prefill_flops_dense
     v, unit = _flops(max(cp.prefill_flops, dense_flops))
     scale = max(cp.prefill_flops, dense_flops) / v if v else 1.0
@@ -849,12 +1148,16 @@ COMPARE_HEADERS = ["method", "answer", "agrees with dense", "equal tokens in / o
 def budget_line(trace: PruneTrace) -> str:
     """Which accounting met the budget, in which counting: "budget 64, paper accounting: output-counted 64.8"."""
     c = trace.cost
+    if c.budget_note:  # a method without a budget says what its own rule amounted to (ZipVL: τ -> attended tokens)
+        return c.budget_note
     if c.budget is None or c.budget_figure is None:
         return f"{c.equal_tokens:.0f} equal tokens (no budget: {'dense' if trace.method == 'dense' else 'adaptive'})"
-    counted = {"input": "input-counted", "output": "output-counted", "kept": "tokens kept"}.get(c.budget_counting,
-                                                                                               c.budget_counting)
+    counted = {"input": "input-counted", "output": "output-counted", "kept": "tokens kept",
+               "attended": "visual tokens attended per layer",
+               "flops": "prefill FLOPs as equal tokens"}.get(c.budget_counting, c.budget_counting)
     met = "met" if c.budget_met else "NOT met"
-    return f"budget {c.budget} {met} by {c.accounting} accounting ({counted} {c.budget_figure:.1f})"
+    fitted = ", τ fitted to the budget" if config_option(trace, "fit") == "budget" else ""
+    return f"budget {c.budget} {met} by {c.accounting} accounting{fitted} ({counted} {c.budget_figure:.1f})"
 
 
 def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]],
@@ -871,8 +1174,10 @@ def compare_rows(results: Sequence[tuple[str, PruneTrace | None, str]],
         f, fu = _flops(tr.cost.prefill_flops)
         b, bu = _bytes(tr.cost.kv_bytes)
         agree = "" if dense is None or method == "dense" else ("yes" if answers_agree(tr, dense) else "no")
-        rows.append([label, tr.answer.strip(), agree,
-                     f"{tr.cost.equal_tokens:.1f} / {tr.cost.equal_tokens_reference:.1f}", budget_line(tr),
+        equal = f"{tr.cost.equal_tokens:.1f} / {tr.cost.equal_tokens_reference:.1f}"
+        if tr.cost.attended_visual is not None:
+            equal += f" ({tr.cost.attended_visual:.1f} attended)"
+        rows.append([label, tr.answer.strip(), agree, equal, budget_line(tr),
                      round(tr.timings_ms.prefill, 1), round(tr.timings_ms.total, 1), f"{f:.3g} {fu}",
                      f"{b:.3g} {bu}", recall_text(evidence_recall(tr, evidence)) if evidence is not None else ""])
     return rows
@@ -900,8 +1205,11 @@ COMPARE_SHORT = {
 }
 COMPARE_LEGEND = {
     "equal tokens in / out (computed)": "mean visual tokens per decoder layer, a pruning layer counted at its input "
-                                        "(what FLOPs follow) / at its output (the papers' figure)",
-    "budget": "which accounting met the budget, and in which counting",
+                                        "(what FLOPs follow) / at its output (the papers' figure); for a method "
+                                        "that keeps every token and shrinks attention (ZipVL), the mean visual "
+                                        "tokens that took part in attention follow in brackets",
+    "budget": "which accounting met the budget, and in which counting; a method without a budget (ZipVL) says "
+              "what its own rule amounted to",
     "evidence recall (computed)": "evidence recall at the last layer: share of a generated scene's evidence patches "
                                   "kept directly / represented (kept or inside a recycled token); empty for uploads",
 }
@@ -941,7 +1249,10 @@ def final_layer(trace: PruneTrace) -> int:
 
 
 def default_layer(trace: PruneTrace) -> int:
-    """The first layer after the last pruning step: where the full effect of pruning is visible."""
+    """The first layer after the last pruning step: where the full effect of pruning is visible. A method that
+    decides attention per layer (ZipVL): the layer where the fewest visual tokens attended."""
+    if not trace.stages and trace.attention:
+        return min(trace.attention, key=lambda a: (a.visual, a.layer)).layer
     if not trace.stages:
         return 0
     return min(final_layer(trace), max(0, trace.stages[-1].after_layer + 1))

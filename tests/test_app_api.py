@@ -228,9 +228,11 @@ def test_api_lists_named_endpoints(client):
 
 def test_explain_returns_every_view(client, files):
     out = explain(client, files["rgb.png"])
-    (answer, raters, rater_note, raters_fig, overlay, slider, caption, counts, formulas, latency, lat_fig, notice,
-     record) = out
+    (answer, raters, rater_note, raters_fig, overlay, slider, caption, counts, formulas, latency, lat_fig,
+     count_compare, mass_curve, probes, notice, record) = out
     assert notice == ""  # the tiny model knows every word of this question
+    for view in (count_compare, mass_curve, probes):  # ZipVL's views: hidden for SparseVLM
+        assert view["visible"] is False and not view["value"]
     assert "SparseVLM" in answer and "Dense" in answer and ("same answer" in answer or "differs" in answer)
     assert raters and all(-1 <= r["class_or_confidence"] <= 1 for r in raters)
     assert any(r["class_or_confidence"] > 0 for r in raters) and "raters" in rater_note
@@ -277,7 +279,7 @@ def test_adaptive_modes(client, files):
     out = explain(client, files["rgb.png"], count_mode="paper", lam=0.5)
     assert "eq. 8" in out[8] or "λ" in out[8] or "lambda" in out[8].lower()
     out = explain(client, files["rgb.png"], count_mode="code", scale=2.0, bias=1.0, recycle=False)
-    assert out[-1]["trace"]["config"]["recycle"] is False
+    assert out[-1]["trace"]["config"]["options"]["recycle"] is False
 
 
 def test_layer_view_and_export_use_the_session(server, files):
@@ -316,6 +318,13 @@ def test_compare_view_runs_every_method(client, files):
     assert len(methods) == len(METHODS) and methods[0].startswith("Dense") and headers[0] == "method"
     assert [g["caption"] for g in gallery] == methods  # each picture named by its method
     assert [d["method"] for d in data] == ["dense", *(m for m in METHODS if m != "dense")]
+    # ZipVL sits beside the others; its budget column says what its τ amounted to, never "budget met"
+    zipvl = next(r for r in rows if r[0] == "ZipVL")
+    budget = headers.index("budget")
+    assert zipvl[budget].startswith("no budget: τ = 0.975") and "met" not in zipvl[budget]
+    assert "attended" in zipvl[headers.index("equal tokens in / out (computed)")]
+    summary = next(d for d in data if d["method"] == "zipvl")["summary"]
+    assert summary["attention"]["attended_visual"] < 144 and summary["budget_met"] is None
 
 
 # --- the data API: /run and /compare ------------------------------------------------------------------------
@@ -362,7 +371,8 @@ def test_run_defaults_come_from_the_page(client, files):
     from sparsevlm.config import PruneConfig
 
     d = PruneConfig()
-    assert (cfg["method"], cfg["count_mode"], cfg["lam"], cfg["scale"], cfg["recycle"]) == (
+    opts = cfg["options"]
+    assert (cfg["method"], opts["count_mode"], opts["lam"], opts["scale"], opts["recycle"]) == (
         d.method, d.count_mode, d.lam, d.scale, d.recycle)
     assert record["trace"]["generated_tokens"] <= 2
 
@@ -377,6 +387,66 @@ def test_compare_returns_data_per_method(client, files):
         assert d["summary"]["timings_ms"]["prefill"] > 0 and "equal_tokens" in d["summary"]
     assert data[0]["agrees_with_dense"] is True
     assert data[1]["summary"]["budget_figure"] == pytest.approx(64, abs=1) and data[1]["summary"]["budget_met"]
+
+
+def test_old_callers_by_position_still_reach_sparsevlms_options(client, files):
+    """/run's parameters before each method declared its options, by position: image, question, method, budget,
+    accounting, count_mode, lam, scale, bias, recycle, max_new_tokens; ZipVL's come after, with defaults."""
+    params = [p["parameter_name"] for p in client.view_api(return_format="dict", print_info=False)
+              ["named_endpoints"]["/run"]["parameters"]]
+    assert params == ["image", "question", "method", "budget", "accounting", "count_mode", "lam", "scale", "bias",
+                      "recycle", "max_new_tokens", "zipvl_tau", "zipvl_probes", "zipvl_fit"]
+    record = client.predict(handle_file(str(files["rgb.png"])), "what colour is the circle ?", "sparsevlm", 64,
+                            "paper", "code", 1.0, 2.0, 1.0, False, 1, api_name="/run")
+    cfg = record["trace"]["config"]
+    assert cfg["options"]["count_mode"] == "code" and cfg["options"]["scale"] == 2.0
+    assert cfg["options"]["recycle"] is False and "tau" not in cfg["options"] or cfg["options"]["tau"] == 0.3
+    assert record["trace"]["generated_tokens"] <= 1
+
+
+def test_zipvl_through_the_api_and_its_views(client, files):
+    """ZipVL by its page parameters: the trace records each layer's attended set (and, with probes both, the
+    agreement with full attention); only ZipVL's options reach the config; /explain draws its count chart beside
+    SparseVLM's, FastV's and PyramidDrop's, the mass curve and the probe rows."""
+    record = run_api(client, files["rgb.png"], method="zipvl", zipvl_tau=0.9, zipvl_probes="both", lam=0.5,
+                     max_new_tokens=2)
+    tr = record["trace"]
+    assert tr["config"]["options"]["tau"] == 0.9 and tr["config"]["options"]["probes"] == "both"
+    assert "lam" not in tr["config"]["options"] and "count_mode" not in tr["config"]["options"]
+    assert len(tr["attention"]) == 8 and all("full" in a["extras"] for a in tr["attention"])
+    assert "no budget" in tr["cost"]["budget_note"] and not tr["stages"]
+    out = explain(client, files["rgb.png"], method="zipvl", zipvl_tau=0.9, max_new_tokens=2)
+    assert all(v["visible"] for v in out[11:14])  # shown for ZipVL
+    caption, counts_compare, mass_curve, probes = out[6], out[11]["value"], out[12]["value"], out[13]["value"]
+    assert "took part in attention" in caption and "come back" in caption
+    assert "no budget" in out[0] and "met" not in out[0].split("sv-k")[1].split("</div>")[0]
+    plot = counts_compare["plot"]
+    for name in ("ZipVL: visual tokens attended (adaptive: τ = 0.9)", "SparseVLM: visual tokens kept (adaptive",
+                 "FastV: visual tokens kept (fixed schedule)", "PyramidDrop: visual tokens kept (fixed schedule)"):
+        assert name in plot, name
+    assert "τ = 0.9" in mass_curve["plot"] and "p = " in mass_curve["plot"]
+    assert "Probe rows at layer" in probes and "not recorded for this run" in probes
+    assert out[-1]["trace"]["method"] == "zipvl"
+    headers, rows = html_table(out[9])
+    assert any(r[0].startswith("visual tokens attended per layer") for r in rows)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"zipvl_tau": 0}, r"zipvl option tau must lie in \(0, 1\], not 0"),
+    ({"zipvl_tau": -0.5}, r"zipvl option tau must lie in \(0, 1\], not -0.5"),
+    ({"zipvl_tau": 1.5}, r"zipvl option tau must lie in \(0, 1\], not 1.5"),
+    ({"zipvl_probes": "some"}, "zipvl option probes must be one of recent\\+random, all, both, not 'some'"),
+    ({"zipvl_fit": "maybe"}, "zipvl option fit must be one of none, budget"),
+    ({"lam": -1, "method": "sparsevlm", "count_mode": "paper"}, "sparsevlm option lam must lie in >= 0, not -1"),
+])
+@pytest.mark.parametrize("endpoint", ["/run", "/explain"])
+def test_bad_method_options_are_clear_messages(client, server, files, kw, needle, endpoint):
+    kw = {"method": "zipvl", **kw}
+    with pytest.raises(AppError, match=needle) as err:
+        client.predict(image=handle_file(str(files["rgb.png"])), question="what colour is the circle ?",
+                       max_new_tokens=1, api_name=endpoint, **kw)
+    assert "Traceback" not in str(err.value)
+    assert server.alive()
 
 
 # --- the vocabulary hint and the scene studio -------------------------------------------------------------------
