@@ -284,6 +284,109 @@ def test_compare_tab(server, browser):
     shot(drv, "07-compare")
 
 
+def click_label(drv, component: str, text: str) -> None:
+    """Click the choice of a radio (or any label) inside `component` whose text contains `text`."""
+    label = next(e for e in drv.find_elements(By.CSS_SELECTOR, f"{component} label") if text in e.text)
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", label)
+    label.click()
+
+
+def shown(drv, elem_id: str) -> bool:
+    """Whether the component is on the page and displayed (a hidden one may be left out of the page entirely)."""
+    found = drv.find_elements(By.ID, elem_id)
+    return bool(found) and found[0].is_displayed()
+
+
+def open_accordion(drv, component: str) -> None:
+    head = drv.find_element(By.CSS_SELECTOR, f"{component} > button, {component} .label-wrap")
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", head)
+    head.click()
+    time.sleep(0.5)
+
+
+def set_number(drv, css: str, value: str) -> None:
+    box = drv.find_element(By.CSS_SELECTOR, css)
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(value, Keys.TAB)
+    time.sleep(0.4)
+
+
+def test_zipvl_teaches_its_count(server, browser):
+    """ZipVL chosen on the page: its own settings group replaces SparseVLM's; a run shows, at the layer slider's
+    layer, which patches took part in attention (the caption says a patch can come back), the attention-mass
+    curve with τ and p, the probe rows and how far they agree with full attention; the counts tab puts its
+    per-layer count beside SparseVLM's adaptive count and FastV's and PyramidDrop's fixed schedules; a bad τ is
+    a message, and the page keeps working."""
+    drv = browser
+    drv.get(server.url)
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-examples") and d.find_elements(
+        By.ID, "sv-options-sparsevlm"), 60)
+    assert drv.find_element(By.ID, "sv-options-sparsevlm").is_displayed()
+    assert not shown(drv, "sv-options-zipvl")
+    click_label(drv, "#sv-method", "ZipVL")
+    wait(drv, lambda d: shown(d, "sv-options-zipvl"), 30)
+    assert not shown(drv, "sv-options-sparsevlm")
+    open_accordion(drv, "#sv-options-zipvl")
+    wait(drv, lambda d: d.find_element(By.ID, "sv-opt-zipvl_probes").is_displayed(), 30)
+    assert_seen(drv, "#sv-options-zipvl", "label", "ZipVL options", min_items=5)
+    click_label(drv, "#sv-opt-zipvl_probes", "compared with all rows")
+    set_number(drv, "#sv-opt-zipvl_tau input[type=number]", "0.9")
+    shot(drv, "16-zipvl-options", full=False)
+    drv.find_elements(By.CSS_SELECTOR, "#sv-examples button, #sv-examples tr.tr-body, #sv-examples td")[0].click()
+
+    wait(drv, lambda d: "took part in attention" in d.find_element(By.ID, "sv-caption").text)
+    caption = drv.find_element(By.ID, "sv-caption").text
+    assert "come back" in caption and "τ = 0.9" in caption
+    answer = drv.find_element(By.ID, "sv-answer").text
+    assert "ZIPVL" in answer.upper() and "no budget" in answer.lower() and " met" not in answer.lower()
+    assert_seen(drv, "#sv-overlay", "img", "ZipVL overlay", min_ink=0.2)
+    assert_seen(drv, "#sv-caption", "p", "ZipVL layer caption")
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-mass-curve .main-svg"), 60)
+    curve = drv.find_element(By.ID, "sv-mass-curve")
+    wait(drv, lambda d: "τ = 0.9" in curve.text and "p = " in curve.text, 30)
+    assert_seen(drv, "#sv-mass-curve", ".main-svg, .annotation, .xtick text", "attention-mass curve", min_items=4)
+    probes = drv.find_element(By.ID, "sv-probes")
+    assert "Probe rows at layer" in probes.text and "Probes against full attention" in probes.text
+    assert_seen(drv, "#sv-probes", "p, svg, .sv-swatch", "probe rows", min_items=5)
+    shot(drv, "17-zipvl-run")
+    # the curve and the probe rows follow the layer slider
+    box = drv.find_element(By.CSS_SELECTOR, "#sv-layer input[type=number]")
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+    box.clear()
+    box.send_keys("0\n")
+    wait(drv, lambda d: "Layer 0:" in d.find_element(By.ID, "sv-mass-curve").text, 60)
+    wait(drv, lambda d: "layer 0" in d.find_element(By.ID, "sv-probes").text, 30)
+    assert "layer 0" in drv.find_element(By.ID, "sv-caption").text.lower()
+
+    open_tab(drv, "Token counts")
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-count-compare .main-svg"), 60)
+    chart = drv.find_element(By.ID, "sv-count-compare")
+    wait(drv, lambda d: "fixed schedule" in chart.text, 30)
+    for name in ("ZipVL: visual tokens attended (adaptive", "SparseVLM: visual tokens kept (adaptive",
+                 "FastV: visual tokens kept (fixed schedule)", "PyramidDrop: visual tokens kept (fixed schedule)"):
+        assert name in chart.text, name
+    assert_seen(drv, "#sv-count-compare", ".main-svg, .legendtext", "counts beside other methods", min_items=5)
+    assert_seen(drv, "#sv-formulas", "th, td", "ZipVL's count per layer", min_items=10)
+    shot(drv, "18-zipvl-counts")
+    open_tab(drv, "Latency")
+    wait(drv, lambda d: "visual tokens attended per layer" in d.find_element(By.ID, "sv-latency").text, 30)
+
+    # a τ outside (0, 1]: the engine's message names the option and its range; the page keeps working
+    set_number(drv, "#sv-opt-zipvl_tau input[type=number]", "0")
+    drv.execute_script("arguments[0].click()", drv.find_element(By.ID, "sv-run"))
+    wait(drv, lambda d: "tau must lie in (0, 1]" in d.find_element(By.TAG_NAME, "body").text, 60)
+    shot(drv, "19-zipvl-bad-tau", full=False)
+    # back to SparseVLM: its group returns, ZipVL's views go
+    click_label(drv, "#sv-method", "SparseVLM (")
+    wait(drv, lambda d: shown(d, "sv-options-sparsevlm"), 30)
+    drv.execute_script("arguments[0].click()", drv.find_element(By.ID, "sv-run"))
+    wait(drv, lambda d: "took part in attention" not in d.find_element(By.ID, "sv-caption").text
+         and "visual tokens" in d.find_element(By.ID, "sv-caption").text, 120)
+    wait(drv, lambda d: not shown(d, "sv-mass-curve"), 30)
+    assert server.alive()
+
+
 def test_bad_upload_shows_message_and_app_keeps_working(server, browser, tmp_path):
     drv = browser
     drv.get(server.url)
