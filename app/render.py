@@ -1022,7 +1022,8 @@ def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
                 "pruning overhead (scores, rank, clustering)")
     add(overhead, tp.prune_overhead, td.prune_overhead if td else None, "ms", "measured", 2)
     add("prefill = time to first token", tp.prefill, td.prefill if td else None, "ms", "measured")
-    add("  of which the decoder (incl. pruning overhead)", tp.llm_prefill, td.llm_prefill if td else None, "ms",
+    word = "selection" if pruned.attention else "pruning"  # a method that decides attention selects, prunes nothing
+    add(f"  of which the decoder (incl. {word} overhead)", tp.llm_prefill, td.llm_prefill if td else None, "ms",
         "measured")
     add("decode, per new token", tp.decode_per_token, td.decode_per_token if td else None, "ms", "measured", 2)
     add("new tokens generated", tp.decode_tokens, td.decode_tokens if td else None, "tokens", "measured", 0)
@@ -1041,10 +1042,11 @@ def latency_rows(pruned: PruneTrace, dense: PruneTrace | None) -> list[list]:
     dense_flops = cd.prefill_flops if cd else cp.prefill_flops_dense
     v, unit = _flops(max(cp.prefill_flops, dense_flops))
     scale = max(cp.prefill_flops, dense_flops) / v if v else 1.0
-    add("prefill compute (incl. pruning overhead)", cp.prefill_flops / scale, dense_flops / scale, unit,
+    add(f"prefill compute (incl. {word} overhead)", cp.prefill_flops / scale, dense_flops / scale, unit,
         "computed", 3)
     ov, ounit = _flops(cp.prune_overhead_flops)
-    add("  of which pruning overhead", ov, None, ounit, "computed", 3)
+    add(f"  of which {word} overhead" + (" (the probe rows)" if pruned.attention else ""), ov, None, ounit,
+        "computed", 3)
     dense_kv = cd.kv_bytes if cd else cp.kv_bytes_dense
     v, unit = _bytes(max(cp.kv_bytes, dense_kv))
     scale = max(cp.kv_bytes, dense_kv) / v if v else 1.0

@@ -179,6 +179,9 @@ def test_latency_and_rules_speak_of_attention():
     assert att[1] == pytest.approx(tr.cost.attended_visual, abs=0.051) and att[5] == "computed"
     assert rows["share of all tokens attended per layer (mean)"][1] == 60.0
     assert "selection overhead (probe rows, count, selection)" in rows
+    assert "prefill compute (incl. selection overhead)" in rows
+    assert "  of which selection overhead (the probe rows)" in rows
+    assert not any("pruning overhead" in name for name in rows)  # ZipVL prunes nothing
     md = render.formulas_markdown(tr)
     assert md.count("\n| ") == 4  # one row per layer
     assert "| 1 | 9 of 22 | 10: 2 / 7 / 1 | yes |" in md and "prunes nothing" in md and "Budget: no budget" in md
