@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -503,3 +504,37 @@ def test_token_attention_shows_a_raters_own_row_at_every_stage():
     assert "is not a text rater" in render.token_attention_note(tr, 0)
     tr.stages[0].extras = tr.stages[1].extras = tr.stages[2].extras = {}
     assert "records no per-word attention rows" in render.token_attention_note(tr, 1)
+
+
+@pytest.mark.parametrize("name", ["trace-flat-config-sparsevlm.json", "trace-flat-config-fastv.json"])
+def test_traces_written_with_flat_configs_render(name, tmp_path):
+    """Traces (and /run records) written when a method's settings were flat config keys render in every view,
+    from the file and from a browser tab's session; SparseVLM's count mode and recycling are read from them."""
+    from pathlib import Path
+
+    from app.handlers import Handlers
+
+    text = (Path(__file__).parent / "data" / name).read_text()
+    tr = PruneTrace.from_json(text)
+    assert "options" not in tr.config
+    img = Image.new("RGB", tuple(tr.image_size), (200, 200, 200))
+    layer = render.default_layer(tr)
+    assert render.render_view(img, tr, layer).size == render.display_size(img.size)
+    assert render.render_view(img, tr, layer, "heatmap").size == render.display_size(img.size)
+    assert "visual tokens" in render.layer_caption(tr, layer)
+    render.counts_figure(tr, budget=64)
+    md = render.formulas_markdown(tr)
+    if tr.method == "sparsevlm":  # written with count_mode paper, lam 0.5, no recycling
+        assert "Adaptive (paper eq. 8)" in md and "Recycling" not in md
+        assert render.count_kind(tr) == "adaptive: rank(P)"
+    else:
+        assert render.count_kind(tr) == "fixed schedule"
+    assert render.latency_rows(tr, None) and render.compare_rows([(tr.method, tr, "")])
+    assert len(render.animation_frames(img, tr, max_side=96)) == render.num_layers(tr)
+    path = tmp_path / "upload.png"
+    img.save(path)
+    session = {"image": str(path), "record": {"trace": json.loads(text), "dense_trace": None}}
+    handlers = object.__new__(Handlers)  # the layer view reads the session alone
+    overlay, caption = handlers.show_layer(session, layer, "tokens")
+    assert overlay.size == render.display_size(img.size) and f"layer {layer}" in caption
+    assert handlers.show_attention(session, layer) == (handlers.show_attention(None, 0))
