@@ -431,6 +431,21 @@ def test_zipvl_through_the_api_and_its_views(client, files):
     assert any(r[0].startswith("visual tokens attended per layer") for r in rows)
 
 
+def test_zipvl_tau_fitted_to_the_budget(client, server, files):
+    """The separate, labelled option: τ fitted per input so the mean attended visual tokens meet the budget (paper
+    accounting), said so in the budget line; in flops accounting the dense MLP alone exceeds a small budget, and
+    the message says ZipVL cannot meet it."""
+    out = explain(client, files["rgb.png"], method="zipvl", zipvl_fit="budget", budget=96, max_new_tokens=1)
+    cost = out[-1]["trace"]["cost"]
+    assert cost["budget"] == 96 and cost["budget_counting"] == "attended" and not cost["budget_note"]
+    assert "τ fitted to the budget" in out[0] and "visual tokens attended per layer" in out[0]
+    assert out[-1]["trace"]["config"]["options"]["fit"] == "budget"
+    with pytest.raises(AppError, match="cannot meet a flops budget") as err:
+        run_api(client, files["rgb.png"], method="zipvl", zipvl_fit="budget", accounting="flops", budget=64,
+                max_new_tokens=1)
+    assert "Traceback" not in str(err.value) and server.alive()
+
+
 @pytest.mark.parametrize("kw,needle", [
     ({"zipvl_tau": 0}, r"zipvl option tau must lie in \(0, 1\], not 0"),
     ({"zipvl_tau": -0.5}, r"zipvl option tau must lie in \(0, 1\], not -0.5"),
