@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import algorithm as A
+from . import profile as P
 from .attention import LayerSeam, column_sums
 from .config import PruneConfig
 from .errors import ConfigError
@@ -38,6 +39,7 @@ from .methods import (
     StageInput,
     StageSpec,
     VisionInput,
+    attention_read_layers,
     get_method,
 )
 from .methods.base import plain
@@ -72,6 +74,20 @@ def _vision_feature_layer(model) -> torch.nn.Module:
     idx = model.config.vision_feature_layer
     idx = idx if idx >= 0 else len(enc_layers) + idx  # hidden_states[-2] is the output of layer L-2
     return enc_layers[idx]
+
+
+def cls_attention(model, captured: dict) -> torch.Tensor | None:
+    """The vision tower's [CLS] attention row over the patches at the feature layer (head mean, post-softmax),
+    from captured q/k ("vision", "q"/"k"); None for a tower without [CLS] or without captures."""
+    if model.config.vision_feature_select_strategy != "default" or ("vision", "q") not in captured:
+        return None
+    attn = _vision_feature_layer(model).self_attn
+    q, k = captured[("vision", "q")][0], captured[("vision", "k")][0]
+    h, hd = attn.num_heads, attn.head_dim
+    qh = q[:1].view(1, h, hd).transpose(0, 1)
+    kh = k.view(-1, h, hd).transpose(0, 1)
+    every_key = torch.tensor([k.shape[0]], device=k.device)  # no causality in a ViT: the row sees every key
+    return A.rows_attention(qh, kh, every_key, attn.scale)[0, 1:]
 
 
 @dataclass
@@ -154,6 +170,7 @@ class CallRecord:
     note: str
     shared_keys: list = field(default_factory=list)  # SharedWork keys this call read (raters, ...)
     attention: list[AttentionLayer] = field(default_factory=list)  # per layer, where the method decided attention
+    profile: list[dict] = field(default_factory=list)  # the decoder part of the attention profile (profile.py)
 
     def layer_records(self) -> list[LayerRecord]:
         by_layer = {s.after_layer: k for k, s in enumerate(self.stages)}
@@ -192,6 +209,7 @@ class CallState:
     shared_keys: list = field(default_factory=list)  # SharedWork keys read by this call
     attention: list[AttentionLayer] = field(default_factory=list)  # the method's attention decisions (prefill)
     attention_ms: float = 0.0  # measured time spent deciding attention (probe rows, counts, selection)
+    profile: list[dict] = field(default_factory=list)  # attention profile entries at the profile layers
 
 
 class PruneHooks:
@@ -231,6 +249,11 @@ class PruneHooks:
         self.prune_layers: tuple[int, ...] = tuple(s.after_layer for s in self.plan.stages if s.after_layer >= 0)
         self.schedule_note = self.plan.note
         self.attention_layers: tuple[int, ...] = tuple(self.plan.attention_layers)
+        # Where the fixed-layer methods read the decoder's attention: every run records the last token's and the
+        # prompt's attention over the visual tokens there (FasterVLM's shift and dispersion; profile.py). A method
+        # that decides attention itself shows its own view instead.
+        self.profile_layers: dict[int, list[str]] = {} if self.method.changes_attention else \
+            attention_read_layers(self.geometry)
         self._seams: list[LayerSeam] = []
         self._handles: list = []
         self._in_forward = False
@@ -258,6 +281,11 @@ class PruneHooks:
         reg(self.lm.register_forward_pre_hook(self._on_lm_start, with_kwargs=True))
         for i, layer in enumerate(self.layers):
             reg(layer.register_forward_pre_hook(self._make_layer_pre(i), with_kwargs=True))
+        for i in self.profile_layers:  # registered before the stages' hooks: it reads the layer's input layout
+            attn = self.layers[i].self_attn
+            reg(attn.q_proj.register_forward_hook(self._make_capture(i, "q")))
+            reg(attn.k_proj.register_forward_hook(self._make_capture(i, "k")))
+            reg(self.layers[i].register_forward_hook(self._make_profile(i)))
         for spec in self.plan.stages:
             i = spec.after_layer
             if i < 0:
@@ -415,13 +443,10 @@ class PruneHooks:
         out = st.captured.get(("vision", "out"))
         h, hd = attn.num_heads, attn.head_dim
 
-        def cls_attention() -> torch.Tensor:
-            qh = q[:1].view(1, h, hd).transpose(0, 1)  # the [CLS] row
-            kh = k.view(-1, h, hd).transpose(0, 1)
-            every_key = torch.tensor([k.shape[0]], device=k.device)  # no causality in ViT: the row sees all keys
-            return A.rows_attention(qh, kh, every_key, attn.scale)[0, 1:]
+        def cls_row() -> torch.Tensor:
+            return cls_attention(self.model, st.captured)
 
-        return VisionInput(q, k, out[0] if out is not None else None, h, hd, attn.scale, cls_attention,
+        return VisionInput(q, k, out[0] if out is not None else None, h, hd, attn.scale, cls_row,
                            self.llava.multi_modal_projector)
 
     def _stage_input(self, index: int, spec: StageSpec, hidden: torch.Tensor) -> StageInput:
@@ -490,7 +515,7 @@ class PruneHooks:
                     kwargs["position_embeddings"] = st.pos_emb
                     kwargs["position_ids"] = st.positions
                     kwargs["attention_mask"] = self._causal_mask(st.positions.shape[1], module)
-                if i in self.stage_specs:
+                if i in self.stage_specs or i in self.profile_layers:
                     st.captured[(i, "pe")] = kwargs["position_embeddings"]
                 return args, kwargs
             if self.prune_layers and i > self.prune_layers[0]:
@@ -537,7 +562,7 @@ class PruneHooks:
         qr = _rope(q[rows].view(len(rows), -1, hd).transpose(0, 1), cos[0, rows], sin[0, rows])
         return qr, kh
 
-    def _rows_attention(self, i: int, rows: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+    def _rows_attention(self, i: int, rows: torch.Tensor, per_head: bool = False, debug: bool = True) -> torch.Tensor:
         """(r, n) head-mean causal attention of `rows` at layer i (per head: (H, r, n)), from the captured q/k."""
         st = self.state
         qr, kh = self._heads(i, st.captured[(i, "q")][0], st.captured[(i, "k")][0], rows)
@@ -545,7 +570,7 @@ class PruneHooks:
         if per_head:
             return heads
         out = heads.mean(dim=0)
-        if self.keep_debug:
+        if self.keep_debug and debug:
             st.rows_attention[i] = out
         return out
 
@@ -587,6 +612,28 @@ class PruneHooks:
             st.positions = torch.arange(len(src), device=hidden.device)[None]
             st.compacted = True
         st.pos_emb = self.lm.rotary_emb(hidden, st.positions)
+
+    # --- the attention profile (FasterVLM's shift and dispersion) ----------------------------------------------
+    def _make_profile(self, i: int):
+        def hook(module, args, output):
+            st = self.state
+            if not st.prefilling or (i, "q") not in st.captured:
+                return None
+            n = st.captured[(i, "k")].shape[1]
+            start, v = st.prefix, len(st.tokens)
+            text = torch.arange(start + v, n, device=self.device)
+            rows = self._rows_attention(i, text, debug=False)[:, start:start + v].float()  # (text, v) head mean
+            patches = [t.center for t in st.tokens]
+            side = self.grid_side
+            st.profile.append({
+                "layer": i, "methods": list(self.profile_layers[i]),
+                "last": P.entry(rows[-1].tolist(), patches, st.visual_total, side, side),
+                "prompt": P.entry(rows.mean(dim=0).tolist(), patches, st.visual_total, side, side),
+                "merged_tokens": sum(t.members is not None for t in st.tokens),
+            })
+            return None
+
+        return hook
 
     # --- attention decided by the method (the attention seam) -------------------------------------------------
     def _make_decide(self, i: int):
@@ -676,6 +723,7 @@ class PruneHooks:
             note=self.plan.note,
             shared_keys=list(st.shared_keys),
             attention=list(st.attention),
+            profile=list(st.profile),
         )
 
     def layer_records(self) -> list[LayerRecord]:

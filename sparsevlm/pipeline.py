@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from . import cost as C
+from . import profile as P
 from .config import PruneConfig
 from .errors import ConfigError, InputError
-from .hooks import CallRecord, PruneHooks, SharedWork, encode_image
+from .hooks import CallRecord, PruneHooks, SharedWork, cls_attention, encode_image
 from .loading import LoadedModel
 from .methods import get_method
 from .schedule import BUDGET_TOLERANCE, budget_figure, equal_tokens, equal_tokens_reference
@@ -241,9 +242,18 @@ def run_prepared(lm: LoadedModel, prepared: Prepared, config: PruneConfig,
     record = hooks.record()
     trace = build_trace(lm, record, config, prepared.question, prepared.prompt, prepared.inputs["input_ids"][0],
                         prepared.image_size, answer, len(new_ids), total_ms, memory)
+    trace.attention_profile = attention_profile(lm, work, record)
     if fitted is not None:
         _fitted_budget(trace, config, fitted, C.DecoderShape.from_config(lm.model.config), lm.num_layers)
     return RunResult(answer, trace, record.shared_keys)
+
+
+def attention_profile(lm: LoadedModel, work: SharedWork, record: CallRecord) -> dict:
+    """The trace's attention profile: [CLS] from the request's one image encoding, the decoder's from the run."""
+    rows, cols = lm.grid
+    cls = cls_attention(lm.model, work.vision)
+    return {"cls": P.entry(cls.float().tolist(), list(range(len(cls))), len(cls), rows, cols) if cls is not None
+            else None, "decoder": list(record.profile)}
 
 
 FIT_PASSES = 14  # bisection steps on tau (each one prefill pass)

@@ -168,6 +168,12 @@ class PruneTrace:
     notes: list[str] = field(default_factory=list)
     memory: Memory = field(default_factory=Memory)
     attention: list[AttentionLayer] = field(default_factory=list)  # per layer, where the method decided attention
+    # FasterVLM's view of this picture (sparsevlm/profile.py): {"cls": {"attention", "lower_half_share",
+    # "top20_share", "tokens"} or None (no [CLS]), "decoder": [{"layer", "methods", "last": {...}, "prompt": {...},
+    # "merged_tokens"}, ...]}: the vision tower's [CLS] attention at the feature layer, and the last token's and the
+    # prompt's (mean over the tokens after the image) head-mean attention over the visual tokens, in original patch
+    # order (None where a patch has no token at that layer), at each layer a fixed-layer method reads.
+    attention_profile: dict = field(default_factory=dict)
 
     # --- derived views -------------------------------------------------------------------------------------
     def stage_for_layer(self, layer: int) -> Stage | None:
@@ -278,6 +284,7 @@ class PruneTrace:
             },
             "notes": self.notes,
             **({"attention": self.attention_summary()} if self.attention else {}),
+            "attention_profile": self.attention_profile,
         }
 
     def attention_summary(self) -> dict:

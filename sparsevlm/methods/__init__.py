@@ -102,6 +102,21 @@ METHODS: Sequence[str] = _Names()
 METHOD_LABELS: Mapping[str, str] = _Labels()
 
 
+def attention_read_layers(geo: ModelGeometry) -> dict[int, list[str]]:
+    """Decoder layer -> the registered methods that rank visual tokens by its text-to-image attention (each in its
+    own default setting): the layers an attention profile shows."""
+    out: dict[int, list[str]] = {}
+    for m in _REGISTRY.values():
+        try:
+            layers = m.reads_attention_at(geo)
+        except ConfigError:  # a depth the method's schedule cannot use
+            continue
+        for layer in layers:
+            if 0 <= layer < geo.depth:
+                out.setdefault(layer, []).append(m.name)
+    return dict(sorted(out.items()))
+
+
 def registered(name: str) -> PruneMethod | None:
     """The method registered under `name`, or None."""
     return _REGISTRY.get(name)
@@ -116,6 +131,6 @@ def get_method(name: str) -> PruneMethod:
 
 __all__ = [
     "AttentionChoice", "AttentionInput", "METHODS", "METHOD_LABELS", "get_method", "registered", "register",
-    "unregister", "MergedGroup", "ModelGeometry", "Plan",
+    "attention_read_layers", "unregister", "MergedGroup", "ModelGeometry", "Plan",
     "PrefillInput", "PruneMethod", "Raters", "Selection", "StageInput", "StageSpec", "VisionInput",
 ]

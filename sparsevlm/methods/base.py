@@ -255,6 +255,11 @@ class PruneMethod:
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         raise NotImplementedError
 
+    def reads_attention_at(self, geo: ModelGeometry) -> tuple[int, ...]:
+        """Decoder layers whose text-to-image attention this method ranks by, in its own default setting (the
+        layers a trace's attention profile shows). Default: none."""
+        return ()
+
     def attend(self, cfg: PruneConfig, inp: AttentionInput) -> AttentionChoice:
         """The positions that take part in attention at one layer (methods with `changes_attention`)."""
         raise NotImplementedError

@@ -31,6 +31,9 @@ class FastV(PruneMethod):
     options = (Option("fastv_k", None, "FastV's K: layers 0..K-1 run on the full sequence, ranked in layer K-1 "
                       "(default 2 of 32, scaled to depth)", kind="int", low=1, optional=True, ui=False),)
 
+    def reads_attention_at(self, geo: ModelGeometry) -> tuple[int, ...]:
+        return (fastv_k(PruneConfig(method=self.name), geo.depth) - 1,)
+
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         after = fastv_k(cfg, geo.depth) - 1
         counts = single_stage(cfg, geo.grid_tokens, after, geo.depth, "FastV")

@@ -119,6 +119,9 @@ class PyramidDrop(PruneMethod):
     default_positions = "compact"  # pdrop_rank_drop renumbers position ids at every drop
     paper_counting = "PyramidDrop's average tokens: the mean over layers of the visual tokens each layer processes"
 
+    def reads_attention_at(self, geo: ModelGeometry) -> tuple[int, ...]:
+        return tuple(layer + 1 for layer in stage_layers(BUDGET_LAYERS_32, geo.depth))  # each stage ranks in layer K
+
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         counts = plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting)
         note = (f"{counts.note}; stage layers and lambda^i ratios follow the author's advice for small budgets "

@@ -145,6 +145,9 @@ class SparseVLM(PruneMethod):
                kind="choice", choices=("gt", "ge"), ui=False),
     )
 
+    def reads_attention_at(self, geo: ModelGeometry) -> tuple[int, ...]:
+        return sparsevlm_layers(PruneConfig(method=self.name), geo.depth)
+
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         if cfg.count_mode == "fixed":
             return Plan.of(sparsevlm_fixed(cfg, geo.grid_tokens, geo.depth), self.positions(cfg))

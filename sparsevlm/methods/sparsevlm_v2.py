@@ -13,7 +13,14 @@ from dataclasses import replace
 import torch
 
 from ..algorithm import select_raters, text_relevance
-from ..config import FIXED_BUDGETS, REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig, check_accounting, check_budget
+from ..config import (
+    FIXED_BUDGETS,
+    REFERENCE_DEPTH,
+    REFERENCE_GRID_TOKENS,
+    PruneConfig,
+    check_accounting,
+    check_budget,
+)
 from ..schedule import Counts, fit_scale, floor_or_error, make_counts, measure, scaled_layers
 from .base import ModelGeometry, Plan, PrefillInput, PruneMethod, Raters, Selection, StageInput, text_raters, top_k_keep
 
@@ -218,6 +225,9 @@ class SparseVLMv2(PruneMethod):
     default_positions = "keep"  # v2 keeps the survivors' original position ids (modelling L311-312)
     paper_counting = ("reference v2 lists as kept counts after layers 2/6/15, no recycling; each pruning layer "
                       "counted at its output (the code's logged Equal Tokens)")
+
+    def reads_attention_at(self, geo: ModelGeometry) -> tuple[int, ...]:
+        return scaled_layers(PRUNE_LAYERS_32, geo.depth)
 
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         return Plan.of(plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting), self.positions(cfg))

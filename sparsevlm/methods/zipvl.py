@@ -51,16 +51,17 @@ def probe_positions(n: int, recent: int, random: int, generator: torch.Generator
     before them (ZipCache's sampling), ascending; sizes clamped to the sequence."""
     recent = max(0, min(recent, n))
     pool = n - recent
-    rand = torch.randint(0, pool, (min(random, pool) if pool else 0,), generator=generator) if pool else \
-        torch.empty(0, dtype=torch.long)
-    return torch.cat([rand, torch.arange(pool, n)]).sort().values
+    # Drawn on the CPU from a seeded CPU generator (the same rows on every device); the seam moves them.
+    rand = torch.randint(0, pool, (min(random, pool),), generator=generator, device="cpu") if pool else \
+        torch.empty(0, dtype=torch.long, device="cpu")
+    return torch.cat([rand, torch.arange(pool, n, device="cpu")]).sort().values
 
 
 def visible_counts(n: int, rows: torch.Tensor | None) -> torch.Tensor:
     """How many query rows can see each key j under the causal mask: n - j for every row (rows None), else the
     number of rows at positions >= j (a row counted as often as it was drawn)."""
     if rows is None:
-        return torch.arange(n, 0, -1, dtype=torch.float64)
+        return torch.arange(n, 0, -1, dtype=torch.float64, device="cpu")  # `normalized` moves it
     hits = torch.bincount(rows.long().cpu(), minlength=n).double()
     return hits.flip(0).cumsum(0).flip(0)
 
@@ -91,7 +92,7 @@ def attended_set(norm: torch.Tensor, p: int, keep_last: bool = True) -> tuple[to
     return torch.topk(scored, p, dim=1).indices.sort(dim=1).values, forced
 
 
-def mass_curve(scores: torch.Tensor, points: int = 256) -> tuple[list[int], list[float]]:
+def mass_curve(scores: torch.Tensor, points: int = 128) -> tuple[list[int], list[float]]:
     """The sorted cumulative share of the accumulated scores, at up to `points` ranks (1-based, always including
     the first and the last): what the page plots with tau marked."""
     s = torch.sort(scores.double().flatten(), descending=True).values
@@ -101,7 +102,8 @@ def mass_curve(scores: torch.Tensor, points: int = 256) -> tuple[list[int], list
     ranks = sorted({1, n, *(int(round(1 + i * (n - 1) / (points - 1))) for i in range(points))}) if n else []
     if total <= 0:
         return ranks, [0.0] * len(ranks)
-    return ranks, (cum[torch.tensor(ranks, dtype=torch.long) - 1] / total).tolist()
+    at = torch.tensor(ranks, dtype=torch.long, device=cum.device) - 1
+    return ranks, [round(v, 6) for v in (cum[at] / total).tolist()]
 
 
 # --- the registered method ---------------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ class ZipVL(PruneMethod):
         n = inp.n
         gen = inp.memo.get("probe_generator")
         if gen is None:
-            gen = inp.memo["probe_generator"] = torch.Generator().manual_seed(int(cfg.seed))
+            gen = inp.memo["probe_generator"] = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
         if cfg.probes == "all":
             rows = None
         else:
