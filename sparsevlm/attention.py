@@ -100,11 +100,14 @@ class LayerSeam:
             idx = attended[g]
             m = idx.numel()
             mask = _causal_mask(m, query.dtype, query.device) if self.impl_name == "eager" else None
-            q = query[:, g * per:(g + 1) * per, idx]
-            k = key[:, g * kv_per:(g + 1) * kv_per, idx]
-            v = value[:, g * kv_per:(g + 1) * kv_per, idx]
+            q = query[:, g * per:(g + 1) * per].index_select(2, idx)
+            k = key[:, g * kv_per:(g + 1) * kv_per].index_select(2, idx)
+            v = value[:, g * kv_per:(g + 1) * kv_per].index_select(2, idx)
             o, _ = base(module, q, k, v, mask, scaling=scaling, dropout=dropout, **rest)
-            out[:, idx, g * per:(g + 1) * per] = o.to(out.dtype)
+            if groups == 1:
+                out.index_copy_(1, idx, o.to(out.dtype))
+            else:
+                out[:, idx, g * per:(g + 1) * per] = o.to(out.dtype)
         return out, None
 
     # --- the cache -------------------------------------------------------------------------------------------------
@@ -118,7 +121,7 @@ class LayerSeam:
         keys, values = layer.keys, layer.values
         if attended.shape[0] == 1:
             idx = attended[0].to(keys.device)
-            layer.keys, layer.values = keys[:, :, idx].contiguous(), values[:, :, idx].contiguous()
+            layer.keys, layer.values = keys.index_select(2, idx), values.index_select(2, idx)
         else:  # one row per KV head
             idx = attended.to(keys.device)[None, :, :, None]
             layer.keys = torch.gather(keys, 2, idx.expand(-1, -1, -1, keys.shape[-1]))

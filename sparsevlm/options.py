@@ -111,7 +111,8 @@ class Option:
         too_low = self.low is not None and (number <= self.low if self.low_open else number < self.low)
         too_high = self.high is not None and number > self.high
         if too_low or too_high:
-            raise ConfigError(f"{where} must lie in {self.range_text()}, not {number:g}")
+            bounded = self.low is not None and self.high is not None
+            raise ConfigError(f"{where} must {'lie in' if bounded else 'be'} {self.range_text()}, not {number:g}")
         return number
 
     def plain(self, value: Any) -> Any:

@@ -284,8 +284,20 @@ class PruneTrace:
             },
             "notes": self.notes,
             **({"attention": self.attention_summary()} if self.attention else {}),
-            "attention_profile": self.attention_profile,
+            "attention_profile": self.profile_summary(),
         }
+
+    def profile_summary(self) -> dict:
+        """The attention profile's statistics without the per-patch attention (the full profile is in the trace:
+        `attention_profile`, --trace-out, /run)."""
+        def stats(e: dict | None) -> dict | None:
+            return None if e is None else {k: v for k, v in e.items() if k != "attention"}
+
+        p = self.attention_profile or {}
+        return {"cls": stats(p.get("cls")),
+                "decoder": [{**{k: v for k, v in d.items() if k not in ("last", "prompt")},
+                             "last": stats(d.get("last")), "prompt": stats(d.get("prompt"))}
+                            for d in p.get("decoder", [])]}
 
     def attention_summary(self) -> dict:
         """Where the method decided attention: per layer p and the attended counts; the means; the KV cache."""

@@ -452,7 +452,7 @@ def test_zipvl_tau_fitted_to_the_budget(client, server, files):
     ({"zipvl_tau": 1.5}, r"zipvl option tau must lie in \(0, 1\], not 1.5"),
     ({"zipvl_probes": "some"}, "zipvl option probes must be one of recent\\+random, all, both, not 'some'"),
     ({"zipvl_fit": "maybe"}, "zipvl option fit must be one of none, budget"),
-    ({"lam": -1, "method": "sparsevlm", "count_mode": "paper"}, "sparsevlm option lam must lie in >= 0, not -1"),
+    ({"lam": -1, "method": "sparsevlm", "count_mode": "paper"}, "sparsevlm option lam must be >= 0, not -1"),
 ])
 @pytest.mark.parametrize("endpoint", ["/run", "/explain"])
 def test_bad_method_options_are_clear_messages(client, server, files, kw, needle, endpoint):

@@ -87,8 +87,10 @@ def test_every_method_records_the_profile(tiny):
     for method in METHODS:
         tr = run(lm, image, "what colour is the shape ?", PruneConfig(method=method, budget=16),
                  max_new_tokens=1).trace
-        prof = tr.summary()["attention_profile"]
+        prof = tr.attention_profile
         assert prof["cls"] is not None and len(prof["cls"]["attention"]) == 64
+        compact = tr.summary()["attention_profile"]  # the statistics without the per-patch rows
+        assert "attention" not in compact["cls"] and compact["cls"]["top20_share"] == prof["cls"]["top20_share"]
         if get_method(method).changes_attention:
             assert prof["decoder"] == []  # it shows its own view (trace.attention)
             continue

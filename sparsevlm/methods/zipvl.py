@@ -139,7 +139,7 @@ class ZipVL(PruneMethod):
         Option("fit", "none", "none: run at tau; budget: fit tau per input so that the mean attended visual tokens "
                "(paper accounting) or the prefill FLOPs (flops accounting) match the budget - ZipVL's rule, tau "
                "fitted to the budget, not the paper's setting", kind="choice", choices=("none", "budget"),
-               label="τ", param="zipvl_fit", choice_labels=("run at τ (the paper's)",
+               label="τ: fixed or fitted to the budget", param="zipvl_fit", choice_labels=("run at τ (the paper's)",
                                                             "fitted to the budget (ZipVL's rule, τ fitted)")),
     )
 
