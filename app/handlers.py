@@ -48,7 +48,7 @@ from sparsevlm.schedule import min_equal_tokens
 from sparsevlm.trace import PruneTrace
 from sparsevlm.vocab import unknown_words
 
-from . import render
+from . import profile_view, render
 
 log = logging.getLogger("sparsevlm.app")
 
@@ -616,6 +616,20 @@ class Handlers:
         tr = self.session_trace(st)
         layer = int(max(0, min(int(layer or 0), render.num_layers(tr) - 1)))
         return render.mass_curve_figure(tr, layer), render.probes_html(tr, layer)
+
+    def show_profile(self, st, layer=None):
+        """FasterVLM's view of this browser tab's run (app/profile_view.py) at one profile layer (the first, FastV's,
+        after a run): the layer picker, attention against token index, the sorted cumulative curves, and the two
+        statistics beside the published ones with what they mean for the methods."""
+        if not st or not st.get("record"):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        tr = self.session_trace(st)
+        dense = st["record"].get("dense_trace")
+        dense_tr = PruneTrace.from_dict(dense) if dense and tr.method != "dense" else None
+        chosen = profile_view.pick_layer(tr, layer)
+        return (gr.Dropdown(choices=profile_view.layer_choices(tr), value=chosen, interactive=chosen is not None),
+                profile_view.index_figure(tr, chosen), profile_view.cdf_figure(tr, chosen),
+                profile_view.profile_html(tr, chosen, dense_tr))
 
     def patch_info(self, st, evt: gr.SelectData):
         """A click on the picture: the clicked patch's score, rank and fate at every pruning step."""

@@ -244,7 +244,7 @@ def results_column() -> dict[str, Any]:
 
 
 def explain_tabs() -> dict[str, Any]:
-    """The raters, counts and latency tabs."""
+    """The raters, counts, latency and attention-profile tabs."""
     c: dict[str, Any] = {}
     with gr.Tab("① Text raters", id="raters"):
         gr.Markdown("Every token after the image (question + answer prompt) gets a relevance score R: how much the "
@@ -269,6 +269,20 @@ def explain_tabs() -> dict[str, Any]:
                     "KV-cache bytes from the model shape and the token counts.", elem_classes="sv-help")
         c["latency"] = gr.HTML(label="Pruned vs dense", elem_id="sv-latency")
         c["latency_fig"] = gr.Plot(label="Latency (measured) and cost (computed)", elem_id="sv-latency-fig")
+    with gr.Tab("Attention profile", id="profile"):
+        gr.Markdown("FasterVLM's two measurements of where attention over the visual tokens goes, for this picture: "
+                    "**shift** (does attention grow with the token index, toward the picture's lower half?) and "
+                    "**dispersion** (how much of it the top 20% of the tokens hold), at a layer where a method "
+                    "reads the decoder's attention, beside the vision tower's [CLS] attention. Computed from this "
+                    "run's attention.", elem_classes="sv-help")
+        c["profile_layer"] = gr.Dropdown([], label="Decoder layer (where a method reads the attention; the slider "
+                                         "above does not move it)", elem_id="sv-profile-layer", interactive=True)
+        c["profile_index"] = gr.Plot(label="Attention received against token index, with the grid's rows "
+                                     "(computed)", elem_id="sv-profile-index")
+        c["profile_cdf"] = gr.Plot(label="Tokens sorted by attention: cumulative share (computed)",
+                                   elem_id="sv-profile-cdf")
+        c["profile_text"] = gr.HTML("<div class='sv-help'>Run the model to see its attention profile.</div>",
+                                    elem_id="sv-profile")
     return c
 
 
@@ -348,6 +362,12 @@ def wire_views(h: Handlers, c: dict[str, Any]) -> None:
     c["layer"].change(h.show_attention, [c["state"], c["layer"]], [c["mass_curve"], c["probes"]],
                       api_visibility="private", show_progress="hidden", trigger_mode="always_last",
                       concurrency_limit=4)
+    # the attention profile follows each run (the tab's state changes) and its own layer picker
+    profile_out = [c["profile_layer"], c["profile_index"], c["profile_cdf"], c["profile_text"]]
+    c["state"].change(h.show_profile, [c["state"]], profile_out, api_visibility="private", show_progress="hidden",
+                      concurrency_limit=4)
+    c["profile_layer"].input(h.show_profile, [c["state"], c["profile_layer"]], profile_out,
+                             api_visibility="private", show_progress="hidden", concurrency_limit=4)
     groups = c["option_groups"]
     c["method_in"].change(lambda m: [gr.Accordion(visible=m == g) for g in groups], [c["method_in"]],
                           list(groups.values()), api_visibility="private", queue=False, show_progress="hidden")

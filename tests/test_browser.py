@@ -284,6 +284,49 @@ def test_compare_tab(server, browser):
     shot(drv, "07-compare")
 
 
+def test_attention_profile_tab(server, browser):
+    """FasterVLM's view of the default example's run: attention against token index with the grid's row
+    boundaries, the sorted cumulative curves with the 20% mark, the statistics beside the published ones and the
+    text naming the methods that read the chosen layer; the layer picker moves it, the layer slider does not."""
+    drv = browser
+    if not overlay_src(drv):
+        test_click_example_shows_every_view(server, browser)
+    open_tab(drv, "Attention profile")
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-profile-index .main-svg")
+         and d.find_elements(By.CSS_SELECTOR, "#sv-profile-cdf .main-svg"), 60)
+    picker = drv.find_element(By.CSS_SELECTOR, "#sv-profile-layer input")
+    wait(drv, lambda d: "FastV" in picker.get_attribute("value"), 30)
+    first = picker.get_attribute("value")
+    index = drv.find_element(By.ID, "sv-profile-index")
+    wait(drv, lambda d: "in token order" in index.text and "[CLS]" in index.text, 30)
+    # a dashed line at each of the 11 row boundaries of the 12 x 12 grid, in each of the three panels
+    lines = index.find_elements(By.CSS_SELECTOR, ".shapelayer path")
+    assert len(lines) == 3 * 11, f"{len(lines)} row-boundary lines"
+    assert_seen(drv, "#sv-profile-index", ".main-svg, .xtick text, .gtitle, .annotation-text", "token-index chart",
+                min_items=6, min_ink=0.02)
+    cdf = drv.find_element(By.ID, "sv-profile-cdf")
+    assert "top 20% of the tokens" in cdf.text and "[CLS], vision tower (computed)" in cdf.text
+    assert_seen(drv, "#sv-profile-cdf", ".main-svg, .legendtext, .xtick text", "cumulative curves", min_items=6)
+    text = drv.find_element(By.ID, "sv-profile").text
+    for words in ("lower-half share, this picture (computed)", "top-20% share, this picture (computed)",
+                  "(published)", "about 0.80", "over 0.60", "Attention shift.", "Attention dispersion.",
+                  "FastV ranks by the last token's attention"):
+        assert words in text, words
+    assert_seen(drv, "#sv-profile", "th, td, p, li", "statistics and explanation", min_items=20)
+    shot(drv, "08-attention-profile")
+    # the picker moves the view to another profile layer and names the methods that read it
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", picker)
+    picker.click()
+    picker.send_keys(Keys.CONTROL, "a")
+    picker.send_keys("layer 1:")
+    picker.send_keys(Keys.ENTER)
+    wait(drv, lambda d: "At decoder layer 1," in d.find_element(By.ID, "sv-profile").text, 60)
+    assert "PyramidDrop ranks" in drv.find_element(By.ID, "sv-profile").text
+    wait(drv, lambda d: "decoder layer 1" in d.find_element(By.ID, "sv-profile-index").text, 30)
+    assert picker.get_attribute("value") != first
+    shot(drv, "08b-attention-profile-layer1", full=False)
+
+
 def click_label(drv, component: str, text: str) -> None:
     """Click the choice of a radio (or any label) inside `component` whose text contains `text`."""
     label = next(e for e in drv.find_elements(By.CSS_SELECTOR, f"{component} label") if text in e.text)
