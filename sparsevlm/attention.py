@@ -141,12 +141,13 @@ def column_sums(query: torch.Tensor, key: torch.Tensor, scaling: float, rows: to
     positions = torch.arange(n, device=query.device) if rows is None else rows.to(query.device)
     sums = torch.zeros(h, n, dtype=torch.float64, device=query.device)
     keys_at = torch.arange(n, device=query.device)
+    kt = k.transpose(1, 2)[:, None]  # (Hkv, 1, hd, n)
     for start in range(0, positions.numel(), chunk):
         pos = positions[start:start + chunk]
-        q = query[0][:, pos].float().reshape(hkv, h // hkv, pos.numel(), hd)
-        logits = torch.einsum("grqd,gnd->grqn", q, k) * scaling
-        logits = logits.masked_fill(keys_at[None, None, None, :] > pos[None, None, :, None], float("-inf"))
-        sums += torch.softmax(logits, dim=-1).reshape(h, pos.numel(), n).sum(dim=1).double()
+        q = query[0].index_select(1, pos).float().reshape(hkv, h // hkv, pos.numel(), hd)
+        logits = torch.matmul(q * scaling, kt)  # (Hkv, group, r, n)
+        logits.masked_fill_(keys_at[None, :] > pos[:, None], float("-inf"))
+        sums += torch.softmax(logits, dim=-1).sum(dim=2).reshape(h, n).double()
     if per_head:
         return sums.reshape(hkv, h // hkv, n).sum(dim=1)
     return sums.sum(dim=0, keepdim=True)

@@ -103,7 +103,7 @@ def mass_curve(scores: torch.Tensor, points: int = 128) -> tuple[list[int], list
     if total <= 0:
         return ranks, [0.0] * len(ranks)
     at = torch.tensor(ranks, dtype=torch.long, device=cum.device) - 1
-    return ranks, [round(v, 6) for v in (cum[at] / total).tolist()]
+    return ranks, (torch.round(cum[at] / total * 1e6) / 1e6).tolist()
 
 
 # --- the registered method ---------------------------------------------------------------------------------------
