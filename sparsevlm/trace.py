@@ -69,7 +69,7 @@ class AttentionLayer:
     n: int  # sequence length at this layer
     p: int  # the count the rule chose
     attended: list[int]  # positions that attended (among themselves) and stay in this layer's KV cache
-    prefix: int  # how many of them lie before the image
+    prefix: int  # how many of them lie before the image (per-head selection: of the first KV head's set)
     visual: int  # ... are visual tokens
     text: int  # ... lie after the image
     per_head: list[list[int]] | None = None  # per-KV-head selection: each head's positions (attended = head 0's)
