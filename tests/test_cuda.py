@@ -105,7 +105,11 @@ def test_every_method_runs_with_measured_memory(tiny, method):
     assert t.model["device"].startswith(DEVICE.split(":")[0]) and t.model["dtype"] == str(dtype).split(".")[-1]
     # The budget is met in the method's own published counting (cost.budget_figure; see SPEC "accounting"), not
     # in input-counted equal tokens, which count a pruning layer at its input.
-    assert t.cost.budget_met and abs(t.cost.budget_figure - 32) <= 1.0 and t.cost.bytes_per_value == 2
+    if get_method(method).budgeted:
+        assert t.cost.budget_met and abs(t.cost.budget_figure - 32) <= 1.0
+    else:  # its own rule sets the counts (ZipVL's tau): no budget claim
+        assert t.cost.budget_met is None and "no budget" in t.cost.budget_note
+    assert t.cost.bytes_per_value == 2
     assert t.memory.kv_bytes_prefill == t.cost.kv_bytes  # measured on the cache == computed
     assert t.timings_ms.prefill > 0 and t.timings_ms.total >= t.timings_ms.prefill
     if DEVICE.startswith("cuda"):
