@@ -72,7 +72,7 @@ def build(width: str, device: str, dtype: torch.dtype, side: int = 24):
     hidden, heads, kv, inter = WIDTHS[width]
     model, processor = tiny_llava(
         "llama", image_size=side * 14, patch_size=14, hidden=hidden, layers=32, heads=heads, kv_heads=kv,
-        intermediate=inter, vision_hidden=64, vision_layers=2, dtype=dtype,
+        intermediate=inter, vision_hidden=64, vision_layers=2, dtype=dtype, context=max(2048, 2 * side * side),
     )
     model = model.to(device)
     return from_objects(model, processor, name=f"random LLaVA 32 layers x {hidden} ({width}), {side * side} visual "

@@ -45,9 +45,11 @@ def tiny_llava(
     vision_layers: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    context: int = 2048,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A random-weight LLaVA and its processor. Grid = (image_size // patch_size)^2 visual tokens."""
     tokenizer = build_tokenizer(TEST_WORDS)
+    tokenizer.model_max_length = context
     vocab = len(tokenizer)
     vision_kw = dict(
         hidden_size=vision_hidden,
@@ -64,7 +66,7 @@ def tiny_llava(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=2048,
+        max_position_embeddings=context,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
