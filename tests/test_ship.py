@@ -93,6 +93,13 @@ def test_model_card_reads_every_figure_from_the_folder(tmp_path):
     content = summary["raters"]["classes"]["content"]["share_of_raters"][0]
     assert f"| content | {100 * content:.1f}% |" in text
     assert "phase `instruct`, step 5, 2 CPU-minutes" in text
+    # FasterVLM's shift and dispersion: in the card when the summary holds them, and said missing when not
+    if "attention_profile" in summary:
+        prof = summary["attention_profile"]["all"]
+        assert "### Attention shift and dispersion (FasterVLM)" in text
+        assert f"| layer 1 (fastv), last: lower-half / top-20% | {prof['decoder'][0]['last']['lower_half_share'][0]:.2f}" in text
+    else:
+        assert "No attention profile" in text
     assert "$T --phase align --out $C/v2-align" in text  # every phase's command, from scripts/train_v2.sh
     assert "train_clip_tower.sh" not in text  # no contrastive tower recorded: the v2 chain alone
     # A tower pretrained contrastively: the card adds the CLIP phase and the phases on top, command by command.

@@ -252,14 +252,16 @@ def profile_rows(p: dict | None, part: str = "all") -> list[tuple[str, str]]:
     return rows
 
 
-def markdown(p: dict) -> list[str]:
-    """The profile section of the likeness report: every layer and query, per picture set, beside FasterVLM's."""
+def markdown(p: dict | None, heading: str = "## 5. Attention shift and dispersion (FasterVLM, sections 3.2-3.3)"
+             ) -> list[str]:
+    """The profile section of the likeness report (and the model card): every layer and query, per picture set,
+    beside FasterVLM's published figures."""
     if not p:
         return []
     sets = [s for s in ("all", "heldout", "spread") if p.get(s)]
     head = " | ".join(f"{s} ({p[s]['n']} pictures)" for s in sets)
     lines = [
-        "## 5. Attention shift and dispersion (FasterVLM, sections 3.2-3.3)",
+        heading,
         "",
         "For each layer where a fixed-layer method reads the decoder's attention, and for the tower's [CLS]: the "
         "share of the head-mean attention over the visual tokens on the lower half of the picture "

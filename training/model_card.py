@@ -23,6 +23,7 @@ from pathlib import Path
 from sparsevlm.scenes.world import FAMILIES
 from sparsevlm.scenes.worlds import WORLD_LABELS, world_of_model
 
+from . import attention_profile
 from .likeness import tower_rows
 
 # The quality bars an embedded model must meet to be installed: on >= 3000 held-out questions of its own world,
@@ -143,6 +144,13 @@ def _likeness_lines(model_dir: Path) -> list[str]:
               f"{val(nw['nearest_is_colour_word']):.1f}%, its shape word: {val(nw['nearest_is_shape_word']):.1f}%."]
     lines += ["", "The vision tower and the decoder's view of it (`training/clip_tower.py`):", "",
               "| measure | value |", "|---|---|", *(f"| {m} | {v} |" for m, v in tower_rows(s))]
+    prof = s.get("attention_profile")
+    if prof:
+        lines += ["", *attention_profile.markdown(prof, "### Attention shift and dispersion (FasterVLM)")]
+        lines += [f"Measured by `{prof.get('command') or s.get('command', 'python -m training.likeness')}`."]
+    else:
+        lines += ["", "No attention profile (FasterVLM's shift and dispersion) in this summary yet "
+                  "(`python -m training.likeness --add-profile FILE`)."]
     return lines
 
 
