@@ -118,6 +118,35 @@ def test_model_card_reads_every_figure_from_the_folder(tmp_path):
     assert check_bars(d) == [] and "**met**" in text
 
 
+def test_the_attention_goals_are_read_from_the_folder(tmp_path):
+    from training.attention_profile import aggregate, profile_layers
+    from training.model_card import check_attention_goals
+
+    d = _folder(tmp_path, "v2")
+    assert "no attention profile recorded (likeness_<n>.json 'attention_profile')" in check_attention_goals(d)
+    layers = profile_layers(32)
+
+    def picture(low, top):
+        st = {"lower_half_share": low, "top20_share": top}
+        return {"cls": st, "decoder": {la: {"last": st, "prompt": st} for la in layers}}
+
+    summary = json.loads(LIKENESS.read_text())["summary"]
+    summary["attention_profile"] = {"depth": 32, "all": aggregate([picture(0.6, 0.6), picture(0.6, 0.62)], layers)}
+    d.joinpath("likeness_1050.json").write_text(json.dumps({"summary": summary}))
+    d.joinpath("eval_heldout_3000.json").write_text(json.dumps(_result("v2", dict.fromkeys(FAMILIES, (400, 429)))))
+    d.joinpath("eval_independent_3000.json").write_text(json.dumps(_result("independent", {
+        **dict.fromkeys(FAMILIES, (400, 429)), "read": (200, 429)})))
+    assert check_attention_goals(d) == ["independent 86.6% < 88%"]  # 93.2% own world meets 93%
+    assert "not met: independent 86.6% < 88%." in card(d)
+    summary["attention_profile"]["all"] = aggregate([picture(0.5, 0.9)] * 2, layers)
+    d.joinpath("likeness_1050.json").write_text(json.dumps({"summary": summary}))
+    missing = check_attention_goals(d)
+    assert missing[:4] == ["layer 1: last-token lower-half share 0.50 < 0.55",
+                           "layer 1: last-token top-20% share 0.90 outside 0.45-0.8",
+                           "layer 2: last-token lower-half share 0.50 < 0.55",
+                           "layer 2: last-token top-20% share 0.90 outside 0.45-0.8"]
+
+
 def test_the_gate_names_every_bar_that_is_missed(tmp_path):
     d = _folder(tmp_path, "v2")
     assert check_bars(d) == [f"no evaluation on the v2 held-out set in {d}",
