@@ -97,7 +97,8 @@ def test_model_card_reads_every_figure_from_the_folder(tmp_path):
     if "attention_profile" in summary:
         prof = summary["attention_profile"]["all"]
         assert "### Attention shift and dispersion (FasterVLM)" in text
-        assert f"| layer 1 (fastv), last: lower-half / top-20% | {prof['decoder'][0]['last']['lower_half_share'][0]:.2f}" in text
+        low = prof["decoder"][0]["last"]["lower_half_share"][0]
+        assert f"| layer 1 (fastv), last: lower-half / top-20% | {low:.2f}" in text
     else:
         assert "No attention profile" in text
     assert "$T --phase align --out $C/v2-align" in text  # every phase's command, from scripts/train_v2.sh

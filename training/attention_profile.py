@@ -268,8 +268,9 @@ def markdown(p: dict | None, heading: str = "## 5. Attention shift and dispersio
         "(`lower_half_share`, 0.5 = no shift) and the share held by the top 20% of visual tokens "
         "(`top20_share`, 0.2 = uniform). `last` is the prompt's last token, `prompt` the mean of the other text "
         "tokens after the image (rows normalized first). Per picture, then the mean ± a 95% half-width over "
-        f"pictures: `heldout` is {p['world']}'s held-out questions, `spread` plain pictures with objects spread "
-        "evenly over a lattice (so the lower-half share is not where the objects happen to be). FasterVLM's "
+        f"pictures: `heldout` is {p.get('world', 'its own world')}'s held-out questions, `spread` plain "
+        "pictures with objects spread evenly over a lattice (so the lower-half share is not where the objects "
+        "happen to be). FasterVLM's "
         "published LLaVA-1.5-7B figures: [CLS] top-20% about 0.80, last token about 0.60, decoder attention "
         "shifted toward the lower half.",
         "",

@@ -130,7 +130,8 @@ def check_attention_goals(model_dir: str | Path) -> list[str]:
             if low < GOAL_LOWER_HALF:
                 missing.append(f"layer {la}: last-token lower-half share {low:.2f} < {GOAL_LOWER_HALF}")
             if not GOAL_TOP20[0] <= top <= GOAL_TOP20[1]:
-                missing.append(f"layer {la}: last-token top-20% share {top:.2f} outside {GOAL_TOP20[0]}-{GOAL_TOP20[1]}")
+                lo, hi = GOAL_TOP20
+                missing.append(f"layer {la}: last-token top-20% share {top:.2f} outside {lo}-{hi}")
     tower = (s or {}).get("tower")
     ratio = tower["cls"]["cls_object_attention_vs_area"] if tower else None
     if ratio is None or ratio < GOAL_CLS_OBJECTS:

@@ -859,8 +859,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=8, help="question/answer turns per conversation")
     p.add_argument("--caption-p", type=float, default=0.3, help="share of conversations with a caption turn")
     p.add_argument("--whole-p", type=float, default=0.0,
-                   help="instruct: share of the question turns that are whole-picture turns (wide.py: how many objects, "
-                        "what / whether anything is in a part of the picture)")
+                   help="instruct: share of the question turns that are whole-picture turns (wide.py: how many "
+                        "objects, what / whether anything is in a part of the picture)")
     p.add_argument("--fused-p", type=float, default=0.5,
                    help="text phase: share of conversations whose scene is given as pooled words (context_fused)")
     p.add_argument("--fused-spread", type=int, default=4,
@@ -893,8 +893,9 @@ def parser() -> argparse.ArgumentParser:
                    help="with --clip-weight: start the contrastive head (text encoder, projection, temperature) from "
                         "this checkpoint's, e.g. the --phase clip run the tower came from, instead of a fresh one")
     p.add_argument("--grown-lr-scale", type=float, default=1.0,
-                   help="instruct: the decoder layers block expansion added (all but parts.grown_positions(--grown-from, "
-                        "depth)) learn at this share of --lr; LLaMA Pro trains only its added blocks")
+                   help="instruct: the decoder layers block expansion added (all but "
+                        "parts.grown_positions(--grown-from, depth)) learn at this share of --lr; LLaMA Pro trains "
+                        "only its added blocks")
     p.add_argument("--grown-from", type=int, default=8, help="decoder layers before block expansion")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--clip", type=float, default=1.0)
