@@ -32,10 +32,25 @@ python -m training.train_llava --threads "$T" --device "$D" --phase instruct --o
    "${DATA[@]}" --ckpt-minutes 3 --log-every 5 --seed 41
 [ -f checkpoints/llava-data-export/config.json ] || \
    python -m training.train_llava --out checkpoints/llava-data --export checkpoints/llava-data-export
-# Then measure (one thread each, one at a time):
-#   PYTHONHASHSEED=0 python -m training.likeness --model checkpoints/llava-data-export --profile-only \
-#       --json checkpoints/llava-data-export/profile.json
-#   PYTHONHASHSEED=0 python -m training.evaluate --model checkpoints/llava-data-export --world v2 --n 3000 --threads 1
-#   PYTHONHASHSEED=0 python -m training.evaluate --model checkpoints/llava-data-export --world independent --n 3000 --threads 1
-#   PYTHONHASHSEED=0 python -m training.likeness --model checkpoints/llava-data-export --n 1050 \
-#       --json checkpoints/llava-data-export/likeness_1050.json --md checkpoints/llava-data-export/likeness_1050.md
+# Step 2, llava-readers: every layer a fixed-layer method reads becomes a trained layer. The installed model was
+#   grown with its 8 trained layers at 0, 2, 6, 15, 18, 22, 27, 31 (parts.grown_positions): FastV's K-1 = 1 and
+#   PyramidDrop's ranking layers 8 and 16 are grown ones. training/regrow.py moves the trained layers, in their
+#   order, to 0, 1, 2, 6, 8, 15, 16, 31 (parts.reader_positions) and the grown layers, in theirs, to the other
+#   indices; no weight changes. Step 1 trained the grown layers at 3x the rate and layer 1 still barely moved (its
+#   o_proj norm 1.19 -> 1.31 in 133 steps, a trained layer's ~11): moving them is what makes it a trained layer.
+#   No training: measured as it is.
+[ -f checkpoints/llava-readers/checkpoint.pt ] || python -m training.regrow checkpoints/llava-data checkpoints/llava-readers
+[ -f checkpoints/llava-readers-export/config.json ] || \
+   python -m training.train_llava --out checkpoints/llava-readers --export checkpoints/llava-readers-export
+# Step 3, llava-readers-aligned: step 1's instruction tuning on from step 2, so the decoder re-aligns around the
+#   moved layers (every layer at the common rate: the trained ones are no longer where --grown-lr-scale looks).
+S3="${STEP3_STEPS:-200}"
+python -m training.train_llava --threads "$T" --device "$D" --phase instruct --out checkpoints/llava-readers-aligned \
+   --init-from checkpoints/llava-readers/checkpoint.pt --until "$S3" \
+   --batch 8 --turns 12 --caption-p 0.5 --whole-p 0.25 --lr 5e-5 --warmup 20 --decay-from 60 --lr-end 5e-6 \
+   --projector-lr-scale 2 --tower-lr-scale 0 --patch-weight 0 --grid-weight 0 \
+   "${DATA[@]}" --ckpt-minutes 3 --log-every 5 --seed 43
+[ -f checkpoints/llava-readers-aligned-export/config.json ] || python -m training.train_llava \
+   --out checkpoints/llava-readers-aligned --export checkpoints/llava-readers-aligned-export
+# Then measure each export E (one thread each, one at a time):
+#   bash scripts/measure_step.sh E            # likeness (raters, tower, attention profile), dense accuracy, goals
