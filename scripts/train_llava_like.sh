@@ -44,7 +44,7 @@ python -m training.train_llava --threads "$T" --device "$D" --phase instruct --o
    python -m training.train_llava --out checkpoints/llava-readers --export checkpoints/llava-readers-export
 # Step 3, llava-readers-aligned: step 1's instruction tuning on from step 2, so the decoder re-aligns around the
 #   moved layers (every layer at the common rate: the trained ones are no longer where --grown-lr-scale looks).
-S3="${STEP3_STEPS:-200}"
+S3="${STEP3_STEPS:-150}"
 python -m training.train_llava --threads "$T" --device "$D" --phase instruct --out checkpoints/llava-readers-aligned \
    --init-from checkpoints/llava-readers/checkpoint.pt --until "$S3" \
    --batch 8 --turns 12 --caption-p 0.5 --whole-p 0.25 --lr 5e-5 --warmup 20 --decay-from 60 --lr-end 5e-6 \
