@@ -32,3 +32,28 @@ def test_moving_keeps_each_layers_weights_and_both_orders(prefix):
     assert sorted(value) == list(range(depth)) and torch.equal(out["lm_head.weight"], state["lm_head.weight"])
     with pytest.raises(ValueError):
         move_trained_layers({"lm_head.weight": torch.ones(1)}, old, new, depth)
+
+
+def test_grown_lr_scale_sets_the_rate_of_the_grown_layers_alone(tmp_path):
+    """`train_llava --grown-lr-scale 0`: the layers block expansion added (not at grown_positions) stay as they
+    were, the trained ones learn; `--whole-p` draws whole-picture turns into the batch."""
+    from training.model import ModelSize, build_model, v2_tokenizer
+    from training.train_llava import parser, train
+
+    size = ModelSize(vision_hidden=32, vision_layers=2, vision_heads=2, hidden=32, layers=8, heads=2, kv_heads=1,
+                     intermediate=64)
+    before = build_model(size, v2_tokenizer(), seed=3).state_dict()
+    start = tmp_path / "start.pt"
+    torch.save({"model": before, "size": size.to_dict(), "step": 0, "train_seconds": 0.0, "args": {},
+                "phase": "instruct"}, start)
+    out = tmp_path / "run"
+    train(parser().parse_args(["--phase", "instruct", "--out", str(out), "--init-from", str(start), "--until", "1",
+                               "--batch", "1", "--turns", "4", "--whole-p", "0.5", "--lr", "1e-3", "--warmup", "1",
+                               "--grid-weight", "0", "--grown-lr-scale", "0", "--grown-from", "4", "--seed", "5"]))
+    after = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    trained = grown_positions(4, 8)
+    for i in range(8):
+        keys = [k for k in before if f"language_model.layers.{i}." in k]
+        assert keys
+        changed = any(not torch.equal(before[k], after[k]) for k in keys)
+        assert changed == (i in trained), i
