@@ -53,6 +53,115 @@ def test_rows_from_qk_equal_eager_attention_rows(arch):
         assert torch.all(ours[i][0, 1:] == 0)  # causal: row 0 sees only itself
 
 
+# --- attention shift and dispersion (attention_profile.py) --------------------------------------------------------
+def test_profile_layers_are_where_the_engine_reads_attention():
+    from sparsevlm.config import PruneConfig
+    from sparsevlm.methods import pyramiddrop
+    from sparsevlm.methods.fastv import fastv_k
+    from training import attention_profile as P
+
+    assert P.profile_layers(32) == {1: ["fastv"], 2: ["sparsevlm", "pyramiddrop"], 6: ["sparsevlm"],
+                                    8: ["pyramiddrop"], 15: ["sparsevlm"], 16: ["pyramiddrop"]}
+    for depth in (8, 16, 32, 40):
+        layers = P.profile_layers(depth)
+        assert fastv_k(PruneConfig(method="fastv"), depth) - 1 in layers
+        assert {k + 1 for k in pyramiddrop.stage_layers(pyramiddrop.BUDGET_LAYERS_32, depth)} <= set(layers)
+
+
+def test_shift_and_dispersion_on_hand_built_attention():
+    from training import attention_profile as P
+
+    side = 24
+    uniform = torch.ones(side * side)
+    assert P.lower_half_share(uniform, side) == pytest.approx(0.5)
+    assert P.top_share(uniform) == pytest.approx(115 / 576)  # round(0.2 * 576) tokens
+    lower = torch.zeros(side * side)
+    lower[288:] = 1.0
+    assert P.lower_half_share(lower, side) == pytest.approx(1.0)
+    assert P.lower_half_share(1.0 - lower, side) == pytest.approx(0.0)
+    ramp = torch.arange(1, side * side + 1, dtype=torch.float64)  # attention growing with the token index
+    assert P.lower_half_share(ramp, side) == pytest.approx(float(ramp[288:].sum() / ramp.sum()))
+    assert P.lower_half_share(ramp * 3.0, side) == pytest.approx(P.lower_half_share(ramp, side))  # scale-free
+    peaked = torch.ones(side * side)
+    peaked[torch.randperm(576, generator=torch.Generator().manual_seed(0))[:115]] = 4.0
+    assert P.top_share(peaked) == pytest.approx(460 / (460 + 461))
+    one_hot = torch.zeros(side * side)
+    one_hot[5] = 1.0
+    assert P.top_share(one_hot) == 1.0 and P.lower_half_share(one_hot, side) == 0.0
+    assert P.normalized_mean(torch.stack([uniform, 2 * lower])).sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        P.lower_half_share(torch.ones(575), side)
+    with pytest.raises(ValueError):
+        P.top_share(torch.zeros(10))
+
+
+def test_profile_rows_equal_eager_attention_rows():
+    """The profile's last-token and prompt rows (recomputed from q/k on the SDPA model) are eager attention's."""
+    from training import attention_profile as P
+
+    model, processor = tiny_llava("llama", layers=8, seed=4)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (112, 112, 3), dtype=np.uint8))
+    question = "how many objects are there ?"
+    meter = P.ProfileMeter(model, processor)
+    assert set(meter.layers) == set(P.profile_layers(8)) and meter.grid_side == 8
+    ours = meter.rows(img, question)
+    enc = processor(images=img, text=prompt_for(question), return_tensors="pt")
+    ids = enc["input_ids"][0]
+    vis = (ids == model.config.image_token_id).nonzero().flatten()
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = eager(**enc, use_cache=False, output_attentions=True).attentions
+    for layer in meter.layers:
+        ref = attentions[layer][0].mean(dim=0)[:, vis]  # head mean, every row over the visual columns
+        torch.testing.assert_close(ours["decoder"][layer]["last"], ref[-1], atol=2e-6, rtol=1e-4)
+        text = ref[int(vis[-1]) + 1 : -1]
+        torch.testing.assert_close(ours["decoder"][layer]["prompt"].float(),
+                                   (text / text.sum(-1, keepdim=True)).mean(0), atol=2e-6, rtol=1e-4)
+    assert ours["cls"].shape == (64,)
+    stats = meter.stats(img, question)
+    assert set(stats["decoder"]) == set(meter.layers)
+    assert 0.0 <= stats["cls"]["lower_half_share"] <= 1.0 and 0.2 <= stats["cls"]["top20_share"] <= 1.0
+
+
+def test_spread_pictures_put_as_many_objects_in_either_half():
+    from training import attention_profile as P
+
+    lower, total = 0.0, 0.0
+    questions = set()
+    for i in range(60):
+        _, question, scene = P.spread_item(i)
+        assert scene.background == "plain" and scene.label is None and 4 <= len(scene.objects) <= 12
+        for o in scene.objects:
+            total += 1
+            lower += o.centre[1] >= 168
+        questions.add(question.split()[0])
+    assert lower / total == pytest.approx(0.5, abs=0.03)
+    assert questions == {"how", "what", "is"}
+
+
+def test_profile_summary_report_and_comparison_on_hand_built_pictures():
+    from training import attention_profile as P
+
+    layers = P.profile_layers(32)
+
+    def picture(low, top):
+        st = {"lower_half_share": low, "top20_share": top}
+        return {"cls": st, "decoder": {la: {"last": st, "prompt": st} for la in layers}}
+
+    agg = P.aggregate([picture(0.4, 0.3), picture(0.6, 0.5)], layers)
+    assert agg["n"] == 2 and agg["cls"]["lower_half_share"][0] == pytest.approx(0.5)
+    assert agg["decoder"][0]["layer"] == 1 and agg["decoder"][0]["last"]["top20_share"][0] == pytest.approx(0.4)
+    prof = {"world": "v2", "all": agg, "heldout": agg}
+    md = "\n".join(P.markdown(prof))
+    assert "| query | all (2 pictures) | heldout (2 pictures) | LLaVA-1.5-7B (FasterVLM) |" in md
+    assert "| layer 2 (sparsevlm, pyramiddrop), last: lower-half / top-20% | 0.50 ± 0.20 / 0.40 ± 0.20" in md
+    rows = L.profile_compare_rows({}, {"attention_profile": prof})
+    assert rows[0] == ("attention profile, [CLS], feature layer: lower-half share / top-20% share "
+                       "(LLaVA-1.5-7B: top-20% ~0.80)", "n/a", "0.50 ± 0.20 / 0.40 ± 0.20")
+    assert len(rows) == 1 + 2 * len(layers)
+
+
 def test_raters_match_the_engine(shipped):
     """The raters measured here are the ones the SparseVLM engine picks on the same question."""
     model, processor = shipped
@@ -162,6 +271,13 @@ def test_cli_runs_on_a_few_questions(tmp_path, capsys):
     assert ("image_to_caption_top1" in tower["retrieval"]) == head_here
     assert head_here or "unavailable" in tower["retrieval"]
     assert "## 4. The vision tower" in md and "[CLS] top-64 evidence recall" in md
+    prof = s["attention_profile"]  # --tower-n pictures of each set by default
+    assert prof["heldout"]["n"] == prof["spread"]["n"] == 4 and prof["all"]["n"] == 8
+    assert [d["layer"] for d in prof["all"]["decoder"]] == [1, 2, 6, 8, 15, 16]
+    for d in prof["all"]["decoder"]:
+        for q in ("last", "prompt"):
+            assert 0.0 <= d[q]["lower_half_share"][0] <= 1.0 and 0.19 <= d[q]["top20_share"][0] <= 1.0
+    assert "## 5. Attention shift and dispersion" in md and "| layer 1 (fastv), last: lower-half / top-20% |" in md
 
 
 def test_cli_bad_model_is_a_message(tmp_path, capsys):
@@ -285,6 +401,7 @@ def test_cli_measures_another_world_and_compares_two_summaries(world, tmp_path, 
     acc = [L._pm(L._read(s["dense_first_token_accuracy"])) for s in (sa, sb)]
     assert f"| dense first-token accuracy | {acc[0]} | {acc[1]} |" in text
     assert "pruning step 3: raters rows" in text
+    assert "attention profile" not in text  # --tower-n 0: no profile in either summary
 
 
 def test_cli_bad_world_or_compare_file_is_a_message(tmp_path, capsys):

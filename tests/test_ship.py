@@ -93,6 +93,14 @@ def test_model_card_reads_every_figure_from_the_folder(tmp_path):
     content = summary["raters"]["classes"]["content"]["share_of_raters"][0]
     assert f"| content | {100 * content:.1f}% |" in text
     assert "phase `instruct`, step 5, 2 CPU-minutes" in text
+    # FasterVLM's shift and dispersion: in the card when the summary holds them, and said missing when not
+    if "attention_profile" in summary:
+        prof = summary["attention_profile"]["all"]
+        assert "### Attention shift and dispersion (FasterVLM)" in text
+        low = prof["decoder"][0]["last"]["lower_half_share"][0]
+        assert f"| layer 1 (fastv), last: lower-half / top-20% | {low:.2f}" in text
+    else:
+        assert "No attention profile" in text
     assert "$T --phase align --out $C/v2-align" in text  # every phase's command, from scripts/train_v2.sh
     assert "train_clip_tower.sh" not in text  # no contrastive tower recorded: the v2 chain alone
     # A tower pretrained contrastively: the card adds the CLIP phase and the phases on top, command by command.
@@ -109,6 +117,35 @@ def test_model_card_reads_every_figure_from_the_folder(tmp_path):
     assert "step 5, 2 minutes on a CUDA GPU (`--device cuda`) in the last phase" in card(d)
     # The gate: own world 98.6% overall and per family meets 97 / 90; the independent set's 94.5% meets 90%.
     assert check_bars(d) == [] and "**met**" in text
+
+
+def test_the_attention_goals_are_read_from_the_folder(tmp_path):
+    from training.attention_profile import aggregate, profile_layers
+    from training.model_card import check_attention_goals
+
+    d = _folder(tmp_path, "v2")
+    assert "no attention profile recorded (likeness_<n>.json 'attention_profile')" in check_attention_goals(d)
+    layers = profile_layers(32)
+
+    def picture(low, top):
+        st = {"lower_half_share": low, "top20_share": top}
+        return {"cls": st, "decoder": {la: {"last": st, "prompt": st} for la in layers}}
+
+    summary = json.loads(LIKENESS.read_text())["summary"]
+    summary["attention_profile"] = {"depth": 32, "all": aggregate([picture(0.6, 0.6), picture(0.6, 0.62)], layers)}
+    d.joinpath("likeness_1050.json").write_text(json.dumps({"summary": summary}))
+    d.joinpath("eval_heldout_3000.json").write_text(json.dumps(_result("v2", dict.fromkeys(FAMILIES, (400, 429)))))
+    d.joinpath("eval_independent_3000.json").write_text(json.dumps(_result("independent", {
+        **dict.fromkeys(FAMILIES, (400, 429)), "read": (200, 429)})))
+    assert check_attention_goals(d) == ["independent 86.6% < 88%"]  # 93.2% own world meets 93%
+    assert "not met: independent 86.6% < 88%." in card(d)
+    summary["attention_profile"]["all"] = aggregate([picture(0.5, 0.9)] * 2, layers)
+    d.joinpath("likeness_1050.json").write_text(json.dumps({"summary": summary}))
+    missing = check_attention_goals(d)
+    assert missing[:4] == ["layer 1: last-token lower-half share 0.50 < 0.55",
+                           "layer 1: last-token top-20% share 0.90 outside 0.45-0.8",
+                           "layer 2: last-token lower-half share 0.50 < 0.55",
+                           "layer 2: last-token top-20% share 0.90 outside 0.45-0.8"]
 
 
 def test_the_gate_names_every_bar_that_is_missed(tmp_path):

@@ -30,6 +30,13 @@ word-embedding space):
    when the export records the contrastive head its tower was pretrained with, and, reported only, the last
    prompt token's attention over the visual tokens at decoder layers 1 and 2 (shift and concentration).
    `--add-tower FILE` measures these alone into an earlier summary.
+5. **Attention shift and dispersion** (`attention_profile.py`, FasterVLM's sections 3.2-3.3): at every decoder
+   layer where a fixed-layer method reads attention (FastV's K-1, SparseVLM's pruning layers, PyramidDrop's
+   ranking layers, from the engine's functions), for the last token and for the prompt, and for the tower's
+   [CLS]: the share of the attention over the visual tokens on the picture's lower half (`lower_half_share`) and
+   the share held by the top 20% of visual tokens (`top20_share`), beside FasterVLM's LLaVA-1.5-7B figures, on
+   `--profile-n` held-out pictures and as many plain pictures with objects spread evenly.
+   `--add-profile FILE` measures it alone into an earlier summary.
 
 Attention rows are recomputed from the layer's own q/k: a pre-hook on `self_attn` takes its input hidden states
 and RoPE cos/sin, `q_proj`/`k_proj` and the decoder's own `apply_rotary_pos_emb` give q and k, and
@@ -73,6 +80,7 @@ from sparsevlm.scenes.worlds import (
 from sparsevlm.schedule import scaled_layers
 from sparsevlm.tokenizer import prompt_for
 
+from . import attention_profile
 from .clip_tower import tower_figures
 
 TOP_K = 64
@@ -589,6 +597,7 @@ def markdown(summary: dict, model: str, command: str) -> str:
         "|---|---|",
         *(f"| {m} | {v} |" for m, v in tower_rows(s)),
         "",
+        *attention_profile.markdown(s.get("attention_profile")),
     ]
     lines += [
         "## Method",
@@ -645,6 +654,7 @@ def compare_markdown(a: dict, b: dict) -> str:
             rows.append((f"top-k evidence recall, pruning step {step + 1}: {t} rows", *cells))
     rows.append(("random k-subset recall", *(f"{s['evidence_recall']['random']:.3f}" for s in (a, b))))
     rows += [(m, x, y) for (m, x), (_, y) in zip(tower_rows(a), tower_rows(b), strict=True)]
+    rows += profile_compare_rows(a, b)
     for part in ("all evidence patches", "core patches"):
         for key, label in (("nearest_is_colour_word", "colour"), ("nearest_is_shape_word", "shape")):
             rows.append((f"{part}: nearest word is the object's {label} word",
@@ -694,9 +704,10 @@ def to_json(summary: dict, records: list[QuestionRecord] | None = None) -> str:
 
 
 def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_every: int = 0,
-        world: str | None = None, tower_n: int = 120) -> tuple[dict, list]:
+        world: str | None = None, tower_n: int = 120, profile_n: int | None = None) -> tuple[dict, list]:
     """Load the model, measure `n` held-out questions of `world` (default: the model's own, `world_of_model`), and
-    summarize. Returns (summary, per-question records)."""
+    summarize, with the tower figures on `tower_n` pictures and the attention profile on `profile_n` held-out and
+    `profile_n` spread pictures (default: `tower_n`). Returns (summary, per-question records)."""
     from sparsevlm.loading import load_model
 
     world = world or world_of_model(model_path) or DEFAULT_WORLD
@@ -723,7 +734,31 @@ def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_ev
                    threads=torch.get_num_threads(), attention_rows="recomputed from q/k (SDPA model), not eager")
     if tower_n > 0:  # the tower's figures on their own pictures (`--tower-n`; the decoder's on half as many)
         summary["tower"] = tower_figures(loaded.model, loaded.processor, model_path, tower_n)
+    profile_n = tower_n if profile_n is None else profile_n
+    if profile_n > 0:
+        summary["attention_profile"] = attention_profile.measure(loaded.model, loaded.processor, profile_n, profile_n,
+                                                                 world, log=_log if log_every else None)
     return summary, records
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def add_profile(model_path: str, summary_file: str, command: str = "", profile_n: int = 120) -> dict:
+    """Measure `model_path`'s attention profile (`attention_profile.measure`, `profile_n` held-out and `profile_n`
+    spread pictures) into an existing `--json` file's summary; the file's other contents are kept."""
+    from sparsevlm.loading import load_model
+
+    doc = json.loads(Path(summary_file).read_text())
+    loaded = load_model(model_path, device="cpu", dtype="float32")
+    world = doc["summary"].get("world") or world_of_model(model_path) or DEFAULT_WORLD
+    t0 = time.time()
+    doc["summary"]["attention_profile"] = attention_profile.measure(
+        loaded.model, loaded.processor, profile_n, profile_n, world, log=_log) | {
+        "command": command, "seconds": round(time.time() - t0, 1)}
+    Path(summary_file).write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
+    return doc["summary"]["attention_profile"]
 
 
 def add_tower(model_path: str, summary_file: str, command: str = "", tower_n: int = 120) -> dict:
@@ -736,6 +771,20 @@ def add_tower(model_path: str, summary_file: str, command: str = "", tower_n: in
     doc["summary"]["tower"] = tower_figures(loaded.model, loaded.processor, model_path, tower_n) | {"command": command}
     Path(summary_file).write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
     return doc["summary"]["tower"]
+
+
+def profile_compare_rows(a: dict, b: dict) -> list[tuple[str, str, str]]:
+    """The attention profile of two summaries side by side (all pictures; "n/a" where one has none), with
+    FasterVLM's LLaVA-1.5-7B figure in the measure's name."""
+    pa, pb = (dict(attention_profile.profile_rows(s.get("attention_profile"))) for s in (a, b))
+    names = list(dict.fromkeys([*pa, *pb]))
+    ref = {"[CLS]": "LLaVA-1.5-7B: top-20% ~0.80", "last": "LLaVA-1.5-7B: shifted, top-20% ~0.60",
+           "prompt": "LLaVA-1.5-7B: shifted"}
+    out = []
+    for m in names:
+        key = "[CLS]" if m.startswith("[CLS]") else "last" if ", last:" in m else "prompt"
+        out.append((f"attention profile, {m} ({ref[key]})", pa.get(m, "n/a"), pb.get(m, "n/a")))
+    return out
 
 
 def tower_rows(s: dict) -> list[tuple[str, str]]:
@@ -784,9 +833,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tower-n", type=int, default=120,
                    help="pictures for the tower's [CLS] figures (the decoder's attention figures use half as many "
                         "questions; 0: leave the tower out)")
+    p.add_argument("--profile-n", type=int, default=None,
+                   help="attention profile: this many held-out pictures and as many spread ones (default: --tower-n; "
+                        "0: leave it out)")
+    p.add_argument("--add-profile", metavar="SUMMARY.json", default=None,
+                   help="no questions: measure --model's attention profile into this earlier --json file")
     p.add_argument("--add-tower", metavar="SUMMARY.json", default=None,
                    help="no questions: measure --model's tower figures into this earlier --json file")
     args = p.parse_args(argv)
+    if args.add_profile:
+        torch.set_num_threads(max(1, args.threads))
+        try:
+            prof = add_profile(args.model, args.add_profile,
+                               " ".join(["python -m training.likeness", *(sys.argv[1:] if argv is None else argv)]),
+                               profile_n=max(1, args.profile_n if args.profile_n is not None else args.tower_n))
+            print("\n".join(attention_profile.markdown(prof)))
+        except (OSError, ValueError, KeyError, SparseVLMError) as e:
+            print(f"error: --add-profile: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.add_tower:
         torch.set_num_threads(max(1, args.threads))
         try:
@@ -817,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m training.likeness", *(sys.argv[1:] if argv is None else argv)])
     try:
         summary, records = run(args.model, args.n, args.seed, args.top_k, log_every=25, world=args.world,
-                               tower_n=args.tower_n)
+                               tower_n=args.tower_n, profile_n=args.profile_n)
     except SparseVLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from pathlib import Path
 from sparsevlm.scenes.world import FAMILIES
 from sparsevlm.scenes.worlds import WORLD_LABELS, world_of_model
 
+from . import attention_profile
 from .likeness import tower_rows
 
 # The quality bars an embedded model must meet to be installed: on >= 3000 held-out questions of its own world,
@@ -90,6 +91,69 @@ def check_bars(model_dir: str | Path) -> list[str]:
     return missing
 
 
+# The goals of a model whose decoder attends as LLaVA-1.5's does (docs/model.md, "Toward LLaVA's recipe"): at FastV's
+# layer and SparseVLM's first pruning layer, the last token's attention shifted to the lower half and dispersed as
+# FasterVLM measures it on LLaVA-1.5-7B; the [CLS] still on the objects; raters content words; accuracy a few points
+# below the quality bars on purpose.
+GOAL_LOWER_HALF = 0.55
+GOAL_TOP20 = (0.45, 0.80)
+GOAL_CLS_OBJECTS = 1.5
+GOAL_CONTENT_RATERS = 0.55
+GOAL_OWN = 0.93
+GOAL_INDEPENDENT = 0.88
+
+
+def likeness_summary(model_dir: str | Path) -> dict | None:
+    """The summary of the folder's largest `likeness_<n>.json`, None without one."""
+    files = [f for f in Path(model_dir).glob("likeness_*.json") if f.stem.split("_")[-1].isdigit()]
+    if not files:
+        return None
+    return json.loads(max(files, key=lambda f: int(f.stem.split("_")[-1])).read_text())["summary"]
+
+
+def check_attention_goals(model_dir: str | Path) -> list[str]:
+    """What keeps the model from the LLaVA-attention goals (empty: all met), from its recorded figures."""
+    from .attention_profile import profile_layers
+
+    missing: list[str] = []
+    s = likeness_summary(model_dir)
+    prof = (s or {}).get("attention_profile")
+    if not prof:
+        missing.append("no attention profile recorded (likeness_<n>.json 'attention_profile')")
+    else:
+        layers = profile_layers(prof["depth"])
+        goal_layers = [min(la for la, who in layers.items() if "fastv" in who),
+                       min(la for la, who in layers.items() if "sparsevlm" in who)]
+        by_layer = {d["layer"]: d for d in prof["all"]["decoder"]}
+        for la in dict.fromkeys(goal_layers):
+            low, top = by_layer[la]["last"]["lower_half_share"][0], by_layer[la]["last"]["top20_share"][0]
+            if low < GOAL_LOWER_HALF:
+                missing.append(f"layer {la}: last-token lower-half share {low:.2f} < {GOAL_LOWER_HALF}")
+            if not GOAL_TOP20[0] <= top <= GOAL_TOP20[1]:
+                lo, hi = GOAL_TOP20
+                missing.append(f"layer {la}: last-token top-20% share {top:.2f} outside {lo}-{hi}")
+    tower = (s or {}).get("tower")
+    ratio = tower["cls"]["cls_object_attention_vs_area"] if tower else None
+    if ratio is None or ratio < GOAL_CLS_OBJECTS:
+        missing.append(f"[CLS] on objects {ratio if ratio is not None else 'not measured'} x their area share "
+                       f"(goal >= {GOAL_CLS_OBJECTS})")
+    content = s["raters"]["classes"]["content"]["share_of_raters"][0] if s else None
+    if content is None or content < GOAL_CONTENT_RATERS:
+        missing.append(f"content-word raters {'not measured' if content is None else f'{100 * content:.1f}%'} "
+                       f"(goal >= {100 * GOAL_CONTENT_RATERS:.0f}%)")
+    evals = eval_records(model_dir)
+    world = world_of_model(model_dir)
+    for name, r, goal in ((f"{world} held-out", evals.get(world) if world else None, GOAL_OWN),
+                          ("independent", evals.get("independent"), GOAL_INDEPENDENT)):
+        if r is None:
+            missing.append(f"no evaluation on the {name} set")
+        elif r["overall"]["accuracy"] < goal:
+            missing.append(f"{name} {100 * r['overall']['accuracy']:.1f}% < {100 * goal:.0f}%")
+        elif r["overall"]["total"] < BAR_QUESTIONS:
+            missing.append(f"{name}: only {r['overall']['total']} questions evaluated (the goal needs {BAR_QUESTIONS})")
+    return missing
+
+
 def _world_words(world: str | None) -> str:
     """"world v2", or words that say no world is recorded."""
     return f"world {world}" if world else "a world not recorded"
@@ -143,6 +207,13 @@ def _likeness_lines(model_dir: Path) -> list[str]:
               f"{val(nw['nearest_is_colour_word']):.1f}%, its shape word: {val(nw['nearest_is_shape_word']):.1f}%."]
     lines += ["", "The vision tower and the decoder's view of it (`training/clip_tower.py`):", "",
               "| measure | value |", "|---|---|", *(f"| {m} | {v} |" for m, v in tower_rows(s))]
+    prof = s.get("attention_profile")
+    if prof:
+        lines += ["", *attention_profile.markdown(prof, "### Attention shift and dispersion (FasterVLM)")]
+        lines += [f"Measured by `{prof.get('command') or s.get('command', 'python -m training.likeness')}`."]
+    else:
+        lines += ["", "No attention profile (FasterVLM's shift and dispersion) in this summary yet "
+                  "(`python -m training.likeness --add-profile FILE`)."]
     return lines
 
 
@@ -185,6 +256,12 @@ def card(model_dir: str | Path) -> str:
         f"Quality bars (>= {BAR_QUESTIONS} questions; own world >= {100 * BAR_OWN_OVERALL:.0f}% overall and >= "
         f"{100 * BAR_OWN_FAMILY:.0f}% per family; independent >= {100 * BAR_INDEPENDENT_OVERALL:.0f}%): "
         + ("**met**." if not missing else "**not met**: " + "; ".join(missing) + "."),
+        "",
+        f"Goals of a decoder that attends as LLaVA-1.5's (docs/model.md; FastV's and SparseVLM's first layers: "
+        f"last-token lower-half share >= {GOAL_LOWER_HALF}, top-20% share {GOAL_TOP20[0]}-{GOAL_TOP20[1]}; [CLS] on "
+        f"objects >= {GOAL_CLS_OBJECTS}x; raters >= {100 * GOAL_CONTENT_RATERS:.0f}% content words; own world >= "
+        f"{100 * GOAL_OWN:.0f}%, independent >= {100 * GOAL_INDEPENDENT:.0f}%): "
+        + ("met." if not (goals := check_attention_goals(d)) else "not met: " + "; ".join(goals) + "."),
         "",
         "## LLaVA-likeness (measured)",
         "",
@@ -237,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="a scenes model folder")
     p.add_argument("--write", action="store_true", help="write MODEL/README.md")
     p.add_argument("--check-bars", action="store_true", help="exit 3 unless the quality bars are met")
+    p.add_argument("--check-attention-goals", action="store_true",
+                   help="exit 3 unless the LLaVA-attention goals (docs/model.md) are met")
     args = p.parse_args(argv)
     d = Path(args.model)
     if not (d / "config.json").is_file():
@@ -252,7 +331,14 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             return 3
         print("quality bars: met")
-    if not (args.write or args.check_bars):
+    if args.check_attention_goals:
+        missing = check_attention_goals(d)
+        for m in missing:
+            print(f"goal not met: {m}")
+        if missing:
+            return 3
+        print("LLaVA-attention goals: met")
+    if not (args.write or args.check_bars or args.check_attention_goals):
         print(card(d))
     return 0
 

@@ -16,6 +16,7 @@ attention weights or anything a pruning method scores. All are dropped at export
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -274,6 +275,49 @@ def grown_positions(layers: int, new_layers: int) -> list[int]:
         free = [i for i, p in enumerate(spread) if p != 0 and p not in must]
         spread[min(free, key=lambda i: abs(spread[i] - m))] = m
     return sorted(spread)
+
+
+def reader_positions(layers: int, new_layers: int) -> list[int]:
+    """Where the trained layers go so that EVERY layer a fixed-layer method reads the decoder's attention at is a
+    trained one (`attention_profile.profile_layers`: FastV's K-1, SparseVLM's pruning layers, PyramidDrop's ranking
+    layers), plus layer 0; the rest spread out as `grown_positions` spreads them. `grown_positions` (what the
+    installed model was grown with) covers SparseVLM's layers and layer 2, which FastV does not read: its K-1 is 1."""
+    from .attention_profile import profile_layers
+
+    must = sorted(set(profile_layers(new_layers)) - {0})
+    if layers < len(must) + 1:
+        raise ValueError(f"{layers} trained layers cannot cover the layers the methods read {must} and layer 0")
+    spread = [round(i * (new_layers - 1) / (layers - 1)) for i in range(layers)]
+    for m in must:
+        if m in spread:
+            continue
+        free = [i for i, p in enumerate(spread) if p != 0 and p not in must]
+        spread[min(free, key=lambda i: abs(spread[i] - m))] = m
+    return sorted(spread)
+
+
+def move_trained_layers(state: dict, old: list[int], new: list[int], depth: int) -> dict:
+    """A decoder whose trained layers (at `old`, in order) move to `new`, the grown layers (every other index,
+    their residual outputs about a tenth of a trained layer's) filling the remaining indices in their own order.
+    The trained layers still run in the same order, so the model computes nearly what it did; an instruction
+    tuning phase afterwards re-aligns it."""
+    if len(old) != len(new) or sorted(old) != old or sorted(new) != new:
+        raise ValueError("old and new trained positions must be increasing lists of one length")
+    grown_old = [i for i in range(depth) if i not in old]
+    grown_new = [i for i in range(depth) if i not in new]
+    source = dict(zip(new, old, strict=True)) | dict(zip(grown_new, grown_old, strict=True))
+    out = dict(state)
+    moved = 0
+    for key in state:
+        # a training state ("model.language_model.layers.N.") or a saved model's ("language_model.model.layers.N.")
+        m = re.match(r"^(.*language_model\.(?:model\.)?layers\.)(\d+)\.(.*)$", key)
+        if m is None:
+            continue
+        out[key] = state[f"{m.group(1)}{source[int(m.group(2))]}.{m.group(3)}"].clone()
+        moved += 1
+    if not moved:
+        raise ValueError("no decoder layer found in the state")
+    return out
 
 
 def grow_decoder(state: dict, layers: int, new_layers: int, fresh: dict) -> dict:

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from sparsevlm.scenes import world
 from sparsevlm.scenes.world import FAMILIES
 
+from . import wide
 from .clip_tower import ClipHead, contrastive_batch
 from .model import ModelSize, build_model, pixel_values, v2_tokenizer
 from .parts import (
@@ -80,7 +81,8 @@ from .parts import initial_state as train_initial_state
 N_VISUAL = world.GRID * world.GRID
 QUESTION_POS = 2 + N_VISUAL  # "USER", ":" then 576 visual tokens
 CAPTION = len(FAMILIES)  # family index of caption tokens in the stats
-STAT_NAMES = (*FAMILIES, "caption")
+WHOLE = CAPTION + 1  # family index of whole-picture turns (wide.py)
+STAT_NAMES = (*FAMILIES, "caption", "whole")
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "models" / "scenes-llava"
 
 
@@ -304,12 +306,19 @@ def caption_turn(scene, rng: np.random.Generator) -> tuple[str, str, int]:
     return world.CAPTION_PROMPTS[int(rng.integers(len(world.CAPTION_PROMPTS)))], world.describe(scene), CAPTION
 
 
-def scene_turns(seed: int, turns: int, max_objects: int, caption_p: float, weights=None):
+def scene_turns(seed: int, turns: int, max_objects: int, caption_p: float, weights=None, whole_p: float = 0.0):
     """A v2 scene and its turns: questions of the families (and, with probability `caption_p`, one caption
-    turn at a random place)."""
-    scene, samples = world.training_scene(seed, turns, max_objects, weights)
+    turn at a random place). With `whole_p` > 0 each of the `turns` slots is, with that probability, a
+    whole-picture turn (`wide.py`) instead of a family question, at a random place; with 0 the turns are exactly
+    those of a run without it."""
+    n_whole = int(np.random.default_rng([seed, 28]).binomial(turns, whole_p)) if whole_p > 0 else 0
+    scene, samples = world.training_scene(seed, turns - n_whole, max_objects, weights)
     rng = np.random.default_rng([seed, 25])
     out = [(s.question, s.answer, FAMILIES.index(s.family)) for s in samples]
+    if n_whole:
+        wrng = np.random.default_rng([seed, 29])
+        for q, a, _ in wide.whole_turns(scene, n_whole, wrng):
+            out.insert(int(wrng.integers(len(out) + 1)), (q, a, WHOLE))
     if rng.random() < caption_p or not out:
         out.insert(int(rng.integers(len(out) + 1)), caption_turn(scene, rng))
     return scene, out
@@ -474,7 +483,7 @@ def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
             scene, _ = world.training_scene(s, 0, max_obj, weights)
             turns = [caption_turn(scene, np.random.default_rng([s, 26]))]
         else:
-            scene, turns = scene_turns(s, args.turns, max_obj, caption_p, weights)
+            scene, turns = scene_turns(s, args.turns, max_obj, caption_p, weights, args.whole_p)
         if args.label_fonts:
             world.vary_label(scene, s, stroke_share=args.stroke_labels)
         if args.tinted_backgrounds:
@@ -592,20 +601,31 @@ def train(args: argparse.Namespace) -> None:
     for part in (model, patch_heads, grid_heads, ref_probe, where_head, order_head, clip_head):
         if part is not None:
             part.to(dev)
+    grown = set()
+    if args.grown_lr_scale != 1.0 and size.layers > args.grown_from:
+        grown = set(range(size.layers)) - set(grown_positions(args.grown_from, size.layers))
+
     def part(n: str) -> str:
-        return ("projector" if "multi_modal_projector" in n else "tower" if train_tower and "vision_tower" in n
-                else "others")
+        if "multi_modal_projector" in n:
+            return "projector"
+        if train_tower and "vision_tower" in n:
+            return "tower"
+        if ".layers." in n and "language_model" in n and int(n.split(".layers.")[1].split(".")[0]) in grown:
+            return "grown"
+        return "others"
 
     named = [(part(n), p) for n, p in model.named_parameters() if p.requires_grad]
     projector = [p for k, p in named if k == "projector"]
     tower = [p for k, p in named if k == "tower"]
     others = [p for k, p in named if k == "others"]
+    grown_params = [p for k, p in named if k == "grown"]
     for heads in (patch_heads, grid_heads):
         if heads is not None:
             others += list(heads.parameters())
     param_groups = [g for g in ({"params": others, "lr_scale": 1.0},
                           {"params": projector, "lr_scale": args.projector_lr_scale},
-                          {"params": tower, "lr_scale": args.tower_lr_scale}) if g["params"]]
+                          {"params": tower, "lr_scale": args.tower_lr_scale},
+                          {"params": grown_params, "lr_scale": args.grown_lr_scale}) if g["params"]]
     opt = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     # The referent probe has a group of its own, last, so a run that adds it resumes a checkpoint saved without.
     # The where head's group comes after it, then the order head's: a checkpoint saved without them gets them
@@ -838,6 +858,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--turns", type=int, default=8, help="question/answer turns per conversation")
     p.add_argument("--caption-p", type=float, default=0.3, help="share of conversations with a caption turn")
+    p.add_argument("--whole-p", type=float, default=0.0,
+                   help="instruct: share of the question turns that are whole-picture turns (wide.py: how many "
+                        "objects, what / whether anything is in a part of the picture)")
     p.add_argument("--fused-p", type=float, default=0.5,
                    help="text phase: share of conversations whose scene is given as pooled words (context_fused)")
     p.add_argument("--fused-spread", type=int, default=4,
@@ -869,6 +892,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-head-from", default=None,
                    help="with --clip-weight: start the contrastive head (text encoder, projection, temperature) from "
                         "this checkpoint's, e.g. the --phase clip run the tower came from, instead of a fresh one")
+    p.add_argument("--grown-lr-scale", type=float, default=1.0,
+                   help="instruct: the decoder layers block expansion added (all but "
+                        "parts.grown_positions(--grown-from, depth)) learn at this share of --lr; LLaMA Pro trains "
+                        "only its added blocks")
+    p.add_argument("--grown-from", type=int, default=8, help="decoder layers before block expansion")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--grid-weight", type=float, default=0.5, help="grid heads on the projector output (0: off)")
