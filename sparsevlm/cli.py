@@ -167,10 +167,20 @@ def cmd_run(a) -> int:
         return 0
     s = t.summary()
     print(f"answer: {t.answer}")
-    met = {True: "met", False: "NOT met", None: "no budget"}[s["budget_met"]]
-    print(f"method: {t.method} (budget {a.budget}, {s['accounting']} accounting: {met} by {s['budget_counting']} "
-          f"counting), equal tokens {s['equal_tokens_input']:.1f} counted at layer inputs, "
-          f"{s['equal_tokens_output']:.1f} counted at pruning layers' outputs")
+    if s["budget_met"] is None and t.cost.budget_note:  # a method whose own rule sets the counts (ZipVL)
+        print(f"method: {t.method} ({t.cost.budget_note})")
+    else:
+        met = {True: "met", False: "NOT met", None: "no budget"}[s["budget_met"]]
+        print(f"method: {t.method} (budget {a.budget}, {s['accounting']} accounting: {met} by "
+              f"{s['budget_counting']} counting), equal tokens {s['equal_tokens_input']:.1f} counted at layer "
+              f"inputs, {s['equal_tokens_output']:.1f} counted at pruning layers' outputs")
+    if t.attention:
+        print("attending per layer (p; visual of " + f"{t.visual_tokens}): "
+              + " ".join(f"{x.layer}:{x.p}/{x.visual}" for x in t.attention))
+        full = [x.extras["full"] for x in t.attention if "full" in x.extras]
+        if full:
+            print(f"probe rows against full attention: recall {sum(f['recall'] for f in full) / len(full):.3f}, "
+                  f"Jaccard {sum(f['jaccard'] for f in full) / len(full):.3f} (mean over layers)")
     if t.raters:
         print("raters: " + " ".join(f"[{r.token} {r.score:.3f}]" if r.rater else r.token for r in t.raters))
     for st in t.stages:

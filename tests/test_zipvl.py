@@ -403,3 +403,16 @@ def test_the_seam_runs_eager_attention_the_same(tiny64):
     # eager attention takes its softmax in float32 (transformers' eager_attention_forward), so float32 tolerance
     assert torch.allclose(sdpa, eager, atol=1e-6, rtol=0)
     assert model.model.language_model.layers[0].self_attn.config._attn_implementation == "sdpa"  # restored
+
+
+def test_cli_prints_what_zipvl_did():
+    out = subprocess.run([sys.executable, "-m", "sparsevlm", "run", "--image",
+                          str(ROOT / "assets/examples/01-colour.png"), "--question", "Which colour is the small cross?",
+                          "--method", "zipvl", "--tau", "0.96", "--probes", "both", "--max-new-tokens", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[1].startswith("method: zipvl (no budget: τ = 0.96 sets each layer's count;")
+    assert lines[2].startswith("attending per layer (p; visual of 576): 0:")
+    assert lines[3].startswith("probe rows against full attention: recall ")
+    assert "budget 64" not in out.stdout  # no budget claim for a method that has none
