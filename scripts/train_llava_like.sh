@@ -13,10 +13,10 @@
 #     of the 12 question turns about the whole picture or a part of it, empty parts included (training/wide.py:
 #     how many objects, is there an object at the bottom left, describe the top right, how many in a row);
 #   - the 24 layers block expansion added (layer 1, FastV's K-1, among them; their residual outputs are about a
-#     tenth of a trained layer's) learn at 3x the rate, so they become trained layers; LLaMA Pro trains only its
-#     added blocks.
+#     tenth of a trained layer's) learn at 3x the rate, meant to make them trained layers (LLaMA Pro trains only
+#     its added blocks); measured, it did not (step 2).
 #   The family weights, fonts, stroke labels and tinted backgrounds are the installed model's last phase's.
-#   320 steps, ~11 s a step on one CPU thread (about an hour).
+#   320 steps, 67 CPU-minutes on one thread.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T="${THREADS:-1}"
@@ -37,13 +37,14 @@ python -m training.train_llava --threads "$T" --device "$D" --phase instruct --o
 #   PyramidDrop's ranking layers 8 and 16 are grown ones. training/regrow.py moves the trained layers, in their
 #   order, to 0, 1, 2, 6, 8, 15, 16, 31 (parts.reader_positions) and the grown layers, in theirs, to the other
 #   indices; no weight changes. Step 1 trained the grown layers at 3x the rate and layer 1 still barely moved (its
-#   o_proj norm 1.19 -> 1.31 in 133 steps, a trained layer's ~11): moving them is what makes it a trained layer.
+#   o_proj norm 1.19 -> 1.33 in 320 steps, a trained layer's ~11): moving them is what makes it a trained layer.
 #   No training: measured as it is.
 [ -f checkpoints/llava-readers/checkpoint.pt ] || python -m training.regrow checkpoints/llava-data checkpoints/llava-readers
 [ -f checkpoints/llava-readers-export/config.json ] || \
    python -m training.train_llava --out checkpoints/llava-readers --export checkpoints/llava-readers-export
 # Step 3, llava-readers-aligned: step 1's instruction tuning on from step 2, so the decoder re-aligns around the
 #   moved layers (every layer at the common rate: the trained ones are no longer where --grown-lr-scale looks).
+#   150 steps, 26 CPU-minutes on one thread.
 S3="${STEP3_STEPS:-150}"
 python -m training.train_llava --threads "$T" --device "$D" --phase instruct --out checkpoints/llava-readers-aligned \
    --init-from checkpoints/llava-readers/checkpoint.pt --until "$S3" \
