@@ -30,39 +30,30 @@ def _positive_int(s: str) -> int:
 
 
 def option_flags() -> dict[str, list[tuple[str, object]]]:
-    """flag -> [(method, Option)] for every option a registered method declares (methods/<name>.py `options`)."""
+    """flag -> [(method, Option)] for every option a registered method declares (methods/<name>.py `options`),
+    keyed by the option's own flag (methods sharing an option name share its flag)."""
     from .methods import get_method
 
     out: dict[str, list[tuple[str, object]]] = {}
     for name in METHODS:
         for o in get_method(name).options:
-            for flag in (o.flag, *o.aliases):
-                out.setdefault(flag, []).append((name, o))
+            out.setdefault(o.flag, []).append((name, o))
     return out
 
 
 def add_option_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per option name, generated from the methods' declarations. A flag is read for the chosen
-    --method (ZipVL's --tau is its attention-mass threshold, SparseVLM's its recycling share); a flag the chosen
-    method does not have is an error. Values are checked by the method's own Option."""
+    """One flag per option name (with its aliases), generated from the methods' declarations. A flag is read for
+    the chosen --method (ZipVL's --tau is its attention-mass threshold, SparseVLM's its recycling share); a flag
+    the chosen method does not have is an error. Values are checked by the method's own Option."""
     g = parser.add_argument_group("method options (read for the chosen --method; `python -m sparsevlm methods` "
                                   "lists them)")
-    seen: dict[str, str] = {}
     for flag, owners in option_flags().items():
-        main = owners[0][1].flag
-        if main in seen and flag != main:
-            continue
         dest = "opt_" + owners[0][1].name
-        if flag != main:  # an alias: the same destination as its option's own flag
-            g.add_argument(flag, dest=dest, default=None, metavar="VALUE", help=f"same as {main}")
-            continue
-        seen[main] = dest
+        aliases = sorted({a for _, o in owners for a in o.aliases})
         text = "; ".join(f"{m}: {o.help} [{o.range_text()}; default {o.default}]" for m, o in owners)
-        g.add_argument(flag, dest=dest, default=None, metavar="VALUE", help=text)
-        bools = [o for _, o in owners if o.kind == "bool"]
-        if bools:
-            g.add_argument("--no-" + flag[2:], dest=dest, action="store_const", const="false",
-                           help=f"{flag} false")
+        g.add_argument(flag, *aliases, dest=dest, default=None, metavar="VALUE", help=text)
+        if any(o.kind == "bool" for _, o in owners):
+            g.add_argument("--no-" + flag[2:], dest=dest, action="store_const", const="false", help=f"{flag} false")
 
 
 def chosen_options(a: argparse.Namespace) -> dict:

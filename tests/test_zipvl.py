@@ -416,3 +416,12 @@ def test_cli_prints_what_zipvl_did():
     assert lines[2].startswith("attending per layer (p; visual of 576): 0:")
     assert lines[3].startswith("probe rows against full attention: recall ")
     assert "budget 64" not in out.stdout  # no budget claim for a method that has none
+
+
+def test_an_option_alias_reaches_its_option():
+    """`--mode` (the flag SparseVLM's count mode had before options were declared) sets count_mode; argparse must
+    not read it as an abbreviation of --model."""
+    from sparsevlm.cli import build_parser, chosen_options
+
+    a = build_parser().parse_args(["run", "--image", "x.png", "--question", "q", "--mode", "paper"])
+    assert chosen_options(a) == {"count_mode": "paper"} and a.model is None
