@@ -59,6 +59,7 @@ class LayerSeam:
         self.prefilling = prefilling
         self.own_config = attn_module.config
         self.impl_name = self.own_config._attn_implementation or "eager"
+        self.base = _base(self.impl_name)  # the layer's own implementation, looked up once
         self.attended: torch.Tensor | None = None  # this prefill's choice, until the cache is evicted
         self._hook = None
 
@@ -81,7 +82,7 @@ class LayerSeam:
 
     # --- the attention call ----------------------------------------------------------------------------------------
     def attend(self, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
-        base = _base(self.impl_name)
+        base = self.base
         if query.shape[2] == 1 or not self.prefilling():
             # Decoding: the new token sees every cached key (this layer's cache is shorter than the model-wide mask).
             return base(module, query, key, value, None, scaling=scaling, dropout=dropout, **kwargs)

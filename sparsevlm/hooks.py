@@ -208,7 +208,6 @@ class CallState:
     vision_in_forward: bool = False  # plain forward(): vision time is inside the first forward's time
     shared_keys: list = field(default_factory=list)  # SharedWork keys read by this call
     attention: list[AttentionLayer] = field(default_factory=list)  # the method's attention decisions (prefill)
-    attention_ms: float = 0.0  # measured time spent deciding attention (probe rows, counts, selection)
     profile: list[dict] = field(default_factory=list)  # attention profile entries at the profile layers
 
 
@@ -651,7 +650,6 @@ class PruneHooks:
             attended = choice.attended.long()
             _sync(self.device)
             ms = (time.perf_counter() - t0) * 1e3
-            st.attention_ms += ms
             st.attention.append(self._attention_record(inp, choice.p, attended, choice.formula, choice.extras, ms))
             return attended
 

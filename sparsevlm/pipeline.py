@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -210,8 +210,9 @@ def run_prepared(lm: LoadedModel, prepared: Prepared, config: PruneConfig,
         torch.manual_seed(d.seed)
     work = prepared.work
     fitted = None
-    if get_method(config.method).changes_attention and config.options.get("fit") == "budget":
-        config, fitted = fit_tau(lm, prepared, config)
+    fit = get_method(config.method).budget_fit(config)
+    if fit is not None:
+        config, fitted = fit_option(lm, prepared, config, fit)
     hooks = PruneHooks(lm.model, config).share(work)
     probe = _CacheProbe()
     on_cuda = lm.device.type == "cuda"
@@ -267,11 +268,12 @@ def _attention_figure(lm: LoadedModel, record: CallRecord, config: PruneConfig) 
     return call_cost(lm, record, config).prefill_flops
 
 
-def fit_tau(lm: LoadedModel, prepared: Prepared, config: PruneConfig) -> tuple[PruneConfig, dict]:
-    """ZipVL's rule with tau fitted to the budget for this input: bisection on tau over prefill passes, so that the
-    mean attended visual tokens per layer (paper accounting) or the prefill FLOPs (flops accounting, the FLOPs of
-    `budget` visual tokens in every layer) come nearest the budget. A flops budget below what the projections and
-    MLP cost on every token is a ConfigError: ZipVL never removes a token from them."""
+def fit_option(lm: LoadedModel, prepared: Prepared, config: PruneConfig, name: str) -> tuple[PruneConfig, dict]:
+    """A method's option (ZipVL's tau) fitted to the budget for this input: bisection on it over (0, 1] by prefill
+    passes, so that the mean attended visual tokens per layer (paper accounting) or the prefill FLOPs (flops
+    accounting, the FLOPs of `budget` visual tokens in every layer) come nearest the budget. A flops budget below
+    what the projections and MLP cost on every token is a ConfigError: such a method never removes a token from
+    them."""
     shape = C.DecoderShape.from_config(lm.model.config)
     n = prepared.n_prompt
     fixed = n - lm.visual_tokens
@@ -287,9 +289,11 @@ def fit_tau(lm: LoadedModel, prepared: Prepared, config: PruneConfig) -> tuple[P
     else:
         target = float(config.budget)
 
-    def figure_at(tau: float) -> float:
-        cfg = PruneConfig(method=config.method, budget=config.budget, accounting=config.accounting,
-                          positions=config.positions, seed=config.seed, options={**config.options, "tau": tau})
+    def at(value: float) -> PruneConfig:
+        return replace(config, options={**config.options, name: value})
+
+    def figure_at(value: float) -> float:
+        cfg = at(value)
         hooks = PruneHooks(lm.model, cfg).share(prepared.work)
         with torch.inference_mode(), hooks:
             lm.model(**prepared.inputs, mm_encoder_outputs={"image": prepared.work.image}, use_cache=False)
@@ -306,10 +310,7 @@ def fit_tau(lm: LoadedModel, prepared: Prepared, config: PruneConfig) -> tuple[P
             if abs(f - target) < best[0]:
                 best = (abs(f - target), mid, f)
             lo, hi = (mid, hi) if f < target else (lo, mid)
-    tau = best[1]
-    fitted = PruneConfig(method=config.method, budget=config.budget, accounting=config.accounting,
-                         positions=config.positions, seed=config.seed, options={**config.options, "tau": tau})
-    return fitted.validate(lm.visual_tokens), {"tau": tau, "target": target, "passes": FIT_PASSES}
+    return at(best[1]).validate(lm.visual_tokens), {"tau": best[1], "target": target, "passes": FIT_PASSES}
 
 
 def equivalent_tokens(flops: float, fixed: int, depth: int, shape: C.DecoderShape) -> float:

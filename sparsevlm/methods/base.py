@@ -255,6 +255,11 @@ class PruneMethod:
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         raise NotImplementedError
 
+    def budget_fit(self, cfg: PruneConfig) -> str | None:
+        """The option the pipeline fits per input so that the run meets the budget (bisection over prefill
+        passes, pipeline.fit_option), or None: the method meets budgets through its plan, or has none."""
+        return None
+
     def reads_attention_at(self, geo: ModelGeometry) -> tuple[int, ...]:
         """Decoder layers whose text-to-image attention this method ranks by, in its own default setting (the
         layers a trace's attention profile shows). Default: none."""

@@ -143,6 +143,9 @@ class ZipVL(PruneMethod):
                                                             "fitted to the budget (ZipVL's rule, τ fitted)")),
     )
 
+    def budget_fit(self, cfg: PruneConfig) -> str | None:
+        return "tau" if cfg.fit == "budget" else None
+
     def plan(self, cfg: PruneConfig, geo: ModelGeometry) -> Plan:
         fitted = " fitted to the budget" if cfg.fit == "budget" else ""
         return Plan(positions=self.positions(cfg), attention_layers=tuple(range(geo.depth)),
