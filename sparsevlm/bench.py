@@ -17,6 +17,7 @@ from .config import ACCOUNTINGS, PruneConfig
 from .errors import ConfigError
 from .loading import from_objects
 from .methods import METHODS, get_method
+from .options import setting_label
 from .pipeline import run
 from .testing import preset_llava, tiny_llava
 
@@ -58,7 +59,7 @@ def cases(accountings: tuple[str, ...] = ACCOUNTINGS, methods: tuple[str, ...] |
 def case_label(case: tuple[str, int, str, dict]) -> str:
     method, budget, accounting, options = case
     if options:
-        return method + "-" + "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in options.items())
+        return setting_label(method, options)
     return f"{method}-{budget}-{accounting}"
 
 

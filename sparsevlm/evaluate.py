@@ -20,6 +20,7 @@ from .config import ACCOUNTINGS, PruneConfig
 from .hooks import CallRecord, PruneHooks
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .methods import METHODS, get_method
+from .options import setting_label
 from .pipeline import budget_figures, build_prompt, call_cost
 from .trace import PruneTrace, Stage
 
@@ -45,8 +46,7 @@ def settings(accountings: tuple[str, ...] = ACCOUNTINGS) -> list[Setting]:
                                    PruneConfig(method=method, budget=b, accounting=accounting)))
     for method in METHODS:  # methods whose own rule sets the counts: at their benchmark settings, no budget
         for opts in get_method(method).benchmark_options:
-            label = method + "-" + "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in opts.items())
-            out.append(Setting(label, method, PruneConfig(method=method, options=dict(opts))))
+            out.append(Setting(setting_label(method, opts), method, PruneConfig(method=method, options=dict(opts))))
     out.append(Setting("sparsevlm-paper-l1", "sparsevlm", PruneConfig(method="sparsevlm", count_mode="paper", lam=1.0)))
     out.append(Setting("sparsevlm-code-9/6", "sparsevlm",
                        PruneConfig(method="sparsevlm", count_mode="code", scale=9, bias=6)))

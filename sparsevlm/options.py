@@ -122,3 +122,8 @@ class Option:
 
 def option_names(options: tuple[Option, ...]) -> set[str]:
     return {o.name for o in options}
+
+
+def setting_label(method: str, options: dict) -> str:
+    """A benchmark setting's name from its method and options: zipvl-tau0.975."""
+    return method + "-" + "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in options.items())
