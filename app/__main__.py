@@ -71,8 +71,17 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = build_app(models, default, examples=load_examples(Path(args.examples)))
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
+    from .mainthread import MAIN
+
     demo.launch(server_name=args.host, server_port=args.port, show_error=True, footer_links=["api"],
-                ssr_mode=False, **launch_kwargs())
+                ssr_mode=False, prevent_thread_lock=True, **launch_kwargs())
+    # The handlers' model work runs here, on the main thread (app/mainthread.py says why), until interrupted.
+    try:
+        MAIN.serve()
+    except KeyboardInterrupt:
+        print("Keyboard interruption in main thread... closing server.")
+    finally:
+        demo.close()
     return 0
 
 

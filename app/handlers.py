@@ -49,6 +49,7 @@ from sparsevlm.trace import PruneTrace
 from sparsevlm.vocab import unknown_words
 
 from . import profile_view, render
+from .mainthread import on_main_thread
 
 log = logging.getLogger("sparsevlm.app")
 
@@ -426,6 +427,7 @@ def process_models() -> ModelCache:
     return _PROCESS["models"]
 
 
+@on_main_thread  # on the main thread where `python -m app` serves model work there (app/mainthread.py)
 @gpu(duration=120)  # ZeroGPU lends the GPU only while this runs; a no-op without the `spaces` package
 def model_runs(model: str, image: Image.Image, question: str, config: dict, max_new_tokens: int,
                with_dense: bool) -> tuple[dict, dict | None]:
@@ -444,6 +446,7 @@ def model_runs(model: str, image: Image.Image, question: str, config: dict, max_
     return both[0].trace.to_dict(), both[1].trace.to_dict()
 
 
+@on_main_thread
 @gpu(duration=120)
 def model_runs_beside(model: str, image: Image.Image, question: str, config: dict, max_new_tokens: int,
                       references: list[dict]) -> tuple[dict, dict, list[dict | None]]:
@@ -462,6 +465,7 @@ def model_runs_beside(model: str, image: Image.Image, question: str, config: dic
             [r.trace.to_dict() if isinstance(r, RunResult) else None for r in results[2:]])
 
 
+@on_main_thread
 @gpu(duration=120)
 def compare_model_runs(model: str, image: Image.Image, question: str, configs: list[dict],
                        max_new_tokens: int) -> list[tuple[str, dict | None, str]]:

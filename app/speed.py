@@ -13,7 +13,7 @@ Time is measured here, on the client; the first request (warm-up) is reported se
 --compare clicks "Compare all methods" (/compare_view) the way the page does and times what a user waits for:
 the request until the gallery, table and record arrive, plus fetching the gallery's pictures (in parallel, as a
 browser does). Without --url it serves this checkout's app in this process on a free port (default: the embedded
-model) and also splits each click into its parts, timed inside the server: the model work, each renderer, the
+model), its model work on this process's main thread as `python -m app` runs it, and also splits each click into its parts, timed inside the server: the model work, each renderer, the
 encoding of every output, and the rest (queue, events, transfer), with the payload's bytes. With one or more
 --url or --serve it clicks several apps in turn (A B A B ...), so machine load hits each alike, and reports each
 one's figures and the ratio to the first, pair by pair; an app --serve started (a checkout folder's `python -m
@@ -42,6 +42,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from .mainthread import MAIN
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -339,17 +341,37 @@ def click_bench(urls: list[str] | None, model: str | None, image: str, question:
                 out["server_cpu_ms"] = c1 - c0
             return out
 
-        with ThreadPoolExecutor(6) as fetch:  # a browser fetches about six files at once from one host
-            for i in range(len(clients)):  # warm-up
-                click(i, fetch)
-            if timer:
-                timer.take()
-            clicks: list[list[dict]] = [[] for _ in targets]
-            for _ in range(n):
-                for i in range(len(clients)):
-                    clicks[i].append(click(i, fetch))
-                    if timer:
-                        clicks[i][-1]["parts_ms"] = timer.take()
+        clicks: list[list[dict]] = [[] for _ in targets]
+
+        def clicking() -> None:
+            with ThreadPoolExecutor(6) as fetch:  # a browser fetches about six files at once from one host
+                for i in range(len(clients)):  # warm-up
+                    click(i, fetch)
+                if timer:
+                    timer.take()
+                for _ in range(n):
+                    for i in range(len(clients)):
+                        clicks[i].append(click(i, fetch))
+                        if timer:
+                            clicks[i][-1]["parts_ms"] = timer.take()
+
+        if demo is None:
+            clicking()
+        else:  # served here as `python -m app` serves: the model work on this (the main) thread, the clicks beside
+            failed: list[BaseException] = []
+
+            def clicks_beside() -> None:
+                try:
+                    clicking()
+                except BaseException as exc:  # noqa: BLE001 - raised again below, on the main thread
+                    failed.append(exc)
+
+            clicker = threading.Thread(target=clicks_beside, daemon=True)
+            clicker.start()
+            MAIN.serve(until=lambda: not clicker.is_alive())
+            clicker.join()
+            if failed:
+                raise failed[0]
     finally:
         if timer:
             timer.restore()
