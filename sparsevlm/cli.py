@@ -153,7 +153,8 @@ def cmd_run(a) -> int:
         with open(a.trace_out, "w") as f:
             f.write(t.to_json(indent=1))
     if a.json:
-        print(json.dumps({**t.summary(), "attention_profile": t.attention_profile,  # with the per-patch attention
+        # with the per-patch attention, and the layout that places each visual token on the picture
+        print(json.dumps({**t.summary(), "attention_profile": t.attention_profile, "layout": t.layout,
                           "unknown_words": [{"word": w, "suggestion": s} for w, s in unknown]}))
         return 0
     s = t.summary()

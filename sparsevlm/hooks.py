@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import algorithm as A
+from . import layout as LY
 from . import profile as P
 from .attention import LayerSeam, column_sums
 from .config import PruneConfig
@@ -45,6 +46,15 @@ from .methods import (
 from .methods.base import plain
 from .schedule import Counts
 from .trace import AttentionLayer, LayerRecord, MergedToken, Stage
+
+
+# The model types the hooks install on: LLaVA-1.5's one grid and LLaVA-NeXT's anyres views.
+MODEL_TYPES = ("llava", "llava_next")
+
+
+def layout_of(model, image_size: tuple[int, int]) -> LY.VisualLayout:
+    """The layout of an upload of `image_size` (width, height) on a LLaVA-NeXT model."""
+    return LY.for_model(model.config, image_size)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -76,13 +86,14 @@ def _vision_feature_layer(model) -> torch.nn.Module:
     return enc_layers[idx]
 
 
-def cls_attention(model, captured: dict) -> torch.Tensor | None:
+def cls_attention(model, captured: dict, crop: int = 0) -> torch.Tensor | None:
     """The vision tower's [CLS] attention row over the patches at the feature layer (head mean, post-softmax),
-    from captured q/k ("vision", "q"/"k"); None for a tower without [CLS] or without captures."""
+    from captured q/k ("vision", "q"/"k"), for one tower input (`crop`: LLaVA-NeXT's base view is 0, its tiles
+    1, 2, ...); None for a tower without [CLS] or without captures."""
     if model.config.vision_feature_select_strategy != "default" or ("vision", "q") not in captured:
         return None
     attn = _vision_feature_layer(model).self_attn
-    q, k = captured[("vision", "q")][0], captured[("vision", "k")][0]
+    q, k = captured[("vision", "q")][crop], captured[("vision", "k")][crop]
     h, hd = attn.num_heads, attn.head_dim
     qh = q[:1].view(1, h, hd).transpose(0, 1)
     kh = k.view(-1, h, hd).transpose(0, 1)
@@ -122,7 +133,7 @@ def _timed(compute, device: torch.device) -> tuple[Any, float]:
     return value, (time.perf_counter() - t0) * 1e3
 
 
-def encode_image(model, pixel_values: torch.Tensor) -> SharedWork:
+def encode_image(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> SharedWork:
     """Run the vision tower + projector once, as generate() would, timing it and capturing the feature layer's
     q/k/output. Hand the result to every run of the request (`PruneHooks.share`)."""
     layer = _vision_feature_layer(model)
@@ -140,7 +151,8 @@ def encode_image(model, pixel_values: torch.Tensor) -> SharedWork:
     try:
         _sync(device)
         t0 = time.perf_counter()
-        image = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        extra = {} if image_sizes is None else {"image_sizes": image_sizes}  # LLaVA-NeXT: the tiles' layout
+        image = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
         _sync(device)
         ms = (time.perf_counter() - t0) * 1e3
     finally:
@@ -218,11 +230,17 @@ class PruneHooks:
     so consecutive calls never see each other's decisions. `hooks.record()` is the last call's plain record.
     """
 
-    def __init__(self, model, config: PruneConfig, keep_debug: bool = False, method: PruneMethod | None = None):
-        """`method` overrides the registry's `config.method` (an unregistered method: tests, experiments)."""
-        if getattr(model.config, "model_type", None) != "llava":
-            raise ConfigError(f"the engine runs LLaVA-1.5-style models (LlavaForConditionalGeneration) only, not "
-                              f"{type(model).__name__} ({getattr(model.config, 'model_type', None)!r})")
+    def __init__(self, model, config: PruneConfig, keep_debug: bool = False, method: PruneMethod | None = None,
+                 layout: LY.VisualLayout | None = None):
+        """`method` overrides the registry's `config.method` (an unregistered method: tests, experiments).
+        `layout` is the request's visual layout (`pipeline.layout_for`); the plan is made for its token count.
+        Without one, LLaVA-1.5 takes its one grid and LLaVA-NeXT the layout of the call's `image_sizes`."""
+        if getattr(model.config, "model_type", None) not in MODEL_TYPES:
+            raise ConfigError(f"the engine runs LLaVA-1.5 and LLaVA-NeXT models (LlavaForConditionalGeneration, "
+                              f"LlavaNextForConditionalGeneration) only, not {type(model).__name__} "
+                              f"({getattr(model.config, 'model_type', None)!r})")
+        self.anyres = model.config.model_type == "llava_next"
+        self.layout = layout  # the request's visual layout (None: LLaVA-1.5's one grid, or from image_sizes)
         self.model = model
         self.llava = model.model
         self.lm = self.llava.language_model
@@ -233,33 +251,50 @@ class PruneHooks:
         vcfg = model.config.vision_config
         tcfg = model.config.text_config
         self.grid_side = vcfg.image_size // vcfg.patch_size
-        self.grid_tokens = self.grid_side**2
-        self.config = config.validate(self.grid_tokens)
+        if layout is None and not self.anyres:
+            layout = LY.single((self.grid_side, self.grid_side), (0.0, 0.0, 1.0, 1.0))
+        self.layout = layout
+        # The visual tokens the plan is made for: the request's (LLaVA-NeXT's count depends on the picture's size;
+        # without a layout, the base view's until a call brings its image_sizes).
+        self.grid_tokens = layout.total if layout is not None else self.grid_side**2
+        self.call_layout = layout
+        self.config = config.validate(self.grid_tokens if layout is not None else None)
         self.image_token_id = model.config.image_token_id
         self.has_cls = model.config.vision_feature_select_strategy == "default"
-        self.geometry = ModelGeometry(
-            depth=self.depth, grid_tokens=self.grid_tokens, has_cls=self.has_cls,
-            heads=tcfg.num_attention_heads, kv_heads=tcfg.num_key_value_heads or tcfg.num_attention_heads,
-        )
         self.method = method if method is not None else get_method(self.config.method)
-        self.plan = self.method.plan(self.config, self.geometry)
-        self.stage_specs: dict[int, tuple[int, StageSpec]] = {s.after_layer: (k, s) for k, s in
-                                                               enumerate(self.plan.stages)}
-        self.prune_layers: tuple[int, ...] = tuple(s.after_layer for s in self.plan.stages if s.after_layer >= 0)
-        self.schedule_note = self.plan.note
-        self.attention_layers: tuple[int, ...] = tuple(self.plan.attention_layers)
+        self._handles: list = []
+        self.plan = None
+        self._heads_kv = (tcfg.num_attention_heads, tcfg.num_key_value_heads or tcfg.num_attention_heads)
+        self._set_plan(self.grid_tokens)
         # Where the fixed-layer methods read the decoder's attention: every run records the last token's and the
         # prompt's attention over the visual tokens there (FasterVLM's shift and dispersion; profile.py). A method
         # that decides attention itself shows its own view instead.
         self.profile_layers: dict[int, list[str]] = {} if self.method.changes_attention else \
             attention_read_layers(self.geometry)
         self._seams: list[LayerSeam] = []
-        self._handles: list = []
         self._in_forward = False
         self._vision_before_forward = False
         self._t_forward = 0.0
         self._shared: SharedWork | None = None
         self.state = CallState()
+
+    def _set_plan(self, visual: int) -> None:
+        """The method's plan for `visual` tokens (the request's layout). Where the hooks are already installed, a
+        plan for another count must act at the same layers (every method's layers follow the depth only)."""
+        self.geometry = ModelGeometry(depth=self.depth, grid_tokens=visual, has_cls=self.has_cls,
+                                      heads=self._heads_kv[0], kv_heads=self._heads_kv[1])
+        plan = self.method.plan(self.config, self.geometry)
+        if getattr(self, "plan", None) is not None and self._handles and (
+                [s.after_layer for s in plan.stages] != [s.after_layer for s in self.plan.stages]
+                or tuple(plan.attention_layers) != self.attention_layers):
+            raise ConfigError(f"{self.config.method} acts at other layers for {visual} visual tokens than the "
+                              "hooks were installed for: install the hooks with the request's layout")
+        self.plan = plan
+        self.stage_specs: dict[int, tuple[int, StageSpec]] = {s.after_layer: (k, s) for k, s in
+                                                               enumerate(plan.stages)}
+        self.prune_layers: tuple[int, ...] = tuple(s.after_layer for s in plan.stages if s.after_layer >= 0)
+        self.schedule_note = plan.note
+        self.attention_layers: tuple[int, ...] = tuple(plan.attention_layers)
 
     def share(self, work: SharedWork | None) -> PruneHooks:
         """Calls whose image arrives pre-encoded (generate's `mm_encoder_outputs`) take the vision captures and
@@ -379,8 +414,7 @@ class PruneHooks:
                     "image, so run one image at a time (batch size 1)"
                 )
             where = (input_ids[0] == self.image_token_id).nonzero().flatten()
-            if len(where) != self.grid_tokens:
-                raise ConfigError(f"expected {self.grid_tokens} image tokens in the prompt, found {len(where)}")
+            self._call_layout(len(where), kwargs.get("image_sizes"))
             if not self._vision_before_forward:  # a plain forward(), or an image encoded before: the call starts here
                 if kwargs.get("pixel_values") is not None:
                     self.state = CallState(vision_in_forward=True)
@@ -400,6 +434,23 @@ class PruneHooks:
                 raise ConfigError("padded batches are not supported with pruning: use batch size 1, no padding")
             kwargs["attention_mask"] = None  # every layer then takes SDPA's causal path at its own length
         return args, kwargs
+
+    def _call_layout(self, found: int, image_sizes) -> None:
+        """The call's visual layout and the plan for its token count; a prompt whose image tokens do not match it
+        is an error."""
+        layout = self.layout
+        if layout is None or (self.anyres and image_sizes is not None and layout.total != found):
+            if image_sizes is None:
+                raise ConfigError("LLaVA-NeXT needs the picture's size (image_sizes) to lay out its tiles")
+            h, w = (int(x) for x in image_sizes[0].tolist())
+            layout = layout_of(self.model, (w, h))
+        if found != layout.total:
+            raise ConfigError(f"expected {layout.total} image tokens in the prompt, found {found}")
+        if layout.total != self.grid_tokens:
+            self.config.validate(layout.total)
+            self._set_plan(layout.total)
+            self.grid_tokens = layout.total
+        self.call_layout = layout
 
     # --- before the decoder: the method's preparation, and stages before the LLM ------------------------------
     def _on_lm_start(self, module, args, kwargs):
@@ -442,11 +493,16 @@ class PruneHooks:
         out = st.captured.get(("vision", "out"))
         h, hd = attn.num_heads, attn.head_dim
 
-        def cls_row() -> torch.Tensor:
-            return cls_attention(self.model, st.captured)
+        def cls_row(crop: int = 0) -> torch.Tensor:
+            return cls_attention(self.model, st.captured, crop)
+
+        def crop(c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            o = st.captured.get(("vision", "out"))
+            return (st.captured[("vision", "q")][c], st.captured[("vision", "k")][c],
+                    o[c] if o is not None else None)
 
         return VisionInput(q, k, out[0] if out is not None else None, h, hd, attn.scale, cls_row,
-                           self.llava.multi_modal_projector)
+                           self.llava.multi_modal_projector, crop=crop)
 
     def _stage_input(self, index: int, spec: StageSpec, hidden: torch.Tensor) -> StageInput:
         st = self.state
@@ -454,6 +510,7 @@ class PruneHooks:
             index=index, spec=spec, prefix=st.prefix, visual=len(st.tokens), text=st.text, hidden=hidden,
             positions=st.positions[0], patches=[t.center for t in st.tokens], projector=st.projector, memo=st.memo,
             seed=self.config.seed, final_norm=self.lm.norm, rotary=lambda pos: self._rotary(hidden, pos),
+            layout=self.call_layout,
         )
         i = spec.after_layer
         if i >= 0:
@@ -623,11 +680,11 @@ class PruneHooks:
             text = torch.arange(start + v, n, device=self.device)
             rows = self._rows_attention(i, text, debug=False)[:, start:start + v].float()  # (text, v) head mean
             patches = [t.center for t in st.tokens]
-            side = self.grid_side
+            lower = self.call_layout.lower_weights()
             st.profile.append({
                 "layer": i, "methods": list(self.profile_layers[i]),
-                "last": P.entry(rows[-1].tolist(), patches, st.visual_total, side, side),
-                "prompt": P.entry(rows.mean(dim=0).tolist(), patches, st.visual_total, side, side),
+                "last": P.entry(rows[-1].tolist(), patches, st.visual_total, lower=lower),
+                "prompt": P.entry(rows.mean(dim=0).tolist(), patches, st.visual_total, lower=lower),
                 "merged_tokens": sum(t.members is not None for t in st.tokens),
             })
             return None

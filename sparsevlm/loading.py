@@ -46,8 +46,19 @@ class LoadedModel:
     has_cls: bool
 
     @property
+    def anyres(self) -> bool:
+        """LLaVA-NeXT: a base view and tiles per picture, so the visual token count depends on its size."""
+        return getattr(self.model.config, "model_type", None) == "llava_next"
+
+    @property
     def visual_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        """Visual tokens of a picture: LLaVA-1.5's one grid; for LLaVA-NeXT the most any picture can get (base view
+        + the largest pinpoint's tiles + newlines; a request's own count is its layout's)."""
+        if not self.anyres:
+            return self.grid[0] * self.grid[1]
+        from .layout import for_model
+
+        return max(for_model(self.model.config, (w, h)).total for h, w in self.model.config.image_grid_pinpoints)
 
     @property
     def num_layers(self) -> int:
@@ -66,6 +77,7 @@ class LoadedModel:
             "hidden_size": t.hidden_size,
             "grid": list(self.grid),
             "visual_tokens": self.visual_tokens,
+            "anyres": self.anyres,
             "vision_cls": self.has_cls,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
@@ -119,7 +131,7 @@ def hub_offline() -> bool:
 
 def _is_llava_folder(p: Path) -> bool:
     try:
-        return json.loads((p / "config.json").read_text()).get("model_type") == "llava"
+        return json.loads((p / "config.json").read_text()).get("model_type") in MODEL_CLASSES
     except (OSError, ValueError):
         return False
 
@@ -357,18 +369,20 @@ def complete_processor(processor, config) -> None:
         processor.num_additional_image_tokens = 1 if v.model_type == "clip_vision_model" else 0
 
 
-RUNS = "LLaVA-1.5-style models (LlavaForConditionalGeneration, model_type 'llava')"
+RUNS = ("LLaVA-1.5-style models (LlavaForConditionalGeneration, model_type 'llava') and LLaVA-NeXT models "
+        "(LlavaNextForConditionalGeneration, model_type 'llava_next')")
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 
 
 def check_architecture(folder: str, name: str) -> None:
-    """A folder whose config names another architecture (LLaVA-NeXT's anyres tiles, Qwen2-VL, ...) gets one
+    """A folder whose config names another architecture (Qwen2-VL, LLaVA-OneVision, ...) gets one
     message saying what the engine runs, before transformers would load it into the wrong class."""
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
         return  # from_pretrained reports an unreadable config in its own words
     model_type = config.get("model_type")
-    if model_type == "llava":
+    if model_type in MODEL_CLASSES:
         return
     arch = ", ".join(config.get("architectures") or []) or "an unnamed architecture"
     raise ModelLoadError(
@@ -379,7 +393,8 @@ def check_architecture(folder: str, name: str) -> None:
 def load_model(path_or_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
                progress: Progress | None = None) -> LoadedModel:
     """Model + processor, on CUDA when present (bf16, else fp16), with SDPA or FlashAttention-2 attention."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor
     from transformers.utils import logging as hf_logging
 
     from .presets import Preset
@@ -395,7 +410,9 @@ def load_model(path_or_id: str = DEFAULT_MODEL, device: str | None = None, dtype
     if progress:
         progress(0.4, f"reading the weights of {path_or_id} ({str(dt).replace('torch.', '')}, {attention})")
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dt, attn_implementation=attention)
+        model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type", "llava")
+        cls = getattr(transformers, MODEL_CLASSES.get(model_type, MODEL_CLASSES["llava"]))
+        model = cls.from_pretrained(folder, dtype=dt, attn_implementation=attention)
         processor = AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"cannot load a LLaVA model from {path_or_id}: {str(e).splitlines()[0][:200]}") from None
@@ -422,7 +439,7 @@ def load_model(path_or_id: str = DEFAULT_MODEL, device: str | None = None, dtype
         name=name,
         device=dev,
         dtype=dt,
-        arch=f"llava-{text_type}",
+        arch=_arch(model.config),
         grid=(side, side),
         has_cls=model.config.vision_feature_select_strategy == "default",
     )
@@ -604,5 +621,11 @@ def from_objects(model, processor, name: str = "in-memory") -> LoadedModel:
     v = model.config.vision_config
     side = v.image_size // v.patch_size
     p = next(model.parameters())
-    return LoadedModel(model, processor, name, p.device, p.dtype, f"llava-{model.config.text_config.model_type}",
-                       (side, side), model.config.vision_feature_select_strategy == "default")
+    return LoadedModel(model, processor, name, p.device, p.dtype, _arch(model.config), (side, side),
+                       model.config.vision_feature_select_strategy == "default")
+
+
+def _arch(config) -> str:
+    """"llava-llama", "llava-qwen2", "llava-next-llama", ...: the model family and its decoder."""
+    family = "llava-next" if getattr(config, "model_type", None) == "llava_next" else "llava"
+    return f"{family}-{config.text_config.model_type}"

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from . import cost as C
+from . import layout as LY
 from . import profile as P
 from .config import PruneConfig
 from .errors import ConfigError, InputError
@@ -100,6 +101,15 @@ def check_question(question: str) -> str:
     return question
 
 
+def layout_for(lm: LoadedModel, image_size: tuple[int, int]) -> LY.VisualLayout:
+    """The visual layout of one upload on this model: LLaVA-1.5's one grid over the processor's input region, or
+    LLaVA-NeXT's base view, tiles and newline tokens for the picture's size."""
+    if lm.anyres:
+        return LY.for_model(lm.model.config, image_size)
+    return LY.single(lm.grid, input_region(lm.processor.image_processor, *image_size, covered=_grid_coverage(lm)),
+                     image_size)
+
+
 @dataclass
 class Prepared:
     """One request's inputs, made once: the checked question, the processor's tensors and the encoded image
@@ -111,6 +121,7 @@ class Prepared:
     n_prompt: int
     image_size: tuple[int, int]
     work: SharedWork
+    layout: LY.VisualLayout | None = None  # where each visual token comes from (views, newline tokens)
 
 
 def _check_request(question: str, max_new_tokens: int) -> str:
@@ -126,15 +137,18 @@ def prepare(lm: LoadedModel, image: Image.Image, question: str, max_new_tokens: 
     prompt = build_prompt(lm.processor, question)
     inputs = lm.processor(images=image, text=prompt, return_tensors="pt").to(lm.device)
     pixel_values = inputs.pop("pixel_values").to(lm.dtype)
+    layout = layout_for(lm, tuple(image.size))
     n_prompt = inputs["input_ids"].shape[1]
     if n_prompt + max_new_tokens > lm.context_length:
+        what = "shorten the question" if not lm.anyres else \
+            "use a smaller picture (fewer tiles) or shorten the question"
         raise InputError(
-            f"the prompt is {n_prompt} tokens (image {lm.visual_tokens} + question) and {max_new_tokens} new tokens "
-            f"would not fit the model's context of {lm.context_length}: shorten the question"
+            f"the prompt is {n_prompt} tokens (image {layout.total} + question) and {max_new_tokens} new tokens "
+            f"would not fit the model's context of {lm.context_length}: {what}"
         )
     with torch.inference_mode():
-        work = encode_image(lm.model, pixel_values)
-    return Prepared(question, prompt, dict(inputs), n_prompt, tuple(image.size), work)
+        work = encode_image(lm.model, pixel_values, inputs.get("image_sizes"))
+    return Prepared(question, prompt, dict(inputs), n_prompt, tuple(image.size), work, layout)
 
 
 @dataclass(frozen=True)
@@ -203,7 +217,8 @@ def run_prepared(lm: LoadedModel, prepared: Prepared, config: PruneConfig,
                  decoding: Decoding | None = None) -> RunResult:
     """One run from a request's prepared inputs (`prepare`): generate with the encoded image handed over."""
     d = decoding or Decoding()
-    config.validate(lm.visual_tokens)
+    layout = prepared.layout or layout_for(lm, prepared.image_size)
+    config.validate(layout.total)
     gen = {"max_new_tokens": int(d.max_new_tokens), "do_sample": bool(d.do_sample)}
     if d.do_sample:
         gen.update(temperature=float(d.temperature), top_p=float(d.top_p))
@@ -213,7 +228,7 @@ def run_prepared(lm: LoadedModel, prepared: Prepared, config: PruneConfig,
     fit = get_method(config.method).budget_fit(config)
     if fit is not None:
         config, fitted = fit_option(lm, prepared, config, fit)
-    hooks = PruneHooks(lm.model, config).share(work)
+    hooks = PruneHooks(lm.model, config, layout=layout).share(work)
     probe = _CacheProbe()
     on_cuda = lm.device.type == "cuda"
     handle = lm.model.register_forward_hook(probe)
@@ -242,19 +257,27 @@ def run_prepared(lm: LoadedModel, prepared: Prepared, config: PruneConfig,
     )
     record = hooks.record()
     trace = build_trace(lm, record, config, prepared.question, prepared.prompt, prepared.inputs["input_ids"][0],
-                        prepared.image_size, answer, len(new_ids), total_ms, memory)
-    trace.attention_profile = attention_profile(lm, work, record)
+                        prepared.image_size, answer, len(new_ids), total_ms, memory, layout)
+    trace.attention_profile = attention_profile(lm, work, record, layout)
     if fitted is not None:
         _fitted_budget(trace, config, fitted, C.DecoderShape.from_config(lm.model.config), lm.num_layers)
     return RunResult(answer, trace, record.shared_keys)
 
 
-def attention_profile(lm: LoadedModel, work: SharedWork, record: CallRecord) -> dict:
-    """The trace's attention profile: [CLS] from the request's one image encoding, the decoder's from the run."""
+def attention_profile(lm: LoadedModel, work: SharedWork, record: CallRecord,
+                      layout: LY.VisualLayout | None = None) -> dict:
+    """The trace's attention profile: [CLS] from the request's one image encoding (LLaVA-NeXT: the base view's
+    [CLS] over the base view's patches), the decoder's from the run."""
     rows, cols = lm.grid
     cls = cls_attention(lm.model, work.vision)
-    return {"cls": P.entry(cls.float().tolist(), list(range(len(cls))), len(cls), rows, cols) if cls is not None
-            else None, "decoder": list(record.profile)}
+    if cls is None:
+        return {"cls": None, "decoder": list(record.profile)}
+    base = layout.views[0] if layout is not None else None
+    if base is None or layout.single:
+        entry = P.entry(cls.float().tolist(), list(range(len(cls))), len(cls), rows, cols)
+    else:  # the base view's cells are the first tokens; the lower half as the layout places them
+        entry = P.entry(cls.float().tolist(), list(base.tokens), len(base.tokens), lower=layout.lower_weights())
+    return {"cls": entry, "decoder": list(record.profile)}
 
 
 FIT_PASSES = 14  # bisection steps on tau (each one prefill pass)
@@ -407,7 +430,7 @@ def call_cost(lm, record: CallRecord, config: PruneConfig) -> Cost:
 
 
 def build_trace(lm, record: CallRecord, config, question, prompt, input_ids, image_size, answer, n_new, total_ms,
-                memory: Memory | None = None):
+                memory: Memory | None = None, layout: LY.VisualLayout | None = None):
     st = record
     text_ids = input_ids[st.prefix + st.visual_total :].tolist()
     tokens = lm.processor.tokenizer.convert_ids_to_tokens(text_ids)
@@ -431,7 +454,9 @@ def build_trace(lm, record: CallRecord, config, question, prompt, input_ids, ima
         decode_tokens=len(decode),
         total=total_ms,
     )
-    rows, cols = lm.grid
+    layout = layout or layout_for(lm, tuple(image_size))
+    base = layout.views[0]
+    rows, cols = base.grid
     notes = []
     if record.note:
         notes.append(record.note)
@@ -449,8 +474,9 @@ def build_trace(lm, record: CallRecord, config, question, prompt, input_ids, ima
         prompt=prompt,
         answer=answer,
         image_size=tuple(image_size),
-        input_region=input_region(lm.processor.image_processor, *image_size, covered=_grid_coverage(lm)),
+        input_region=tuple(base.box),  # the first (LLaVA-1.5: only) view's; `layout` has every view
         grid=(rows, cols),
+        layout=layout.to_dict(),
         prefix_tokens=st.prefix,
         visual_tokens=st.visual_total,
         text_tokens=st.text,

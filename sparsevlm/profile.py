@@ -31,11 +31,15 @@ def _row_weight(r: int, rows: int) -> float:
     return 1.0 if 2 * r >= rows else 0.0
 
 
-def lower_share(attention: Sequence[float], patches: Sequence[int], rows: int, cols: int) -> float:
-    """Share of the mass on the lower half of the grid (rows >= rows / 2; the middle row of an odd grid half)."""
+def lower_share(attention: Sequence[float], patches: Sequence[int], rows: int = 0, cols: int = 0,
+                lower: Sequence[float] | None = None) -> float:
+    """Share of the mass on the lower half of the grid (rows >= rows / 2; the middle row of an odd grid half), or
+    with `lower`, each token's weight on the picture's lower half (`layout.VisualLayout.lower_weights`)."""
     total = float(sum(attention))
     if total <= 0:
         return 0.0
+    if lower is not None:
+        return sum(a * lower[p] for a, p in zip(attention, patches, strict=True)) / total
     return sum(a * _row_weight(p // cols, rows) for a, p in zip(attention, patches, strict=True)) / total
 
 
@@ -48,7 +52,8 @@ def top_share(attention: Sequence[float], fraction: float = 0.2) -> float:
     return sum(values[: max(1, math.ceil(fraction * len(values)))]) / total
 
 
-def entry(attention: Sequence[float], patches: Sequence[int], total_patches: int, rows: int, cols: int) -> dict:
+def entry(attention: Sequence[float], patches: Sequence[int], total_patches: int, rows: int = 0, cols: int = 0,
+          lower: Sequence[float] | None = None) -> dict:
     """One profile entry: the attention in original patch order (None where a patch has no token at this layer; a
     merged token counts at its centre patch), normalised over the visual tokens present, and its two statistics.
     `unplaced` is the share on tokens that sit at no patch (VisionZip's [CLS] token); the statistics count them
@@ -64,6 +69,6 @@ def entry(attention: Sequence[float], patches: Sequence[int], total_patches: int
             unplaced += a
     full = [None if a is None else round(a, 7) for a in full]
     placed = [(a, p) for a, p in zip(norm, patches, strict=True) if 0 <= p < total_patches]
-    lower = lower_share([a for a, _ in placed], [p for _, p in placed], rows, cols) * (1.0 - unplaced)
+    lower = lower_share([a for a, _ in placed], [p for _, p in placed], rows, cols, lower) * (1.0 - unplaced)
     return {"attention": full, "lower_half_share": lower, "top20_share": top_share(norm), "tokens": len(patches),
             "unplaced": round(unplaced, 7)}

@@ -5,6 +5,8 @@ processors, small enough to run on a CPU in milliseconds.
 
 - "llama":  CLIP vision tower (with [CLS]) + Llama decoder: the LLaVA-1.5 architecture.
 - "qwen2":  SigLIP vision tower (no [CLS]) + Qwen2 decoder: the llava-interleave-qwen architecture.
+
+`tiny_llava_next` builds the LLaVA-NeXT counterpart (anyres: a base view, tiles, newline tokens).
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     Qwen2Config,
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from .tokenizer import build_tokenizer
@@ -107,6 +113,54 @@ def tiny_llava(
         vision_feature_select_strategy=select,
         num_additional_image_tokens=extra,
         chat_template=tokenizer.chat_template,
+    )
+    return model, processor
+
+
+def tiny_llava_next(
+    arch: str = "llama",
+    *,
+    image_size: int = 56,
+    patch_size: int = 14,
+    pinpoints: tuple[tuple[int, int], ...] | None = None,
+    hidden: int = 64,
+    layers: int = 8,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    context: int = 2048,
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """A random-weight LLaVA-NeXT and its processor: the tiny LLaVA's tower and decoder, anyres with tiles of
+    `image_size` pixels at `pinpoints` (default: LLaVA-v1.6's five shapes, scaled from 336 to `image_size`)."""
+    model15, p15 = tiny_llava(arch, image_size=image_size, patch_size=patch_size, hidden=hidden, layers=layers,
+                              seed=seed, dtype=dtype, context=context)
+    c15 = model15.config
+    k = image_size
+    pins = [list(p) for p in (pinpoints or ((k, 2 * k), (2 * k, k), (2 * k, 2 * k), (3 * k, k), (k, 3 * k)))]
+    config = LlavaNextConfig(
+        vision_config=c15.vision_config,
+        text_config=c15.text_config,
+        image_token_id=c15.image_token_id,
+        vision_feature_select_strategy=c15.vision_feature_select_strategy,
+        vision_feature_layer=c15.vision_feature_layer,
+        projector_hidden_act="gelu",
+        image_grid_pinpoints=pins,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.pad_token_id = p15.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = p15.tokenizer.eos_token_id
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pins,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=p15.tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=c15.vision_feature_select_strategy,
+        num_additional_image_tokens=p15.num_additional_image_tokens,
+        chat_template=p15.tokenizer.chat_template,
     )
     return model, processor
 

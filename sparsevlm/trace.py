@@ -1,7 +1,10 @@
 """The record of one call: everything the engine decided and measured, and everything the UI shows.
 
 A trace is plain data (dataclasses of ints, floats, strings and lists) so it round-trips through JSON.
-Patch indices are always ORIGINAL indices into the vision grid: patch j is cell (j // cols, j % cols).
+Patch indices are always ORIGINAL indices of the visual tokens in the sequence the model was given. Where they
+come from is the trace's `layout` (sparsevlm/layout.py): LLaVA-1.5 has one view, where patch j is cell
+(j // cols, j % cols) of the grid; LLaVA-NeXT has a base view and tiles, each with its cells' tokens, and the
+row-end newline tokens.
 """
 
 from __future__ import annotations
@@ -174,6 +177,19 @@ class PruneTrace:
     # prompt's (mean over the tokens after the image) head-mean attention over the visual tokens, in original patch
     # order (None where a patch has no token at that layer), at each layer a fixed-layer method reads.
     attention_profile: dict = field(default_factory=dict)
+    # Where each visual token comes from (layout.VisualLayout.to_dict): {"views": [{"name", "box" [x0, y0, x1, y1]
+    # in the upload's pixels, "grid" [rows, cols], "tokens", "crop", "patches"}, ...], "newlines": [...],
+    # "newline_rows", "image_size"}. None in traces written before layouts: their one grid is `grid` over
+    # `input_region`.
+    layout: dict | None = None
+
+    def visual_layout(self):
+        """The trace's layout.VisualLayout (for an older trace: its one grid over `input_region`)."""
+        from .layout import VisualLayout, single
+
+        if self.layout:
+            return VisualLayout.from_dict(self.layout)
+        return single(tuple(self.grid), tuple(self.input_region), tuple(self.image_size))
 
     # --- derived views -------------------------------------------------------------------------------------
     def stage_for_layer(self, layer: int) -> Stage | None:

@@ -301,18 +301,21 @@ def test_cost_counts_what_runs(tiny64):
     assert tr.cost.budget_met is None and "no budget" in tr.cost.budget_note
 
 
-def test_llava_next_gets_one_clear_message(tmp_path):
-    from transformers import LlavaNextConfig
+def test_an_architecture_the_engine_does_not_run_gets_one_clear_message(tmp_path):
+    """A folder of another vision-language architecture (here Qwen2-VL's config) gets one line naming what the
+    engine runs, no traceback."""
+    from transformers import Qwen2VLConfig
 
-    folder = tmp_path / "next"
+    folder = tmp_path / "other"
     folder.mkdir()
-    LlavaNextConfig().save_pretrained(folder)
+    Qwen2VLConfig().save_pretrained(folder)
     out = subprocess.run([sys.executable, "-m", "sparsevlm", "run", "--model", str(folder), "--image",
                           str(ROOT / "assets/examples/01-colour.png"), "--question", "what ?"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
-    assert "llava_next" in out.stderr and "LlavaForConditionalGeneration" in out.stderr
+    assert "qwen2_vl" in out.stderr and "LlavaForConditionalGeneration" in out.stderr
+    assert "LlavaNextForConditionalGeneration" in out.stderr
 
 
 # --- options: declared once, generated everywhere, older settings still load ---------------------------------------

@@ -115,8 +115,12 @@ class VisionInput:
     heads: int
     head_dim: int
     scale: float
-    cls_attention: Callable[[], torch.Tensor]  # () -> (Lv,) head-mean post-softmax [CLS] row over the patches
+    # (crop=0) -> (Lv,) head-mean post-softmax [CLS] row over the patches of one tower input (LLaVA-NeXT: 0 is
+    # the base view, 1 + t tile t; LLaVA-1.5 has only 0)
+    cls_attention: Callable[..., torch.Tensor]
     project: Callable[[torch.Tensor], torch.Tensor]  # the multimodal projector: (m, Dv) -> (m, D)
+    # (crop) -> q, k and output hidden states of that tower input, as q / k / hidden above (None: not captured)
+    crop: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
 
 
 @dataclass
@@ -145,6 +149,9 @@ class StageInput:
     # The decoder's rotary embedding: (m,) position ids -> (cos, sin), each (m, head_dim) (v2's gravity prior).
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     vision: VisionInput | None = None
+    # The request's visual layout (layout.VisualLayout): its views, each cell's token and crop patch, the newline
+    # tokens. LLaVA-1.5's is one view; `patches` above index its tokens.
+    layout: Any = None
 
     @property
     def text_start(self) -> int:
@@ -285,3 +292,45 @@ def top_k_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
     raster order. The one top-k of the engine."""
     k = max(0, min(int(k), scores.shape[0]))
     return torch.topk(scores, k).indices.sort().values
+
+
+# --- LLaVA-NeXT's views (layout.VisualLayout) -----------------------------------------------------------------
+NEWLINE_SCORE = -1.0  # the score a per-view method gives a newline token (it never keeps one): below any attention
+
+
+def view_budgets(sizes: list[int], k: int) -> list[int]:
+    """k tokens split evenly over views of `sizes` tokens (the first views take the remainder; a view smaller
+    than its share keeps all it has and the rest goes to the others)."""
+    k = max(0, min(int(k), sum(sizes)))
+    out = [0] * len(sizes)
+    open_ = [i for i, n in enumerate(sizes) if n > 0]
+    left = k
+    while left > 0 and open_:
+        share, extra = divmod(left, len(open_))
+        for rank, i in enumerate(open_):
+            out[i] += min(share + (1 if rank < extra else 0), sizes[i] - out[i])
+        left = k - sum(out)
+        open_ = [i for i in open_ if out[i] < sizes[i]]
+    return out
+
+
+def per_view_cls_scores(inp: StageInput) -> torch.Tensor:
+    """(V,) each token's [CLS] attention in its own view's tower input (LLaVA-NeXT: the base view's [CLS] for base
+    tokens, a tile's [CLS] for that tile's tokens); newline tokens get NEWLINE_SCORE."""
+    vis, layout = inp.vision, inp.layout
+    scores = torch.full((inp.visual,), NEWLINE_SCORE, dtype=torch.float32)
+    for v in layout.views:
+        row = vis.cls_attention(v.crop).float().cpu()
+        scores[list(v.tokens)] = row[list(v.patches)]
+    return scores
+
+
+def per_view_top_k(scores: torch.Tensor, layout, k: int) -> tuple[torch.Tensor, list[int]]:
+    """The top of `scores` within each view, `view_budgets` of k per view (newlines never kept): ascending token
+    indices, and the count each view kept."""
+    counts = view_budgets([len(v.tokens) for v in layout.views], k)
+    kept = []
+    for v, n in zip(layout.views, counts, strict=True):
+        idx = torch.tensor(v.tokens, dtype=torch.long)
+        kept.append(idx[top_k_keep(scores[idx], n)])
+    return torch.cat(kept).sort().values, counts

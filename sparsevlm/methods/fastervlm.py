@@ -1,11 +1,17 @@
-"""FasterVLM (Zhang et al., 2024): rank patches by the vision tower's [CLS] attention, keep the top k before the LLM."""
+"""FasterVLM (Zhang et al., 2024): rank patches by the vision tower's [CLS] attention, keep the top k before the LLM.
+
+On LLaVA-NeXT the official code selects per crop: each view (the base view and every tile) ranks its own patches
+by its own [CLS], and keeps its share of k (here k split evenly over the views the picture has: a reading, since
+the official code fixes the count per crop); its newline tokens are not kept (the official code runs LLaVA-NeXT
+without them).
+"""
 
 from __future__ import annotations
 
 from ..config import PruneConfig
 from ..errors import ConfigError
 from ..schedule import single_stage
-from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, top_k_keep
+from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, per_view_cls_scores, per_view_top_k, top_k_keep
 
 
 class FasterVLM(PruneMethod):
@@ -28,6 +34,13 @@ class FasterVLM(PruneMethod):
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
         k = inp.spec.keep
+        if inp.layout is not None and not inp.layout.single:
+            scores = per_view_cls_scores(inp)
+            kept, counts = per_view_top_k(scores, inp.layout, k)
+            per = ", ".join(f"{v.name} {n}" for v, n in zip(inp.layout.views, counts, strict=True))
+            return Selection(kept, scores, f"keep top {k} of {inp.visual} tokens, per view by that view's [CLS] "
+                             f"attention ({per}); newline tokens dropped (budget {cfg.budget})",
+                             extras={"per_view": counts})
         scores = inp.vision.cls_attention()
         return Selection(top_k_keep(scores, k), scores,
                          f"keep top {k} of {inp.visual} patches by [CLS] attention (budget {cfg.budget})")

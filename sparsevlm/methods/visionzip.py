@@ -16,7 +16,17 @@ import torch
 from ..config import REFERENCE_DEPTH, REFERENCE_GRID_TOKENS, PruneConfig, check_accounting, check_budget
 from ..errors import ConfigError
 from ..schedule import Counts, make_counts
-from .base import MergedGroup, ModelGeometry, Plan, PruneMethod, Selection, StageInput, top_k_keep
+from .base import (
+    NEWLINE_SCORE,
+    MergedGroup,
+    ModelGeometry,
+    Plan,
+    PruneMethod,
+    Selection,
+    StageInput,
+    top_k_keep,
+    view_budgets,
+)
 
 FORMULA = (
     "dominant: [CLS] + top-(D-1) of c_j = Σ_h A_h[CLS, j]; contextual: rest merged onto C evenly spaced targets "
@@ -165,6 +175,8 @@ class VisionZip(PruneMethod):
         return Plan.of(plan(cfg.budget, geo.grid_tokens, geo.depth, cfg.accounting), self.positions(cfg))
 
     def select(self, cfg: PruneConfig, inp: StageInput) -> Selection:
+        if inp.layout is not None and not inp.layout.single:
+            return self._select_per_view(cfg, inp)
         vis = inp.vision
         d, c = split(cfg.budget)
         scores = vis.cls_attention() * vis.heads  # head mean x heads = the reference's sum over heads
@@ -178,3 +190,49 @@ class VisionZip(PruneMethod):
                    f"{1 + n_dom + len(contextual)} tokens; [CLS] softmax in fp32 (reference: fp16)")
         extras = {**sel.extras, "targets": [t for t, _ in sel.groups], "formula": FORMULA}
         return replace(sel, scores=scores, formula=formula, merged=contextual, lead=cls, extras=extras)
+
+    def _select_per_view(self, cfg: PruneConfig, inp: StageInput) -> Selection:
+        """LLaVA-NeXT, as the official code runs it per crop: each view (base, tiles) gets its share of the budget
+        (split evenly over the views the picture has: a reading, the official code fixes the count per crop), split
+        27:5 into dominant ([CLS] included) and contextual tokens chosen from that view's own [CLS] row, keys and
+        features; the candidates are the view's tokens (a tile's patches that unpadding removed are not among
+        them); newline tokens are dropped (the official code never feeds them)."""
+        vis, layout = inp.vision, inp.layout
+        shares = view_budgets([len(v.tokens) + 1 for v in layout.views], cfg.budget)  # + 1: each view's [CLS]
+        scores_all = torch.full((inp.visual,), NEWLINE_SCORE, dtype=torch.float32)
+        kept: list[torch.Tensor] = []
+        leads: list[MergedGroup] = []
+        contextual: list[MergedGroup] = []
+        per_view = []
+        for v, share in zip(layout.views, shares, strict=True):
+            if share <= 0:
+                per_view.append({"view": v.name, "dominant": 0, "contextual": 0})
+                continue
+            d, c = split(share)
+            q, k, hidden = vis.crop(v.crop)
+            patches = torch.tensor(v.patches, dtype=torch.long, device=k.device)
+            rows = torch.cat([torch.zeros(1, dtype=torch.long, device=k.device), patches + 1])  # [CLS] + the view's
+            scores = (vis.cls_attention(v.crop) * vis.heads)[patches].float()
+            res = select(scores, head_mean_keys(k, vis.heads)[rows], hidden[rows], d, c)
+            tokens = torch.tensor(v.tokens, dtype=torch.long)
+            scores_all[tokens] = scores.cpu()
+            sel = res.selection
+            n_dom = len(sel.kept)
+            proj = vis.project(res.features[None].to(inp.hidden.dtype))[0].to(inp.hidden.dtype)
+            kept.append(tokens[sel.kept.cpu()])
+            leads.append(MergedGroup(-1, [], proj[0]))
+            for i, (t, m) in enumerate(sel.groups):
+                contextual.append(MergedGroup(int(tokens[t]), [int(tokens[t]), *(int(tokens[u]) for u in m)],
+                                              proj[1 + n_dom + i]))
+            per_view.append({"view": v.name, "dominant": d, "contextual": len(sel.groups)})
+        kept_all = torch.cat(kept).sort().values if kept else torch.zeros(0, dtype=torch.long)
+        order = sorted(range(len(contextual)), key=lambda i: contextual[i].center)  # sequence order of targets
+        contextual = [contextual[i] for i in order]
+        per = ", ".join(f"{p['view']} {p['dominant']}+{p['contextual']}" for p in per_view)
+        formula = (f"{FORMULA} | per view, each from its own [CLS] (dominant incl. [CLS] + contextual: {per}); the "
+                   f"LLM sees {len(leads) + len(kept_all) + len(contextual)} tokens: the views' [CLS] first, then the "
+                   "dominant tokens in sequence order, then the contextual ones; newline tokens dropped; [CLS] softmax "
+                   "in fp32 (reference: fp16)")
+        return Selection(kept_all, scores_all, formula, merged=contextual, lead=leads,
+                         extras={"per_view": per_view, "targets": [g.center for g in contextual],
+                                 "formula": FORMULA})

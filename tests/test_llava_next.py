@@ -1,0 +1,165 @@
+"""LLaVA-NeXT (anyres) in the engine: the per-request visual layout, and every method on a tiny random
+LlavaNextForConditionalGeneration built offline (sparsevlm.testing.tiny_llava_next)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from sparsevlm import layout as LY
+from sparsevlm.config import PruneConfig
+from sparsevlm.loading import from_objects
+from sparsevlm.methods import METHODS
+from sparsevlm.pipeline import Decoding, layout_for, run, run_shared
+from sparsevlm.testing import tiny_llava, tiny_llava_next
+from sparsevlm.trace import PruneTrace
+
+ROOT = Path(__file__).resolve().parent.parent
+V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+SIZES = [(168, 112), (100, 80), (56, 168), (112, 112), (300, 40)]
+
+
+@pytest.fixture(scope="module")
+def next_lm():
+    model, processor = tiny_llava_next()
+    return from_objects(model, processor, "tiny-next")
+
+
+def picture(size=(168, 112)) -> Image.Image:
+    img = Image.new("RGB", size, (235, 238, 242))
+    d = ImageDraw.Draw(img)
+    w, h = size
+    d.ellipse((w * 0.1, h * 0.1, w * 0.4, h * 0.5), fill=(220, 40, 40))
+    d.rectangle((w * 0.6, h * 0.5, w * 0.9, h * 0.9), fill=(40, 80, 220))
+    return img
+
+
+# --- the layout ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size,tokens", [((1008, 672), 2144), ((500, 400), 2438), ((336, 1008), 2376)])
+def test_llava_v16_token_counts(size, tokens):
+    """The counts plain transformers gives LLaVA-v1.6 (336-px tiles, its five pinpoints) for these pictures."""
+    layout = LY.anyres(size, V16_PINPOINTS, 336, 24)
+    assert layout.total == tokens
+    layout.check()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_layout_matches_the_processors_count_and_the_models_packing(next_lm, size):
+    """Views plus newlines cover every visual token once; each view cell's token holds exactly the projector's
+    output of that crop's patch, and each newline token the model's image_newline."""
+    model, processor = next_lm.model, next_lm.processor
+    img = picture(size)
+    layout = layout_for(next_lm, size)
+    layout.check()
+    inputs = processor(images=img, text="<image> what", return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == layout.total
+    with torch.no_grad():
+        packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                                return_dict=True).pooler_output[0]
+        tower = model.model.vision_tower(inputs["pixel_values"][0], output_hidden_states=True)
+        crops = model.model.multi_modal_projector(tower.hidden_states[model.config.vision_feature_layer][:, 1:])
+    assert packed.shape[0] == layout.total
+    for v in layout.views:
+        torch.testing.assert_close(packed[list(v.tokens)], crops[v.crop][list(v.patches)])
+    for t in layout.newlines:
+        torch.testing.assert_close(packed[t], model.model.image_newline.to(packed.dtype))
+
+
+def test_views_have_boxes_in_the_upload_and_a_lower_half():
+    layout = LY.anyres((1008, 672), V16_PINPOINTS, 336, 24)
+    names = [v.name for v in layout.views]
+    assert names == ["base", "tile 0,0", "tile 0,1", "tile 1,0", "tile 1,1"]
+    assert layout.views[0].box == (0.0, 0.0, 1008.0, 672.0)
+    x0, y0, x1, y1 = layout.views[4].box
+    assert (x0, x1) == pytest.approx((504, 1008)) and y1 == pytest.approx(672, abs=1)
+    weights = layout.lower_weights()
+    assert [weights[t] for t in layout.views[1].tokens] == [0.0] * len(layout.views[1].tokens)
+    assert set(weights[t] for t in layout.views[3].tokens) == {1.0}
+    back = LY.VisualLayout.from_dict(json.loads(json.dumps(layout.to_dict())))
+    assert back.total == layout.total and back.newlines == layout.newlines
+    for a, b in zip(back.token_boxes(), layout.token_boxes(), strict=True):
+        assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, abs=1e-3))
+
+
+def test_llava15_layout_is_its_one_grid_over_the_input_region():
+    model, processor = tiny_llava("llama")
+    lm = from_objects(model, processor)
+    tr = run(lm, picture((200, 150)), "what colour is the circle ?", PruneConfig(budget=16), max_new_tokens=2).trace
+    layout = tr.visual_layout()
+    assert layout.single and layout.views[0].grid == tuple(tr.grid)
+    assert layout.views[0].box == pytest.approx(tr.input_region)
+    assert tr.layout["views"][0]["tokens"] == list(range(tr.visual_tokens))
+
+
+# --- every method on LLaVA-NeXT -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("accounting", ["paper", "flops"])
+def test_every_method_runs_on_llava_next_and_meets_its_budget(next_lm, accounting):
+    img = picture((168, 112))
+    cfgs = [PruneConfig(method=m) if m in ("dense", "zipvl") else PruneConfig(method=m, budget=32,
+                                                                               accounting=accounting)
+            for m in METHODS]
+    results = run_shared(next_lm, img, "what colour is the circle ?", cfgs, Decoding(3))
+    layout = layout_for(next_lm, img.size)
+    for cfg, r in zip(cfgs, results, strict=True):
+        assert not isinstance(r, Exception), (cfg.method, r)
+        tr = PruneTrace.from_json(r.trace.to_json())
+        assert tr.visual_tokens == layout.total
+        assert LY.VisualLayout.from_dict(tr.layout).to_dict() == layout.to_dict()
+        if cfg.method not in ("dense", "zipvl"):
+            assert tr.cost.budget_met, (cfg.method, tr.cost.budget_figure)
+        if cfg.method in ("fastervlm", "visionzip"):  # per view, from each view's [CLS]; no newline kept
+            first = tr.stages[0]
+            newlines = set(layout.newlines)
+            assert not newlines & set(first.kept)
+            assert "per view" in first.formula
+            counts = [sum(1 for t in first.kept if t in set(v.tokens)) for v in layout.views]
+            assert all(c > 0 for c in counts)
+
+
+def test_per_view_selection_follows_each_views_own_cls(next_lm):
+    """FasterVLM's kept tokens in each view are that view's top patches by its own crop's [CLS] row."""
+    from sparsevlm.hooks import cls_attention
+    from sparsevlm.methods.base import view_budgets
+    from sparsevlm.pipeline import prepare
+
+    img = picture((168, 112))
+    prepared = prepare(next_lm, img, "what colour is the circle ?", 2)
+    tr = run(next_lm, img, "what colour is the circle ?", PruneConfig(method="fastervlm", budget=20),
+             max_new_tokens=2).trace
+    layout = prepared.layout
+    counts = view_budgets([len(v.tokens) for v in layout.views], 20)
+    kept = set(tr.stages[0].kept)
+    for v, n in zip(layout.views, counts, strict=True):
+        row = cls_attention(next_lm.model, prepared.work.vision, v.crop)[list(v.patches)]
+        want = {v.tokens[i] for i in torch.topk(row, n).indices.tolist()}
+        assert want == kept & set(v.tokens)
+
+
+def test_a_budget_above_the_pictures_tokens_is_a_clear_error(next_lm):
+    from sparsevlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="larger than the image grid"):
+        run(next_lm, picture((168, 112)), "what colour ?", PruneConfig(budget=500), max_new_tokens=2)
+
+
+def test_the_cli_runs_a_llava_next_folder(tmp_path, next_lm):
+    folder = tmp_path / "next"
+    next_lm.model.save_pretrained(folder)
+    next_lm.processor.save_pretrained(folder)
+    img = tmp_path / "p.png"
+    picture((168, 112)).save(img)
+    for method in ("sparsevlm", "visionzip"):
+        out = subprocess.run([sys.executable, "-m", "sparsevlm", "run", "--model", str(folder), "--image", str(img),
+                              "--question", "what colour is the circle ?", "--method", method, "--budget", "24",
+                              "--max-new-tokens", "2", "--json"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        d = json.loads(out.stdout)
+        tr = d.get("trace", d)
+        assert tr["layout"]["views"][0]["name"] == "base" and tr["layout"]["newlines"]
