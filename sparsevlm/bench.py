@@ -2,6 +2,8 @@
 
 A random-weight LLaVA with LLaVA-1.5-7B's depth (32 layers) and grid (576 visual tokens), at a width that runs
 on the machine at hand (or the full 7B width on a GPU). Weights do not matter for timing; shapes do.
+`--visual next` builds a LLaVA-NeXT instead (anyres, 336 px tiles, LLaVA-v1.6's pinpoints) and times a 672 x 672
+picture: 2,928 visual tokens (576 base + 4 x 576 tiles + 48 newlines), every method at the papers' 320.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from .errors import ConfigError
 from .loading import from_objects
 from .methods import METHODS, get_method
 from .options import setting_label
-from .pipeline import run
-from .testing import preset_llava, tiny_llava
+from .pipeline import layout_for, run
+from .testing import preset_llava, tiny_llava, tiny_llava_next
 
 QUESTION = "is there a red circle left of the blue square in the image ? answer with one word ."
 
@@ -35,12 +37,15 @@ BUDGETS = {"sparsevlm": (192, 128, 64)}
 
 
 # Grid sides: LLaVA-1.5's 24 x 24 = 576 visual tokens, and a long sequence of 54 x 54 = 2,916 (one square grid
-# standing in for LLaVA-NeXT's five 24 x 24 views and their newlines, about 2,900 tokens).
-GRID_SIDES = {"576": 24, "long": 54}
+# standing in for LLaVA-NeXT's five 24 x 24 views and their newlines, about 2,900 tokens); "next": LLaVA-NeXT
+# itself (its base view's 24 x 24 grid; the picture below gives 2,928 tokens).
+GRID_SIDES = {"576": 24, "long": 54, "next": 24}
+NEXT_PICTURE = (672, 672)  # (width, height): LLaVA-v1.6's 2 x 2 pinpoint, no unpadding
+NEXT_BUDGETS = (320,)  # the papers' LLaVA-NeXT budgets are 640 / 320 / 160 of up to 2,880
 
 
 def cases(accountings: tuple[str, ...] = ACCOUNTINGS, methods: tuple[str, ...] | None = None,
-          visual: int = 576) -> list[tuple[str, int, str, dict]]:
+          visual: int = 576, budgets: tuple[int, ...] | None = None) -> list[tuple[str, int, str, dict]]:
     """(method, budget, accounting, options): dense; every budgeted method at its budgets in each accounting; a
     method whose own rule sets the counts (ZipVL) once per benchmark setting, with no budget."""
     out = [("dense", visual, "paper", {})]
@@ -52,7 +57,7 @@ def cases(accountings: tuple[str, ...] = ACCOUNTINGS, methods: tuple[str, ...] |
             out += [(method, visual, "paper", dict(o)) for o in m.benchmark_options]
             continue
         for accounting in accountings:
-            out += [(method, b, accounting, {}) for b in BUDGETS.get(method, (64,))]
+            out += [(method, b, accounting, {}) for b in (budgets or BUDGETS.get(method, (64,)))]
     return out
 
 
@@ -63,7 +68,17 @@ def case_label(case: tuple[str, int, str, dict]) -> str:
     return f"{method}-{budget}-{accounting}"
 
 
-def build(width: str, device: str, dtype: torch.dtype, side: int = 24):
+def build(width: str, device: str, dtype: torch.dtype, side: int = 24, anyres: bool = False):
+    if anyres:
+        if width == "7b":
+            raise ConfigError("--visual next runs at the cpu and tiny widths")
+        hidden, heads, kv, inter = WIDTHS[width]
+        model, processor = tiny_llava_next(
+            "llama", image_size=336, patch_size=14, hidden=hidden, layers=32, heads=heads, kv_heads=kv,
+            intermediate=inter, vision_hidden=64, vision_layers=2, dtype=dtype, context=4096,
+        )
+        return from_objects(model.to(device), processor,
+                            name=f"random LLaVA-NeXT 32 layers x {hidden} ({width}), anyres 336 px tiles")
     if width == "7b":
         if side != 24:
             raise ConfigError("--visual long runs at the cpu and tiny widths (the 7B preset has its 24 x 24 grid)")
@@ -91,15 +106,18 @@ def bench(width: str = "cpu", runs: int = 5, warmup: int = 2, device: str | None
     if visual not in GRID_SIDES:
         raise ConfigError(f"--visual must be one of {', '.join(GRID_SIDES)}, not {visual!r}")
     side = GRID_SIDES[visual]
-    lm = build(width, device, dtype, side)
-    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (side * 14, side * 18, 3), dtype=np.uint8))
+    anyres = visual == "next"
+    lm = build(width, device, dtype, side, anyres)
+    shape = (NEXT_PICTURE[1], NEXT_PICTURE[0], 3) if anyres else (side * 14, side * 18, 3)
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, shape, dtype=np.uint8))
+    tokens = layout_for(lm, image.size).total  # the picture's visual tokens (LLaVA-NeXT: base + tiles + newlines)
     configs, unavailable = {}, {}
-    for case in cases(accountings, methods, lm.visual_tokens):
+    for case in cases(accountings, methods, tokens, NEXT_BUDGETS if anyres else None):
         method, budget, accounting, options = case
         cfg = PruneConfig(method=method, budget=budget if method != "dense" else 64, accounting=accounting,
                           options=options)
         try:
-            cfg.validate(lm.visual_tokens)
+            cfg.validate(tokens)
             run(lm, image, QUESTION, cfg, max_new_tokens=1)  # also the first warm-up round
             configs[case_label(case)] = (case, cfg)
         except ConfigError as e:  # e.g. [CLS]-based selection on a tower without [CLS]: reported, not hidden
@@ -113,7 +131,7 @@ def bench(width: str = "cpu", runs: int = 5, warmup: int = 2, device: str | None
         for label, (_, cfg) in configs.items():
             samples[label].append(run(lm, image, QUESTION, cfg, max_new_tokens=1).trace)
     rows = []
-    dense_case = case_label(("dense", lm.visual_tokens, "paper", {}))
+    dense_case = case_label(("dense", tokens, "paper", {}))
     dense_ms = statistics.median(t.timings_ms.llm_prefill for t in samples[dense_case])
     dense_ttft = statistics.median(t.timings_ms.prefill for t in samples[dense_case])
     dense_flops = samples[dense_case][0].cost.prefill_flops
@@ -157,9 +175,15 @@ def bench(width: str = "cpu", runs: int = 5, warmup: int = 2, device: str | None
             if width == "7b":
                 targets[f"sparsevlm64_{r['accounting']}_ttft_le_{TTFT_GOAL_7B:.2f}x_dense"] = \
                     r["ttft_ratio"] <= TTFT_GOAL_7B
+    if anyres:  # random has no overhead: its time / FLOPs is this machine's floor; each method within 1.10x of it
+        floor = {r["accounting"]: r["time_over_flops"] for r in rows if r["method"] == "random"}
+        for r in rows:
+            if r["budget"] is not None and r["method"] != "random" and r["accounting"] in floor:
+                targets[f"{r['setting']}_time_over_flops_within_1.10x_random"] = \
+                    r["time_over_flops"] <= 1.10 * floor[r["accounting"]]
     return {
         "model": lm.name,
-        "visual_tokens": lm.visual_tokens,
+        "visual_tokens": tokens,
         "device": str(lm.device),
         "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),

@@ -128,11 +128,13 @@ def tiny_llava_next(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     context: int = 2048,
+    **kw,
 ) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
-    """A random-weight LLaVA-NeXT and its processor: the tiny LLaVA's tower and decoder, anyres with tiles of
-    `image_size` pixels at `pinpoints` (default: LLaVA-v1.6's five shapes, scaled from 336 to `image_size`)."""
+    """A random-weight LLaVA-NeXT and its processor: the tiny LLaVA's tower and decoder (`kw`: its other shape
+    arguments), anyres with tiles of `image_size` pixels at `pinpoints` (default: LLaVA-v1.6's five shapes, scaled
+    from 336 to `image_size`)."""
     model15, p15 = tiny_llava(arch, image_size=image_size, patch_size=patch_size, hidden=hidden, layers=layers,
-                              seed=seed, dtype=dtype, context=context)
+                              seed=seed, dtype=dtype, context=context, **kw)
     c15 = model15.config
     k = image_size
     pins = [list(p) for p in (pinpoints or ((k, 2 * k), (2 * k, k), (2 * k, 2 * k), (3 * k, k), (k, 3 * k)))]

@@ -163,3 +163,16 @@ def test_the_cli_runs_a_llava_next_folder(tmp_path, next_lm):
         d = json.loads(out.stdout)
         tr = d.get("trace", d)
         assert tr["layout"]["views"][0]["name"] == "base" and tr["layout"]["newlines"]
+
+
+def test_bench_at_llava_nexts_shape_times_every_method_at_320():
+    """`bench --visual next` (here at tiny width, two methods): a 672 x 672 picture on a LLaVA-NeXT with 336 px
+    tiles is 2,928 visual tokens, the methods run at 320, and the goal against random's floor is reported."""
+    from sparsevlm.bench import bench
+
+    result = bench(width="tiny", runs=1, warmup=1, methods=("random", "fastv"), visual="next")
+    assert result["visual_tokens"] == 2928
+    rows = {r["setting"]: r for r in result["rows"]}
+    assert {"dense-2928-paper", "random-320-paper", "fastv-320-flops"} <= set(rows)
+    assert rows["random-320-paper"]["equal_tokens"] == 320
+    assert "fastv-320-paper_time_over_flops_within_1.10x_random" in result["targets"]
