@@ -33,7 +33,7 @@ from sparsevlm.methods import METHODS, get_method, registered
 from sparsevlm.methods.sparsevlm import sparsevlm_layers
 from sparsevlm.options import Option
 from sparsevlm.pipeline import Decoding, RunResult, check_question, run, run_shared
-from sparsevlm.presets import PRESETS
+from sparsevlm.presets import LIKENESS_FILE, PRESETS
 from sparsevlm.scenes.world import FAMILIES, GRID  # the studio draws scenes (the app may; the engine never does)
 from sparsevlm.scenes.worlds import (
     DEFAULT_WORLD,
@@ -48,7 +48,7 @@ from sparsevlm.schedule import min_equal_tokens
 from sparsevlm.trace import PruneTrace
 from sparsevlm.vocab import unknown_words
 
-from . import profile_view, render
+from . import model_note, profile_view, render
 from .mainthread import on_main_thread
 
 log = logging.getLogger("sparsevlm.app")
@@ -89,6 +89,7 @@ class RunOutput:
     unknown: list[tuple[str, str | None]] | None = None  # question words the tokenizer reads as <unk>
     truth: dict | None = None  # a studio scene's ground truth (answer, family, seed, evidence in the trace's grid)
     references: list[PruneTrace] | None = None  # other methods on the same request (the counts chart beside)
+    world: str | None = None  # the picture world the model was trained on (scenes models), None for others
 
 
 # --- input checks ----------------------------------------------------------------------------------------------
@@ -291,7 +292,8 @@ def draw_views(out: RunOutput, view: str) -> dict[str, Any]:
     layer = render.default_layer(tr)
     n_layers = render.num_layers(tr)
     return {
-        "notice": render.unknown_words_html(out.unknown or []),
+        "notice": render.unknown_words_html(out.unknown or [])
+        + model_note.upload_notice_html(out.world, out.truth is not None or out.evidence is not None),
         "answer": render.answer_markdown(tr, dense) + render.truth_html(out.truth, tr) + render.empty_answer_note(tr),
         "raters": render.rater_highlights(tr),
         "rater_note": rater_note(tr),
@@ -508,7 +510,23 @@ def model_line(lm: LoadedModel, note: str = "") -> str:
             f"= {lm.visual_tokens} visual tokens{'' if lm.has_cls else f' (no [CLS]: {cls_only} cannot run)'} · "
             f"{lm.device} / {str(lm.dtype).replace('torch.', '')} · weights {weights} (measured from the loaded "
             "tensors)")
-    return f"<div class='sv-model'>{line}{note}</div>"
+    return f"<div class='sv-model'>{line}{note}{model_note.knows_html(model_world(lm))}</div>"
+
+
+def likeness_profile(lm: LoadedModel) -> dict | None:
+    """The attention profile block of the model folder's measured likeness summary (training.likeness), if any."""
+    folder = getattr(lm.model, "name_or_path", None)
+    if not folder:
+        return None
+    try:
+        return json.loads((Path(folder) / LIKENESS_FILE).read_text())["summary"].get("attention_profile")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def compare_note(lm: LoadedModel) -> str:
+    """The compare tab's note on how this model's decoder attends beside LLaVA-1.5's (model_note)."""
+    return model_note.attention_likeness_html(lm.name, likeness_profile(lm))
 
 
 def model_choices(default: str) -> list[str]:
@@ -576,7 +594,7 @@ class Handlers:
         truth = scene_truth(scene, image, q, tuple(pruned.grid))
         return RunOutput(image=image, pruned=pruned, dense=dense, budget=config.budget,
                          evidence=truth["evidence"] if truth else self.evidence_of.get((image_key(image), q)),
-                         unknown=unknown, truth=truth, references=references)
+                         unknown=unknown, truth=truth, references=references, world=model_world(lm))
 
     def _run_json(self, v: dict, progress: gr.Progress | None = None) -> dict:
         try:
@@ -743,6 +761,13 @@ class Handlers:
         path = _save_png(image, "sparsevlm-scene-", f"scene-{truth['world']}-{truth['seed']}-{truth['family']}")
         return (path, truth["question"], truth, (truth["seed"] + 1) % 2**31, {**truth, "key": image_key(image)},
                 render.truth_html(truth))
+
+    def compare_note(self, model):
+        """The compare tab's note for the session's model, after a model switch."""
+        name = str(model or self.default_model)
+        if name not in self.models.loaded():
+            return gr.HTML()
+        return compare_note(self.models.get(name)[0])
 
     def world_picker(self, model):
         """The studio's world choice for the session's model (its own world first), after a model switch."""

@@ -24,6 +24,7 @@ from .handlers import (
     Handlers,
     PageOption,
     budget_choice,
+    compare_note,
     explain_params,
     load_examples,
     model_choices,
@@ -75,6 +76,9 @@ CSS = """
   border-radius: 6px; margin-bottom: .4rem}
 .sv-truth {border-left: 4px solid #4f46e5; padding: .35rem .7rem; margin-top: .4rem; font-size: .92rem}
 .sv-model {font-size: .85rem; color: var(--body-text-color-subdued)}
+.sv-knows {font-size: .85rem; margin-top: .25rem}
+.sv-upload {border-left: 3px solid #d97706; padding-left: .5rem}
+.sv-likeness {font-size: .85rem} .sv-likeness-table td, .sv-likeness-table th {padding: 2px 8px}
 .sv-help {font-size: .9rem; color: var(--body-text-color-subdued)}
 .sv-probes p {margin: .35rem 0; font-size: .9rem; line-height: 1.4}
 .sv-probe-strip {display: block; margin: .3rem 0}
@@ -286,8 +290,8 @@ def explain_tabs() -> dict[str, Any]:
     return c
 
 
-def data_tabs() -> dict[str, Any]:
-    """The compare, export and raw-trace tabs."""
+def data_tabs(first: LoadedModel | None = None) -> dict[str, Any]:
+    """The compare, export and raw-trace tabs (`first`: the model the page opens with, for the compare note)."""
     c: dict[str, Any] = {}
     with gr.Tab("④ Compare methods", id="compare"):
         gr.Markdown("Same image and question, every method at the selected budget: which patches survive to the "
@@ -296,6 +300,8 @@ def data_tabs() -> dict[str, Any]:
         c["compare_gallery"] = gr.Gallery(label="Last-layer tokens per method", columns=5, height="auto",
                                           elem_id="sv-compare-gallery", object_fit="contain")
         c["compare_table"] = gr.HTML(label="Per method", elem_id="sv-compare-table")
+        c["compare_note"] = gr.HTML(compare_note(first) if first is not None else "",
+                                    label="This model beside LLaVA-1.5", elem_id="sv-likeness")
     with gr.Tab("⑤ Export", id="export"):
         c["export_btn"] = gr.Button("Export trace JSON + pruning animation (GIF, MP4)", elem_id="sv-export")
         with gr.Row():
@@ -339,7 +345,8 @@ def wire_runs(h: Handlers, c: dict[str, Any]) -> None:
         event.then(h.explain, explain_inputs, explain_outputs, api_visibility="private", concurrency_id="model")
     c["load_btn"].click(h.load_model, [c["model_in"]], [c["model_state"], c["model_out"], c["budget_in"]],
                         api_name="load_model", concurrency_id="model").success(
-        h.world_picker, [c["model_state"]], [c["world_in"]], api_visibility="private", queue=False)
+        h.world_picker, [c["model_state"]], [c["world_in"]], api_visibility="private", queue=False).success(
+        h.compare_note, [c["model_state"]], [c["compare_note"]], api_visibility="private", queue=False)
     # The data endpoints for programs: no button on the page runs them (the page draws its views from the same
     # record via /explain), so hidden triggers carry them.
     gr.Button(visible=False).click(h.run_json, run_inputs, [c["record"]], api_name="run", concurrency_id="model")
@@ -410,7 +417,7 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
                 c.update(results_column())
         with gr.Tabs():
             c.update(explain_tabs())
-            c.update(data_tabs())
+            c.update(data_tabs(first))
         wire_runs(h, c)
         wire_views(h, c)
     return demo
