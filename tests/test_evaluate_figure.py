@@ -1,6 +1,7 @@
 """The benchmark figure's curves: one per method and accounting, fixed budgets only."""
 
-from sparsevlm.evaluate import _curves, png
+from sparsevlm.evaluation.figure import curves
+from sparsevlm.evaluation.png import png
 
 
 def _row(setting, method, budget, accounting, eq, acc):
@@ -20,9 +21,9 @@ RESULT = {"rows": [
 
 
 def test_curves_hold_only_fixed_budget_settings_sorted_by_tokens(tmp_path):
-    curves = _curves(RESULT)
-    assert set(curves) == {("dense", ""), ("sparsevlm", "paper"), ("sparsevlm", "flops")}
-    assert [r["setting"] for r in curves[("sparsevlm", "paper")]] == ["sparsevlm-64-paper", "sparsevlm-192-paper"]
+    by_setting = curves(RESULT)
+    assert set(by_setting) == {("dense", ""), ("sparsevlm", "paper"), ("sparsevlm", "flops")}
+    assert [r["setting"] for r in by_setting[("sparsevlm", "paper")]] == ["sparsevlm-64-paper", "sparsevlm-192-paper"]
     png(RESULT, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
 
@@ -33,7 +34,8 @@ def test_intervals_and_the_ordering_on_known_hits():
     noise only when that happens often enough."""
     import pytest
 
-    from sparsevlm.evaluate import half_width, markdown, ordering, paired_difference
+    from sparsevlm.evaluation.stats import half_width, ordering, paired_difference
+    from sparsevlm.evaluation.table import markdown
 
     assert half_width([1, 0] * 50) == pytest.approx(1.96 * 0.05)
     assert half_width([1] * 100) == 0.0 and half_width([1]) is None
@@ -64,3 +66,18 @@ def test_intervals_and_the_ordering_on_known_hits():
     assert "vs_next" not in order[2]
     md = markdown(result)
     assert "b 100.0 ≈ (+2.0 ± " in md and "c 98.0 > (+38.0 ± " in md
+
+
+def test_the_command_module_keeps_the_names_imported_from_it():
+    """`sparsevlm.evaluate` is the `eval` command; the names code imported from it before the benchmark was split
+    into modules still resolve, to the one definition each."""
+    from sparsevlm import evaluate
+    from sparsevlm.evaluation import figure, png, recall, runner, stats, table
+
+    assert evaluate.evaluate is runner.evaluate and evaluate.settings is runner.settings
+    assert evaluate.evidence_recall is recall.evidence_recall
+    assert evaluate.evidence_recall_per_stage is recall.evidence_recall_per_stage
+    assert (evaluate.half_width, evaluate.paired_difference, evaluate.ordering) == (
+        stats.half_width, stats.paired_difference, stats.ordering)
+    assert evaluate.markdown is table.markdown and evaluate.png is png.png and evaluate.figure is figure.figure
+    assert callable(evaluate.main)
