@@ -6,14 +6,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
 from ..config import ACCOUNTINGS, PruneConfig
-from ..hooks import PruneHooks
+from ..errors import ConfigError
 from ..loading import LoadedModel
 from ..methods import METHODS, get_method
 from ..options import setting_label
-from ..pipeline import budget_figures, build_prompt, call_cost
+from ..pipeline import Decoding, run_shared
+from ..trace import PruneTrace
 from .recall import evidence_recall
 from .stats import half_width, paired_difference
 
@@ -44,10 +43,24 @@ def settings(accountings: tuple[str, ...] = ACCOUNTINGS) -> list[Setting]:
     out.append(Setting("sparsevlm-code-9/6", "sparsevlm",
                        PruneConfig(method="sparsevlm", count_mode="code", scale=9, bias=6)))
     return out
-@torch.inference_mode()
+
+
+MAX_NEW_TOKENS = 3  # the benchmark's answers are a word or two, matched exactly
+
+
 def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None, log=print,
              accountings: tuple[str, ...] = ACCOUNTINGS, world: str | None = None) -> dict:
-    """`world`: whose scenes (default: the model's own, read from its folder's training_state.json, so the benchmark
+    """Ask `n` held-out questions of generated scenes under every chosen setting (`labels`: setting labels; default
+    every one of `settings(accountings)`) and tally each setting's accuracy, evidence recall and cost.
+
+    Each question is one request through the pipeline, as the app's compare runs it (`pipeline.run_shared`): the
+    question and the context length are checked, the processor and the vision tower + projector run once, and
+    every setting answers greedily (at most MAX_NEW_TOKENS new tokens) from that one encoded image. The figures
+    are read from each run's trace. A setting the model cannot run (a budget larger than its grid, FasterVLM
+    without [CLS]) is refused at the first question, reported as unavailable with the reason, and not asked again;
+    a refusal at a later question stops the benchmark with the setting and the question named.
+
+    `world`: whose scenes (default: the model's own, read from its folder's training_state.json, so the benchmark
     asks each embedded model what it was trained to answer; the embedded model's world for a model that records
     none, such as a hub checkpoint, and the log says so)."""
     from ..scenes.world import FAMILIES
@@ -70,53 +83,51 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
                      "attended_share": [], "attended_visual": [], "recall_attended": [],
                      "correct": {f: 0 for f in FAMILIES}, "total": {f: 0 for f in FAMILIES}, "recall_last": [],
                      "recall_direct": [], "recall_layers": [], "equal_tokens": [], "equal_tokens_output": [],
-                     "hits": [], "errors": 0} for s in chosen}
-    hooks = {}
-    for s in chosen:
-        try:
-            hooks[s.label] = PruneHooks(lm.model, s.config)
-        except ValueError as e:  # a budget this model cannot reach, FasterVLM without [CLS]: reported, not hidden
-            per[s.label]["unavailable"] = str(e)
+                     "hits": []} for s in chosen}
+    decoding = Decoding(max_new_tokens=MAX_NEW_TOKENS)
     depth = lm.num_layers
+    asked = list(chosen)  # the settings still asked: those refused at the first question drop out
     t0 = time.time()
     for i in range(n):
+        if not asked:
+            break
         item = heldout_item(i, seed, world)
-        image, sample = item.image, item.sample
-        inputs = lm.processor(images=image, text=build_prompt(lm.processor, sample.question), return_tensors="pt")
-        inputs = inputs.to(lm.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(lm.dtype)
-        n_prompt = inputs["input_ids"].shape[1]
-        for s in chosen:
-            h = hooks.get(s.label)
-            if h is None:
+        sample = item.sample
+        results = run_shared(lm, item.image, sample.question, [s.config for s in asked], decoding)
+        for s, result in zip(asked, results, strict=True):
+            if isinstance(result, ConfigError):
+                if i > 0:
+                    raise ConfigError(f"{s.label} ran on {i} questions and was refused at question {i}: {result}")
+                per[s.label]["unavailable"] = str(result)
                 continue
-            rec = per[s.label]
-            with h:
-                out = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
-            pred = lm.processor.decode(out[0, n_prompt:], skip_special_tokens=True).strip().lower()
-            rec["total"][sample.family] += 1
-            rec["correct"][sample.family] += int(pred == sample.answer.lower())
-            rec["hits"].append(int(pred == sample.answer.lower()))
-            record = h.record()
-            recall = evidence_recall(record, sample.evidence, depth)
-            if recall is not None:
-                rec["recall_last"].append(recall["represented"])
-                rec["recall_direct"].append(recall["kept"])
-                rec["recall_layers"].append(recall["represented_mean_over_layers"])
-                if "attended_mean_over_layers" in recall:
-                    rec["recall_attended"].append(recall["attended_mean_over_layers"])
-            figures = budget_figures(record, s.config)
-            cost = call_cost(lm, record, s.config)
-            rec["flops_ratio"].append(cost.prefill_flops / cost.prefill_flops_dense)
-            rec["kv_ratio"].append(cost.kv_bytes / cost.kv_bytes_dense)
-            if cost.attended_share is not None:
-                rec["attended_share"].append(cost.attended_share)
-                rec["attended_visual"].append(cost.attended_visual)
-            rec["equal_tokens"].append(figures["equal_tokens"])
-            rec["equal_tokens_output"].append(figures["equal_tokens_reference"])
+            _tally(per[s.label], result.trace, sample, depth)
+        asked = [s for s in asked if "unavailable" not in per[s.label]]
         if log and (i + 1) % max(1, n // 10) == 0:
             log(f"  {i + 1}/{n} questions, {time.time() - t0:.0f} s")
     return {**summarize(per, lm, n, seed, time.time() - t0), "world": world}
+
+
+def _tally(rec: dict, trace: PruneTrace, sample, depth: int) -> None:
+    """Add one run (its trace) of one question (`sample`: question, answer, family, evidence) to a setting's tally."""
+    hit = int(trace.answer.lower() == sample.answer.lower())
+    rec["total"][sample.family] += 1
+    rec["correct"][sample.family] += hit
+    rec["hits"].append(hit)
+    recall = evidence_recall(trace, sample.evidence, depth)
+    if recall is not None:
+        rec["recall_last"].append(recall["represented"])
+        rec["recall_direct"].append(recall["kept"])
+        rec["recall_layers"].append(recall["represented_mean_over_layers"])
+        if "attended_mean_over_layers" in recall:
+            rec["recall_attended"].append(recall["attended_mean_over_layers"])
+    cost = trace.cost
+    rec["flops_ratio"].append(cost.prefill_flops / cost.prefill_flops_dense)
+    rec["kv_ratio"].append(cost.kv_bytes / cost.kv_bytes_dense)
+    if cost.attended_share is not None:
+        rec["attended_share"].append(cost.attended_share)
+        rec["attended_visual"].append(cost.attended_visual)
+    rec["equal_tokens"].append(cost.equal_tokens)
+    rec["equal_tokens_output"].append(cost.equal_tokens_reference)
 
 
 def summarize(per: dict, lm: LoadedModel, n: int, seed: int, seconds: float) -> dict:

@@ -1,0 +1,57 @@
+"""The benchmark (`python -m sparsevlm eval`) asks its questions through the pipeline, as the CLI and the app do:
+one request per question, the image encoded once for every setting, the pipeline's checks applied, and each
+setting's answer and figures those of `pipeline.run` alone."""
+
+import pytest
+
+from sparsevlm.config import PruneConfig
+from sparsevlm.errors import InputError
+from sparsevlm.evaluation.runner import MAX_NEW_TOKENS, evaluate, settings
+from sparsevlm.loading import from_objects
+from sparsevlm.pipeline import run
+from sparsevlm.scenes.worlds import DEFAULT_WORLD, heldout_item
+from sparsevlm.testing import tiny_llava
+
+N = 3
+LABELS = ["dense", "sparsevlm-64-paper", "fastv-64-flops", "sparsevlm-192-paper"]  # the grid has 64 tokens
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model, processor = tiny_llava(image_size=112, layers=4)  # an 8x8 grid: 64 visual tokens
+    return from_objects(model, processor, "tiny")
+
+
+def test_each_question_is_one_request_whose_runs_match_run_alone(lm):
+    calls = []
+    handle = lm.model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        result = evaluate(lm, N, seed=0, labels=LABELS, log=None, world=DEFAULT_WORLD)
+    finally:
+        handle.remove()
+    assert len(calls) == N  # the vision tower ran once per question, not once per setting
+    rows = {r["setting"]: r for r in result["rows"]}
+    assert rows["sparsevlm-192-paper"] == {"setting": "sparsevlm-192-paper",
+                                           "unavailable": "budget 192 is larger than the image grid (64 tokens)"}
+    by_label = {s.label: s.config for s in settings()}
+    for label in ("dense", "sparsevlm-64-paper", "fastv-64-flops"):
+        alone = []
+        for i in range(N):
+            sample = heldout_item(i, 0, DEFAULT_WORLD)
+            trace = run(lm, sample.image, sample.sample.question, by_label[label], max_new_tokens=MAX_NEW_TOKENS).trace
+            alone.append((int(trace.answer.lower() == sample.sample.answer.lower()), trace.cost.equal_tokens,
+                          trace.cost.prefill_flops / trace.cost.prefill_flops_dense))
+        row = rows[label]
+        assert row["hits"] == [a[0] for a in alone] and row["questions"] == N
+        assert row["equal_tokens"] == pytest.approx(sum(a[1] for a in alone) / N)
+        assert row["flops_ratio"] == pytest.approx(sum(a[2] for a in alone) / N)
+
+
+def test_a_prompt_beyond_the_context_is_refused_as_run_refuses_it():
+    model, processor = tiny_llava(image_size=112, layers=2, context=70)  # 64 visual tokens + the question > 70
+    small = from_objects(model, processor, "tiny-context")
+    with pytest.raises(InputError, match="would not fit the model's context of 70"):
+        evaluate(small, 1, seed=0, labels=["dense"], log=None, world=DEFAULT_WORLD)
+    sample = heldout_item(0, 0, DEFAULT_WORLD)
+    with pytest.raises(InputError, match="would not fit the model's context of 70"):
+        run(small, sample.image, sample.sample.question, PruneConfig(method="dense"), max_new_tokens=MAX_NEW_TOKENS)
