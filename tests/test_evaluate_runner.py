@@ -5,7 +5,7 @@ setting's answer and figures those of `pipeline.run` alone."""
 import pytest
 
 from sparsevlm.config import PruneConfig
-from sparsevlm.errors import InputError
+from sparsevlm.errors import ConfigError, InputError
 from sparsevlm.evaluation.runner import MAX_NEW_TOKENS, evaluate, settings
 from sparsevlm.loading import from_objects
 from sparsevlm.pipeline import run
@@ -55,3 +55,16 @@ def test_a_prompt_beyond_the_context_is_refused_as_run_refuses_it():
     sample = heldout_item(0, 0, DEFAULT_WORLD)
     with pytest.raises(InputError, match="would not fit the model's context of 70"):
         run(small, sample.image, sample.sample.question, PruneConfig(method="dense"), max_new_tokens=MAX_NEW_TOKENS)
+
+
+def test_a_label_that_names_no_setting_is_refused_before_any_question(lm):
+    calls = []
+    handle = lm.model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ConfigError, match="no benchmark setting is named sparsevlm, fastv: a setting is dense"):
+            evaluate(lm, 1, seed=0, labels=["dense", "sparsevlm", "fastv"], log=None, world=DEFAULT_WORLD)
+        with pytest.raises(ConfigError, match="fastv-64-flops is not among the settings of the paper accounting"):
+            evaluate(lm, 1, seed=0, labels=["fastv-64-flops"], log=None, accountings=("paper",), world=DEFAULT_WORLD)
+    finally:
+        handle.remove()
+    assert not calls

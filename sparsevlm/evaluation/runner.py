@@ -56,9 +56,12 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
     Each question is one request through the pipeline, as the app's compare runs it (`pipeline.run_shared`): the
     question and the context length are checked, the processor and the vision tower + projector run once, and
     every setting answers greedily (at most MAX_NEW_TOKENS new tokens) from that one encoded image. The figures
-    are read from each run's trace. A setting the model cannot run (a budget larger than its grid, FasterVLM
-    without [CLS]) is refused at the first question, reported as unavailable with the reason, and not asked again;
-    a refusal at a later question stops the benchmark with the setting and the question named.
+    are read from each run's trace.
+
+    A label that names no setting asked for is refused before any question. A setting the model cannot run (a
+    budget larger than its grid, FasterVLM without [CLS]) is refused at the first question, reported as
+    unavailable with the reason, and not asked again; a refusal at a later question stops the benchmark with the
+    setting and the question named.
 
     `world`: whose scenes (default: the model's own, read from its folder's training_state.json, so the benchmark
     asks each embedded model what it was trained to answer; the embedded model's world for a model that records
@@ -66,6 +69,7 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
     from ..scenes.world import FAMILIES
     from ..scenes.worlds import DEFAULT_WORLD, check_world, heldout_item, world_of_model
 
+    _check_labels(labels, accountings)
     if world is None:
         world = world_of_model(getattr(lm.model, "name_or_path", None) or None)
         if world is None:
@@ -105,6 +109,26 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
         if log and (i + 1) % max(1, n // 10) == 0:
             log(f"  {i + 1}/{n} questions, {time.time() - t0:.0f} s")
     return {**summarize(per, lm, n, seed, time.time() - t0), "world": world}
+
+
+def _check_labels(labels: list[str] | None, accountings: tuple[str, ...]) -> None:
+    """A label that names no setting asked for is an error, not a setting silently left out."""
+    here = {s.label for s in settings(accountings)}
+    every = settings()
+    nowhere = [label for label in labels or () if label not in {s.label for s in every}]
+    elsewhere = [label for label in labels or () if label not in here and label not in nowhere]
+    problems = []
+    if nowhere:
+        budgeted = {f"{s.method}-{s.config.budget}-{s.config.accounting}" for s in every}
+        others = [s.label for s in every if s.label != "dense" and s.label not in budgeted]
+        problems.append(f"no benchmark setting is named {', '.join(nowhere)}: a setting is dense, a method at a "
+                        f"budget in an accounting (METHOD-BUDGET-ACCOUNTING, e.g. sparsevlm-64-paper; budgets "
+                        f"{', '.join(map(str, BUDGETS))}), or one of {', '.join(others)}")
+    if elsewhere:
+        problems.append(f"{', '.join(elsewhere)} {'is' if len(elsewhere) == 1 else 'are'} not among the settings of "
+                        f"the {' and '.join(accountings)} accounting asked for")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _tally(rec: dict, trace: PruneTrace, sample, depth: int) -> None:
