@@ -25,7 +25,7 @@ from PIL import Image
 
 from sparsevlm.config import FIXED_BUDGETS, PruneConfig
 from sparsevlm.errors import InputError, SparseVLMError
-from sparsevlm.evaluate import evidence_recall, evidence_recall_per_stage
+from sparsevlm.evaluation.recall import evidence_recall, evidence_recall_per_stage
 from sparsevlm.gpu import gpu
 from sparsevlm.images import load_image
 from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, model_bytes

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from app import render
-from sparsevlm import evaluate
+from sparsevlm.evaluation import recall
 from sparsevlm.trace import (
     Cost,
     LayerRecord,
@@ -402,10 +402,10 @@ def test_evidence_recall_counts_kept_and_merged_patches_at_the_last_layer():
     # layers 0-6 see all 5 evidence patches (nothing pruned, then stage 2 keeps or merges them), layers 7-31 see 4
     assert rec == pytest.approx({"evidence_patches": 5, "kept": 2 / 5, "merged_only": 2 / 5, "represented": 4 / 5,
                                 "represented_mean_over_layers": (7 * 5 + 25 * 4) / 5 / 32})
-    # one engine function: the benchmark reads the same figures from its hooks record's stages and the depth
-    assert render.evidence_recall is evaluate.evidence_recall
-    record = SimpleNamespace(stages=tr.stages)  # what the benchmark hands it: a record with stages, and the depth
-    assert evaluate.evidence_recall(record, [0, 1, 110, 115, 300], depth=32) == rec
+    # one engine function, the benchmark's own: it reads the stages (of a trace, or of a hooks record) and the depth
+    assert render.evidence_recall is recall.evidence_recall
+    record = SimpleNamespace(stages=tr.stages)  # a hooks record: stages, and the depth handed over
+    assert recall.evidence_recall(record, [0, 1, 110, 115, 300], depth=32) == rec
     assert render.recall_text(rec) == "40% kept / 80% represented (of 5 patches)"
     # after layer 2: kept 0..295, clusters of 296..319 (300 merged); after 6: kept 0..196, clusters of 197..214
     assert render.evidence_recall_per_stage(tr, [0, 1, 110, 115, 300]) == [
