@@ -1,6 +1,6 @@
 """The Gradio page: components laid out in parts, then wired to the handlers (app/handlers.py).
 
-Nothing here computes: the handlers run the engine and the renderers (app/render.py) draw; this module only
+Nothing here computes: the handlers run the engine and the renderers (app/render/) draw; this module only
 places components and connects events. Everything a request produces travels in return values and the browser
 session's gr.State (plain data), never in module globals, so concurrent users cannot see each other.
 """

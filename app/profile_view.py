@@ -23,6 +23,8 @@ from plotly.subplots import make_subplots
 from sparsevlm.profile import PUBLISHED
 from sparsevlm.trace import PruneTrace
 
+from .render.figures import layout_base
+
 # The methods that read a profile layer, and which of the recorded rows is nearest to what each one ranks by.
 # (Names the engine registers later fall back to the name itself.)
 READERS: dict[str, tuple[str, str]] = {
@@ -42,11 +44,6 @@ BOUNDARY = "rgba(220,38,38,0.55)"  # the grid's row boundaries, red dashed as in
 SHIFT_BAND = 0.05  # a lower-half share within 0.5 +- this is read as no shift
 SAME_BAND = 0.02  # top-20% shares within this of each other are read as alike
 TOP = 0.2  # the share of tokens the dispersion statistic counts
-
-
-def _layout_base() -> dict:  # the same frame as app/render.py's figures
-    return {"margin": {"l": 60, "r": 20, "t": 50, "b": 60}, "template": "plotly_white",
-            "font": {"family": "Inter, system-ui, sans-serif", "size": 12}}
 
 
 def _esc(s: object) -> str:
@@ -170,7 +167,7 @@ def _panels(trace: PruneTrace, d: dict) -> list[tuple[str, str, dict]]:
 def _empty(text: str, height: int = 220) -> go.Figure:
     fig = go.Figure()
     fig.add_annotation(text=text, showarrow=False, font={"size": 14})
-    fig.update_layout(height=height, xaxis={"visible": False}, yaxis={"visible": False}, **_layout_base())
+    fig.update_layout(height=height, xaxis={"visible": False}, yaxis={"visible": False}, **layout_base())
     return fig
 
 
@@ -207,7 +204,7 @@ def index_figure(trace: PruneTrace, layer: int | None = None) -> go.Figure:
         title={"text": "Attention each visual token receives, in token order (computed from this run's attention)",
                "x": 0.01, "font": {"size": 13}},
         legend={"orientation": "h", "y": -0.12 if len(panels) == 3 else -0.18},
-        **{**_layout_base(), "margin": {"l": 70, "r": 20, "t": 70, "b": 70}})
+        **{**layout_base(), "margin": {"l": 70, "r": 20, "t": 70, "b": 70}})
     return fig
 
 
@@ -278,7 +275,7 @@ def cdf_figure(trace: PruneTrace, layer: int | None = None) -> go.Figure:
                        "attention)", "x": 0.01, "font": {"size": 13}},
         xaxis={"title": "share of the visual tokens, most-attended first", "range": [0, 1.0], "tickformat": ".0%"},
         yaxis={"title": "share of the attention they hold", "range": [0, 1.04], "tickformat": ".0%"},
-        legend={"orientation": "h", "y": -0.22}, **_layout_base())
+        legend={"orientation": "h", "y": -0.22}, **layout_base())
     return fig
 
 
