@@ -8,6 +8,8 @@ from sparsevlm.config import PruneConfig
 from sparsevlm.errors import ConfigError, InputError
 from sparsevlm.evaluation.runner import MAX_NEW_TOKENS, evaluate, settings
 from sparsevlm.loading import from_objects
+from sparsevlm.methods import register, unregister
+from sparsevlm.methods.random_subset import RandomSubset
 from sparsevlm.pipeline import run
 from sparsevlm.scenes.worlds import DEFAULT_WORLD, heldout_item
 from sparsevlm.testing import tiny_llava
@@ -68,3 +70,29 @@ def test_a_label_that_names_no_setting_is_refused_before_any_question(lm):
     finally:
         handle.remove()
     assert not calls
+
+
+class _RefusesTheSecondQuestion(RandomSubset):
+    """Random selection that refuses its second request: a refusal that depends on the input, as a budget a
+    larger picture's layout cannot meet would."""
+
+    name, label = "refuses-second", "Refuses the second question"
+
+    def __init__(self):
+        self.calls = 0
+
+    def prepare(self, cfg, inp):
+        self.calls += 1
+        if self.calls == 2:
+            raise ConfigError("not on this input")
+        return None
+
+
+def test_a_refusal_after_the_first_question_stops_the_benchmark_naming_setting_and_question(lm):
+    register(_RefusesTheSecondQuestion())
+    try:
+        with pytest.raises(ConfigError, match=r"^refuses-second-64-paper answered 1 question and was refused at "
+                                              r"question 2 of 3: not on this input$"):
+            evaluate(lm, 3, seed=0, labels=["dense", "refuses-second-64-paper"], log=None, world=DEFAULT_WORLD)
+    finally:
+        unregister("refuses-second")

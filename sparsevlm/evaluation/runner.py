@@ -101,8 +101,8 @@ def evaluate(lm: LoadedModel, n: int, seed: int, labels: list[str] | None = None
         for s, result in zip(asked, results, strict=True):
             if isinstance(result, ConfigError):
                 if i > 0:
-                    raise ConfigError(f"{s.label} answered {i} questions and was refused at question {i + 1} of "
-                                      f"{n}: {result}")
+                    raise ConfigError(f"{s.label} answered {i} question{'s' if i > 1 else ''} and was refused at "
+                                      f"question {i + 1} of {n}: {result}")
                 per[s.label]["unavailable"] = str(result)
                 continue
             _tally(per[s.label], result.trace, sample, depth)
