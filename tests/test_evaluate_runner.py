@@ -1,6 +1,6 @@
 """The benchmark (`python -m sparsevlm eval`) asks its questions through the pipeline, as the CLI and the app do:
 one request per question, the image encoded once for every setting, the pipeline's checks applied, and each
-setting's answer and figures those of `pipeline.run` alone."""
+setting's answer and figures those of `pipeline.run` alone, on LLaVA-1.5 and LLaVA-NeXT alike."""
 
 import pytest
 
@@ -12,10 +12,12 @@ from sparsevlm.methods import register, unregister
 from sparsevlm.methods.random_subset import RandomSubset
 from sparsevlm.pipeline import run
 from sparsevlm.scenes.worlds import DEFAULT_WORLD, heldout_item
-from sparsevlm.testing import tiny_llava
+from sparsevlm.testing import tiny_llava, tiny_llava_next
 
 N = 3
-LABELS = ["dense", "sparsevlm-64-paper", "fastv-64-flops", "sparsevlm-192-paper"]  # the grid has 64 tokens
+# At most 88 visual tokens on either model, so the 192-token setting cannot run
+LABELS = ["dense", "sparsevlm-64-paper", "fastv-64-flops", "visionzip-64-paper", "zipvl-tau0.975",
+          "sparsevlm-192-paper"]
 
 
 @pytest.fixture(scope="module")
@@ -24,23 +26,38 @@ def lm():
     return from_objects(model, processor, "tiny")
 
 
-def test_each_question_is_one_request_whose_runs_match_run_alone(lm):
-    calls = []
+@pytest.fixture(scope="module", params=["llava", "llava-next"])
+def either(request, lm):
+    if request.param == "llava":
+        return lm
+    model, processor = tiny_llava_next(layers=4)  # a base view and anyres tiles of 4x4 patches each
+    return from_objects(model, processor, "tiny-next")
+
+
+def test_each_question_is_one_request_whose_runs_match_run_alone(either, monkeypatch):
+    lm = either
+    calls, answers = [], []
+    decode = lm.processor.decode
+    monkeypatch.setattr(lm.processor, "decode", lambda *a, **k: answers.append(decode(*a, **k).strip()) or answers[-1])
     handle = lm.model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
     try:
         result = evaluate(lm, N, seed=0, labels=LABELS, log=None, world=DEFAULT_WORLD)
     finally:
         handle.remove()
     assert len(calls) == N  # the vision tower ran once per question, not once per setting
+    asked = [s.label for s in settings() if s.label in LABELS[:-1]]  # the benchmark's order
+    answered = {(i, label): answers[i * len(asked) + j] for i in range(N) for j, label in enumerate(asked)}
+    assert len(answers) == N * len(asked)
     rows = {r["setting"]: r for r in result["rows"]}
-    assert rows["sparsevlm-192-paper"] == {"setting": "sparsevlm-192-paper",
-                                           "unavailable": "budget 192 is larger than the image grid (64 tokens)"}
+    assert set(rows["sparsevlm-192-paper"]) == {"setting", "unavailable"}
+    assert rows["sparsevlm-192-paper"]["unavailable"].startswith("budget 192 is larger than the image grid")
     by_label = {s.label: s.config for s in settings()}
-    for label in ("dense", "sparsevlm-64-paper", "fastv-64-flops"):
+    for label in LABELS[:-1]:
         alone = []
         for i in range(N):
             sample = heldout_item(i, 0, DEFAULT_WORLD)
             trace = run(lm, sample.image, sample.sample.question, by_label[label], max_new_tokens=MAX_NEW_TOKENS).trace
+            assert trace.answer == answered[i, label]
             alone.append((int(trace.answer.lower() == sample.sample.answer.lower()), trace.cost.equal_tokens,
                           trace.cost.prefill_flops / trace.cost.prefill_flops_dense))
         row = rows[label]
