@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 RENDER_MODULES = ["captions", "export", "figures", "geometry", "layers", "overlays", "tables", "truth", "words"]
-RENDERERS = ["app.render", *(f"app.render.{m}" for m in RENDER_MODULES), "app.profile_view"]
+RENDERERS = ["app.render", *(f"app.render.{m}" for m in RENDER_MODULES), "app.profile_view", "app.model_note"]
 ENGINE = ["torch", "sparsevlm.pipeline", "sparsevlm.hooks", "sparsevlm.evaluation.runner", "sparsevlm.evaluate"]
 
 
