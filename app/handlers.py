@@ -656,7 +656,7 @@ class Handlers:
     def patch_info(self, st, evt: gr.SelectData):
         """A click on the picture: the clicked patch's score, rank and fate at every pruning step."""
         tr = self.session_trace(st)
-        size = render.display_size(load_image(st["image"]).size)
+        size = render.canvas_size(tr)
         x, y = (evt.index if isinstance(evt.index, (list, tuple)) else (-1, -1))[:2]
         return render.patch_fate_html(tr, render.patch_at(tr, float(x), float(y), size))
 

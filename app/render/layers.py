@@ -8,6 +8,7 @@ import numpy as np
 
 from sparsevlm.trace import AttentionLayer, PruneTrace, Stage
 
+from .geometry import n_tokens
 from .words import config_option
 
 # Patch states in a label grid. SKIPPED: still in the residual stream, but left out of attention at this layer (a
@@ -26,14 +27,14 @@ def attended_patches(trace: PruneTrace, layer: int) -> list[int] | None:
     a = attention_at(trace, layer)
     if a is None:
         return None
-    lo, n = trace.prefix_tokens, trace.grid[0] * trace.grid[1]
+    lo, n = trace.prefix_tokens, n_tokens(trace)
     return sorted(p - lo for p in a.attended if 0 <= p - lo < min(n, trace.visual_tokens or n))
 
 
 def patch_states(trace: PruneTrace, layer: int) -> np.ndarray:
     """Per patch: KEPT, PRUNED, SKIPPED (left out of attention at this layer), or the index (>= 0) of the recycled
     cluster that represents it."""
-    n = trace.grid[0] * trace.grid[1]
+    n = n_tokens(trace)
     attended = attended_patches(trace, layer)
     if attended is not None and trace.stage_for_layer(layer) is None:
         states = np.full(n, SKIPPED, dtype=np.int64)
@@ -86,7 +87,7 @@ def heatmap_stage(trace: PruneTrace, layer: int) -> Stage | None:
 
 def patch_scores(trace: PruneTrace, stage: Stage) -> np.ndarray:
     """Per patch significance at a stage (NaN where the patch was not a token entering it)."""
-    n = trace.grid[0] * trace.grid[1]
+    n = n_tokens(trace)
     vals = np.full(n, np.nan, dtype=np.float64)
     for p, s in zip(stage.input_patches, stage.scores, strict=False):
         if 0 <= p < n:
@@ -96,7 +97,7 @@ def patch_scores(trace: PruneTrace, stage: Stage) -> np.ndarray:
 
 def attendance_share(trace: PruneTrace) -> np.ndarray:
     """Per patch, the share of the layers with an attention decision at which its visual token took part."""
-    n = trace.grid[0] * trace.grid[1]
+    n = n_tokens(trace)
     hits = np.zeros(n, dtype=np.float64)
     for a in trace.attention:
         hits[attended_patches(trace, a.layer) or []] += 1
@@ -107,7 +108,7 @@ def token_attention(trace: PruneTrace, token: int) -> list[tuple[Stage, np.ndarr
     """Per pruning stage that recorded its raters' rows (SparseVLM): the attention text token `token` (its index
     after the image, Rater.index) pays each patch, NaN where the patch was not a token entering the stage; None
     at a stage where the token was not a rater (its row played no part)."""
-    n = trace.grid[0] * trace.grid[1]
+    n = n_tokens(trace)
     out = []
     for st in trace.stages:
         tokens, rows = st.extras.get("rater_tokens"), st.extras.get("rater_attention")

@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from sparsevlm.trace import PruneTrace
 
-from .geometry import DISPLAY_SIDE, display_size, patch_box, patch_index_map
+from .geometry import DISPLAY_SIDE, GAP, display_size, panels, patch_box, patch_index_map, views_of
 from .layers import (
     KEPT,
     PRUNED,
@@ -76,7 +76,57 @@ def _fit(image: Image.Image, trace: PruneTrace, max_side: int) -> np.ndarray:
         # The app passes the very image it ran on; anything else is re-fitted to the recorded size.
         image = image.resize(tuple(trace.image_size), Image.BILINEAR)
     size = display_size(image.size, max_side)
-    return np.ascontiguousarray(np.asarray(image.convert("RGB").resize(size, Image.LANCZOS), dtype=np.uint8))
+    arr = np.ascontiguousarray(np.asarray(image.convert("RGB").resize(size, Image.LANCZOS), dtype=np.uint8))
+    layout = views_of(trace)
+    if layout is None:
+        return arr
+    # several views: the upload once per panel, side by side (the gap belongs to no view: drawn as margin)
+    k = len(panels(layout))
+    gap = np.full((arr.shape[0], GAP, 3), 255, dtype=np.uint8)
+    parts = [arr]
+    for _ in range(k - 1):
+        parts += [gap, arr]
+    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+
+VIEW_RGB = (255, 214, 0)  # the boxes of the tiles on a several-view picture
+
+
+def draw_view_boxes(out: np.ndarray, trace: PruneTrace) -> np.ndarray:
+    """On a several-view picture: each tile's box in the right panel, and a label on each panel naming its view(s)
+    and grid; a one-view picture is returned as it is."""
+    layout = views_of(trace)
+    if layout is None:
+        return out
+    h, width = out.shape[:2]
+    for k, views in enumerate(panels(layout)):
+        for vi in views:
+            x0, y0, x1, y1 = patch_box_of_view(trace, layout, vi, (width, h))
+            if k > 0:
+                cv2.rectangle(out, (round(x0), round(y0)), (round(x1) - 1, round(y1) - 1), VIEW_RGB, 2)
+    img = Image.fromarray(out)
+    d = ImageDraw.Draw(img)
+    f = font(13)
+    base = layout.views[0]
+    tiles = layout.views[1:]
+    w = (width - (len(panels(layout)) - 1) * GAP) // len(panels(layout))
+    labels = [f"base view {base.grid[0]}x{base.grid[1]}"]
+    if tiles:
+        labels.append(f"{len(tiles)} tiles, {sum(len(v.tokens) for v in tiles)} tokens + {len(layout.newlines)} newlines")
+    for k, text in enumerate(labels):
+        x = k * (w + GAP) + 4
+        box = d.textbbox((x, 4), text, font=f)
+        d.rectangle((box[0] - 3, box[1] - 2, box[2] + 3, box[3] + 2), fill=(0, 0, 0))
+        d.text((x, 4), text, fill=(255, 255, 255), font=f)
+    return np.ascontiguousarray(np.asarray(img))
+
+
+def patch_box_of_view(trace: PruneTrace, layout, vi: int, size: tuple[int, int]) -> tuple[float, ...]:
+    """A view's box on the canvas of `size` (in its panel)."""
+    v = layout.views[vi]
+    first = patch_box(trace, v.tokens[0], size)
+    last = patch_box(trace, v.tokens[-1], size)
+    return (first[0], first[1], last[2], last[3])
 
 
 def _patch_edges(pmap: np.ndarray) -> np.ndarray:
@@ -135,7 +185,8 @@ class Canvas:
 
 
 def _canvas_key(image: Image.Image, trace: PruneTrace, max_side: int) -> tuple:
-    return (id(image), image.size, tuple(trace.image_size), tuple(trace.input_region), tuple(trace.grid), max_side)
+    return (id(image), image.size, tuple(trace.image_size), tuple(trace.input_region), tuple(trace.grid), max_side,
+            trace.visual_tokens if views_of(trace) is not None else 0)
 
 
 def canvas(image: Image.Image, trace: PruneTrace, max_side: int = DISPLAY_SIDE) -> Canvas:
@@ -194,7 +245,10 @@ def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: in
         for k, m in enumerate(stage.merged):
             if m.center < 0:  # a token at no patch (VisionZip's [CLS]): nothing to mark on the image
                 continue
-            x0, y0, x1, y1 = patch_box(trace, m.center, (w, h))
+            box = patch_box(trace, m.center, (w, h))
+            if box is None:  # a newline token: at no place on the picture
+                continue
+            x0, y0, x1, y1 = box
             centre = (round((x0 + x1) / 2), round((y0 + y1) / 2))
             r = max(3, round((x1 - x0) / 5))
             cv2.circle(out, centre, r, CLUSTER_COLOURS[k % len(CLUSTER_COLOURS)], -1, cv2.LINE_AA)
@@ -202,7 +256,7 @@ def render_layer(image: Image.Image, trace: PruneTrace, layer: int, max_side: in
     ev = _evidence_mask(cv.pmap, evidence if evidence is not None else getattr(trace, "evidence", None))
     if ev is not None:
         out = draw_outline(np.ascontiguousarray(out), ev, EVIDENCE_RGB, 2, rim=True)
-    return Image.fromarray(out)
+    return Image.fromarray(draw_view_boxes(np.ascontiguousarray(out), trace))
 
 
 def render_layers(image: Image.Image, views: Sequence[tuple[PruneTrace, int]], max_side: int = DISPLAY_SIDE,
@@ -253,7 +307,7 @@ def render_heatmap(image: Image.Image, trace: PruneTrace, layer: int, max_side: 
     ev = _evidence_mask(pmap, evidence if evidence is not None else getattr(trace, "evidence", None))
     if ev is not None:
         out = draw_outline(np.ascontiguousarray(out), ev, EVIDENCE_RGB, 2, rim=True)
-    return Image.fromarray(out)
+    return Image.fromarray(draw_view_boxes(np.ascontiguousarray(out), trace))
 
 
 def render_view(image: Image.Image, trace: PruneTrace, layer: int, view: str = "tokens",

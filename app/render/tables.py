@@ -11,6 +11,7 @@ from sparsevlm.evaluation.recall import evidence_recall
 from sparsevlm.trace import AttentionLayer, PruneTrace
 
 from .captions import answers_agree, budget_line
+from .geometry import token_place
 from .layers import attended_patches, attention_at, patch_fate
 from .truth import recall_text
 from .words import bytes_unit, config_option, esc, flops_unit, method_label, method_name
@@ -42,9 +43,15 @@ def patch_fate_html(trace: PruneTrace, patch: int | None) -> str:
     """The patch's fate at every stage as a small table (computed from the trace)."""
     if patch is None:
         return "<div class='sv-help'>Click the picture inside the model's input to follow one patch.</div>"
-    rows, cols = trace.grid
-    head = (f"<b>Patch {patch}</b> (row {patch // cols}, column {patch % cols} of the {rows}×{cols} grid) through "
-            f"{method_name(trace)}'s pruning steps (computed from the trace)")
+    place = token_place(trace, patch)
+    if place is None:
+        where = "a newline token, at no place on the picture"
+    elif place[0] == "image":
+        where = f"row {place[1]}, column {place[2]} of the {place[3]}×{place[4]} grid"
+    else:
+        where = f"row {place[1]}, column {place[2]} of the {place[0]} view's {place[3]}×{place[4]} grid"
+    head = (f"<b>Patch {patch}</b> ({where}) through {method_name(trace)}'s pruning steps (computed from the "
+            "trace)")
     if not trace.stages and trace.attention:
         left_out = [a.layer for a in trace.attention if patch not in (attended_patches(trace, a.layer) or [])]
         n = len(trace.attention)
