@@ -24,6 +24,7 @@ from sparsevlm.profile import PUBLISHED
 from sparsevlm.trace import PruneTrace
 
 from .render.figures import layout_base
+from .render.geometry import token_place, views_of
 
 # The methods that read a profile layer, and which of the recorded rows is nearest to what each one ranks by.
 # (Names the engine registers later fall back to the name itself.)
@@ -137,14 +138,31 @@ def row_boundaries(rows: int, cols: int) -> list[float]:
     return [k * cols - 0.5 for k in range(1, rows)]
 
 
-def _row_means(att: Sequence[float | None], rows: int, cols: int) -> tuple[list[float], list[float | None]]:
-    """A step line: each grid row's mean attention per token present, from its first to its last token."""
+def row_segments(trace: PruneTrace, n: int) -> list[tuple[int, int]]:
+    """[start, end) token ranges of the rows along the token index: the grid's rows, or for a several-view trace
+    (LLaVA-NeXT) the base view's rows, then each row of the tiles' map with the newline token that ends it."""
+    layout = views_of(trace)
+    if layout is None:
+        rows, cols = _grid(trace, n)
+        return [(r * cols, min(n, (r + 1) * cols)) for r in range(rows)]
+    base = layout.views[0]
+    out = [(r * base.grid[1], (r + 1) * base.grid[1]) for r in range(base.grid[0])]
+    start = len(base.tokens)
+    for t in layout.newlines:
+        out.append((start, t + 1))
+        start = t + 1
+    return [(a, min(b, n)) for a, b in out if a < n]
+
+
+def _row_means(att: Sequence[float | None], segments: list[tuple[int, int]]) -> tuple[list[float],
+                                                                                      list[float | None]]:
+    """A step line: each row's mean attention per token present, from its first to its last token."""
     xs: list[float] = []
     ys: list[float | None] = []
-    for r in range(rows):
-        part = [a for a in att[r * cols:(r + 1) * cols] if a is not None]
+    for a0, a1 in segments:
+        part = [a for a in att[a0:a1] if a is not None]
         mean = sum(part) / len(part) if part else None
-        xs += [r * cols - 0.5, (r + 1) * cols - 0.5]
+        xs += [a0 - 0.5, a1 - 0.5]
         ys += [mean, mean]
     return xs, ys
 
@@ -181,19 +199,22 @@ def index_figure(trace: PruneTrace, layer: int | None = None) -> go.Figure:
     panels = _panels(trace, d)
     n = len(d["last"]["attention"])
     rows, cols = _grid(trace, n)
+    segments = row_segments(trace, n)
+    several = views_of(trace) is not None
     fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.09,
                         subplot_titles=[f"{title}: {_shift_words(e)}" for _, title, e in panels])
     for i, (key, title, e) in enumerate(panels, start=1):
         att = list(e["attention"])
-        where = [[k // cols, k % cols] for k in range(len(att))]
+        where = [[k // cols, k % cols] for k in range(len(att))] if not several else \
+            [list((token_place(trace, k) or ("", -1, -1))[1:3]) for k in range(len(att))]
         fig.add_bar(x=list(range(len(att))), y=att, marker_color=COLOURS[key], marker_line_width=0, width=1.0,
                     customdata=where, name=SHORT[key], row=i, col=1,
                     hovertemplate="token %{x} (grid row %{customdata[0]}, column %{customdata[1]})<br>"
                                   "%{y:.3%} of the attention (computed)<extra>" + _esc(title) + "</extra>")
-        xs, ys = _row_means(att, rows, cols)
+        xs, ys = _row_means(att, segments if len(att) == n else row_segments(trace, len(att)))
         fig.add_scatter(x=xs, y=ys, mode="lines", line={"color": "#0f172a", "width": 1.5}, connectgaps=False,
                         name="mean per grid row", showlegend=i == 1, row=i, col=1, hoverinfo="skip")
-        for x in row_boundaries(rows, cols):
+        for x in ([b - 0.5 for _, b in segments[:-1]] if several else row_boundaries(rows, cols)):
             fig.add_vline(x=x, line_dash="dash", line_color=BOUNDARY, line_width=1, row=i, col=1)
         fig.update_yaxes(title_text="share", tickformat=".1%", rangemode="tozero", row=i, col=1)
     fig.update_xaxes(title_text=f"visual token index (raster order: {cols} per grid row, the red lines between "

@@ -90,3 +90,20 @@ def test_the_layer_picture_shows_both_panels_and_what_was_kept(traces, method):
         x0, y0, x1, y1 = render.patch_box(tr, t, size)
         bright.append(pic[int(y0) + 3:int(y1) - 3, int(x0) + 3:int(x1) - 3].mean())
     assert bright[0] > bright[1] + 20
+
+
+def test_the_profile_figure_marks_the_rows_of_every_view(traces):
+    """Attention against token index on LLaVA-NeXT: the base view's rows, then each row of the tiles' map with the
+    newline that ends it, cover every visual token once."""
+    from app import profile_view
+
+    _, trs = traces
+    tr = trs["dense"]
+    layout = VisualLayout.from_dict(tr.layout)
+    segments = profile_view.row_segments(tr, tr.visual_tokens)
+    covered = [t for a, b in segments for t in range(a, b)]
+    assert covered == list(range(tr.visual_tokens))
+    assert len(segments) == layout.views[0].grid[0] + len(layout.newlines)
+    assert all(b - 1 in set(layout.newlines) for a, b in segments[layout.views[0].grid[0]:])
+    fig = profile_view.index_figure(tr)
+    assert len(fig.data) >= 4
