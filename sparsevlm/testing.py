@@ -1,10 +1,12 @@
-"""Tiny random-weight LLaVA models of the two supported architectures, built offline.
+"""Tiny random-weight LLaVA models of the supported architectures, built offline.
 
 Tests, the benchmark and the app's tests use these: real `LlavaForConditionalGeneration` objects with real
 processors, small enough to run on a CPU in milliseconds.
 
 - "llama":  CLIP vision tower (with [CLS]) + Llama decoder: the LLaVA-1.5 architecture.
 - "qwen2":  SigLIP vision tower (no [CLS]) + Qwen2 decoder: the llava-interleave-qwen architecture.
+- "mistral": CLIP vision tower (with [CLS]) + Mistral decoder (no sliding window, as Mistral-7B-Instruct-v0.2):
+  LLaVA-v1.6-Mistral's decoder family.
 
 `tiny_llava_next` builds the LLaVA-NeXT counterpart (anyres: a base view, tiles, newline tokens).
 """
@@ -22,6 +24,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
     LlavaProcessor,
+    MistralConfig,
     Qwen2Config,
     SiglipVisionConfig,
 )
@@ -52,8 +55,10 @@ def tiny_llava(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     context: int = 2048,
+    sliding_window: int | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A random-weight LLaVA and its processor. Grid = (image_size // patch_size)^2 visual tokens."""
+    """A random-weight LLaVA and its processor. Grid = (image_size // patch_size)^2 visual tokens.
+    `sliding_window` applies to the Mistral decoder only (None: full causal attention)."""
     tokenizer = build_tokenizer(TEST_WORDS)
     tokenizer.model_max_length = context
     vocab = len(tokenizer)
@@ -78,9 +83,9 @@ def tiny_llava(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    if arch == "llama":
+    if arch in ("llama", "mistral"):
         vision = CLIPVisionConfig(**vision_kw, projection_dim=vision_hidden)
-        text = LlamaConfig(**text_kw)
+        text = LlamaConfig(**text_kw) if arch == "llama" else MistralConfig(**text_kw, sliding_window=sliding_window)
         select, feature_layer, extra = "default", -2, 1
         image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -91,7 +96,7 @@ def tiny_llava(
         select, feature_layer, extra = "full", -1, 0
         image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r} (llama or qwen2)")
+        raise ValueError(f"unknown tiny architecture {arch!r} (llama, qwen2 or mistral)")
 
     config = LlavaConfig(
         vision_config=vision,
@@ -128,11 +133,12 @@ def tiny_llava_next(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     context: int = 2048,
+    sliding_window: int | None = None,
 ) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
     """A random-weight LLaVA-NeXT and its processor: the tiny LLaVA's tower and decoder, anyres with tiles of
     `image_size` pixels at `pinpoints` (default: LLaVA-v1.6's five shapes, scaled from 336 to `image_size`)."""
     model15, p15 = tiny_llava(arch, image_size=image_size, patch_size=patch_size, hidden=hidden, layers=layers,
-                              seed=seed, dtype=dtype, context=context)
+                              seed=seed, dtype=dtype, context=context, sliding_window=sliding_window)
     c15 = model15.config
     k = image_size
     pins = [list(p) for p in (pinpoints or ((k, 2 * k), (2 * k, k), (2 * k, 2 * k), (3 * k, k), (k, 3 * k)))]
