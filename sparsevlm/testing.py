@@ -257,6 +257,11 @@ def preset_llava(
     data = preset.data
     cfg = preset.config
     t, v = cfg["text_config"], cfg["vision_config"]
+    # The published dtypes (the decoder's own "torch_dtype", e.g. Mistral's bfloat16) would make transformers build
+    # that part in it whatever `dtype` asks: every part is built in `dtype`.
+    for part in (cfg, t, v):
+        part.pop("torch_dtype", None)
+        part.pop("dtype", None)
     if reduce:
         text = AutoConfig.for_model(t["model_type"], **{k: x for k, x in t.items() if k != "model_type"})
         ratio = text.num_attention_heads // (text.num_key_value_heads or text.num_attention_heads)

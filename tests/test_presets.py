@@ -34,6 +34,15 @@ def loaded(request, tmp_path_factory):
     return preset, load_model(str(d))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rebuilt_preset_is_built_in_the_dtype_asked_for(dtype):
+    """transformers builds a part in its config's own "torch_dtype" (the decoder's float16 in LLaVA-1.5's config)
+    whatever the default dtype says; a rebuilt preset must be one dtype, or its first matmul across parts fails."""
+    for name in HUB_PRESETS:
+        model, _ = preset_llava(name, dtype=dtype)
+        assert {p.dtype for p in model.parameters()} == {dtype}, name
+
+
 def test_rebuilt_config_is_the_preset_exactly(loaded):
     """Everything but the widths is the published configuration."""
     preset, lm = loaded
