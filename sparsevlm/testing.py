@@ -221,7 +221,8 @@ def preset_image_processor(preprocessor_config: dict):
     fields = {k: v for k, v in preprocessor_config.items()
               if k not in ("image_processor_type", "processor_class") and v is not None}
     kind = preprocessor_config["image_processor_type"]
-    classes = {"CLIPImageProcessor": CLIPImageProcessorPil, "SiglipImageProcessor": SiglipImageProcessorPil}
+    classes = {"CLIPImageProcessor": CLIPImageProcessorPil, "SiglipImageProcessor": SiglipImageProcessorPil,
+               "LlavaNextImageProcessor": LlavaNextImageProcessorPil}
     if kind not in classes:
         raise ValueError(f"no offline image processor for {kind!r}")
     return classes[kind](**fields)
@@ -240,9 +241,10 @@ def preset_llava(
     dtype: torch.dtype = torch.float32,
     reduce: bool = True,
     device: str | torch.device | None = None,
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+) -> tuple[LlavaForConditionalGeneration | LlavaNextForConditionalGeneration, LlavaProcessor | LlavaNextProcessor]:
     """A preset's exact configuration - depth, grid, vision feature layer and select strategy, image processor,
-    chat template, image token, vocabulary, RoPE, tied embeddings - at a reduced width, with random weights.
+    chat template, image token, vocabulary, RoPE, tied embeddings, and for LLaVA-NeXT the pinpoints and the anyres
+    processor - at a reduced width, with random weights, in the preset's own model and processor classes.
 
     Only widths change: hidden sizes, FFN sizes and head counts, keeping the decoder's query-to-KV-head ratio
     (MHA stays MHA, TinyLlama's 8:1 GQA stays 8:1). Depths (decoder and vision tower) are the real ones.
@@ -271,14 +273,16 @@ def preset_llava(
         v.update(hidden_size=vision_hidden, intermediate_size=vision_intermediate, num_attention_heads=vision_heads)
         if "projection_dim" in v:
             v["projection_dim"] = vision_hidden
-    config = LlavaConfig.from_dict(cfg)
+    anyres = cfg.get("model_type") == "llava_next"
+    model_cls = LlavaNextForConditionalGeneration if anyres else LlavaForConditionalGeneration
+    config = (LlavaNextConfig if anyres else LlavaConfig).from_dict(cfg)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)
         with torch.device(device or "cpu"):
-            model = LlavaForConditionalGeneration(config).eval()
+            model = model_cls(config).eval()
     finally:
         torch.set_default_dtype(previous)
     gen = data.get("generation_config") or {}
@@ -286,7 +290,7 @@ def preset_llava(
         setattr(model.generation_config, k, x)
     tokenizer = preset_tokenizer(data["tokenizer"], chat_template=data.get("chat_template"))
     pc = data.get("processor_config") or {}
-    processor = LlavaProcessor(
+    processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
         image_processor=preset_image_processor(data["preprocessor_config"]),
         tokenizer=tokenizer,
         patch_size=pc.get("patch_size"),

@@ -72,8 +72,8 @@ def test_every_method_decides_exactly_as_on_the_llama_decoder(models, accounting
     counts, the same answer and the same cost figures as on the Llama decoder with the same weights."""
     family, llama, mistral, processor = models
     img = picture()
-    cfgs = [PruneConfig(method=m) if m in ("dense", "zipvl") else PruneConfig(method=m, budget=32, accounting=accounting)
-            for m in METHODS]
+    cfgs = [PruneConfig(method=m) if m in ("dense", "zipvl") else
+            PruneConfig(method=m, budget=32, accounting=accounting) for m in METHODS]
     got = {}
     for name, model in (("llama", llama), ("mistral", mistral)):
         got[name] = run_shared(from_objects(model, processor, name), img, QUESTION, cfgs, Decoding(3))
@@ -99,7 +99,8 @@ def test_keep_positions_pruning_equals_masked_full_sequence(models, method):
     family, _, model, processor = models
     img = picture()
     inputs = processor(images=img, text=build_prompt(processor, QUESTION), return_tensors="pt")
-    cfg = PruneConfig(method=method, budget=32, positions="keep", **({"recycle": False} if method == "sparsevlm" else {}))
+    options = {"recycle": False} if method == "sparsevlm" else {}
+    cfg = PruneConfig(method=method, budget=32, positions="keep", **options)
     gen = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     # The request's layout, as the pipeline gives it (generate() encodes the image before the model's forward, so
     # the call itself carries no image_sizes).
