@@ -262,3 +262,18 @@ def test_the_presets_command_lists_them(capsys):
     assert cli_main(["presets", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["presets"]}
     assert rows[NEXT[1]]["parameters"] == 7_566_747_648 and rows[NEXT[1]]["architecture"] == "llava-next-mistral"
+
+
+def test_the_docs_say_the_presets_own_figures():
+    """docs/engine.md and docs/space.md name both presets with the parameters, weights and token count computed
+    here (the figures are written out there, so they are checked here)."""
+    engine = (ROOT / "docs" / "engine.md").read_text().replace("\n", " ")
+    space = (ROOT / "docs" / "space.md").read_text()
+    for name in NEXT:
+        p = PRESETS[name]
+        gib = f"{p.weight_bytes(2) / 2**30:.2f} GiB"
+        assert f"`{name}`" in engine and f"`{name}`" in space
+        assert f"{p.parameters / 1e9:.2f}B parameters, {gib}" in engine.replace(" in fp16", "")
+        assert gib in space
+        assert f"up to {p.visual_tokens:,} visual tokens" in engine and f"up to {p.visual_tokens:,} visual" in space
+    assert "640 / 320 / 160" in engine
