@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image", required=True)
     r.add_argument("--question", required=True)
     r.add_argument("--method", default="sparsevlm", choices=METHODS)
-    r.add_argument("--budget", type=_positive_int, default=64, help="visual tokens (192/128/96/64)")
+    r.add_argument("--budget", type=_positive_int, default=64,
+                   help="visual tokens (LLaVA-1.5: 192/128/96/64; LLaVA-NeXT: 640/320/160)")
     r.add_argument("--accounting", default="paper", choices=ACCOUNTINGS,
                    help="paper: each method's published setting and counting; flops: every method at the same "
                         "input-counted equal tokens (same prefill cost)")
@@ -100,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--probe-rows", type=int, default=128, help="probe rows scoring every key (--attended-share)")
     c.add_argument("--json", action="store_true")
 
-    m = sub.add_parser("models", help="the model presets: grid, depth, parameters, memory, methods, hardware")
+    m = sub.add_parser("models", aliases=["presets"],
+                       help="the model presets: grid, depth, parameters, memory, methods, hardware")
     m.add_argument("--json", action="store_true")
 
     t = sub.add_parser("methods", help="the registered pruning methods: what ranks the tokens, [CLS], positions")
@@ -304,8 +306,8 @@ def cmd_eval(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "cost": cmd_cost, "models": cmd_models, "methods": cmd_methods,
-                    "bench": cmd_bench, "eval": cmd_eval}
+        commands = {"run": cmd_run, "cost": cmd_cost, "models": cmd_models, "presets": cmd_models,
+                    "methods": cmd_methods, "bench": cmd_bench, "eval": cmd_eval}
         return commands[a.command](a)
     except SparseVLMError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,14 @@ from .errors import ConfigError
 
 ACCOUNTINGS = ("paper", "flops")
 FIXED_BUDGETS = (192, 128, 96, 64)
+# LLaVA-NeXT's budgets in the papers (VisionZip, PyramidDrop, DART, CDPruner, ...: 640 / 320 / 160 of up to 2,880
+# tokens); `presets.Preset.budgets` names each model's.
+NEXT_BUDGETS = (640, 320, 160)
+
+
+def budgets_for(anyres: bool) -> tuple[int, ...]:
+    """The budgets the papers report for a model: LLaVA-NeXT's (anyres) or LLaVA-1.5's."""
+    return NEXT_BUDGETS if anyres else FIXED_BUDGETS
 
 # Visual tokens kept DIRECTLY after each pruning layer of the 32-layer reference schedule (reference code v1.5,
 # score.py); recycled clusters come on top (`v_token_num = kept.sum() + cluster_num`). Other depths, grids and

@@ -51,6 +51,11 @@ PRESETS = {
     "llava-interleave-qwen-0.5b": DecoderShape(
         layers=24, hidden=1024, intermediate=2816, heads=16, kv_heads=16, head_dim=64
     ),
+    # LLaVA-NeXT-7B: Vicuna-7B's decoder (LLaVA-1.5-7B's), and Mistral-7B-Instruct-v0.2's (GQA, 8 KV heads).
+    "llava-v1.6-vicuna-7b": DecoderShape(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32,
+                                         head_dim=128),
+    "llava-v1.6-mistral-7b": DecoderShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8,
+                                          head_dim=128),
 }
 
 

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # progress(fraction in [0, 1], message): gradio's gr.Progress() is such a callable.
 Progress = Callable[[float, str], None]
 
-SUPPORTED_DECODERS = ("llama", "qwen2")
+SUPPORTED_DECODERS = ("llama", "qwen2", "mistral")
 MODELS_ROOT = Path(__file__).resolve().parent.parent / "assets" / "models"
 DEFAULT_MODEL = str(MODELS_ROOT / "scenes-llava")
 # Longest model name accepted (a hub id is at most 96 + 1 + 96 characters; a folder path rarely passes 300), and the
@@ -41,7 +41,7 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
-    arch: str  # "llava-llama" | "llava-qwen2"
+    arch: str  # "llava-llama", "llava-qwen2", "llava-next-mistral", ... (`_arch`)
     grid: tuple[int, int]
     has_cls: bool
 
@@ -66,7 +66,13 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.model.config.text_config, "max_position_embeddings", 2048))
+        """The longest sequence a request may make. A decoder with a sliding attention window (a Mistral whose
+        config sets `sliding_window`) is held to the window: pruning cuts the sequence and edits the KV cache
+        assuming every token sees every earlier one, which holds only while the sequence fits the window."""
+        t = self.model.config.text_config
+        n = int(getattr(t, "max_position_embeddings", 2048))
+        window = getattr(t, "sliding_window", None)
+        return min(n, int(window)) if window else n
 
     def describe(self) -> dict:
         t = self.model.config.text_config

@@ -1,4 +1,5 @@
-"""The models the explorer knows by name: the embedded scenes-llava and four public LLaVA checkpoints.
+"""The models the explorer knows by name: the embedded scenes-llava and six public LLaVA checkpoints (four
+LLaVA-1.5-style, two LLaVA-NeXT with anyres tiles).
 
 Each preset's exact configuration (config.json, the image processor's resize / crop / pad, processor_config.json,
 chat template, image token, tokenizer specials) is data in `sparsevlm/preset_configs/<slug>.json`, written from
@@ -8,6 +9,10 @@ preset from that data at a reduced width and run every method on it (tests/test_
 Parameter counts are exact: the model is instantiated from its config on the meta device (no memory, no weights)
 and its parameters counted. Memory figures are the weights alone (fp32: 4 bytes, fp16/bf16: 2 bytes per
 parameter); activations and the KV cache come on top (the cost calculator gives the KV cache).
+
+A LLaVA-NeXT preset's visual token count depends on the picture: `visual_tokens` is the most any picture gets
+(the base view, the largest pinpoint's tiles and their newline tokens), and its budgets are the papers'
+640 / 320 / 160 (`config.NEXT_BUDGETS`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import layout as LY
+from .config import budgets_for
 from .errors import ConfigError
 from .methods import METHODS, get_method
 
@@ -51,6 +58,22 @@ _PUBLIC = {
         "GPU with >= 28 GB in fp16 (ZeroGPU H200 slice, A100 40/80 GB, L40S 48 GB)",
         "LLaVA-1.5-13B: Vicuna-13B decoder (40 layers), CLIP ViT-L/14-336 with [CLS], 576 tokens",
     ),
+    "llava-hf/llava-v1.6-vicuna-7b-hf": (
+        "llava-v1.6-vicuna-7b-hf",
+        "GPU with >= 24 GB in fp16 (ZeroGPU, A10G 24 GB, L4, A100): 13.2 GiB of weights and up to 2,928 visual "
+        "tokens a picture",
+        "LLaVA-NeXT-7B (v1.6): Vicuna-7B decoder (32 layers), CLIP ViT-L/14-336 with [CLS], anyres: a 576-token "
+        "base view, 2 to 4 tiles of 576 and a newline token per tile row, up to 2,928 tokens; the papers' "
+        "LLaVA-NeXT model",
+    ),
+    "llava-hf/llava-v1.6-mistral-7b-hf": (
+        "llava-v1.6-mistral-7b-hf",
+        "GPU with >= 24 GB in fp16 (ZeroGPU, A10G 24 GB, L4, A100): 14.1 GiB of weights and up to 2,928 visual "
+        "tokens a picture",
+        "LLaVA-NeXT-7B Mistral (v1.6): Mistral-7B-Instruct-v0.2 decoder (32 layers, GQA 32/8), CLIP ViT-L/14-336 "
+        "with [CLS], anyres: a 576-token base view, 2 to 4 tiles of 576 and a newline token per tile row, up to "
+        "2,928 tokens",
+    ),
 }
 
 
@@ -75,8 +98,14 @@ class Preset:
         return self.data["config"]["text_config"]["model_type"]
 
     @property
+    def anyres(self) -> bool:
+        """LLaVA-NeXT: a base view and tiles per picture, so the visual token count depends on its size."""
+        return self.data["config"].get("model_type") == "llava_next"
+
+    @property
     def architecture(self) -> str:
-        return f"llava-{self.text_type}"
+        """As `loading._arch` names a loaded model: "llava-llama", "llava-next-mistral", ..."""
+        return f"{'llava-next' if self.anyres else 'llava'}-{self.text_type}"
 
     @property
     def decoder_layers(self) -> int:
@@ -84,13 +113,38 @@ class Preset:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """One vision-tower input's patch grid: LLaVA-1.5's whole picture, LLaVA-NeXT's base view and each tile."""
         v = self.data["config"]["vision_config"]
         side = v["image_size"] // v["patch_size"]
         return (side, side)
 
     @property
+    def pinpoints(self) -> list[list[int]]:
+        """LLaVA-NeXT's tile canvases, (height, width) in pixels; empty for LLaVA-1.5."""
+        return [list(p) for p in self.data["config"].get("image_grid_pinpoints") or []] if self.anyres else []
+
+    @property
     def visual_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        """LLaVA-1.5: the grid. LLaVA-NeXT: the most a picture gets (a picture of each pinpoint's shape, through the
+        layout transformers packs: base view, tiles, newline tokens), as `LoadedModel.visual_tokens`."""
+        if not self.anyres:
+            return self.grid[0] * self.grid[1]
+        tile, side = self.data["config"]["vision_config"]["image_size"], self.grid[0]
+        return max(LY.anyres((w, h), self.pinpoints, tile, side).total for h, w in self.pinpoints)
+
+    @property
+    def tiles(self) -> tuple[int, int]:
+        """The fewest and the most tiles a picture gets (LLaVA-NeXT; (0, 0) for LLaVA-1.5)."""
+        if not self.anyres:
+            return (0, 0)
+        tile = self.data["config"]["vision_config"]["image_size"]
+        counts = [(h // tile) * (w // tile) for h, w in self.pinpoints]
+        return (min(counts), max(counts))
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        """The budgets the papers report for this model: LLaVA-1.5's 192-64, LLaVA-NeXT's 640 / 320 / 160."""
+        return budgets_for(self.anyres)
 
     @property
     def has_cls(self) -> bool:
@@ -119,6 +173,12 @@ class Preset:
         """In words: how an upload becomes the square model input (what the overlay maps back through)."""
         p = self.data["preprocessor_config"]
         size = p.get("size", {})
+        if self.anyres:
+            tile = self.data["config"]["vision_config"]["image_size"]
+            shapes = ", ".join(f"{w}x{h}" for h, w in self.pinpoints)
+            return (f"anyres: the whole picture resized to {tile}x{tile} (the base view), and the picture resized "
+                    f"into the best of {shapes} (aspect kept, padded) and cut into {tile}x{tile} tiles; the "
+                    "padding's rows or columns are dropped and a newline token ends each row of the tiles")
         if p.get("do_pad"):
             return f"pad to a square, resize to {size}"
         if p.get("do_center_crop") and "shortest_edge" in size:
@@ -164,6 +224,10 @@ class Preset:
             "decoder_layers": self.decoder_layers,
             "grid": list(self.grid),
             "visual_tokens": self.visual_tokens,
+            "anyres": self.anyres,
+            "image_grid_pinpoints": self.pinpoints,
+            "tiles": list(self.tiles),
+            "budgets": list(self.budgets),
             "vision_cls": self.has_cls,
             "vision_feature_layer": self.vision_feature_layer,
             "vision_feature_select_strategy": self.select_strategy,
@@ -250,7 +314,7 @@ def _load_presets() -> dict[str, Preset]:
     return presets
 
 
-# Five small JSON reads at import: cheap, and PRESETS stays a plain dict.
+# Seven small JSON reads at import: cheap, and PRESETS stays a plain dict.
 PRESETS: dict[str, Preset] = _load_presets()
 
 
@@ -268,11 +332,15 @@ def get_preset(name: str) -> Preset | None:
 def _count_parameters(name: str) -> int:
     """Exact parameter count: the model built from its config on the meta device (no memory is allocated)."""
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    import transformers
 
-    config = LlavaConfig.from_dict(PRESETS[name].config)
+    from .loading import MODEL_CLASSES
+
+    preset = PRESETS[name]
+    cls = getattr(transformers, MODEL_CLASSES[preset.data["config"]["model_type"]])
+    config = cls.config_class.from_dict(preset.config)
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = cls(config)
     # Tied embeddings (Qwen1.5-0.5B) are one tensor: count each parameter object once.
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -292,9 +360,15 @@ def format_models(rows: list[dict]) -> str:
             methods += " (not " + ", ".join(r["not_applicable"]) + ": no [CLS])"
         params = r["parameters"]
         size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
+        cls_note = " + [CLS] dropped" if r["vision_cls"] else ", no [CLS]"
+        if r.get("anyres"):
+            few, most = r["tiles"]
+            grid = (f"anyres: {rows_}x{cols} base view + {few}-{most} tiles of {rows_}x{cols} + newlines, up to "
+                    f"{r['visual_tokens']:,}{cls_note}")
+        else:
+            grid = f"{rows_}x{cols} = {r['visual_tokens']}{cls_note}"
         lines.append(
-            f"| {r['name']} | {r['architecture']}, {r['decoder_layers']} layers | {rows_}x{cols} = "
-            f"{r['visual_tokens']}{' + [CLS] dropped' if r['vision_cls'] else ', no [CLS]'} | {size} | "
+            f"| {r['name']} | {r['architecture']}, {r['decoder_layers']} layers | {grid} | {size} | "
             f"{r['weights_gib_fp32']:.2f} / {r['weights_gib_fp16']:.2f} GiB | {methods} | {r['hardware']} |"
         )
     lines.append("")

@@ -1,10 +1,12 @@
-"""Tiny random-weight LLaVA models of the two supported architectures, built offline.
+"""Tiny random-weight LLaVA models of the supported architectures, built offline.
 
 Tests, the benchmark and the app's tests use these: real `LlavaForConditionalGeneration` objects with real
 processors, small enough to run on a CPU in milliseconds.
 
 - "llama":  CLIP vision tower (with [CLS]) + Llama decoder: the LLaVA-1.5 architecture.
 - "qwen2":  SigLIP vision tower (no [CLS]) + Qwen2 decoder: the llava-interleave-qwen architecture.
+- "mistral": CLIP vision tower (with [CLS]) + Mistral decoder (no sliding window, as Mistral-7B-Instruct-v0.2):
+  LLaVA-v1.6-Mistral's decoder family.
 
 `tiny_llava_next` builds the LLaVA-NeXT counterpart (anyres: a base view, tiles, newline tokens).
 """
@@ -22,6 +24,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
     LlavaProcessor,
+    MistralConfig,
     Qwen2Config,
     SiglipVisionConfig,
 )
@@ -52,8 +55,10 @@ def tiny_llava(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     context: int = 2048,
+    sliding_window: int | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A random-weight LLaVA and its processor. Grid = (image_size // patch_size)^2 visual tokens."""
+    """A random-weight LLaVA and its processor. Grid = (image_size // patch_size)^2 visual tokens.
+    `sliding_window` applies to the Mistral decoder only (None: full causal attention)."""
     tokenizer = build_tokenizer(TEST_WORDS)
     tokenizer.model_max_length = context
     vocab = len(tokenizer)
@@ -78,9 +83,9 @@ def tiny_llava(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    if arch == "llama":
+    if arch in ("llama", "mistral"):
         vision = CLIPVisionConfig(**vision_kw, projection_dim=vision_hidden)
-        text = LlamaConfig(**text_kw)
+        text = LlamaConfig(**text_kw) if arch == "llama" else MistralConfig(**text_kw, sliding_window=sliding_window)
         select, feature_layer, extra = "default", -2, 1
         image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -91,7 +96,7 @@ def tiny_llava(
         select, feature_layer, extra = "full", -1, 0
         image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r} (llama or qwen2)")
+        raise ValueError(f"unknown tiny architecture {arch!r} (llama, qwen2 or mistral)")
 
     config = LlavaConfig(
         vision_config=vision,
@@ -128,13 +133,14 @@ def tiny_llava_next(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     context: int = 2048,
+    sliding_window: int | None = None,
     **kw,
 ) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
     """A random-weight LLaVA-NeXT and its processor: the tiny LLaVA's tower and decoder (`kw`: its other shape
     arguments), anyres with tiles of `image_size` pixels at `pinpoints` (default: LLaVA-v1.6's five shapes, scaled
     from 336 to `image_size`)."""
     model15, p15 = tiny_llava(arch, image_size=image_size, patch_size=patch_size, hidden=hidden, layers=layers,
-                              seed=seed, dtype=dtype, context=context, **kw)
+                              seed=seed, dtype=dtype, context=context, sliding_window=sliding_window, **kw)
     c15 = model15.config
     k = image_size
     pins = [list(p) for p in (pinpoints or ((k, 2 * k), (2 * k, k), (2 * k, 2 * k), (3 * k, k), (k, 3 * k)))]
@@ -217,7 +223,8 @@ def preset_image_processor(preprocessor_config: dict):
     fields = {k: v for k, v in preprocessor_config.items()
               if k not in ("image_processor_type", "processor_class") and v is not None}
     kind = preprocessor_config["image_processor_type"]
-    classes = {"CLIPImageProcessor": CLIPImageProcessorPil, "SiglipImageProcessor": SiglipImageProcessorPil}
+    classes = {"CLIPImageProcessor": CLIPImageProcessorPil, "SiglipImageProcessor": SiglipImageProcessorPil,
+               "LlavaNextImageProcessor": LlavaNextImageProcessorPil}
     if kind not in classes:
         raise ValueError(f"no offline image processor for {kind!r}")
     return classes[kind](**fields)
@@ -236,9 +243,10 @@ def preset_llava(
     dtype: torch.dtype = torch.float32,
     reduce: bool = True,
     device: str | torch.device | None = None,
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+) -> tuple[LlavaForConditionalGeneration | LlavaNextForConditionalGeneration, LlavaProcessor | LlavaNextProcessor]:
     """A preset's exact configuration - depth, grid, vision feature layer and select strategy, image processor,
-    chat template, image token, vocabulary, RoPE, tied embeddings - at a reduced width, with random weights.
+    chat template, image token, vocabulary, RoPE, tied embeddings, and for LLaVA-NeXT the pinpoints and the anyres
+    processor - at a reduced width, with random weights, in the preset's own model and processor classes.
 
     Only widths change: hidden sizes, FFN sizes and head counts, keeping the decoder's query-to-KV-head ratio
     (MHA stays MHA, TinyLlama's 8:1 GQA stays 8:1). Depths (decoder and vision tower) are the real ones.
@@ -253,6 +261,11 @@ def preset_llava(
     data = preset.data
     cfg = preset.config
     t, v = cfg["text_config"], cfg["vision_config"]
+    # The published dtypes (the decoder's own "torch_dtype", e.g. Mistral's bfloat16) would make transformers build
+    # that part in it whatever `dtype` asks: every part is built in `dtype`.
+    for part in (cfg, t, v):
+        part.pop("torch_dtype", None)
+        part.pop("dtype", None)
     if reduce:
         text = AutoConfig.for_model(t["model_type"], **{k: x for k, x in t.items() if k != "model_type"})
         ratio = text.num_attention_heads // (text.num_key_value_heads or text.num_attention_heads)
@@ -262,14 +275,16 @@ def preset_llava(
         v.update(hidden_size=vision_hidden, intermediate_size=vision_intermediate, num_attention_heads=vision_heads)
         if "projection_dim" in v:
             v["projection_dim"] = vision_hidden
-    config = LlavaConfig.from_dict(cfg)
+    anyres = cfg.get("model_type") == "llava_next"
+    model_cls = LlavaNextForConditionalGeneration if anyres else LlavaForConditionalGeneration
+    config = (LlavaNextConfig if anyres else LlavaConfig).from_dict(cfg)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)
         with torch.device(device or "cpu"):
-            model = LlavaForConditionalGeneration(config).eval()
+            model = model_cls(config).eval()
     finally:
         torch.set_default_dtype(previous)
     gen = data.get("generation_config") or {}
@@ -277,7 +292,7 @@ def preset_llava(
         setattr(model.generation_config, k, x)
     tokenizer = preset_tokenizer(data["tokenizer"], chat_template=data.get("chat_template"))
     pc = data.get("processor_config") or {}
-    processor = LlavaProcessor(
+    processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
         image_processor=preset_image_processor(data["preprocessor_config"]),
         tokenizer=tokenizer,
         patch_size=pc.get("patch_size"),

@@ -117,7 +117,8 @@ def test_every_method_runs_with_measured_memory(tiny, method):
         assert t.memory.peak_gpu_note == ""
 
 
-@pytest.mark.parametrize("name", ["llava-hf/llava-1.5-7b-hf", "llava-hf/llava-interleave-qwen-0.5b-hf"])
+@pytest.mark.parametrize("name", ["llava-hf/llava-1.5-7b-hf", "llava-hf/llava-interleave-qwen-0.5b-hf",
+                                  "llava-hf/llava-v1.6-mistral-7b-hf"])
 def test_preset_loads_onto_the_device_in_half_precision(tmp_path, name):
     """A preset's exact configuration (reduced width) saved and loaded as a user would: CUDA, bf16/fp16, SDPA/FA2."""
     model, processor = preset_llava(name)

@@ -1,6 +1,7 @@
-"""Every preset's exact configuration, rebuilt at a reduced width with random weights, saved with its processor,
-loaded back through the loader and run end to end with dense and every registered method; and the overlay's
-mapping of patches back onto a non-square upload checked against what the preset's processor really does."""
+"""Every single-grid preset's exact configuration, rebuilt at a reduced width with random weights, saved with its
+processor, loaded back through the loader and run end to end with dense and every registered method; and the
+overlay's mapping of patches back onto a non-square upload checked against what the preset's processor really does.
+The LLaVA-NeXT presets (a base view and tiles per picture) have their own file: tests/test_presets_next.py."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from sparsevlm.presets import PRESETS
 from sparsevlm.testing import preset_llava
 
 HUB_PRESETS = [n for n, p in PRESETS.items() if not p.local_path]
+SINGLE_GRID = [n for n, p in PRESETS.items() if not p.anyres]
 UPLOAD = (300, 180)  # non-square: the CLIP presets crop its sides, SigLIP squashes it
 
 
-@pytest.fixture(scope="module", params=list(PRESETS))
+@pytest.fixture(scope="module", params=SINGLE_GRID)
 def loaded(request, tmp_path_factory):
     """The embedded preset is the real model; the hub presets are rebuilt at a reduced width and saved."""
     preset = PRESETS[request.param]
@@ -32,6 +34,15 @@ def loaded(request, tmp_path_factory):
     model.save_pretrained(d)
     processor.save_pretrained(d)
     return preset, load_model(str(d))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rebuilt_preset_is_built_in_the_dtype_asked_for(dtype):
+    """transformers builds a part in its config's own "torch_dtype" (the decoder's float16 in LLaVA-1.5's config)
+    whatever the default dtype says; a rebuilt preset must be one dtype, or its first matmul across parts fails."""
+    for name in HUB_PRESETS:
+        model, _ = preset_llava(name, dtype=dtype)
+        assert {p.dtype for p in model.parameters()} == {dtype}, name
 
 
 def test_rebuilt_config_is_the_preset_exactly(loaded):

@@ -188,7 +188,8 @@ def test_presets_list_the_embedded_model_and_the_real_checkpoints():
 
     assert list(presets.PRESETS) == ["scenes-llava", "bczhou/tiny-llava-v1-hf",
                                      "llava-hf/llava-interleave-qwen-0.5b-hf", "llava-hf/llava-1.5-7b-hf",
-                                     "llava-hf/llava-1.5-13b-hf"]
+                                     "llava-hf/llava-1.5-13b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf",
+                                     "llava-hf/llava-v1.6-mistral-7b-hf"]
     p = presets.PRESETS["scenes-llava"]
     assert p.local_path == str(EMBEDDED) and p.decoder_layers == 32
     content = json.loads(LIKENESS.read_text())["summary"]["raters"]["classes"]["content"]["share_of_raters"][0]
