@@ -23,7 +23,7 @@ from typing import Any, TypedDict
 import gradio as gr
 from PIL import Image
 
-from sparsevlm.config import FIXED_BUDGETS, PruneConfig
+from sparsevlm.config import PruneConfig, budgets_for
 from sparsevlm.errors import InputError, SparseVLMError
 from sparsevlm.evaluation.recall import evidence_recall, evidence_recall_per_stage
 from sparsevlm.gpu import gpu
@@ -493,13 +493,16 @@ def reachable_budget(lm: Any) -> float | None:
 
 
 def budget_choice(lm: LoadedModel, **layout: Any) -> gr.Radio:
-    """The budget radio for a model: the papers' 64 (paper accounting, the default, runs every budget)."""
-    budgets = list(FIXED_BUDGETS)
+    """The budget radio for a model: the papers' budgets for its family (LLaVA-1.5: 192 / 128 / 96 / 64, 64 first;
+    LLaVA-NeXT: 640 / 320 / 160, 320 first); paper accounting, the default, runs every budget."""
+    budgets = list(budgets_for(lm.anyres))
     reachable = reachable_budget(lm)
-    info = f"mean visual tokens per decoder layer (dense = {lm.visual_tokens})"
+    dense = f"up to {lm.visual_tokens}, by the picture" if lm.anyres else str(lm.visual_tokens)
+    info = f"mean visual tokens per decoder layer (dense = {dense})"
     if reachable is not None and reachable > min(budgets):
         info += f"; flops accounting cannot go below {reachable:.0f} on this model's depth"
-    return gr.Radio(budgets, value=64, info=info + "; adaptive modes under SparseVLM options", **layout)
+    return gr.Radio(budgets, value=320 if lm.anyres else 64,
+                    info=info + "; adaptive modes under SparseVLM options", **layout)
 
 
 def model_line(lm: LoadedModel, note: str = "") -> str:

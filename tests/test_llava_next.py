@@ -176,3 +176,14 @@ def test_bench_at_llava_nexts_shape_times_every_method_at_320():
     assert {"dense-2928-paper", "random-320-paper", "fastv-320-flops"} <= set(rows)
     assert rows["random-320-paper"]["equal_tokens"] == 320
     assert "fastv-320-paper_time_over_flops_within_1.10x_random" in result["targets"]
+
+
+def test_the_page_offers_the_papers_budgets_for_each_family(next_lm):
+    from app.handlers import budget_choice, model_line
+
+    radio = budget_choice(next_lm)
+    assert [c[1] for c in radio.choices] == [640, 320, 160] and radio.value == 320
+    assert "anyres" in model_line(next_lm) and "base view" in model_line(next_lm)
+    model, processor = tiny_llava("llama")
+    one = budget_choice(from_objects(model, processor))
+    assert [c[1] for c in one.choices] == [192, 128, 96, 64] and one.value == 64
