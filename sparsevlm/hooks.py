@@ -441,7 +441,9 @@ class PruneHooks:
         layout = self.layout
         if layout is None or (self.anyres and image_sizes is not None and layout.total != found):
             if image_sizes is None:
-                raise ConfigError("LLaVA-NeXT needs the picture's size (image_sizes) to lay out its tiles")
+                raise ConfigError("LLaVA-NeXT needs the picture's layout: install the hooks with "
+                                  "layout=pipeline.layout_for(lm, image.size) (generate() encodes the picture before "
+                                  "its first forward and hands that forward no image_sizes)")
             h, w = (int(x) for x in image_sizes[0].tolist())
             layout = layout_of(self.model, (w, h))
         if found != layout.total:

@@ -318,10 +318,11 @@ def per_view_cls_scores(inp: StageInput) -> torch.Tensor:
     """(V,) each token's [CLS] attention in its own view's tower input (LLaVA-NeXT: the base view's [CLS] for base
     tokens, a tile's [CLS] for that tile's tokens); newline tokens get NEWLINE_SCORE."""
     vis, layout = inp.vision, inp.layout
-    scores = torch.full((inp.visual,), NEWLINE_SCORE, dtype=torch.float32)
+    dev = inp.hidden.device
+    scores = torch.full((inp.visual,), NEWLINE_SCORE, dtype=torch.float32, device=dev)
     for v in layout.views:
-        row = vis.cls_attention(v.crop).float().cpu()
-        scores[list(v.tokens)] = row[list(v.patches)]
+        row = vis.cls_attention(v.crop).float().to(dev)
+        scores[torch.tensor(v.tokens, device=dev)] = row[torch.tensor(v.patches, device=dev)]
     return scores
 
 
@@ -331,6 +332,6 @@ def per_view_top_k(scores: torch.Tensor, layout, k: int) -> tuple[torch.Tensor, 
     counts = view_budgets([len(v.tokens) for v in layout.views], k)
     kept = []
     for v, n in zip(layout.views, counts, strict=True):
-        idx = torch.tensor(v.tokens, dtype=torch.long)
+        idx = torch.tensor(v.tokens, dtype=torch.long, device=scores.device)
         kept.append(idx[top_k_keep(scores[idx], n)])
     return torch.cat(kept).sort().values, counts

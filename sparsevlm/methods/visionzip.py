@@ -199,7 +199,8 @@ class VisionZip(PruneMethod):
         them); newline tokens are dropped (the official code never feeds them)."""
         vis, layout = inp.vision, inp.layout
         shares = view_budgets([len(v.tokens) + 1 for v in layout.views], cfg.budget)  # + 1: each view's [CLS]
-        scores_all = torch.full((inp.visual,), NEWLINE_SCORE, dtype=torch.float32)
+        dev = inp.hidden.device
+        scores_all = torch.full((inp.visual,), NEWLINE_SCORE, dtype=torch.float32, device=dev)
         kept: list[torch.Tensor] = []
         leads: list[MergedGroup] = []
         contextual: list[MergedGroup] = []
@@ -214,18 +215,18 @@ class VisionZip(PruneMethod):
             rows = torch.cat([torch.zeros(1, dtype=torch.long, device=k.device), patches + 1])  # [CLS] + the view's
             scores = (vis.cls_attention(v.crop) * vis.heads)[patches].float()
             res = select(scores, head_mean_keys(k, vis.heads)[rows], hidden[rows], d, c)
-            tokens = torch.tensor(v.tokens, dtype=torch.long)
-            scores_all[tokens] = scores.cpu()
+            tokens = torch.tensor(v.tokens, dtype=torch.long, device=dev)
+            scores_all[tokens] = scores.to(dev)
             sel = res.selection
             n_dom = len(sel.kept)
             proj = vis.project(res.features[None].to(inp.hidden.dtype))[0].to(inp.hidden.dtype)
-            kept.append(tokens[sel.kept.cpu()])
+            kept.append(tokens[sel.kept.to(dev)])
             leads.append(MergedGroup(-1, [], proj[0]))
             for i, (t, m) in enumerate(sel.groups):
                 contextual.append(MergedGroup(int(tokens[t]), [int(tokens[t]), *(int(tokens[u]) for u in m)],
                                               proj[1 + n_dom + i]))
             per_view.append({"view": v.name, "dominant": d, "contextual": len(sel.groups)})
-        kept_all = torch.cat(kept).sort().values if kept else torch.zeros(0, dtype=torch.long)
+        kept_all = torch.cat(kept).sort().values if kept else torch.zeros(0, dtype=torch.long, device=dev)
         order = sorted(range(len(contextual)), key=lambda i: contextual[i].center)  # sequence order of targets
         contextual = [contextual[i] for i in order]
         per = ", ".join(f"{p['view']} {p['dominant']}+{p['contextual']}" for p in per_view)
