@@ -22,6 +22,7 @@ The arithmetic follows transformers' `LlavaNextModel.pack_image_features` and `L
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,7 +103,12 @@ class VisualLayout:
     def lower_weights(self) -> list[float]:
         """Each visual token's weight on the picture's lower half: 1 below the middle, 0 above, 0.5 for a cell the
         middle line crosses (the middle row of an odd grid); a newline counts with the cell row it ends. Measured
-        against the middle of the base (or single) view's box, so LLaVA-1.5's is the grid's lower half."""
+        against the middle of the base (or single) view's box, so LLaVA-1.5's is the grid's lower half. Computed
+        once per layout (every profile layer of every run of a request reads it)."""
+        return list(self._lower_weights)
+
+    @functools.cached_property
+    def _lower_weights(self) -> tuple[float, ...]:
         mid = (self.views[0].box[1] + self.views[0].box[3]) / 2
         eps = 1e-9 * max(1.0, abs(mid))
         out = [0.0] * self.total
@@ -120,7 +126,7 @@ class VisualLayout:
             v = self.views[vi]
             _, y0, _, y1 = v.cell_box(r * v.grid[1])
             out[t] = weight(y0, y1)
-        return out
+        return tuple(out)
 
     def to_dict(self) -> dict:
         return {"views": [v.to_dict() for v in self.views], "newlines": list(self.newlines),

@@ -187,3 +187,12 @@ def test_the_page_offers_the_papers_budgets_for_each_family(next_lm):
     model, processor = tiny_llava("llama")
     one = budget_choice(from_objects(model, processor))
     assert [c[1] for c in one.choices] == [192, 128, 96, 64] and one.value == 64
+
+
+def test_the_lower_half_weights_are_computed_once_per_layout():
+    """Every profile layer of every run of a request reads them: one computation per layout, copies handed out."""
+    layout = LY.anyres((1008, 672), V16_PINPOINTS, 336, 24)
+    a, b = layout.lower_weights(), layout.lower_weights()
+    assert a == b and a is not b
+    assert layout._lower_weights is layout._lower_weights
+    assert len(a) == layout.total and set(a) <= {0.0, 0.5, 1.0}
