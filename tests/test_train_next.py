@@ -174,3 +174,14 @@ def test_heldout_questions_extend_each_other():
     flat = [x.question for _, _, s in c for x in s]
     assert [x.question for _, _, s in a for x in s] == flat[:10]
     assert flat != [x.question for _, _, s in b for x in s]
+
+
+def test_rater_counts_use_every_visual_token_of_the_sequence(tiny_llava, tok):
+    """The raters read as many visual rows as the sequence has image tokens (base, tiles, newlines), and a
+    question's content-word raters are among its raters."""
+    model = build_from(tiny_llava)
+    processor = build_processor(tok)
+    counts = evaluate_next.rater_counts(model, processor, picture((672, 336)), ["is there a red circle ?",
+                                                                              "what is written on the label ?"])
+    text = tok("is there a red circle ? ASSISTANT:", add_special_tokens=False)["input_ids"]
+    assert 1 <= counts[0][0] <= len(text) and 0 <= counts[0][1] <= counts[0][0]

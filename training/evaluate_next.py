@@ -21,6 +21,13 @@ with plain `model.generate` on the processor's full prompt and stops if any answ
 A LLaVA-1.5 model (one 336-px view) gets the picture resized to 336x336 (squeezed, bicubic); a LLaVA-NeXT model
 gets it as it is (the processor makes the base view and the tiles).
 
+`--raters` also measures SparseVLM's text raters on every question, as `training/likeness.py` does for one view:
+R = mean over the visual rows of softmax(Hv Hq^T) (Hv: the visual tokens the model puts in the sequence - for
+LLaVA-NeXT the base view, the unpadded tiles and the row-end newlines; Hq: the input embeddings of every text
+token after the picture, "ASSISTANT :" included), raters R > mean(R) (`algorithm.select_raters`), and the share of
+raters that are content words (`likeness.classify_word`), pooled over questions with the delta-method interval of
+`likeness.ratio_with_error` (questions as clusters).
+
 Intervals (95%): per family, Wilson's (a picture asks one question of a family); overall, a normal interval whose
 variance treats each picture as a cluster of correlated questions (the ratio estimator's); for the paired
 difference between two models on the same questions, the same cluster variance of the per-question difference.
@@ -38,9 +45,12 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
+from sparsevlm import algorithm
 from sparsevlm.scenes import hires, independent, independent_hires
 from sparsevlm.scenes.world import FAMILIES, IMAGE_SIZE
 from sparsevlm.tokenizer import prompt_for
+
+from .likeness import classify_word, ratio_with_error
 
 WORLDS = ("own", "independent")
 Z = 1.959964
@@ -116,6 +126,28 @@ def answer_generate(model, processor, image, question: str, max_new_tokens: int 
     return processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+@torch.no_grad()
+def rater_counts(model, processor, image, questions: list[str]) -> list[tuple[int, int]]:
+    """(raters, content-word raters) of each single-turn question about `image` (see the module's docstring)."""
+    tok = processor.tokenizer
+    enc = processor(images=[image], text=["USER: <image>"], return_tensors="pt")
+    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    feats = model.model.get_image_features(**extra)
+    feats = getattr(feats, "pooler_output", feats)
+    hv = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])  # every visual token of the sequence
+    n_image = int((enc["input_ids"] == model.config.image_token_id).sum())
+    if hv.shape[0] != n_image:
+        raise RuntimeError(f"{hv.shape[0]} visual features for {n_image} image tokens")
+    out = []
+    for q in questions:
+        ids = tok(f"{q} ASSISTANT:", add_special_tokens=False)["input_ids"]
+        hq = model.get_input_embeddings()(torch.tensor(ids))
+        raters = algorithm.select_raters(algorithm.text_relevance(hv, hq)).tolist()
+        classes = [classify_word(t) for t in tok.convert_ids_to_tokens(ids)]
+        out.append((len(raters), sum(classes[i] == "content" for i in raters)))
+    return out
+
+
 def wilson(c: int, n: int) -> tuple[float, float]:
     if n == 0:
         return 0.0, 0.0
@@ -164,7 +196,8 @@ def paired_difference(records: list[dict], a: str, b: str) -> dict:
     return {"difference": mean, "ci95": [lo, hi], "questions": len(records)}
 
 
-def evaluate(models: dict[str, tuple], n: int, world: str, check: int = 0, log_every: int = 10) -> dict:
+def evaluate(models: dict[str, tuple], n: int, world: str, check: int = 0, log_every: int = 10,
+             raters: bool = False) -> dict:
     """Every model in `models` (name -> (model, processor, is_next)) on the first `n` held-out questions."""
     records: list[dict] = []
     seconds = dict.fromkeys(models, 0.0)
@@ -181,6 +214,10 @@ def evaluate(models: dict[str, tuple], n: int, world: str, check: int = 0, log_e
             for r, p in zip(rec, preds, strict=True):
                 r[f"{name}_pred"] = p
                 r[name] = int(p == r["answer"])
+            if raters:
+                for r, (nr, nc) in zip(rec, rater_counts(model, processor, view, [s.question for s in samples]),
+                                       strict=True):
+                    r[f"{name}_raters"], r[f"{name}_content_raters"] = nr, nc
             for r in rec:
                 if checked < check * len(models):
                     plain = answer_generate(model, processor, view, r["question"])
@@ -195,6 +232,11 @@ def evaluate(models: dict[str, tuple], n: int, world: str, check: int = 0, log_e
     result = {"world": world, "n": len(records), "pictures": len(items), "checked_against_generate": checked,
               "models": {name: summarise(records, name) for name in models},
               "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+    if raters:
+        for name in models:
+            share, half = ratio_with_error([r[f"{name}_content_raters"] for r in records],
+                                           [r[f"{name}_raters"] for r in records])
+            result["models"][name]["content_raters"] = {"share": share, "ci95": [share - half, share + half]}
     names = list(models)
     if len(names) == 2:
         result["difference"] = {f"{names[0]} - {names[1]}": paired_difference(records, names[0], names[1])}
@@ -214,6 +256,10 @@ def table(result: dict) -> str:
                          f"{r['correct']}/{r['total']} {100 * r['accuracy']:.1f}% [{100 * r['ci95'][0]:.1f}, "
                          f"{100 * r['ci95'][1]:.1f}]")
         lines.append(f"{f:<10}" + "".join(f"{c:>34}" for c in cells))
+    for m in names:
+        if (c := result["models"][m].get("content_raters")) is not None:
+            lines.append(f"{m}: raters that are content words {100 * c['share']:.1f}% [{100 * c['ci95'][0]:.1f}, "
+                         f"{100 * c['ci95'][1]:.1f}]")
     for k, d in result.get("difference", {}).items():
         lines.append(f"{k}: {100 * d['difference']:+.1f} points [{100 * d['ci95'][0]:+.1f}, "
                      f"{100 * d['ci95'][1]:+.1f}] on {d['questions']} paired questions")
@@ -227,6 +273,7 @@ def main() -> None:
     p.add_argument("--world", default="own", choices=WORLDS)
     p.add_argument("--n", type=int, default=3000, help="held-out questions")
     p.add_argument("--check", type=int, default=0, help="re-answer the first K questions with plain generate")
+    p.add_argument("--raters", action="store_true", help="also measure the share of content-word raters")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the result (with every answer) here")
     args = p.parse_args()
@@ -234,7 +281,7 @@ def main() -> None:
     models = {"model": load(args.model)}
     if args.baseline:
         models["baseline"] = load(args.baseline)
-    result = evaluate(models, args.n, args.world, check=args.check)
+    result = evaluate(models, args.n, args.world, check=args.check, raters=args.raters)
     result["model"] = args.model
     result["baseline"] = args.baseline
     print(f"model: {args.model}" + (f"; baseline: {args.baseline}" if args.baseline else ""))
