@@ -13,7 +13,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNext
 from sparsevlm.scenes import hires
 from sparsevlm.tokenizer import prompt_for
 from training import evaluate_next, train_next
-from training.model import ModelSize, build_model, build_processor as build_llava_processor, v2_tokenizer
+from training.model import ModelSize, build_model, v2_tokenizer
+from training.model import build_processor as build_llava_processor
 from training.next_model import PINPOINTS, SHIPPED, build_from, build_processor
 
 
@@ -88,7 +89,7 @@ def test_encode_matches_the_chat_template_and_supervises_only_answers(tok):
     assert torch.equal(pixels, ref["pixel_values"])
     # every answer token and its </s> is a label at the position before it, nothing else is
     want = []
-    for q, a, _ in turns:
+    for _, a, _ in turns:
         want += [*tok(a, add_special_tokens=False)["input_ids"], tok.eos_token_id]
     sup = labels[labels != -100].tolist()
     assert sup == want

@@ -92,13 +92,12 @@ def encode(processor, image, turns):
         labels += [-100] * len(qi)
         fams += [-1] * len(qi)
         ai = [*tok(a, add_special_tokens=False)["input_ids"], tok.eos_token_id]
-        for k, tid in enumerate(ai):  # token tid is predicted at the position before it
+        for tid in ai:  # token tid is predicted at the position before it
             labels[len(ids) - 1] = tid
             fams[len(ids) - 1] = fam
             ids.append(tid)
             labels.append(-100)
             fams.append(-1)
-            del k
     return (torch.tensor([ids]), enc["pixel_values"], enc["image_sizes"], torch.tensor(labels), torch.tensor(fams))
 
 

@@ -7,8 +7,9 @@ sizes LLaVA-NeXT's processor cuts the picture into 336-px tiles at full resoluti
 view of the whole picture squeezed to 336x336.
 
 - objects: 3 to 12 (fewer on the smaller sizes), distinct (colour, shape) pairs, sides 42-56 px: 3-4 patches a
-  side in a tile (what the embedded model learns quickly, TRAINING_NOTES), but only 1.5-2 patches in the base
-  view of a 672x672 picture and 14-19 px wide in that of a 1008x336 one, so the base view alone blurs them;
+  side in a tile (at this model's scale smaller objects were learned far more slowly), but only 1.5-2 patches in
+  the base view of a 672x672 picture and 14-19 px wide in that of a 1008x336 one, so the base view alone blurs
+  them;
 - a label card of 42-52 px with one character (`world.LABEL_CHARS`) in half of the pictures;
 - the v2 world's colours, shapes, drawing (`world._draw_shape`), backgrounds (plain, gradient, noise, texture;
   light or dark) and label lettering, drawn at the picture's own size;
