@@ -185,6 +185,12 @@ def summarise(records: list[dict], key: str) -> dict:
     mean, lo, hi = cluster_interval(list(by_pic.values()))
     out["overall"] = {"correct": int(sum(r[key] for r in records)), "total": len(records), "accuracy": mean,
                       "ci95": [lo, hi], "pictures": len(by_pic)}
+    sizes: dict[str, list[int]] = {}
+    for r in records:
+        c = sizes.setdefault(f"{r['size'][0]}x{r['size'][1]}", [0, 0])
+        c[0] += r[key]
+        c[1] += 1
+    out["by_size"] = {k: {"correct": c, "total": t, "accuracy": c / t} for k, (c, t) in sorted(sizes.items())}
     return out
 
 
@@ -256,6 +262,10 @@ def table(result: dict) -> str:
                          f"{r['correct']}/{r['total']} {100 * r['accuracy']:.1f}% [{100 * r['ci95'][0]:.1f}, "
                          f"{100 * r['ci95'][1]:.1f}]")
         lines.append(f"{f:<10}" + "".join(f"{c:>34}" for c in cells))
+    for size in result["models"][names[0]]["by_size"]:
+        cells = [f"{r['correct']}/{r['total']} {100 * r['accuracy']:.1f}%"
+                 for r in (result["models"][m]["by_size"][size] for m in names)]
+        lines.append(f"{size:<10}" + "".join(f"{c:>34}" for c in cells))
     for m in names:
         if (c := result["models"][m].get("content_raters")) is not None:
             lines.append(f"{m}: raters that are content words {100 * c['share']:.1f}% [{100 * c['ci95'][0]:.1f}, "
