@@ -186,3 +186,21 @@ def test_rater_counts_use_every_visual_token_of_the_sequence(tiny_llava, tok):
                                                                               "what is written on the label ?"])
     text = tok("is there a red circle ? ASSISTANT:", add_special_tokens=False)["input_ids"]
     assert 1 <= counts[0][0] <= len(text) and 0 <= counts[0][1] <= counts[0][0]
+
+
+def test_evaluate_pairs_two_models_on_the_same_questions(tiny_llava, tok):
+    models = {"model": (build_from(tiny_llava), build_processor(tok), True),
+              "baseline": (LlavaForConditionalGeneration.from_pretrained(str(tiny_llava)).eval(),
+                           AutoProcessor.from_pretrained(str(tiny_llava)), False)}
+    result = evaluate_next.evaluate(models, 9, "independent", check=3, log_every=0, raters=True)
+    assert result["n"] == 9 and result["checked_against_generate"] == {"model": 3, "baseline": 3}
+    records = result["records"]
+    for name in models:
+        s = result["models"][name]
+        assert s["overall"]["correct"] == sum(r[name] for r in records) == sum(
+            r[f"{name}_pred"] == r["answer"] for r in records)
+        assert sum(f["total"] for k, f in s.items() if k in evaluate_next.FAMILIES) == 9
+        assert sum(v["total"] for v in s["by_size"].values()) == 9
+        assert 0 <= s["content_raters"]["share"] <= 1
+    diff = result["difference"]["model - baseline"]["difference"]
+    assert diff == pytest.approx((sum(r["model"] for r in records) - sum(r["baseline"] for r in records)) / 9)

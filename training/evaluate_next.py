@@ -207,7 +207,7 @@ def evaluate(models: dict[str, tuple], n: int, world: str, check: int = 0, log_e
     """Every model in `models` (name -> (model, processor, is_next)) on the first `n` held-out questions."""
     records: list[dict] = []
     seconds = dict.fromkeys(models, 0.0)
-    checked = 0
+    checked = dict.fromkeys(models, 0)  # questions re-answered with plain generate, per model
     items = heldout_questions(n, world)
     for j, (k, image, samples) in enumerate(items):
         rec = [{"picture": k, "size": list(image.size), "family": s.family, "question": s.question,
@@ -225,12 +225,12 @@ def evaluate(models: dict[str, tuple], n: int, world: str, check: int = 0, log_e
                                        strict=True):
                     r[f"{name}_raters"], r[f"{name}_content_raters"] = nr, nc
             for r in rec:
-                if checked < check * len(models):
+                if checked[name] < check:
                     plain = answer_generate(model, processor, view, r["question"])
                     if plain != r[f"{name}_pred"]:
                         raise SystemExit(f"check failed ({name}, picture {k}): cached {r[f'{name}_pred']!r}, "
                                          f"generate {plain!r} for {r['question']!r}")
-                    checked += 1
+                    checked[name] += 1
         records += rec
         if log_every and (j + 1) % log_every == 0:
             accs = "  ".join(f"{m} {sum(r[m] for r in records) / len(records):.3f}" for m in models)
