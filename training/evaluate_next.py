@@ -203,8 +203,9 @@ def paired_difference(records: list[dict], a: str, b: str) -> dict:
 
 
 def evaluate(models: dict[str, tuple], n: int, world: str, check: int = 0, log_every: int = 10,
-             raters: bool = False) -> dict:
-    """Every model in `models` (name -> (model, processor, is_next)) on the first `n` held-out questions."""
+             raters: bool = False, partial: Path | None = None) -> dict:
+    """Every model in `models` (name -> (model, processor, is_next)) on the first `n` held-out questions; with
+    `partial`, the answers so far are written there every `log_every` pictures."""
     records: list[dict] = []
     seconds = dict.fromkeys(models, 0.0)
     checked = dict.fromkeys(models, 0)  # questions re-answered with plain generate, per model
@@ -235,7 +236,10 @@ def evaluate(models: dict[str, tuple], n: int, world: str, check: int = 0, log_e
         if log_every and (j + 1) % log_every == 0:
             accs = "  ".join(f"{m} {sum(r[m] for r in records) / len(records):.3f}" for m in models)
             print(f"  {len(records)}/{n} questions, {j + 1} pictures: {accs}", flush=True)
-    result = {"world": world, "n": len(records), "pictures": len(items), "checked_against_generate": checked,
+            if partial is not None:  # what is done so far, in case the run is stopped
+                partial.write_text(json.dumps({"world": world, "n": len(records), "partial": True,
+                                               "records": records}) + "\n")
+    result = {"world": world, "n": len(records), "pictures": j + 1, "checked_against_generate": checked,
               "models": {name: summarise(records, name) for name in models},
               "seconds": {k: round(v, 1) for k, v in seconds.items()}}
     if raters:
@@ -291,7 +295,8 @@ def main() -> None:
     models = {"model": load(args.model)}
     if args.baseline:
         models["baseline"] = load(args.baseline)
-    result = evaluate(models, args.n, args.world, check=args.check, raters=args.raters)
+    partial = Path(args.json + ".partial") if args.json else None
+    result = evaluate(models, args.n, args.world, check=args.check, raters=args.raters, partial=partial)
     result["model"] = args.model
     result["baseline"] = args.baseline
     print(f"model: {args.model}" + (f"; baseline: {args.baseline}" if args.baseline else ""))
@@ -299,6 +304,7 @@ def main() -> None:
     print(f"seconds: {result['seconds']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
