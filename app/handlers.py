@@ -510,7 +510,8 @@ def model_line(lm: LoadedModel, note: str = "") -> str:
     weights = render.format_bytes(model_bytes(lm.model))
     cls_only = ", ".join(render.method_label(m) for m in METHODS if get_method(m).needs_cls)
     grid = (f"anyres: a {rows}×{cols} base view + tiles, up to {lm.visual_tokens} visual tokens (each picture's own "
-            "count: its views and newline tokens)" if lm.anyres else f"grid {rows}×{cols} = {lm.visual_tokens} visual tokens")
+            "count: its views and newline tokens)" if lm.anyres else
+            f"grid {rows}×{cols} = {lm.visual_tokens} visual tokens")
     line = (f"Model: <b>{html.escape(lm.name)}</b> · {lm.arch} · {lm.num_layers} decoder layers · {grid}"
             f"{'' if lm.has_cls else f' (no [CLS]: {cls_only} cannot run)'} · "
             f"{lm.device} / {str(lm.dtype).replace('torch.', '')} · weights {weights} (measured from the loaded "

@@ -74,23 +74,24 @@ def attention_likeness_html(name: str, summary: dict | None) -> str:
     table = ("<table class='sv-likeness-table'><tr><th>decoder layer</th><th>read by</th><th>last token: lower-half "
              "share</th><th>top-20% share</th></tr>" + "".join(rows) + "</table>")
     shift = ("shows an attention shift at some layer" if shifted_any else
-             "shows <b>no attention shift</b>: its last token's attention lies as much on the upper half of the picture as "
-             "on the lower (lower-half shares near 0.5), where LLaVA-1.5-7B's leans to the lower half")
+             "shows <b>no attention shift</b>: its last token's attention lies as much on the upper half of the "
+             "picture as on the lower (lower-half shares near 0.5), where LLaVA-1.5-7B's leans to the lower half")
     cls_line = ""
     if cls_lower is not None and cls_top is not None:
         cls_line = (f" Its vision tower's [CLS] holds {cls_top:.2f} of its attention on the top 20% of the patches "
                     f"(LLaVA-1.5-7B's CLIP: about {LLAVA_CLS_TOP20:.1f}) and {cls_lower:.2f} on the lower half"
-                    + (", a lean toward the lower half that LLaVA-1.5's CLIP does not have." if cls_lower > 0.5 + NO_SHIFT
-                       else "."))
+                    + (", a lean toward the lower half that LLaVA-1.5's CLIP does not have."
+                       if cls_lower > 0.5 + NO_SHIFT else "."))
     families = (
-        "<ul><li><b>Methods that rank by the decoder's attention</b> (FastV, SparseVLM, PyramidDrop): on LLaVA-1.5-7B the "
-        "shift makes them keep mostly lower-half tokens and the dispersion spreads their scores (top 20% ≈ "
-        f"{LLAVA_LAST_TOP20:.1f}), which is why they trail at high reduction in the papers. "
+        "<ul><li><b>Methods that rank by the decoder's attention</b> (FastV, SparseVLM, PyramidDrop): on "
+        "LLaVA-1.5-7B the shift makes them keep mostly lower-half tokens and the dispersion spreads their scores "
+        f"(top 20% ≈ {LLAVA_LAST_TOP20:.1f}), which is why they trail at high reduction in the papers. "
         + ("Here, without the shift and where a layer concentrates on the objects, they see better attention than on "
            "LLaVA-1.5, and can rank better here than the papers find." if not shifted_any else
            "Here the shift is present at some layer: compare the table.")
         + "</li><li><b>Methods that rank by [CLS] attention</b> (FasterVLM, VisionZip): they read the tower, not the "
           "decoder; how well they do follows this model's [CLS], trained here the way CLIP is.</li>"
-          "<li><b>Methods that read neither</b> (DivPrune, DART's duplication, random) are untouched by both.</li></ul>")
+          "<li><b>Methods that read neither</b> (DivPrune, DART's duplication, random) are untouched by both."
+          "</li></ul>")
     return (f"<div class='sv-likeness'><b>How {who}'s decoder attends, beside LLaVA-1.5-7B's</b> (measured on {n} "
             f"pictures, its folder's likeness summary): it {shift}.{cls_line}{table}{families}</div>")

@@ -13,7 +13,8 @@ Time is measured here, on the client; the first request (warm-up) is reported se
 --compare clicks "Compare all methods" (/compare_view) the way the page does and times what a user waits for:
 the request until the gallery, table and record arrive, plus fetching the gallery's pictures (in parallel, as a
 browser does). Without --url it serves this checkout's app in this process on a free port (default: the embedded
-model), its model work on this process's main thread as `python -m app` runs it, and also splits each click into its parts, timed inside the server: the model work, each renderer, the
+model), its model work on this process's main thread as `python -m app` runs it, and also splits each click
+into its parts, timed inside the server: the model work, each renderer, the
 encoding of every output, and the rest (queue, events, transfer), with the payload's bytes. With one or more
 --url or --serve it clicks several apps in turn (A B A B ...), so machine load hits each alike, and reports each
 one's figures and the ratio to the first, pair by pair; an app --serve started (a checkout folder's `python -m

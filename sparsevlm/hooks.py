@@ -47,7 +47,6 @@ from .methods.base import plain
 from .schedule import Counts
 from .trace import AttentionLayer, LayerRecord, MergedToken, Stage
 
-
 # The model types the hooks install on: LLaVA-1.5's one grid and LLaVA-NeXT's anyres views.
 MODEL_TYPES = ("llava", "llava_next")
 

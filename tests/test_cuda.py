@@ -77,7 +77,8 @@ def test_dense_hooks_leave_logits_identical(tiny):
 def test_pruning_equals_masked_full_sequence_at_half_precision(tiny, method):
     _, dtype, model, processor = tiny
     inputs = _inputs(processor, dtype)
-    cfg = PruneConfig(method=method, budget=32, positions="keep", **({"recycle": False} if method == "sparsevlm" else {}))
+    cfg = PruneConfig(method=method, budget=32, positions="keep",
+                      **({"recycle": False} if method == "sparsevlm" else {}))
     gen = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with PruneHooks(model, cfg) as hooks:
         pruned = model.generate(**inputs, **gen)

@@ -72,7 +72,8 @@ def test_rater_rows_equal_eager_attention(tiny, prune_layers):
 def test_keep_positions_pruning_equals_masked_full_sequence(tiny, method):
     _, model, processor = tiny
     inputs = _inputs(processor)
-    cfg = PruneConfig(method=method, budget=32, positions="keep", **({"recycle": False} if method == "sparsevlm" else {}))
+    cfg = PruneConfig(method=method, budget=32, positions="keep",
+                      **({"recycle": False} if method == "sparsevlm" else {}))
     gen = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with PruneHooks(model, cfg) as hooks:
         pruned = model.generate(**inputs, **gen)

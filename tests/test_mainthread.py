@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from app import handlers
-from app.mainthread import MainThread, on_main_thread
+from app.mainthread import MainThread
 
 REQUEST = contextvars.ContextVar("request", default=None)
 

@@ -41,7 +41,17 @@ from .figures import (
     mass_curve_figure,
     raters_figure,
 )
-from .geometry import DISPLAY_SIDE, canvas_size, display_size, n_tokens, patch_at, patch_box, patch_index_map, token_place, views_of
+from .geometry import (
+    DISPLAY_SIDE,
+    canvas_size,
+    display_size,
+    n_tokens,
+    patch_at,
+    patch_box,
+    patch_index_map,
+    token_place,
+    views_of,
+)
 from .layers import (
     KEPT,
     PRUNED,
@@ -107,7 +117,8 @@ __all__ = [
     "answer_markdown", "answers_agree", "attendance_share", "attended_patches", "attention_at", "attention_caption",
     "attention_formulas_markdown", "budget_line", "canvas", "caption_strip", "colormap", "compare_pictures",
     "compare_rows", "compare_table_html", "config_option", "count_comparison_figure", "count_kind", "counts_figure",
-    "canvas_size", "default_layer", "display_size", "n_tokens", "token_place", "views_of", "draw_outline", "empty_answer_note", "evidence_recall",
+    "canvas_size", "default_layer", "display_size", "n_tokens", "token_place", "views_of", "draw_outline",
+    "empty_answer_note", "evidence_recall",
     "evidence_recall_per_stage", "final_layer", "format_bytes", "formulas_markdown", "heatmap_stage",
     "latency_figure", "latency_rows", "latency_table_html", "layer_caption", "layer_counts", "legend_html",
     "mass_curve_figure", "method_label", "num_layers", "patch_at", "patch_box", "patch_fate", "patch_fate_html",

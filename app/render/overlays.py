@@ -112,7 +112,8 @@ def draw_view_boxes(out: np.ndarray, trace: PruneTrace) -> np.ndarray:
     w = (width - (len(panels(layout)) - 1) * GAP) // len(panels(layout))
     labels = [f"base view {base.grid[0]}x{base.grid[1]}"]
     if tiles:
-        labels.append(f"{len(tiles)} tiles, {sum(len(v.tokens) for v in tiles)} tokens + {len(layout.newlines)} newlines")
+        n = sum(len(v.tokens) for v in tiles)
+        labels.append(f"{len(tiles)} tiles, {n} tokens + {len(layout.newlines)} newlines")
     for k, text in enumerate(labels):
         x = k * (w + GAP) + 4
         box = d.textbbox((x, 4), text, font=f)

@@ -11,7 +11,16 @@ from __future__ import annotations
 from ..config import PruneConfig
 from ..errors import ConfigError
 from ..schedule import single_stage
-from .base import ModelGeometry, Plan, PruneMethod, Selection, StageInput, per_view_cls_scores, per_view_top_k, top_k_keep
+from .base import (
+    ModelGeometry,
+    Plan,
+    PruneMethod,
+    Selection,
+    StageInput,
+    per_view_cls_scores,
+    per_view_top_k,
+    top_k_keep,
+)
 
 
 class FasterVLM(PruneMethod):
