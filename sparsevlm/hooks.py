@@ -51,11 +51,6 @@ from .trace import AttentionLayer, LayerRecord, MergedToken, Stage
 MODEL_TYPES = ("llava", "llava_next")
 
 
-def layout_of(model, image_size: tuple[int, int]) -> LY.VisualLayout:
-    """The layout of an upload of `image_size` (width, height) on a LLaVA-NeXT model."""
-    return LY.for_model(model.config, image_size)
-
-
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding as Llama/Qwen2 apply it (rotate-half convention); cos/sin broadcast over heads."""
     half = x.shape[-1] // 2
@@ -444,7 +439,7 @@ class PruneHooks:
                                   "layout=pipeline.layout_for(lm, image.size) (generate() encodes the picture before "
                                   "its first forward and hands that forward no image_sizes)")
             h, w = (int(x) for x in image_sizes[0].tolist())
-            layout = layout_of(self.model, (w, h))
+            layout = LY.for_model(self.model.config, (w, h))
         if found != layout.total:
             raise ConfigError(f"expected {layout.total} image tokens in the prompt, found {found}")
         if layout.total != self.grid_tokens:

@@ -84,21 +84,29 @@ class VisualLayout:
                 raise ValueError(f"view {v.name}: {len(v.tokens)} tokens for a {v.grid[0]}x{v.grid[1]} grid")
         return self
 
-    def token_boxes(self) -> list[Box | None]:
-        """Each visual token's box in the upload's pixels (None for a newline token)."""
+    def token_boxes(self) -> tuple[Box | None, ...]:
+        """Each visual token's box in the upload's pixels (None for a newline token); computed once per layout."""
+        return self._token_boxes
+
+    def token_views(self) -> tuple[int | None, ...]:
+        """Each visual token's view index (None for a newline token); computed once per layout."""
+        return self._token_views
+
+    @functools.cached_property
+    def _token_boxes(self) -> tuple[Box | None, ...]:
         out: list[Box | None] = [None] * self.total
         for v in self.views:
             for k, t in enumerate(v.tokens):
                 out[t] = v.cell_box(k)
-        return out
+        return tuple(out)
 
-    def token_views(self) -> list[int | None]:
-        """Each visual token's view index (None for a newline token)."""
+    @functools.cached_property
+    def _token_views(self) -> tuple[int | None, ...]:
         out: list[int | None] = [None] * self.total
         for i, v in enumerate(self.views):
             for t in v.tokens:
                 out[t] = i
-        return out
+        return tuple(out)
 
     def lower_weights(self) -> list[float]:
         """Each visual token's weight on the picture's lower half: 1 below the middle, 0 above, 0.5 for a cell the

@@ -345,3 +345,31 @@ def masked_oracle_generate(model, inputs: dict, state, **gen):
     finally:
         for h in handles:
             h.remove()
+
+
+# --- LLaVA-NeXT checks shared by the tests ---------------------------------------------------------------------------
+def two_shapes(size: tuple[int, int] = (168, 112)):
+    """A plain picture of `size` (width, height): a red circle top left, a blue square bottom right."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, (235, 238, 242))
+    d = ImageDraw.Draw(img)
+    w, h = size
+    d.ellipse((w * 0.1, h * 0.1, w * 0.4, h * 0.5), fill=(220, 40, 40))
+    d.rectangle((w * 0.6, h * 0.5, w * 0.9, h * 0.9), fill=(40, 80, 220))
+    return img
+
+
+@torch.no_grad()
+def assert_layout_is_packing(model, inputs: dict, layout) -> None:
+    """The layout against the LLaVA-NeXT model's own packing of `inputs` (the processor's output): each view
+    cell's token holds the projector's output of its crop's patch, each newline token the model's image_newline."""
+    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                            return_dict=True).pooler_output[0]
+    tower = model.model.vision_tower(inputs["pixel_values"][0], output_hidden_states=True)
+    crops = model.model.multi_modal_projector(tower.hidden_states[model.config.vision_feature_layer][:, 1:])
+    assert packed.shape[0] == layout.total
+    for v in layout.views:
+        torch.testing.assert_close(packed[list(v.tokens)], crops[v.crop][list(v.patches)])
+    for t in layout.newlines:
+        torch.testing.assert_close(packed[t], model.model.image_newline.to(packed.dtype))

@@ -187,9 +187,13 @@ class PruneTrace:
         """The trace's layout.VisualLayout (for an older trace: its one grid over `input_region`)."""
         from .layout import VisualLayout, single
 
-        if self.layout:
-            return VisualLayout.from_dict(self.layout)
-        return single(tuple(self.grid), tuple(self.input_region), tuple(self.image_size))
+        cached = self.__dict__.get("_visual_layout")  # (the dict it was read from, the layout): renderers ask often
+        if cached is not None and cached[0] is self.layout:
+            return cached[1]
+        layout = VisualLayout.from_dict(self.layout) if self.layout else \
+            single(tuple(self.grid), tuple(self.input_region), tuple(self.image_size))
+        self.__dict__["_visual_layout"] = (self.layout, layout)
+        return layout
 
     # --- derived views -------------------------------------------------------------------------------------
     def stage_for_layer(self, layer: int) -> Stage | None:

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from sparsevlm import layout as LY
 from sparsevlm.config import PruneConfig
 from sparsevlm.loading import from_objects
 from sparsevlm.methods import METHODS
 from sparsevlm.pipeline import Decoding, layout_for, run, run_shared
-from sparsevlm.testing import tiny_llava, tiny_llava_next
+from sparsevlm.testing import assert_layout_is_packing, tiny_llava, tiny_llava_next, two_shapes
 from sparsevlm.trace import PruneTrace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,13 +30,7 @@ def next_lm():
     return from_objects(model, processor, "tiny-next")
 
 
-def picture(size=(168, 112)) -> Image.Image:
-    img = Image.new("RGB", size, (235, 238, 242))
-    d = ImageDraw.Draw(img)
-    w, h = size
-    d.ellipse((w * 0.1, h * 0.1, w * 0.4, h * 0.5), fill=(220, 40, 40))
-    d.rectangle((w * 0.6, h * 0.5, w * 0.9, h * 0.9), fill=(40, 80, 220))
-    return img
+picture = two_shapes
 
 
 # --- the layout ---------------------------------------------------------------------------------------------------
@@ -59,16 +52,7 @@ def test_layout_matches_the_processors_count_and_the_models_packing(next_lm, siz
     layout.check()
     inputs = processor(images=img, text="<image> what", return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == layout.total
-    with torch.no_grad():
-        packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-                                                return_dict=True).pooler_output[0]
-        tower = model.model.vision_tower(inputs["pixel_values"][0], output_hidden_states=True)
-        crops = model.model.multi_modal_projector(tower.hidden_states[model.config.vision_feature_layer][:, 1:])
-    assert packed.shape[0] == layout.total
-    for v in layout.views:
-        torch.testing.assert_close(packed[list(v.tokens)], crops[v.crop][list(v.patches)])
-    for t in layout.newlines:
-        torch.testing.assert_close(packed[t], model.model.image_newline.to(packed.dtype))
+    assert_layout_is_packing(model, inputs, layout)
 
 
 def test_views_have_boxes_in_the_upload_and_a_lower_half():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from sparsevlm import layout as LY
 from sparsevlm.config import PruneConfig
@@ -21,18 +21,12 @@ from sparsevlm.hooks import PruneHooks
 from sparsevlm.loading import from_objects, load_model
 from sparsevlm.methods import METHODS
 from sparsevlm.pipeline import Decoding, build_prompt, run, run_shared
-from sparsevlm.testing import masked_oracle_generate, tiny_llava, tiny_llava_next
+from sparsevlm.testing import masked_oracle_generate, tiny_llava, tiny_llava_next, two_shapes
 
 QUESTION = "what colour is the circle ?"
 
 
-def picture(size=(168, 112)) -> Image.Image:
-    img = Image.new("RGB", size, (235, 238, 242))
-    d = ImageDraw.Draw(img)
-    w, h = size
-    d.ellipse((w * 0.1, h * 0.1, w * 0.4, h * 0.5), fill=(220, 40, 40))
-    d.rectangle((w * 0.6, h * 0.5, w * 0.9, h * 0.9), fill=(40, 80, 220))
-    return img
+picture = two_shapes
 
 
 def pair(family: str, **kw):

@@ -25,7 +25,7 @@ from sparsevlm.loading import load_model
 from sparsevlm.methods import METHODS, get_method
 from sparsevlm.pipeline import Decoding, build_prompt, layout_for, run_shared
 from sparsevlm.presets import PRESETS
-from sparsevlm.testing import preset_llava
+from sparsevlm.testing import assert_layout_is_packing, preset_llava
 from sparsevlm.trace import PruneTrace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,15 +140,7 @@ def test_the_layout_is_the_models_own_packing(saved):
     inputs = lm.processor(images=picture(), text=build_prompt(lm.processor, QUESTION), return_tensors="pt")
     layout = layout_for(lm, UPLOAD)
     assert layout.total == 2144  # what plain transformers gives LLaVA-v1.6 for 1008 x 672
-    packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-                                            return_dict=True).pooler_output[0]
-    tower = model.model.vision_tower(inputs["pixel_values"][0], output_hidden_states=True)
-    crops = model.model.multi_modal_projector(tower.hidden_states[model.config.vision_feature_layer][:, 1:])
-    assert packed.shape[0] == layout.total
-    for v in layout.views:
-        torch.testing.assert_close(packed[list(v.tokens)], crops[v.crop][list(v.patches)])
-    for t in layout.newlines:
-        torch.testing.assert_close(packed[t], model.model.image_newline.to(packed.dtype))
+    assert_layout_is_packing(model, inputs, layout)
 
 
 # --- every method, through the API --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def views_of(trace: PruneTrace) -> VisualLayout | None:
     read `grid` and `input_region`)."""
     if not trace.layout:
         return None
-    layout = VisualLayout.from_dict(trace.layout)
+    layout = trace.visual_layout()
     return None if layout.single else layout
 
 
@@ -56,11 +56,12 @@ def token_place(trace: PruneTrace, patch: int) -> tuple[str, int, int, int, int]
     if layout is None:
         rows, cols = trace.grid
         return ("image", patch // cols, patch % cols, rows, cols)
-    for v in layout.views:
-        if patch in v.tokens:
-            k = v.tokens.index(patch)
-            return (v.name, k // v.grid[1], k % v.grid[1], v.grid[0], v.grid[1])
-    return None
+    vi = layout.token_views()[patch]
+    if vi is None:
+        return None
+    v = layout.views[vi]
+    k = v.tokens.index(patch)
+    return (v.name, k // v.grid[1], k % v.grid[1], v.grid[0], v.grid[1])
 
 
 def display_size(image_size: tuple[int, int], max_side: int = DISPLAY_SIDE) -> tuple[int, int]:
