@@ -25,8 +25,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from sparsevlm.scenes import worlds
 from sparsevlm.scenes.world import FAMILIES
-from sparsevlm.scenes.worlds import DEFAULT_SEEDS, DEFAULT_WORLD, WORLDS, world_of_model
+from sparsevlm.scenes.worlds import DEFAULT_WORLD, WORLDS, world_of_model
 from sparsevlm.tokenizer import prompt_for
+
+# the 336 px worlds' held-out seeds: this evaluation's (the high-resolution worlds' is training/evaluate_next.py)
+DEFAULT_SEEDS = {w: worlds.DEFAULT_SEEDS[w] for w in WORLDS}
 
 __all__ = ["DEFAULT_SEEDS", "WORLDS", "answer", "evaluate", "heldout_item", "load", "question_kind"]
 
@@ -115,6 +118,8 @@ def main() -> None:
     if world is None:
         world = DEFAULT_WORLD
         print(f"{args.model} records no world of its own (training_state.json 'world'): evaluating on {world}")
+    if world not in WORLDS:
+        raise SystemExit(f"{args.model} is a model of the {world} world: evaluate it with training.evaluate_next")
     model, processor = load(args.model)
     result = evaluate(model, processor, args.n, args.seed, args.batch_size, log_every=10, world=world)
     result["model"] = args.model

@@ -715,6 +715,8 @@ def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_ev
         check_world(world)
     except WorldError as e:  # the CLI turns SparseVLMError into its message
         raise SparseVLMError(str(e)) from None
+    if world not in WORLDS:  # these measurements read one 24x24 grid of a 336 px picture
+        raise SparseVLMError(f"the likeness measurements read the 336 px worlds ({', '.join(WORLDS)}), not {world}")
     seed = DEFAULT_SEEDS[world] if seed is None else seed
     loaded = load_model(model_path, device="cpu", dtype="float32")
     m = Measurer(loaded.model, loaded.processor, k)
