@@ -12,6 +12,9 @@ from .config import ACCOUNTINGS, PruneConfig
 from .errors import SparseVLMError
 from .methods import METHODS
 
+# scenes.worlds.ALL_WORLDS, named here so that building the parser draws no scene module (a test keeps them equal)
+EVAL_WORLDS = ("v2", "independent", "hires", "independent-hires")
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
@@ -127,8 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy and evidence recall of every method on generated scenes")
     e.add_argument("--model", default=None)
     e.add_argument("--n", type=_positive_int, default=300, help="questions")
-    e.add_argument("--seed", type=int, default=12345)
-    e.add_argument("--methods", default=None, help="comma-separated subset of the benchmark's configurations")
+    e.add_argument("--world", default=None, choices=EVAL_WORLDS,
+                   help="whose held-out scenes (default: the model's own, training_state.json 'world'; "
+                        "v2 for a folder that records none)")
+    e.add_argument("--seed", type=int, default=None,
+                   help="held-out seed (default: 12345 in the 336 px worlds; in the high-resolution worlds their own "
+                        "held-out set, the questions training.evaluate_next asks)")
+    e.add_argument("--methods", default=None,
+                   help="comma-separated subset of the benchmark's configurations (METHOD-BUDGET-ACCOUNTING at the "
+                        "loaded model's budgets: 192/128/96/64 on LLaVA-1.5, 640/320/160 on LLaVA-NeXT)")
     e.add_argument("--accounting", default="both", choices=(*ACCOUNTINGS, "both"))
     e.add_argument("--json", action="store_true")
     e.add_argument("--out", default=None, help="folder for benchmark.md, benchmark.json and the figure")

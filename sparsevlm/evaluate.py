@@ -10,25 +10,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import ACCOUNTINGS
+from .config import ACCOUNTINGS, budgets_for
 from .evaluation.figure import METHOD_COLOURS, curves, figure
 from .evaluation.png import png
-from .evaluation.recall import evidence_recall, evidence_recall_per_stage
-from .evaluation.runner import BUDGETS, Setting, evaluate, settings, summarize
+from .evaluation.recall import evidence_recall, evidence_recall_per_stage, evidence_tokens
+from .evaluation.runner import BUDGETS, Setting, check_labels, evaluate, settings, summarize
 from .evaluation.stats import Z95, half_width, ordering, paired_difference
 from .evaluation.table import markdown
 from .loading import DEFAULT_MODEL, load_model
 
 __all__ = ["BUDGETS", "METHOD_COLOURS", "Setting", "Z95", "curves", "evaluate", "evidence_recall",
-           "evidence_recall_per_stage", "figure", "half_width", "main", "markdown", "ordering", "paired_difference",
-           "png", "settings", "summarize"]
+           "evidence_recall_per_stage", "evidence_tokens", "figure", "half_width", "main", "markdown", "ordering",
+           "paired_difference", "png", "settings", "summarize"]
 
 
 def main(args) -> int:
     lm = load_model(args.model or DEFAULT_MODEL)
     labels = args.methods.split(",") if args.methods else None
     accountings = ACCOUNTINGS if getattr(args, "accounting", "both") == "both" else (args.accounting,)
-    result = evaluate(lm, args.n, args.seed, labels, log=None if args.json else print, accountings=accountings)
+    check_labels(labels, accountings, budgets_for(lm.anyres))  # the loaded model's budgets only
+    result = evaluate(lm, args.n, getattr(args, "seed", None), labels, log=None if args.json else print,
+                      accountings=accountings, world=getattr(args, "world", None))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

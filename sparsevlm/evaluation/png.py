@@ -22,6 +22,8 @@ def png(result: dict, path: Path) -> None:
     d = ImageDraw.Draw(img)
     xs = [math.log(max(r["equal_tokens"], 1)) for rows in by_setting.values() for r in rows]
     x0, x1 = min(xs) - 0.1, max(xs) + 0.1
+    budgets = result.get("budgets")  # absent: LLaVA-1.5's, on its 576-token grid
+    ticks = (64, 96, 128, 192, 576) if not budgets else (*sorted(budgets), 4 * max(budgets))
     fy = lambda a: h - m - a * (h - 2 * m)  # noqa: E731
     d.text((m, 12), "Accuracy vs equal visual tokens (measured); x: input-counted equal tokens, log scale",
            fill="black")
@@ -33,7 +35,7 @@ def png(result: dict, path: Path) -> None:
         for a in (0, 0.25, 0.5, 0.75, 1.0):
             d.text((left - 38, fy(a) - 6), f"{int(a * 100)}%", fill="black")
             d.line([(left, fy(a)), (right, fy(a))], fill="#e5e7eb")
-        for t in (64, 96, 128, 192, 576):
+        for t in ticks:
             if x0 <= math.log(t) <= x1:
                 d.text((fx(t) - 8, h - m + 8), str(t), fill="black")
         for (method, acc), rows in by_setting.items():

@@ -1,8 +1,9 @@
-"""The benchmark's Markdown report: one row per setting, the settings that could not run, and the ordering at 64
-tokens in each accounting."""
+"""The benchmark's Markdown report: one row per setting, the settings that could not run, and the ordering at the
+smallest budget (64 tokens on LLaVA-1.5, 160 on LLaVA-NeXT) in each accounting."""
 
 from __future__ import annotations
 
+from ..config import FIXED_BUDGETS
 from .stats import ordering
 
 
@@ -14,9 +15,11 @@ def markdown(result: dict) -> str:
             "retained %",
             "evidence represented last %", "evidence kept directly last %", "evidence represented avg layers %",
             *fams]
+    tokens = (f"up to {result['model']['visual_tokens']} visual tokens a picture" if result["model"].get("anyres")
+              else f"{result['model']['visual_tokens']} visual tokens")
     lines = [
         f"Model: {result['model']['name']} ({result['model']['architecture']}, {result['model']['decoder_layers']} "
-        f"layers, {result['model']['visual_tokens']} visual tokens); {result['questions']} held-out questions "
+        f"layers, {tokens}); {result['questions']} held-out questions "
         f"(world {result['world']}, seed {result['seed']}); {result['seconds']:.0f} s on "
         f"{result['model']['device']}.",
         "",
@@ -37,12 +40,16 @@ def markdown(result: dict) -> str:
             lines.append(f"\n{r['setting']}: not run - {r['unavailable']}")
     lines += ["", "± 95%: interval half-width of the accuracy (normal approximation, questions as the unit). vs dense: "
               "the accuracy difference from dense on the same questions, with its paired 95% half-width."]
+    if "measured" in result and "budgets" in result:  # read otherwise than on LLaVA-1.5's grid: say how
+        lines += ["", f"Budgets {' / '.join(map(str, result['budgets']))}. Measured: {result['measured']}."
+                  + (f" Pictures {result['picture']}." if result.get("picture") else "")]
+    smallest = min(result.get("budgets") or FIXED_BUDGETS)
     for accounting in ("paper", "flops"):
-        order = ordering(result, 64, accounting)
+        order = ordering(result, smallest, accounting)
         if len(order) < 2:
             continue
-        lines += ["", f"Ordering at 64 tokens, {accounting} accounting (best first; each step down is the paired "
-                  "difference to the next setting, * where it is outside its 95% interval):", ""]
+        lines += ["", f"Ordering at {smallest} tokens, {accounting} accounting (best first; each step down is the "
+                  "paired difference to the next setting, * where it is outside its 95% interval):", ""]
         steps = []
         for item in order:
             nxt = item.get("vs_next")
