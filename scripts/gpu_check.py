@@ -4,8 +4,10 @@
         serves the app in this process on a LLaVA-1.5-7B-shaped model with random weights (sparsevlm.bench.build),
         then drives it through its API as a user's program would: /explain on the bundled examples, then
         /compare_view (every method). Writes what it measured.
-    python scripts/gpu_check.py report --tests junit.xml --bench bench.json --page page.json --out docs/bench-gpu
-        writes docs/bench-gpu.md and docs/bench-gpu.json from the three steps' outputs.
+    python scripts/gpu_check.py report --tests junit.xml --bench bench.json --bench-next bench-next.json \
+            --page page.json --out docs/bench-gpu
+        writes docs/bench-gpu.md and docs/bench-gpu.json from the four steps' outputs (the CUDA tests, the LLaVA-1.5
+        benchmark, the LLaVA-NeXT benchmark, the page).
 """
 
 from __future__ import annotations
@@ -116,14 +118,14 @@ def _load(path: Path | None) -> dict | None:
 
 
 def report(tests: Path | None, bench: Path | None, page_json: Path | None, out: Path, steps: Path | None,
-           device: str = "unknown") -> dict:
+           device: str = "unknown", bench_next: Path | None = None) -> dict:
     from sparsevlm.bench import format_table
 
-    data = {"tests": _tests(tests), "bench": _load(bench), "page": _load(page_json),
+    data = {"tests": _tests(tests), "bench": _load(bench), "bench_next": _load(bench_next), "page": _load(page_json),
             "steps": [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
             if steps is not None and steps.is_file() else [], "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    b, p, t = data["bench"], data["page"], data["tests"]
-    device = (b or p or {}).get("device", device)
+    b, bn, p, t = data["bench"], data["bench_next"], data["page"], data["tests"]
+    device = (b or bn or p or {}).get("device", device)
     lines = ["# GPU check", "", f"`scripts/gpu-check.sh`, {data['when']}, device `{device}`."]
     if not str(device).startswith("cuda"):
         lines += ["", "**Dry run off CUDA: this checks the script, its timings say nothing about a GPU.**"]
@@ -139,6 +141,10 @@ def report(tests: Path | None, bench: Path | None, page_json: Path | None, out: 
         lines.append("did not run")
     lines += ["", "## Prefill benchmark (`python -m sparsevlm bench`)", ""]
     lines.append(format_table(b) if b else "did not run")
+    lines += ["", "## LLaVA-NeXT prefill benchmark (2,928 visual tokens, every method at 320)", "",
+              "`python -m sparsevlm bench --visual next`: a 672 x 672 picture, its base view, 2 x 2 tiles and their "
+              "newline tokens.", ""]
+    lines.append(format_table(bn) if bn else "did not run")
     lines += ["", "## The page answering (`scripts/gpu_check.py page`)", ""]
     if p:
         lines.append(f"model: {p['model']} on {p['device']} {p['dtype']} (built in {p['model_build_s']} s); "
@@ -172,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     rp = sub.add_parser("report")
     rp.add_argument("--tests", type=Path)
     rp.add_argument("--bench", type=Path)
+    rp.add_argument("--bench-next", type=Path, help="the LLaVA-NeXT benchmark's JSON (bench --visual next)")
     rp.add_argument("--page", type=Path)
     rp.add_argument("--steps", type=Path, help="one JSON line per step: step, seconds, rc, limit_s")
     rp.add_argument("--out", type=Path, required=True, help="path without suffix: .md and .json are written")
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: the page answered on {result['device']}: /explain p50 {result['request_ms_p50']} ms, "
               f"/compare_view {result['compare_ms']} ms")
         return 0 if result["answered_on_device"] else 1
-    report(a.tests, a.bench, a.page, a.out, a.steps, a.device)
+    report(a.tests, a.bench, a.page, a.out, a.steps, a.device, a.bench_next)
     print(f"gpu-check: wrote {a.out.with_suffix('.md')} and {a.out.with_suffix('.json')}")
     return 0
 

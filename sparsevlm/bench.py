@@ -1,9 +1,10 @@
 """Prefill latency benchmark: every method measured side by side in one run on one random-weight model.
 
 A random-weight LLaVA with LLaVA-1.5-7B's depth (32 layers) and grid (576 visual tokens), at a width that runs
-on the machine at hand (or the full 7B width on a GPU). Weights do not matter for timing; shapes do.
-`--visual next` builds a LLaVA-NeXT instead (anyres, 336 px tiles, LLaVA-v1.6's pinpoints) and times a 672 x 672
-picture: 2,928 visual tokens (576 base + 4 x 576 tiles + 48 newlines), every method at the papers' 320.
+on the machine at hand (or, with `--width 7b` on a GPU, LLaVA-1.5-7B's full published shape). Weights do not
+matter for timing; shapes do. `--visual next` builds a LLaVA-NeXT instead (anyres, 336 px tiles, LLaVA-v1.6's
+pinpoints; with `--width 7b`, LLaVA-NeXT-7B's full published shape, llava-hf/llava-v1.6-vicuna-7b-hf) and times a
+672 x 672 picture: 2,928 visual tokens (576 base + 4 x 576 tiles + 48 newlines), every method at the papers' 320.
 """
 
 from __future__ import annotations
@@ -68,10 +69,22 @@ def case_label(case: tuple[str, int, str, dict]) -> str:
     return f"{method}-{budget}-{accounting}"
 
 
+# --width 7b: the full published shape of each family's 7B preset, random weights.
+PRESET_7B = {False: ("llava-hf/llava-1.5-7b-hf", "LLaVA-1.5-7B"),
+             True: ("llava-hf/llava-v1.6-vicuna-7b-hf", "LLaVA-NeXT-7B")}
+
+
 def build(width: str, device: str, dtype: torch.dtype, side: int = 24, anyres: bool = False):
+    if width == "7b":
+        if side != 24:
+            raise ConfigError("--visual long runs at the cpu and tiny widths (the 7B preset has its 24 x 24 grid)")
+        # The preset's full published shape (LLaVA-1.5-7B, or LLaVA-NeXT-7B with its anyres processor and
+        # pinpoints; Vicuna-7B decoder, CLIP-L/336 tower), random weights made directly on `device` in `dtype`.
+        preset, label = PRESET_7B[anyres]
+        model, processor = preset_llava(preset, reduce=False, dtype=dtype, device=device)
+        params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        return from_objects(model, processor, name=f"random {label} (full shape, {params:,} parameters)")
     if anyres:
-        if width == "7b":
-            raise ConfigError("--visual next runs at the cpu and tiny widths")
         hidden, heads, kv, inter = WIDTHS[width]
         model, processor = tiny_llava_next(
             "llama", image_size=336, patch_size=14, hidden=hidden, layers=32, heads=heads, kv_heads=kv,
@@ -79,12 +92,6 @@ def build(width: str, device: str, dtype: torch.dtype, side: int = 24, anyres: b
         )
         return from_objects(model.to(device), processor,
                             name=f"random LLaVA-NeXT 32 layers x {hidden} ({width}), anyres 336 px tiles")
-    if width == "7b":
-        if side != 24:
-            raise ConfigError("--visual long runs at the cpu and tiny widths (the 7B preset has its 24 x 24 grid)")
-        # LLaVA-1.5-7B's full published shape (CLIP-L/336 tower, 7.06B parameters), random weights made on `device`.
-        model, processor = preset_llava("llava-hf/llava-1.5-7b-hf", reduce=False, dtype=dtype, device=device)
-        return from_objects(model, processor, name="random LLaVA-1.5-7B (full shape, 7.06B parameters)")
     hidden, heads, kv, inter = WIDTHS[width]
     model, processor = tiny_llava(
         "llama", image_size=side * 14, patch_size=14, hidden=hidden, layers=32, heads=heads, kv_heads=kv,
@@ -100,8 +107,8 @@ def bench(width: str = "cpu", runs: int = 5, warmup: int = 2, device: str | None
           visual: str = "576") -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if width == "7b" and not str(device).startswith("cuda"):
-        raise ConfigError("--width 7b builds LLaVA-1.5-7B's full shape (13.2 GiB in fp16) and needs a CUDA GPU; "
-                          "on a CPU use --width cpu")
+        raise ConfigError(f"--width 7b builds {PRESET_7B[visual == 'next'][1]}'s full shape (13.2 GiB in fp16) and "
+                          "needs a CUDA GPU; on a CPU use --width cpu")
     dtype = torch.float16 if device == "cuda" else torch.float32
     if visual not in GRID_SIDES:
         raise ConfigError(f"--visual must be one of {', '.join(GRID_SIDES)}, not {visual!r}")

@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default=None, help="comma-separated methods (default: every registered method)")
     b.add_argument("--visual", default="576", choices=("576", "long", "next"),
                    help="576: LLaVA-1.5's 24x24 grid; long: one 54x54 grid of 2,916 visual tokens (about LLaVA-NeXT's "
-                        "length); next: LLaVA-NeXT itself, a 672x672 picture = 2,928 visual tokens, every method at "
-                        "320 (cpu and tiny widths)")
+                        "length; cpu and tiny widths); next: LLaVA-NeXT itself (with --width 7b, LLaVA-NeXT-7B's "
+                        "full shape), a 672x672 picture = 2,928 visual tokens, every method at 320")
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", default=None, help="also write the result JSON to this file")
 

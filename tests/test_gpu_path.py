@@ -1,6 +1,6 @@
 """The parts of the GPU path that run on a CPU: measured KV-cache bytes from the cache object (equal to the computed
 ones), peak GPU memory reported as n/a off CUDA, device / dtype / attention choice, the ZeroGPU wrapper, and the
-7B benchmark shape. tests/test_cuda.py holds the checks that need a GPU."""
+7B benchmark shapes (LLaVA-1.5 and LLaVA-NeXT). tests/test_cuda.py holds the checks that need a GPU."""
 
 from __future__ import annotations
 
@@ -132,12 +132,45 @@ def test_bench_7b_is_the_full_published_shape():
     assert lm.dtype == torch.float16
 
 
-def test_bench_7b_refuses_a_cpu():
+def test_bench_7b_next_is_llava_next_7bs_full_published_shape():
+    """`bench --width 7b --visual next` builds llava-hf/llava-v1.6-vicuna-7b-hf at its full shape: here on the meta
+    device (the config, the classes and the parameter count, no weights), with its real anyres processor, which
+    turns the benchmark's 672 x 672 picture into 2,928 image tokens, as the layout counts them."""
+    from sparsevlm.bench import NEXT_PICTURE, build
+    from sparsevlm.pipeline import layout_for
+
+    name = "llava-hf/llava-v1.6-vicuna-7b-hf"
+    lm = build("7b", "meta", torch.float16, anyres=True)
+    params = sum(p.numel() for p in lm.model.parameters())
+    assert params == PRESETS[name].parameters == 7_063_431_168
+    assert lm.name == "random LLaVA-NeXT-7B (full shape, 7,063,431,168 parameters)"
+    assert type(lm.model).__name__ == "LlavaNextForConditionalGeneration" and lm.anyres
+    assert type(lm.processor).__name__ == "LlavaNextProcessor"
+    assert type(lm.processor.image_processor).__name__.startswith("LlavaNextImageProcessor")
+    assert {p.device.type for p in lm.model.parameters()} == {"meta"} and lm.dtype == torch.float16
+    cfg, pub, text = lm.model.config, PRESETS[name].data["config"], PRESETS[name]._text_config()
+    assert (cfg.text_config.hidden_size, cfg.text_config.intermediate_size, cfg.text_config.num_attention_heads) == (
+        text.hidden_size, text.intermediate_size, text.num_attention_heads) == (4096, 11008, 32)
+    assert cfg.vision_config.hidden_size == pub["vision_config"]["hidden_size"] == 1024
+    assert [list(p) for p in cfg.image_grid_pinpoints] == pub["image_grid_pinpoints"]
+    assert lm.num_layers == 32 and lm.grid == (24, 24) and lm.has_cls
+    assert layout_for(lm, NEXT_PICTURE).total == 2928
+    prompt = lm.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the shape ?"}]}],
+        add_generation_prompt=True)
+    inputs = lm.processor(images=Image.new("RGB", NEXT_PICTURE), text=prompt, return_tensors="pt")
+    assert int((inputs["input_ids"] == cfg.image_token_id).sum()) == 2928
+    assert tuple(inputs["pixel_values"].shape) == (1, 5, 3, 336, 336)  # the base view and 2 x 2 tiles
+
+
+@pytest.mark.parametrize("visual", ["576", "next"])
+def test_bench_7b_refuses_a_cpu(visual):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the 7b benchmark would run (tests/test_cuda.py covers the GPU)")
-    out = subprocess.run([sys.executable, "-m", "sparsevlm", "bench", "--width", "7b"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "sparsevlm", "bench", "--width", "7b", "--visual", visual],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr and "Traceback" not in out.stderr
+    assert ("LLaVA-NeXT-7B" if visual == "next" else "LLaVA-1.5-7B") in out.stderr
 
 
 def test_cost_preset_matches_the_published_config():
