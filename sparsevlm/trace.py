@@ -10,7 +10,7 @@ row-end newline tokens.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 
 @dataclass
@@ -224,7 +224,10 @@ class PruneTrace:
 
     # --- serialization -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The trace as plain data, equal to `dataclasses.asdict(self)` (every container copied), without asdict's
+        deep copy of each number: a LLaVA-NeXT trace holds lists of thousands of patch indices and scores per
+        stage, which asdict copied one by one."""
+        return _plain(self)
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -330,3 +333,21 @@ class PruneTrace:
                                           if c.attended_visual is not None and self.visual_tokens else None),
                 "kv_bytes_prefill_measured": m.kv_bytes_prefill, "kv_tokens_per_layer": list(m.kv_tokens_per_layer),
                 "layers": rows}
+
+
+_ATOMS = frozenset({int, float, str, bool, type(None)})
+
+
+def _plain(x):
+    """`dataclasses.asdict`'s conversion: dataclasses to dicts, lists, tuples and dicts copied recursively; a list
+    or tuple of plain numbers and strings is copied in one step."""
+    if is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _plain(getattr(x, f.name)) for f in fields(x)}
+    if isinstance(x, (list, tuple)):
+        if set(map(type, x)) <= _ATOMS:
+            return type(x)(x)
+        return type(x)(_plain(v) for v in x)
+    if isinstance(x, dict):
+        return {_plain(k): _plain(v) for k, v in x.items()}
+    return x
+
