@@ -25,7 +25,7 @@ from PIL import Image
 
 from sparsevlm.config import PruneConfig, budgets_for
 from sparsevlm.errors import InputError, SparseVLMError
-from sparsevlm.evaluation.recall import evidence_recall, evidence_recall_per_stage
+from sparsevlm.evaluation.recall import evidence_recall, evidence_recall_per_stage, evidence_tokens
 from sparsevlm.gpu import gpu
 from sparsevlm.images import load_image
 from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, model_bytes
@@ -33,16 +33,16 @@ from sparsevlm.methods import METHODS, get_method, registered
 from sparsevlm.methods.sparsevlm import sparsevlm_layers
 from sparsevlm.options import Option
 from sparsevlm.pipeline import Decoding, RunResult, check_question, run, run_shared
-from sparsevlm.presets import LIKENESS_FILE, PRESETS
+from sparsevlm.presets import LIKENESS_FILE, NEXT_PRESET, PRESETS
 from sparsevlm.scenes.world import FAMILIES, GRID  # the studio draws scenes (the app may; the engine never does)
 from sparsevlm.scenes.worlds import (
+    ALL_WORLDS,
     DEFAULT_WORLD,
     WORLD_LABELS,
-    WORLDS,
     WorldError,
     studio_item,
     world_of_model,
-    world_order,
+    worlds_for,
 )
 from sparsevlm.schedule import min_equal_tokens
 from sparsevlm.trace import PruneTrace
@@ -55,6 +55,7 @@ log = logging.getLogger("sparsevlm.app")
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = ROOT / "assets" / "examples"
+NEXT_EXAMPLES_DIR = ROOT / "assets" / "examples-next"  # high-resolution examples, run on scenes-llava-next
 
 # Defaults come from the engine; the app only labels them.
 DEFAULTS = PruneConfig()
@@ -329,23 +330,24 @@ def image_key(image: Image.Image) -> str:
 
 
 def studio_scene(seed: Any, family: Any, world: Any) -> tuple[Image.Image, dict]:
-    """A generated scene of `world` (v2: the embedded model's world, independent: pictures no model trained on)
-    and a question of `family` about it, deterministic from `seed`; returns the picture and its ground truth
-    (question, answer, evidence patches on the world's 24x24 grid)."""
+    """A generated scene of `world` (v2: the embedded model's world, independent: pictures no model trained on;
+    hires, independent-hires: the same at LLaVA-NeXT's picture sizes) and a question of `family` about it,
+    deterministic from `seed`; returns the picture and its ground truth (question, answer, evidence cells on the
+    14-px grid of the whole picture: the 24x24 grid of a 336 px one)."""
     seed = whole(seed if seed not in (None, "") else 0, "the seed")
     if not 0 <= seed < 2**31:
         raise InputError(f"the seed must be between 0 and {2**31 - 1}, not {seed}")
     if family not in FAMILIES:
         raise InputError(f"the question family must be one of {', '.join(FAMILIES)}, not {family!r}")
-    if world not in WORLDS:
-        raise InputError(f"the world must be one of {', '.join(WORLDS)}, not {world!r}")
+    if world not in ALL_WORLDS:
+        raise InputError(f"the world must be one of {', '.join(ALL_WORLDS)}, not {world!r}")
     try:
         item = studio_item(seed, family, world)
     except WorldError as exc:  # no question of this family in 1000 draws: not reached for the worlds' families
         raise InputError(str(exc)) from None
-    grid = (GRID, GRID)
     return item.image, {"seed": seed, "family": family, "world": world, "question": item.sample.question,
-                        "answer": item.sample.answer, "evidence": list(item.sample.evidence), "grid": list(grid)}
+                        "answer": item.sample.answer, "evidence": list(item.sample.evidence),
+                        "grid": list(item.grid), "size": list(item.image.size)}
 
 
 def model_world(lm: LoadedModel) -> str | None:
@@ -359,33 +361,71 @@ def studio_world(lm: LoadedModel) -> str:
 
 
 def world_choices(own: str | None) -> list[tuple[str, str]]:
-    """The studio's world picker: the model's own world first and marked as such, then the others; for a model
-    that records no world, the embedded model's world first, unmarked."""
-    return [(WORLD_LABELS[w] + (" · this model's world" if w == own else ""), w) for w in world_order(own)]
+    """The studio's world picker: the model's own world first and marked as such, then the others that suit it
+    (the high-resolution worlds for a model trained on one); for a model that records no world, the embedded
+    model's world first, unmarked."""
+    return [(WORLD_LABELS[w] + (" · this model's world" if w == own else ""), w) for w in worlds_for(own)]
 
 
-def scene_truth(scene: dict | None, image: Image.Image, question: str, grid: tuple[int, int]) -> dict | None:
+def evidence_on(trace: PruneTrace, cells: list[int], grid: tuple[int, int], size: tuple[int, int] | None) -> list[int]:
+    """A generated picture's evidence (cells of its 14-px grid, `grid` rows x cols, picture `size`) as the visual
+    tokens of this run: on one view of a square 336 px picture, the cells regridded onto the model's grid; on
+    LLaVA-NeXT's views, or a picture of another size, the tokens whose box the cells cover by 5% (the
+    benchmark's rule, `evaluation.recall.evidence_tokens`)."""
+    layout = trace.visual_layout()
+    square = size is None or tuple(size) == (GRID * 14, GRID * 14)
+    if layout.single and square and tuple(grid) == (GRID, GRID):
+        return render.regrid_patches(cells, tuple(grid), tuple(trace.grid))
+    return evidence_tokens(cells, layout, tuple(size) if size else None)
+
+
+def scene_truth(scene: dict | None, image: Image.Image, question: str, trace: PruneTrace) -> dict | None:
     """The studio scene's ground truth when this request is still that scene (same pixels, same question), with
-    the evidence mapped onto the model's grid; None for uploads and edited questions."""
+    the evidence mapped onto the run's visual tokens (`evidence_on`); None for uploads and edited questions."""
     if not scene or scene.get("key") != image_key(image) or scene.get("question", "").strip() != question.strip():
         return None
     truth = {k: scene[k] for k in ("seed", "family", "answer") if k in scene}
     truth["world"] = scene["world"]
-    truth["evidence"] = render.regrid_patches(scene["evidence"], tuple(scene["grid"]), tuple(grid))
-    truth["grid"] = list(grid)  # the model's
+    truth["evidence"] = evidence_on(trace, scene["evidence"], tuple(scene.get("grid") or (GRID, GRID)),
+                                    scene.get("size"))
+    truth["grid"] = list(trace.grid)  # the model's
     return truth
 
 
-def example_evidence(examples: list[dict]) -> dict[tuple[str, str], list[int]]:
-    """(image pixels hash, question) -> evidence patches of the bundled generated scenes that record them."""
+def example_evidence(examples: list[dict]) -> dict[tuple[str, str], dict]:
+    """(image pixels hash, question) -> the evidence of the bundled generated scenes that record it: {"cells",
+    "grid", "size"}, read through `evidence_on` for each run (a 336 px example's 24x24 patches, a high-resolution
+    example's `evidence_cells` on its full-size 14-px grid)."""
     table = {}
     for e in examples:
-        if e.get("evidence"):
-            try:
-                table[(image_key(load_image(e["image"])), check_question(e["question"]))] = list(e["evidence"])
-            except SparseVLMError:
-                continue
+        cells = e.get("evidence") or e.get("evidence_cells")
+        if not cells:
+            continue
+        try:
+            image = load_image(e["image"])
+            key = (image_key(image), check_question(e["question"]))
+        except SparseVLMError:
+            continue
+        w, h = image.size
+        table[key] = {"cells": list(cells), "grid": (h // 14, w // 14) if "evidence_cells" in e else (GRID, GRID),
+                      "size": (w, h) if "evidence_cells" in e else None}
     return table
+
+
+def next_examples(models: ModelCache) -> list[dict]:
+    """The high-resolution one-click examples, when the embedded high-resolution model is installed and the server
+    offers it and has room for it (its examples run on it); none otherwise."""
+    from sparsevlm.loading import estimate_bytes, resolve
+
+    if NEXT_PRESET not in PRESETS:
+        return []
+    try:
+        need = estimate_bytes(resolve(NEXT_PRESET, models.access), models.dtype)
+    except SparseVLMError:
+        return []
+    if need is not None and need > models.max_bytes:
+        return []
+    return [e for e in load_examples(NEXT_EXAMPLES_DIR / "examples.json") if e.get("model") == NEXT_PRESET]
 
 
 def load_examples(index: Path = EXAMPLES_DIR / "examples.json") -> list[dict]:
@@ -597,10 +637,15 @@ class Handlers:
             pruned_d, dense_d = model_runs(key, image, q, config.to_dict(), n_new, with_dense)
         pruned = PruneTrace.from_dict(pruned_d)
         dense = pruned if config.method == "dense" else (PruneTrace.from_dict(dense_d) if dense_d else None)
-        truth = scene_truth(scene, image, q, tuple(pruned.grid))
+        truth = scene_truth(scene, image, q, pruned)
         return RunOutput(image=image, pruned=pruned, dense=dense, budget=config.budget,
-                         evidence=truth["evidence"] if truth else self.evidence_of.get((image_key(image), q)),
+                         evidence=truth["evidence"] if truth else self.example_evidence(pruned, image, q),
                          unknown=unknown, truth=truth, references=references, world=model_world(lm))
+
+    def example_evidence(self, trace: PruneTrace, image: Image.Image, question: str) -> list[int] | None:
+        """A bundled example's evidence as this run's visual tokens; None for any other picture."""
+        ev = self.evidence_of.get((image_key(image), question))
+        return None if ev is None else evidence_on(trace, ev["cells"], ev["grid"], ev["size"])
 
     def _run_json(self, v: dict, progress: gr.Progress | None = None) -> dict:
         try:
@@ -710,12 +755,13 @@ class Handlers:
         key, lm = self.use_model(model, progress)
         q = check_question(question)
         image = load_image(image_src)
-        truth = scene_truth(scene, image, q, tuple(lm.grid))
         n_new = new_tokens(max_new_tokens)
         configs = [build_config(method, budget).to_dict() for method in COMPARE_METHODS]
         progress(0.1, desc=f"running {len(configs)} methods on one encoding of the image")
         results = [(m, PruneTrace.from_dict(t) if t is not None else None, why)
                    for m, t, why in compare_model_runs(key, image, q, configs, n_new)]
+        ran = next((tr for _, tr, _ in results if tr is not None), None)
+        truth = scene_truth(scene, image, q, ran) if ran is not None else None
         return image, results, (truth["evidence"] if truth else None)
 
     def compare_json(self, image, question, budget, max_new_tokens, model, scene,
@@ -741,6 +787,9 @@ class Handlers:
     # --- the model picker and the studio -------------------------------------------------------------------------
     def load_model(self, name, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
         """Switch this session to a model (a preset, a hub id or a local folder), loading it if needed."""
+        return self._switch(name, progress)
+
+    def _switch(self, name, progress=None):
         try:
             key = str(name or "").strip()
             already = key in self.models.loaded()
@@ -754,6 +803,26 @@ class Handlers:
             note += f"; unloaded {html.escape(', '.join(unloaded))} to stay within the model memory budget"
             gr.Info(f"Unloaded {', '.join(unloaded)} to make room for {lm.name}.")
         return key, model_line(lm, note), budget_choice(lm)
+
+    def example_model(self, model, wanted):
+        """Before an example runs: switch the session to the model its examples are made for (`wanted`), loading
+        it if needed; no change when the session already uses it or `wanted` is None. Outputs: the session's model,
+        the model line, the budget radio (the new model's budgets) and the picker."""
+        current = str(model or self.default_model)
+        if not wanted or current == wanted:
+            return current, gr.HTML(), gr.Radio(), gr.Dropdown()
+        key, line, budgets = self._switch(wanted)
+        return key, line, budgets, gr.Dropdown(value=key, allow_custom_value=True)
+
+    def next_example_model(self, model):
+        """A high-resolution example runs on scenes-llava-next, whatever model the session had."""
+        return self.example_model(model, NEXT_PRESET)
+
+    def plain_example_model(self, model):
+        """An example of the server's own list runs on the session's model, except after a high-resolution example:
+        the session then goes back to the server's model, the one those examples are made for."""
+        current = str(model or self.default_model)
+        return self.example_model(model, self.default_model if current == NEXT_PRESET else None)
 
     def new_scene(self, seed, family, world=None, model=None):
         """The studio: a generated scene and question into the inputs, its ground truth into the session. Without

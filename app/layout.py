@@ -30,6 +30,7 @@ from .handlers import (
     model_choices,
     model_line,
     model_world,
+    next_examples,
     option_groups,
     run_params,
     studio_world,
@@ -206,7 +207,7 @@ def _option_component(po: PageOption) -> gr.components.Component:
     return gr.Number(value=o.default, precision=0 if o.kind == "int" else None, **common)
 
 
-def inputs_column(first: LoadedModel, examples: list[dict]) -> dict[str, Any]:
+def inputs_column(first: LoadedModel, examples: list[dict], high_res: list[dict] | None = None) -> dict[str, Any]:
     c: dict[str, Any] = {}
     c["image_in"] = raw_image_input(label="Image", height=300, elem_id="sv-image", sources=["upload", "clipboard"])
     c["question_in"] = gr.Textbox(label="Question", placeholder="e.g. What colour is the circle?", lines=1,
@@ -220,6 +221,12 @@ def inputs_column(first: LoadedModel, examples: list[dict]) -> dict[str, Any]:
                                     examples_per_page=6, elem_id="sv-examples")
     else:
         gr.Markdown("_No examples found in assets/examples/examples.json._")
+    c["examples_next"] = None
+    if high_res:
+        c["examples_next"] = gr.Examples(
+            [[e["image"], e["question"]] for e in high_res], inputs=[c["image_in"], c["question_in"]],
+            label=f"High resolution (LLaVA-NeXT tiles, {len(high_res)} pictures up to 1008 px) - one click loads "
+                  "scenes-llava-next and runs it", examples_per_page=7, elem_id="sv-examples-next")
     c.update(method_inputs(first))
     return c
 
@@ -339,10 +346,20 @@ def wire_runs(h: Handlers, c: dict[str, Any]) -> None:
     c["run_btn"].click(h.explain, explain_inputs, explain_outputs, api_name="explain", concurrency_id="model")
     c["question_in"].submit(h.explain, explain_inputs, explain_outputs, api_visibility="private",
                             concurrency_id="model")
-    if c["examples"] is not None:
-        event = c["examples"].load_input_event
+    # An example click fills the inputs, switches the session to the model its pictures are made for (the
+    # high-resolution ones: scenes-llava-next), then runs.
+    switch_out = [c["model_state"], c["model_out"], c["budget_in"], c["model_in"]]
+    for key, switch in (("examples", h.plain_example_model), ("examples_next", h.next_example_model)):
+        if c.get(key) is None:
+            continue
+        event = c[key].load_input_event
         event.then(h.forget_scene, None, [c["scene_state"], c["truth_out"]], api_visibility="private", queue=False)
-        event.then(h.explain, explain_inputs, explain_outputs, api_visibility="private", concurrency_id="model")
+        switched = event.then(switch, [c["model_state"]], switch_out, api_visibility="private",
+                              concurrency_id="model")
+        switched.then(h.world_picker, [c["model_state"]], [c["world_in"]], api_visibility="private", queue=False)
+        switched.then(h.compare_note, [c["model_state"]], [c["compare_note"]], api_visibility="private",
+                      queue=False)
+        switched.then(h.explain, explain_inputs, explain_outputs, api_visibility="private", concurrency_id="model")
     c["load_btn"].click(h.load_model, [c["model_in"]], [c["model_state"], c["model_out"], c["budget_in"]],
                         api_name="load_model", concurrency_id="model").success(
         h.world_picker, [c["model_state"]], [c["world_in"]], api_visibility="private", queue=False).success(
@@ -399,9 +416,13 @@ def wire_views(h: Handlers, c: dict[str, Any]) -> None:
                           api_name="export", concurrency_limit=2)
 
 
-def build_app(models: ModelCache, default_model: str, examples: list[dict] | None = None) -> gr.Blocks:
-    """The whole page. `models` holds the loaded models; each browser session picks one (default_model first)."""
+def build_app(models: ModelCache, default_model: str, examples: list[dict] | None = None,
+              high_res: list[dict] | None = None) -> gr.Blocks:
+    """The whole page. `models` holds the loaded models; each browser session picks one (default_model first).
+    `high_res`: the high-resolution examples (default: assets/examples-next when scenes-llava-next is installed
+    and offered)."""
     examples = load_examples() if examples is None else examples
+    high_res = next_examples(models) if high_res is None else high_res
     h = Handlers(models, default_model, examples)
     first, _ = models.get(default_model)
     with gr.Blocks(title="SparseVLM Explorer") as demo:
@@ -412,7 +433,7 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
         c.update(model_bar(h, first))
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=320):
-                c.update(inputs_column(first, examples))
+                c.update(inputs_column(first, examples, high_res))
             with gr.Column(scale=6, min_width=420):
                 c.update(results_column())
         with gr.Tabs():

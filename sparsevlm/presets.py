@@ -1,4 +1,5 @@
-"""The models the explorer knows by name: the embedded scenes-llava and six public LLaVA checkpoints (four
+"""The models the explorer knows by name: the embedded scenes-llava (LLaVA-1.5's shape), the embedded
+scenes-llava-next (LLaVA-NeXT's anyres tiles, when its folder is installed) and six public LLaVA checkpoints (four
 LLaVA-1.5-style, two LLaVA-NeXT with anyres tiles).
 
 Each preset's exact configuration (config.json, the image processor's resize / crop / pad, processor_config.json,
@@ -31,6 +32,8 @@ from .methods import METHODS, get_method
 PRESET_DIR = Path(__file__).resolve().parent / "preset_configs"
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "models" / "scenes-llava"
 DEFAULT_PRESET = "scenes-llava"
+NEXT_DIR = EMBEDDED_DIR.parent / "scenes-llava-next"
+NEXT_PRESET = "scenes-llava-next"  # the embedded high-resolution model (LLaVA-NeXT), offered when installed
 LIKENESS_FILE = "likeness_1050.json"  # the model folder's own likeness summary (python -m training.likeness)
 
 # Methods that rank patches by the vision tower's [CLS] attention and cannot run on a tower without one (SigLIP).
@@ -295,8 +298,18 @@ def _embedded_preset(d: Path, name: str, lead: str) -> Preset:
     size_mib = sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) / 2**20
     depth = text["num_hidden_layers"]
     llava_depth = " - LLaVA-1.5-7B's depth and grid" if depth == 32 else ""
-    summary = (f"{lead} ({_world_of(d)}); CLIP 336/14 with [CLS] (576 tokens), {depth}-layer Llama decoder "
-               f"x {text['hidden_size']}{llava_depth}{_raters_measured(d)}")
+    vision = data["config"]["vision_config"]
+    side = vision["image_size"] // vision["patch_size"]
+    preset = Preset(name, "", "", data, local_path=str(d))
+    if preset.anyres:
+        lo, hi = preset.tiles
+        visual = (f"anyres: a {side * side}-token base view, {lo} to {hi} tiles and a newline token per tile row, up "
+                  f"to {preset.visual_tokens:,} tokens")
+        llava_depth = " - LLaVA-NeXT-7B's depth and tiles" if depth == 32 else ""
+    else:
+        visual = f"{side * side} tokens"
+    summary = (f"{lead} ({_world_of(d)}); CLIP {vision['image_size']}/{vision['patch_size']} with [CLS] ({visual}), "
+               f"{depth}-layer Llama decoder x {text['hidden_size']}{llava_depth}{_raters_measured(d)}")
     hardware = f"any CPU ({size_mib:.0f} MiB{'; the default for a CPU Space' if name == DEFAULT_PRESET else ''})"
     return Preset(name, summary, hardware, data, local_path=str(d))
 
@@ -308,6 +321,10 @@ def _load_presets() -> dict[str, Preset]:
                                                    "the embedded model: trained here on generated scenes")
     except ConfigError:
         pass  # a checkout without the embedded model still lists the hub presets
+    if NEXT_DIR.is_dir():
+        presets[NEXT_PRESET] = _embedded_preset(
+            NEXT_DIR, NEXT_PRESET, "the embedded high-resolution model: scenes-llava extended to LLaVA-NeXT's tiles "
+            "and trained here on large generated scenes")
     for name, (slug, hardware, summary) in _PUBLIC.items():
         data = json.loads((PRESET_DIR / f"{slug}.json").read_text())
         presets[name] = Preset(name, summary, hardware, data)

@@ -83,8 +83,10 @@ def make_assets(root: Path) -> tuple[Path, Path, Path, int]:
 class AppServer:
     """`python -m app` in a subprocess on a free port; stopped by its own pid."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, memory_gib: float | None = None):
+        """`memory_gib`: the model memory budget (default: one of the two tiny models, not both)."""
         self.model_dir, self.second_model_dir, self.examples, budget = make_assets(root)
+        budget = budget if memory_gib is None else int(memory_gib * 2**30)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = root / "server.log"
@@ -548,7 +550,7 @@ def test_studio_scene_and_model_world_outside_the_server(tmp_path, monkeypatch):
     from sparsevlm.errors import InputError
     from sparsevlm.loading import ModelCache, load_model
 
-    with pytest.raises(InputError, match="the world must be one of v2, independent, not 'mars'"):
+    with pytest.raises(InputError, match="world must be one of v2, independent, hires, independent-hires, not .mars."):
         studio_scene(1, "colour", "mars")
     with pytest.raises(InputError, match="family must be one of"):
         studio_scene(1, "weather", "v2")

@@ -577,3 +577,74 @@ def test_model_picker_switches_models_and_explains_offline_ids(server, browser):
     wait(drv, lambda d: "tiny-llava" in d.find_element(By.ID, "sv-model").text
          and "llava-llama" in d.find_element(By.ID, "sv-model").text, 120)
     assert server.alive()
+
+
+@pytest.fixture(scope="module")
+def roomy_server(tmp_path_factory):
+    """The app with room for the embedded high-resolution model beside the tiny one (0.5 GiB of weights)."""
+    srv = AppServer(tmp_path_factory.mktemp("browser-roomy"), memory_gib=0.5)
+    yield srv
+    srv.stop()
+
+
+def test_high_resolution_examples_need_room_for_their_model(server, browser):
+    """A server whose model memory budget cannot hold scenes-llava-next does not offer its examples."""
+    drv = browser
+    drv.get(server.url)
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-examples"), 60)
+    assert not drv.find_elements(By.CSS_SELECTOR, "#sv-examples-next")
+
+
+def test_high_resolution_example_runs_on_the_tiles_model(roomy_server, browser):
+    """A high-resolution example loads scenes-llava-next and shows its views: the picture as two panels (the base
+    view, the tiles with their boundaries), the papers' LLaVA-NeXT budgets, a click per view; an example of the
+    server's own list then brings the server's model back."""
+    from sparsevlm.presets import NEXT_PRESET, PRESETS
+
+    if NEXT_PRESET not in PRESETS:
+        pytest.fail("assets/models/scenes-llava-next is not installed: the page has no high-resolution examples")
+    server = roomy_server
+    drv = browser
+    drv.get(server.url)
+    wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, "#sv-examples-next"), 60)
+    assert "High resolution" in drv.find_element(By.ID, "sv-examples-next").text
+    cells = drv.find_elements(By.CSS_SELECTOR, "#sv-examples-next button, #sv-examples-next tr.tr-body, "
+                                               "#sv-examples-next td")
+    assert cells, "high-resolution examples are not shown"
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", cells[0])
+    cells[0].click()  # next-01-colour.png, 672x672: a base view and 2x2 tiles
+
+    wait(drv, lambda d: "scenes-llava-next" in d.find_element(By.ID, "sv-model").text, 300)
+    assert "anyres" in drv.find_element(By.ID, "sv-model").text
+    wait(drv, lambda d: overlay_src(d) and "sv-badge" in d.find_element(By.ID, "sv-answer").get_attribute("innerHTML")
+         and "2928" in d.find_element(By.ID, "sv-caption").text.replace(",", ""), 300)
+    # the budget radio offers the papers' LLaVA-NeXT budgets, 320 chosen
+    budget = drv.find_element(By.ID, "sv-budget")
+    labels = [e.text for e in budget.find_elements(By.CSS_SELECTOR, "label") if e.text.strip()]
+    assert [t for t in labels if t.strip().isdigit()] == ["640", "320", "160"], labels
+    assert budget.find_element(By.CSS_SELECTOR, "input[value='320']").is_selected()
+    # the picture: two square panels side by side (base view | tiles), drawn and on screen
+    ov = drv.find_element(By.CSS_SELECTOR, "#sv-overlay img")
+    wait(drv, lambda d: ov.get_attribute("naturalWidth") not in (None, "0"))
+    nw, nh = int(ov.get_attribute("naturalWidth")), int(ov.get_attribute("naturalHeight"))
+    assert nw == 2 * nh + 8, (nw, nh)
+    assert_seen(drv, "#sv-overlay", "img", "high-resolution overlay", min_ink=0.2)
+    assert_seen(drv, "#sv-caption", "p", "layer caption")
+    # a click on the tiles panel names the tile and its grid; one on the base panel, the base view
+    for x_share, view in ((0.75, "tile"), (0.25, "base")):
+        drv.find_element(By.ID, "sv-patch")
+        rect = ov.rect
+        drv.execute_script("""
+            const img = arguments[0], r = img.getBoundingClientRect();
+            const x = r.left + r.width * arguments[1], y = r.top + r.height * 0.5;
+            img.dispatchEvent(new MouseEvent('click', {bubbles: true, clientX: x, clientY: y}));""", ov, x_share)
+        wait(drv, lambda d, v=view: f"of the {v}" in d.find_element(By.ID, "sv-patch").text, 60)
+        assert rect["width"] > 0
+    assert_seen(drv, "#sv-patch", "th, td", "patch fate", min_items=4)
+    shot(drv, "15-high-resolution-example")
+
+    # an example of the server's own list goes back to the server's model
+    drv.find_elements(By.CSS_SELECTOR, "#sv-examples button, #sv-examples tr.tr-body, #sv-examples td")[0].click()
+    wait(drv, lambda d: "tiny-llava" in d.find_element(By.ID, "sv-model").text, 300)
+    wait(drv, lambda d: overlay_src(d) and "sv-badge" in d.find_element(By.ID, "sv-answer").get_attribute("innerHTML"))
+    assert server.alive()

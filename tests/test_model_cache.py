@@ -127,7 +127,7 @@ def test_models_command_json(capsys):
     assert main(["models", "--json"]) == 0  # `python -m sparsevlm models --json`, in this process
     d = json.loads(capsys.readouterr().out)
     rows = {r["name"]: r for r in d["presets"]}
-    embedded = ["scenes-llava"]
+    embedded = ["scenes-llava", "scenes-llava-next"]
     assert list(rows) == [*embedded, "bczhou/tiny-llava-v1-hf", "llava-hf/llava-interleave-qwen-0.5b-hf",
                           "llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf",
                           "llava-hf/llava-v1.6-vicuna-7b-hf", "llava-hf/llava-v1.6-mistral-7b-hf"]
@@ -136,8 +136,8 @@ def test_models_command_json(capsys):
         assert rows[name]["decoder_layers"] == config["text_config"]["num_hidden_layers"]
     assert [rows[n]["decoder_layers"] for n in list(rows)[len(embedded):]] == [22, 24, 32, 40, 32, 32]
     # LLaVA-NeXT: the most a picture gets (a square one: 576 + 48 x 48 tile tokens + 48 newlines)
-    assert [rows[n]["visual_tokens"] for n in rows] == [576] * len(embedded) + [576, 729, 576, 576, 2928, 2928]
-    assert [rows[n]["anyres"] for n in rows] == [False] * (len(rows) - 2) + [True, True]
+    assert [rows[n]["visual_tokens"] for n in rows] == [576, 2928] + [576, 729, 576, 576, 2928, 2928]
+    assert [rows[n]["anyres"] for n in rows] == [False, True] + [False] * (len(rows) - 4) + [True, True]
     qwen = rows["llava-hf/llava-interleave-qwen-0.5b-hf"]
     assert not qwen["vision_cls"] and "fastervlm" not in qwen["methods"] and "fastervlm" in qwen["not_applicable"]
     # Published sizes: LLaVA-1.5-7B 7.06B and 13B 13.35B parameters.

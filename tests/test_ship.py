@@ -186,7 +186,7 @@ def test_accuracy_floor():
 def test_presets_list_the_embedded_model_and_the_real_checkpoints():
     from sparsevlm import presets
 
-    assert list(presets.PRESETS) == ["scenes-llava", "bczhou/tiny-llava-v1-hf",
+    assert list(presets.PRESETS) == ["scenes-llava", "scenes-llava-next", "bczhou/tiny-llava-v1-hf",
                                      "llava-hf/llava-interleave-qwen-0.5b-hf", "llava-hf/llava-1.5-7b-hf",
                                      "llava-hf/llava-1.5-13b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf",
                                      "llava-hf/llava-v1.6-mistral-7b-hf"]
@@ -197,6 +197,13 @@ def test_presets_list_the_embedded_model_and_the_real_checkpoints():
     assert f"its text raters are {100 * content:.0f}% content words" in p.summary
     mib = sum(f.stat().st_size for f in EMBEDDED.rglob("*") if f.is_file()) / 2**20
     assert f"any CPU ({mib:.0f} MiB; the default for a CPU Space)" == p.hardware
+    # the embedded high-resolution model: LLaVA-NeXT's tiles, its size and shape read from its folder
+    n = presets.PRESETS["scenes-llava-next"]
+    assert n.local_path == str(presets.NEXT_DIR) and n.anyres and n.decoder_layers == 32
+    assert n.visual_tokens == 2928 and n.tiles == (2, 4) and n.budgets == (640, 320, 160)
+    assert "(world hires)" in n.summary and "up to 2,928 tokens" in n.summary
+    mib = sum(f.stat().st_size for f in presets.NEXT_DIR.rglob("*") if f.is_file()) / 2**20
+    assert n.hardware == f"any CPU ({mib:.0f} MiB)"
 
 
 # --- the pruning benchmark asks the model's own world -------------------------------------------------------------
