@@ -1,6 +1,7 @@
 """End-to-end speed of the app: a request -> every view returned, through the public API.
 
     python -m app.speed --url http://127.0.0.1:7860 --n 20         # /explain on a running app
+    python -m app.speed --high-res --n 5                            # a high-resolution example, served here
     python -m app.speed --compare --n 10                            # "Compare all methods", clicked on this app
     python -m app.speed --compare --url URL_A --url URL_B --n 10    # the same click on running apps, in turn
     python -m app.speed --compare --serve ../other-checkout --serve . --n 10   # two checkouts' apps, in turn
@@ -9,6 +10,10 @@
 Drives /explain with gradio_client exactly as a user of the API would (upload, SparseVLM at budget 64, the dense
 run for comparison, all renderers) and prints p50/p95 of the wall-clock time per request, then the same as JSON.
 Time is measured here, on the client; the first request (warm-up) is reported separately and left out.
+
+--high-res times the first high-resolution example (assets/examples-next: a 672x672 picture, 2,928 visual
+tokens) on the embedded high-resolution model scenes-llava-next at budget 320, served in this process as
+`python -m app` serves it: the first answer after the model loaded, then the next ones.
 
 --compare clicks "Compare all methods" (/compare_view) the way the page does and times what a user waits for:
 the request until the gallery, table and record arrive, plus fetching the gallery's pictures (in parallel, as a
@@ -58,15 +63,18 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def default_example() -> tuple[str, str]:
-    index = ROOT / "assets" / "examples" / "examples.json"
+NEXT_MODEL = "scenes-llava-next"
+
+
+def default_example(high_res: bool = False) -> tuple[str, str]:
+    index = ROOT / "assets" / ("examples-next" if high_res else "examples") / "examples.json"
     if index.is_file():
         items = json.loads(index.read_text())
         if items:
             img = Path(items[0]["image"])
             img = img if img.is_absolute() else index.parent / img
             return str(img), items[0]["question"]
-    raise SystemExit("no --image given and assets/examples/examples.json is missing")
+    raise SystemExit(f"no --image given and {index.relative_to(ROOT)} is missing")
 
 
 def engine_bench(model: str | None, image_path: str, question: str, budget: int, n: int,
@@ -220,8 +228,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_here(model: str | None) -> tuple[str, Any, PartTimer]:
-    """This checkout's app on a free port in this process, its compare parts timed; returns (url, demo, timer)."""
+def serve_here(model: str | None, time_parts: bool = True) -> tuple[str, Any, PartTimer]:
+    """This checkout's app on a free port in this process, its compare parts timed (time_parts); returns (url,
+    demo, timer)."""
     import gradio as gr
 
     from sparsevlm.loading import DEFAULT_MODEL, ModelAccess, ModelCache, resolve
@@ -230,9 +239,10 @@ def serve_here(model: str | None) -> tuple[str, Any, PartTimer]:
 
     timer = PartTimer()
     owners = {"handlers": handlers, "render": render, "Gallery": gr.Gallery, "HTML": gr.HTML, "JSON": gr.JSON}
-    for owner, attr, part in CLICK_PARTS:
-        timer.wrap(owners[owner], attr, part)
-    timer.wrap(handlers.Handlers, "compare_view", HANDLER)  # before the page binds it
+    if time_parts:
+        for owner, attr, part in CLICK_PARTS:
+            timer.wrap(owners[owner], attr, part)
+        timer.wrap(handlers.Handlers, "compare_view", HANDLER)  # before the page binds it
     name = model or DEFAULT_MODEL
     access = ModelAccess.for_server(name)
     models = ModelCache(None, access=access)
@@ -456,7 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", help="image file (default: the first bundled example)")
     p.add_argument("--question", help="question (default: the example's)")
     p.add_argument("--method", default="sparsevlm")
-    p.add_argument("--budget", type=int, default=64)
+    p.add_argument("--budget", type=int, default=None, help="default: 64, or 320 with --high-res")
+    p.add_argument("--high-res", action="store_true",
+                   help="the first high-resolution example (assets/examples-next) on scenes-llava-next (or --model), "
+                        "served here unless --url: how long its answer takes, the first request and the next ones")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 8 (API), 16 with --compare (the page's)")
     p.add_argument("--json", dest="json_out", help="also write the result JSON here")
     p.add_argument("--compare", action="store_true", help="time a click on Compare all methods (see above)")
@@ -472,8 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         p.error("--n must be at least 1")
 
-    image, question = (args.image, args.question) if args.image else default_example()
+    image, question = (args.image, args.question) if args.image else default_example(args.high_res)
     question = args.question or question
+    budget = args.budget if args.budget is not None else (320 if args.high_res else 64)
     if args.compare:
         if args.threads:
             import torch
@@ -482,10 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         max_new = 16 if args.max_new_tokens is None else args.max_new_tokens
         show: Callable[[dict], None]
         if args.engine:
-            result = engine_bench(args.model, image, question, args.budget, args.n, max_new)
+            result = engine_bench(args.model, image, question, budget, args.n, max_new)
             show, ok = print_engine, result["decisions_identical"]
         else:
-            result = click_bench(args.url, args.model, image, question, args.budget, args.n, max_new, args.serve,
+            result = click_bench(args.url, args.model, image, question, budget, args.n, max_new, args.serve,
                                  args.threads)
             show, ok = print_clicks, True
         show(result)
@@ -493,50 +507,80 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json_out).write_text(json.dumps(result, indent=1))
         return 0 if ok else 1
 
-    url = (args.url or ["http://127.0.0.1:7860"])[0]
-    from gradio_client import Client, handle_file
-
     max_new = 8 if args.max_new_tokens is None else args.max_new_tokens
+    if args.high_res and not args.url:  # served here as `python -m app` serves, the requests from a thread beside
+        url, demo, _ = serve_here(args.model or NEXT_MODEL, time_parts=False)
+        out: list[dict] = []
+        failed: list[BaseException] = []
+
+        def beside() -> None:
+            try:
+                out.append(explain_bench(url, image, question, args.method, budget, args.n, max_new))
+            except BaseException as exc:  # noqa: BLE001 - raised again below, on the main thread
+                failed.append(exc)
+
+        worker = threading.Thread(target=beside, daemon=True)
+        worker.start()
+        try:
+            MAIN.serve(until=lambda: not worker.is_alive())
+            worker.join()
+        finally:
+            demo.close()
+        if failed:
+            raise failed[0]
+        result = {**out[0], "served": "this checkout, served here (model work on the main thread, as python -m app)",
+                  "example": str(Path(image).name)}
+    else:
+        result = explain_bench((args.url or ["http://127.0.0.1:7860"])[0], image, question, args.method, budget,
+                               args.n, max_new)
+    print(f"{'model':<28}{'method':<11}{'budget':>7}{'n':>5}{'first ms':>10}{'p50 ms':>10}{'p95 ms':>10}")
+    print(f"{result['model']!s:<28}{args.method:<11}{budget:>7}{args.n:>5}{result['warmup_ms']:>10.1f}"
+          f"{result['p50_ms']:>10.1f}{result['p95_ms']:>10.1f}")
+    print(json.dumps(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def explain_bench(url: str, image: str, question: str, method: str, budget: int, n: int, max_new: int) -> dict:
+    """/explain as the page's Run (and an example click) calls it: one first request, then `n` timed ones."""
+    from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False)
 
     def once() -> tuple[float, dict]:
         t0 = time.perf_counter()
-        out = client.predict(image=handle_file(image), question=question, method=args.method, budget=args.budget,
+        out = client.predict(image=handle_file(image), question=question, method=method, budget=budget,
                              max_new_tokens=max_new, api_name="/explain")
         return (time.perf_counter() - t0) * 1e3, out[-1]  # the /run record: both traces
 
     warm_ms, summary = once()
     times, prefill_pruned, prefill_dense = [], [], []
-    for _ in range(args.n):
+    for _ in range(n):
         ms, summary = once()
         times.append(ms)
         prefill_pruned.append(summary["trace"]["timings_ms"]["prefill"])
         if summary.get("dense_trace"):
             prefill_dense.append(summary["dense_trace"]["timings_ms"]["prefill"])
-    result = {
+    return {
         "url": url,
         "model": summary["trace"]["model"].get("name"),
         "device": summary["trace"]["model"].get("device"),
-        "method": args.method,
-        "budget": args.budget,
+        "visual_tokens": summary["trace"].get("visual_tokens"),
+        "answer": summary["trace"].get("answer"),
+        "method": method,
+        "budget": budget,
         "max_new_tokens": max_new,
-        "n": args.n,
+        "n": n,
         "warmup_ms": round(warm_ms, 1),
         "p50_ms": round(percentile(times, 0.5), 1),
         "p95_ms": round(percentile(times, 0.95), 1),
         "mean_ms": round(statistics.fmean(times), 1),
         "server_prefill_ms_p50": {"pruned": round(percentile(prefill_pruned, 0.5), 1),
                                   "dense": round(percentile(prefill_dense, 0.5), 1) if prefill_dense else None},
-        "includes": "upload + pruned run + dense run + all renderers + transfer (client wall-clock)",
+        "includes": "upload + pruned run + dense run + all renderers + transfer (client wall-clock); warmup_ms is "
+                    "the first request after the model loaded",
     }
-    print(f"{'model':<28}{'method':<11}{'budget':>7}{'n':>5}{'p50 ms':>10}{'p95 ms':>10}{'warm-up ms':>12}")
-    print(f"{result['model']!s:<28}{args.method:<11}{args.budget:>7}{args.n:>5}{result['p50_ms']:>10.1f}"
-          f"{result['p95_ms']:>10.1f}{result['warmup_ms']:>12.1f}")
-    print(json.dumps(result))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
