@@ -28,7 +28,7 @@ from sparsevlm.errors import InputError, SparseVLMError
 from sparsevlm.evaluation.recall import evidence_recall, evidence_recall_per_stage, evidence_tokens
 from sparsevlm.gpu import gpu
 from sparsevlm.images import load_image
-from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, model_bytes
+from sparsevlm.loading import LoadedModel, ModelCache, available_local_models, estimate_bytes, model_bytes, resolve
 from sparsevlm.methods import METHODS, get_method, registered
 from sparsevlm.methods.sparsevlm import sparsevlm_layers
 from sparsevlm.options import Option
@@ -415,8 +415,6 @@ def example_evidence(examples: list[dict]) -> dict[tuple[str, str], dict]:
 def next_examples(models: ModelCache) -> list[dict]:
     """The high-resolution one-click examples, when the embedded high-resolution model is installed and the server
     offers it and has room for it (its examples run on it); none otherwise."""
-    from sparsevlm.loading import estimate_bytes, resolve
-
     if NEXT_PRESET not in PRESETS:
         return []
     try:
@@ -593,9 +591,10 @@ def _progress(progress: gr.Progress | None):
 class Handlers:
     """The page's event handlers over one model cache; each browser session names its model (a cache key)."""
 
-    def __init__(self, models: ModelCache, default_model: str, examples: list[dict]):
+    def __init__(self, models: ModelCache, default_model: str, examples: list[dict],
+                 high_res: list[dict] | None = None):
         self.models, self.default_model = models, default_model
-        self.evidence_of = example_evidence(examples)
+        self.evidence_of = example_evidence([*examples, *(high_res or [])])  # both lists' scenes know their evidence
         serve_models(models)
         # /run and /explain take every method's page options by their API names (generated from the methods'
         # declarations, sparsevlm/options.py), so the handlers are built here with an explicit signature.

@@ -423,7 +423,7 @@ def build_app(models: ModelCache, default_model: str, examples: list[dict] | Non
     and offered)."""
     examples = load_examples() if examples is None else examples
     high_res = next_examples(models) if high_res is None else high_res
-    h = Handlers(models, default_model, examples)
+    h = Handlers(models, default_model, examples, high_res)
     first, _ = models.get(default_model)
     with gr.Blocks(title="SparseVLM Explorer") as demo:
         c: dict[str, Any] = {"state": gr.State(None),  # the session after a run (handlers.Session: plain data)

@@ -89,3 +89,22 @@ def test_the_studio_draws_the_high_resolution_world_and_its_evidence_is_read_as_
         assert touched & set(truth["evidence"]), t
     assert evidence_on(trace, truth["evidence"], tuple(truth["grid"]), tuple(truth["size"])) == got["evidence"]
     assert scene_truth({**scene, "question": "what else ?"}, image, truth["question"], trace) is None  # edited
+
+
+def test_a_high_resolution_example_run_on_the_page_outlines_its_evidence():
+    """The page's handlers know the high-resolution examples' evidence too (build_app hands them both lists), and
+    a run of one reads it as tokens of the base view and the tiles."""
+    from app.layout import build_app
+
+    models = ModelCache(None, device="cpu")
+    high_res = next_examples(models)
+    demo = build_app(models, DEFAULT_PRESET, examples=[], high_res=high_res)
+    h = next(fn.fn.__self__ for fn in demo.fns.values()
+             if getattr(getattr(fn, "fn", None), "__name__", "") == "next_example_model")
+    from sparsevlm import PruneConfig
+
+    e = high_res[0]
+    out = h.execute(NEXT_PRESET, e["image"], e["question"], PruneConfig(method="sparsevlm", budget=320), 2, False)
+    views = out.pruned.visual_layout().token_views()
+    assert out.evidence and all(views[t] is not None for t in out.evidence)
+    assert len({views[t] for t in out.evidence}) >= 2  # base view and a tile
