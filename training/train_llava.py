@@ -261,6 +261,35 @@ class Conversations:
         self.last_where = where
         return ids, pos, labels, fams, weights, groups
 
+    def running(self, parts: list[tuple[object, list[tuple[str, str, int]]]], lm_weight: float = 1.0):
+        """Running text: several scenes in one document at consecutive positions from 0, as a language model
+        reads text. Each scene is its description (`world.describe`) followed by its question/answer turns, so a
+        question is about the latest scene described, as text mostly refers to what it said last. Every token
+        is a next-token target: answers weigh 1 (and count in their family's accuracy), the rest `lm_weight`.
+        Returns the tuple `build` does; no referent or where targets."""
+        ids, pos, labels, fams, weights, groups = [], [], [], [], [], []
+
+        def add(tokens, family=None):
+            for t in tokens:
+                if ids:
+                    labels[-1] = t
+                    fams[-1] = family if family is not None else -1
+                    weights[-1] = 1.0 if family is not None else lm_weight
+                ids.append(t)
+                groups.append((t,))
+                pos.append(len(pos))
+                labels.append(-100)
+                fams.append(-1)
+                weights.append(0.0)
+
+        for k, (scene, turns) in enumerate(parts):
+            add(self.ids(("" if k == 0 else "USER: ") + world.describe(scene)))
+            for q, a, fam in turns:
+                add(self.ids(f"USER: {q} ASSISTANT:"))
+                add([*self.ids(a), self.eos], family=fam)
+        self.last_refs, self.last_where = {}, {}
+        return ids, pos, labels, fams, weights, groups
+
     def collate(self, seqs, refs: list[dict[int, list[float]]] | None = None,
                 where: list[dict[int, list[int]]] | None = None):
         """Batch tensors; with `refs` (one `last_refs` per sequence) also the referent targets and their mask,
@@ -322,6 +351,15 @@ def scene_turns(seed: int, turns: int, max_objects: int, caption_p: float, weigh
     if rng.random() < caption_p or not out:
         out.insert(int(rng.integers(len(out) + 1)), caption_turn(scene, rng))
     return scene, out
+
+
+def running_document(seed: int, scenes: int, turns: int, max_objects: int, weights=None, whole_p: float = 0.0):
+    """The (scene, turns) parts of one running-text document (`Conversations.running`): `scenes` scenes drawn
+    as training scenes are, each with `turns` questions and no caption turn (its description is the text)."""
+    return [scene_turns(seed * 64 + k, turns, max_objects, 0.0, weights, whole_p) for k in range(scenes)]
+
+
+RUNNING_SEED = 7_700_000  # running-text documents beside the pictures (--text-docs): their own seeds
 
 
 def weighted_loss(logits, labels, fams, weights):
@@ -479,6 +517,13 @@ def make_batch(args, conv: Conversations, step: int, max_obj: int, weights):
     seqs, scenes, refs, where = [], [], [], []
     caption_p = {"text": args.caption_p, "align": 1.0, "instruct": args.caption_p}.get(args.phase, 0.0)
     for s in seeds:
+        if args.phase == "text" and args.running_scenes:
+            parts = running_document(s, args.running_scenes, args.running_turns, max_obj, weights, args.whole_p)
+            scenes.append(parts[-1][0])
+            seqs.append(conv.running(parts, args.lm_weight))
+            refs.append({})
+            where.append({})
+            continue
         if args.phase == "align":
             scene, _ = world.training_scene(s, 0, max_obj, weights)
             turns = [caption_turn(scene, np.random.default_rng([s, 26]))]
@@ -510,6 +555,12 @@ def prepared_step(args, conv: Conversations, step: int, weights) -> dict:
         out["pixels"] = pixel_values([world.render(s) for s in scenes])
         if args.patch_weight > 0:
             out["patch_targets"] = torch.stack([torch.from_numpy(world.patch_targets(s)) for s in scenes])
+    if args.phase == "instruct" and args.text_docs:
+        docs = [conv.running(running_document(RUNNING_SEED + (args.seed * 1_000_000 + step) * args.text_docs + d,
+                                              args.running_scenes or 4, args.running_turns, max_obj, weights,
+                                              args.whole_p), args.text_lm_weight)
+                for d in range(args.text_docs)]
+        out["text_batch"] = conv.collate(docs)
     if args.phase == "clip" or (args.phase == "instruct" and args.clip_weight > 0):
         out["clip_pixels"], out["clip_captions"] = contrastive_batch(
             step, args.clip_batch, args.seed, world.MAX_OBJECTS, args.label_fonts, args.stroke_labels,
@@ -714,6 +765,14 @@ def train(args: argparse.Namespace) -> None:
             for k, r in enumerate(rows):
                 wl[k, : len(r)] = w[k, r]
             loss, stats = weighted_loss(logits, lab, fam, wl)
+            if prep.get("text_batch") is not None:
+                # LLaVA-1.5's mix has text-only conversations beside the pictures: here running-text documents,
+                # averaged with the pictures' loss by their number of sequences.
+                _, tpos, tlab, tfam, tw, tgroups = (x.to(dev) for x in prep["text_batch"])
+                tloss, tstats = weighted_loss(text_forward(model, tgroups, tpos), tlab, tfam, tw)
+                nv, nt = ids.shape[0], tpos.shape[0]
+                loss = (nv * loss + nt * tloss) / (nv + nt)
+                stats.update({f"text_{k}": v for k, v in tstats.items()})
             if grid_heads is not None:
                 aux = grid_heads.loss()
             if ref_probe is not None:
@@ -867,6 +926,16 @@ def parser() -> argparse.ArgumentParser:
                    help="text phase: positions each pooled item is repeated at (over the patches it covers)")
     p.add_argument("--lm-weight", type=float, default=0.1,
                    help="loss weight of the non-answer text tokens (language modelling); answers weigh 1")
+    p.add_argument("--running-scenes", type=int, default=0,
+                   help="text phase: every sequence a running-text document of this many scenes at consecutive "
+                        "positions (0: the scene's words at its patches' positions); with --text-docs, the scenes "
+                        "per document (0: 4)")
+    p.add_argument("--running-turns", type=int, default=3, help="questions per scene in a running-text document")
+    p.add_argument("--text-docs", type=int, default=0,
+                   help="instruct: running-text documents per step beside the pictures (LLaVA-1.5's mix has "
+                        "text-only conversations)")
+    p.add_argument("--text-lm-weight", type=float, default=1.0,
+                   help="weight of the non-answer tokens of --text-docs documents")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-end", type=float, default=3e-5)
     p.add_argument("--decay-from", type=int, default=None, help="decay lr linearly from this step to --until")
