@@ -53,5 +53,19 @@ python -m training.train_llava --threads "$T" --device "$D" --phase instruct --o
    "${DATA[@]}" --ckpt-minutes 3 --log-every 5 --seed 43
 [ -f checkpoints/llava-readers-aligned-export/config.json ] || python -m training.train_llava \
    --out checkpoints/llava-readers-aligned --export checkpoints/llava-readers-aligned-export
+# Step 4, llava-running: language training on running text, from step 3 (the text phase: the decoder and LM head
+#   learn, the tower and projector do not). LLaVA's decoder is a language model pretrained on long running text;
+#   this one's language pretraining put each scene's words at its patches' positions and asked about them from
+#   after the picture, never running text. Here every sequence is a document of 6 scenes at consecutive positions
+#   (about 660 tokens, a picture conversation's length): each scene's description, then 3 questions about it, every
+#   token a next-token target (--lm-weight 1). 200 steps, 25 CPU-minutes on one thread.
+S4="${STEP4_STEPS:-200}"
+python -m training.train_llava --threads "$T" --device "$D" --phase text --out checkpoints/llava-running \
+   --init-from checkpoints/llava-readers-aligned/checkpoint.pt --until "$S4" \
+   --batch 8 --running-scenes 6 --running-turns 3 --lm-weight 1 --whole-p 0.25 \
+   --lr 1e-4 --warmup 20 --decay-from 100 --lr-end 1e-5 "${DATA[@]}" --ckpt-minutes 3 --log-every 5 --seed 47
+[ -f checkpoints/llava-running-export/config.json ] || python -m training.train_llava \
+   --out checkpoints/llava-running --export checkpoints/llava-running-export
 # Then measure each export E (one thread each, one at a time):
 #   bash scripts/measure_step.sh E            # likeness (raters, tower, attention profile), dense accuracy, goals
+#   N_ORDER=800 bash scripts/measure_step.sh E  # and the ordering of every method at 64 tokens (800 questions)

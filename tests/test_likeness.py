@@ -140,6 +140,22 @@ def test_spread_pictures_put_as_many_objects_in_either_half():
     assert questions == {"how", "what", "is"}
 
 
+def test_blank_pictures_have_nothing_on_them():
+    from training import attention_profile as P
+
+    questions = set()
+    for i in range(9):
+        image, question = P.blank_item(i)
+        pixels = np.asarray(image, dtype=float)
+        assert image.size == (336, 336)
+        # one flat colour (the world's plain backgrounds may carry fine grain): no object, no gradient
+        assert np.ptp(pixels.mean(axis=(1, 2))) < 2.0 and np.ptp(pixels.mean(axis=(0, 2))) < 2.0
+        questions.add(question.split()[0])
+    assert questions == {"how", "describe", "is"}
+    a, b = (np.asarray(P.blank_item(i)[0]) for i in (0, 1))
+    assert not np.array_equal(a, b) and np.array_equal(a, np.asarray(P.blank_item(0)[0]))
+
+
 def test_profile_summary_report_and_comparison_on_hand_built_pictures():
     from training import attention_profile as P
 
@@ -273,6 +289,8 @@ def test_cli_runs_on_a_few_questions(tmp_path, capsys):
     assert "## 4. The vision tower" in md and "[CLS] top-64 evidence recall" in md
     prof = s["attention_profile"]  # --tower-n pictures of each set by default
     assert prof["heldout"]["n"] == prof["spread"]["n"] == 4 and prof["all"]["n"] == 8
+    assert prof["blank"]["n"] == 2  # half as many blank pictures, reported apart: not in "all"
+    assert "| blank (2 pictures) |" in md.replace("all (8 pictures) | heldout (4 pictures) | spread (4 pictures) ", "")
     assert [d["layer"] for d in prof["all"]["decoder"]] == [1, 2, 6, 8, 15, 16]
     for d in prof["all"]["decoder"]:
         for q in ("last", "prompt"):

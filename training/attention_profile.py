@@ -28,7 +28,8 @@ built.
 Two picture sets: the model's own world's held-out questions (`heldout`), and `spread` - plain backgrounds,
 light or dark, with 4-12 objects on a jittered lattice that covers the whole picture (as many in the lower half as
 in the upper), asked how many objects there are, the colour of one of them or whether one is there (the one asked
-about drawn uniformly, so as often in either half).
+about drawn uniformly, so as often in either half). A third set, `blank`, reported apart and never in `all`:
+the same backgrounds with nothing on them, so what the attention does there it does by position alone.
 """
 
 from __future__ import annotations
@@ -138,6 +139,25 @@ def spread_item(index: int):
     return world.render(scene), question, scene
 
 
+BLANK_SEED = 42_000_000  # blank pictures: no training or held-out stream reaches these seeds
+
+
+def blank_item(index: int):
+    """Blank picture `index`: (PIL image, question). A plain background, light or dark, as the spread pictures
+    have, with nothing on it, and a question about the whole picture. With nothing to see, what is left of the
+    decoder's attention over the visual tokens is where it goes by position alone."""
+    rng = np.random.default_rng([BLANK_SEED, index])
+    dark = bool(rng.random() < 0.35)
+    grey = int(rng.integers(15, 75)) if dark else int(rng.integers(170, 245))
+    base = tuple(int(np.clip(grey + t, 0, 255)) for t in rng.integers(-10, 11, size=3))
+    scene = world.Scene2(seed=BLANK_SEED + index, objects=[], background="plain", dark=dark, base=base)
+    colour = list(world.COLOURS)[int(rng.integers(len(world.COLOURS)))]
+    shape = world.SHAPES[int(rng.integers(len(world.SHAPES)))]
+    question = ("how many objects are there ?", "describe the picture .",
+                f"is there {world.article(colour)} {colour} {shape} ?")[index % 3]
+    return world.render(scene), question
+
+
 def heldout_picture(index: int, world_name: str):
     item = heldout_item(index, None, world_name)
     return item.image, item.sample.question
@@ -204,11 +224,13 @@ def aggregate(per_picture: list[dict], layers: dict[int, list[str]]) -> dict:
 
 
 def measure(model, processor, n_heldout: int = 120, n_spread: int = 120, world_name: str = DEFAULT_WORLD,
-            log=None) -> dict:
+            log=None, n_blank: int = 0) -> dict:
     """The profile averaged over `n_heldout` held-out pictures of `world_name` and `n_spread` spread pictures,
-    each set on its own and both together."""
+    each set on its own and both together; and over `n_blank` blank pictures (`blank_item`), on their own only."""
     meter = ProfileMeter(model, processor)
-    sets: dict[str, list[dict]] = {"heldout": [], "spread": []}
+    sets: dict[str, list[dict]] = {"heldout": [], "spread": [], "blank": []}
+    for i in range(n_blank):
+        sets["blank"].append(meter.stats(*blank_item(i)))
     for i in range(n_heldout):
         sets["heldout"].append(meter.stats(*heldout_picture(i, world_name)))
     for i in range(n_spread):
@@ -216,7 +238,7 @@ def measure(model, processor, n_heldout: int = 120, n_spread: int = 120, world_n
         sets["spread"].append(meter.stats(image, question))
         if log and (i + 1) % 50 == 0:
             log(f"  profile: {n_heldout} held-out + {i + 1}/{n_spread} spread pictures")
-    both = sets["heldout"] + sets["spread"]
+    both = sets["heldout"] + sets["spread"]  # the blank pictures have no content: reported apart
     return {"definition": "head-mean post-softmax attention over the visual tokens; lower_half_share: share on the "
                           "lower half of the grid's rows; top20_share: share held by the top 20% of visual tokens; "
                           "last: the prompt's last token; prompt: the text tokens after the image but the last, "
@@ -258,7 +280,7 @@ def markdown(p: dict | None, heading: str = "## 5. Attention shift and dispersio
     beside FasterVLM's published figures."""
     if not p:
         return []
-    sets = [s for s in ("all", "heldout", "spread") if p.get(s)]
+    sets = [s for s in ("all", "heldout", "spread", "blank") if p.get(s)]
     head = " | ".join(f"{s} ({p[s]['n']} pictures)" for s in sets)
     lines = [
         heading,
@@ -270,7 +292,8 @@ def markdown(p: dict | None, heading: str = "## 5. Attention shift and dispersio
         "tokens after the image (rows normalized first). Per picture, then the mean ± a 95% half-width over "
         f"pictures: `heldout` is {p.get('world', 'its own world')}'s held-out questions, `spread` plain "
         "pictures with objects spread evenly over a lattice (so the lower-half share is not where the objects "
-        "happen to be). FasterVLM's "
+        "happen to be)" + (", and `blank` the same backgrounds with nothing on them (not in `all`: where "
+                           "the attention goes by position alone)" if p.get("blank") else "") + ". FasterVLM's "
         "published LLaVA-1.5-7B figures: [CLS] top-20% about 0.80, last token about 0.60, decoder attention "
         "shifted toward the lower half.",
         "",

@@ -739,7 +739,8 @@ def run(model_path: str, n: int, seed: int | None = None, k: int = TOP_K, log_ev
     profile_n = tower_n if profile_n is None else profile_n
     if profile_n > 0:
         summary["attention_profile"] = attention_profile.measure(loaded.model, loaded.processor, profile_n, profile_n,
-                                                                 world, log=_log if log_every else None)
+                                                                 world, log=_log if log_every else None,
+                                                                 n_blank=profile_n // 2)
     return summary, records
 
 
@@ -749,7 +750,8 @@ def _log(msg: str) -> None:
 
 def add_profile(model_path: str, summary_file: str, command: str = "", profile_n: int = 120) -> dict:
     """Measure `model_path`'s attention profile (`attention_profile.measure`, `profile_n` held-out and `profile_n`
-    spread pictures) into an existing `--json` file's summary; the file's other contents are kept."""
+    spread pictures, and half as many blank ones) into an existing `--json` file's summary; the file's other
+    contents are kept."""
     from sparsevlm.loading import load_model
 
     doc = json.loads(Path(summary_file).read_text())
@@ -757,7 +759,7 @@ def add_profile(model_path: str, summary_file: str, command: str = "", profile_n
     world = doc["summary"].get("world") or world_of_model(model_path) or DEFAULT_WORLD
     t0 = time.time()
     doc["summary"]["attention_profile"] = attention_profile.measure(
-        loaded.model, loaded.processor, profile_n, profile_n, world, log=_log) | {
+        loaded.model, loaded.processor, profile_n, profile_n, world, log=_log, n_blank=profile_n // 2) | {
         "command": command, "seconds": round(time.time() - t0, 1)}
     Path(summary_file).write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
     return doc["summary"]["attention_profile"]
