@@ -7,8 +7,9 @@ plain data (a model's world, its measured attention profile summary), no model a
   studio scene) on such a model.
 - `attention_likeness_html`: the compare tab's explanation for the loaded model, from its folder's measured
   likeness summary (`training.likeness`, the attention profile over 240 pictures): what it shares with
-  LLaVA-1.5-7B's decoder (FasterVLM's attention shift and dispersion) and what that means for each family of
-  methods; for a model that has no such measurement, it says so and points to the Attention profile tab.
+  LLaVA-1.5-7B's decoder (FasterVLM's attention shift and dispersion), where the attention goes on blank pictures
+  (position alone) when the summary has them, and what that means for each family of methods; for a model that
+  has no such measurement, it says so and points to the Attention profile tab.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def attention_likeness_html(name: str, summary: dict | None) -> str:
         return (f"<div class='sv-likeness'><b>How {who}'s attention compares with LLaVA-1.5's</b>: not measured for "
                 "this model. The <i>Attention profile</i> tab shows, for the picture of each run, where the decoder's "
                 "attention and the [CLS] attention go (FasterVLM's shift and dispersion).</div>")
+    blank = summary.get("blank") if isinstance(summary.get("blank"), dict) else None
+    blank_lower = {d.get("layer"): _fig(d.get("last", {}).get("lower_half_share"))
+                   for d in (blank or {}).get("decoder", [])}
     rows = []
     shifted_any = False
     for d in block["decoder"]:
@@ -66,13 +70,25 @@ def attention_likeness_html(name: str, summary: dict | None) -> str:
             continue
         shifted_any |= lower > 0.5 + NO_SHIFT
         readers = ", ".join(d.get("read_by", []))
+        b = blank_lower.get(d["layer"])
         rows.append(f"<tr><td>{d['layer']}</td><td>{html.escape(readers)}</td><td>{lower:.2f}</td><td>{top:.2f}</td>"
-                    "</tr>")
+                    + (f"<td>{b:.2f}</td>" if blank else "") + "</tr>")
     cls = block.get("cls") or {}
     cls_lower, cls_top = _fig(cls.get("lower_half_share")), _fig(cls.get("top20_share"))
     n = block.get("n", "?")
     table = ("<table class='sv-likeness-table'><tr><th>decoder layer</th><th>read by</th><th>last token: lower-half "
-             "share</th><th>top-20% share</th></tr>" + "".join(rows) + "</table>")
+             "share</th><th>top-20% share</th>" + ("<th>lower-half share, blank pictures</th>" if blank else "")
+             + "</tr>" + "".join(rows) + "</table>")
+    blank_line = ""
+    if blank:
+        leaning = [(la, v) for la, v in blank_lower.items() if v is not None and v > 0.5 + NO_SHIFT]
+        where = ", ".join(f"layer {la} ({v:.2f})" for la, v in leaning)
+        blank_line = (f" On {blank.get('n', '?')} blank pictures (a plain background with nothing on it, so only "
+                      "position can steer the attention) its last token's attention leans to the lower half at "
+                      f"{where}: a lean toward later tokens like the shift FasterVLM describes is there, hidden by the "
+                      "content wherever there is something to see." if leaning else
+                      f" On {blank.get('n', '?')} blank pictures (a plain background with nothing on it) there is no "
+                      "lean either: no layer's lower-half share is outside 0.5 ± 0.05.")
     shift = ("shows an attention shift at some layer" if shifted_any else
              "shows <b>no attention shift</b>: its last token's attention lies as much on the upper half of the "
              "picture as on the lower (lower-half shares near 0.5), where LLaVA-1.5-7B's leans to the lower half")
@@ -94,4 +110,4 @@ def attention_likeness_html(name: str, summary: dict | None) -> str:
           "<li><b>Methods that read neither</b> (DivPrune, DART's duplication, random) are untouched by both."
           "</li></ul>")
     return (f"<div class='sv-likeness'><b>How {who}'s decoder attends, beside LLaVA-1.5-7B's</b> (measured on {n} "
-            f"pictures, its folder's likeness summary): it {shift}.{cls_line}{table}{families}</div>")
+            f"pictures, its folder's likeness summary): it {shift}.{blank_line}{cls_line}{table}{families}</div>")

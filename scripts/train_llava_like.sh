@@ -66,6 +66,17 @@ python -m training.train_llava --threads "$T" --device "$D" --phase text --out c
    --lr 1e-4 --warmup 20 --decay-from 100 --lr-end 1e-5 "${DATA[@]}" --ckpt-minutes 3 --log-every 5 --seed 47
 [ -f checkpoints/llava-running-export/config.json ] || python -m training.train_llava \
    --out checkpoints/llava-running --export checkpoints/llava-running-export
+# Step 5, llava-running-aligned: step 3's instruction tuning on from step 4, with one running-text document (6
+#   scenes, 3 questions each) beside the 8 pictures of every step, as LLaVA-1.5's instruction mix keeps text-only
+#   conversations (40K of its 665K; here 1 sequence in 9). 150 steps.
+S5="${STEP5_STEPS:-150}"
+python -m training.train_llava --threads "$T" --device "$D" --phase instruct --out checkpoints/llava-running-aligned \
+   --init-from checkpoints/llava-running/checkpoint.pt --until "$S5" \
+   --batch 8 --turns 12 --caption-p 0.5 --whole-p 0.25 --lr 5e-5 --warmup 20 --decay-from 60 --lr-end 5e-6 \
+   --projector-lr-scale 2 --tower-lr-scale 0 --patch-weight 0 --grid-weight 0 \
+   --text-docs 1 --running-scenes 6 --running-turns 3 "${DATA[@]}" --ckpt-minutes 3 --log-every 5 --seed 49
+[ -f checkpoints/llava-running-aligned-export/config.json ] || python -m training.train_llava \
+   --out checkpoints/llava-running-aligned --export checkpoints/llava-running-aligned-export
 # Then measure each export E (one thread each, one at a time):
 #   bash scripts/measure_step.sh E            # likeness (raters, tower, attention profile), dense accuracy, goals
 #   N_ORDER=800 bash scripts/measure_step.sh E  # and the ordering of every method at 64 tokens (800 questions)

@@ -42,6 +42,29 @@ def test_a_cls_leaning_to_the_lower_half_is_said_only_when_it_does():
     assert "lean toward" not in text(M.attention_likeness_html("m", profile([0.5], [0.5], (0.52, 0.75))))
 
 
+def with_blank(summary: dict, lowers: list[float]) -> dict:
+    decoder = [{"layer": d["layer"], "read_by": d["read_by"],
+                "last": {"lower_half_share": [lo, 0.01], "top20_share": [0.3, 0.01]}}
+               for d, lo in zip(summary["all"]["decoder"], lowers, strict=True)]
+    return {**summary, "blank": {"n": 6, "cls": summary["all"]["cls"], "decoder": decoder}}
+
+
+def test_the_blank_pictures_show_a_positional_habit_the_content_hides():
+    # no shift where there is something to see, a lean to the lower half on blank pictures at layer 2
+    h = text(M.attention_likeness_html("m", with_blank(profile([0.50, 0.49], [0.35, 0.78]), [0.51, 0.59])))
+    assert "no attention shift" in h
+    assert "blank pictures" in h and "6 blank pictures" in h
+    assert "layer 2 (0.59)" in h and "layer 1 (0.51)" not in h
+    assert "hidden by the content" in h
+    assert h.count("0.59") == 2  # in the sentence and in the table's blank column
+    # no lean on blank pictures either: said so, no habit claimed
+    h = text(M.attention_likeness_html("m", with_blank(profile([0.50, 0.49], [0.35, 0.78]), [0.51, 0.50])))
+    assert "blank pictures" in h and "hidden by the content" not in h and "no lean" in h
+    # a summary without blank pictures has no blank column
+    h = M.attention_likeness_html("m", profile([0.50, 0.49], [0.35, 0.78]))
+    assert "blank" not in h
+
+
 def test_an_unmeasured_model_gets_no_figures():
     for summary in (None, {}, {"all": {"decoder": []}}):
         h = text(M.attention_likeness_html("llava-hf/llava-1.5-7b-hf", summary))
