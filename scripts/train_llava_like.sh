@@ -58,7 +58,7 @@ python -m training.train_llava --threads "$T" --device "$D" --phase instruct --o
 #   this one's language pretraining put each scene's words at its patches' positions and asked about them from
 #   after the picture, never running text. Here every sequence is a document of 6 scenes at consecutive positions
 #   (about 660 tokens, a picture conversation's length): each scene's description, then 3 questions about it, every
-#   token a next-token target (--lm-weight 1). 200 steps, 25 CPU-minutes on one thread.
+#   token a next-token target (--lm-weight 1). 200 steps, 27 CPU-minutes on one thread.
 S4="${STEP4_STEPS:-200}"
 python -m training.train_llava --threads "$T" --device "$D" --phase text --out checkpoints/llava-running \
    --init-from checkpoints/llava-readers-aligned/checkpoint.pt --until "$S4" \
@@ -68,7 +68,7 @@ python -m training.train_llava --threads "$T" --device "$D" --phase text --out c
    --out checkpoints/llava-running --export checkpoints/llava-running-export
 # Step 5, llava-running-aligned: step 3's instruction tuning on from step 4, with one running-text document (6
 #   scenes, 3 questions each) beside the 8 pictures of every step, as LLaVA-1.5's instruction mix keeps text-only
-#   conversations (40K of its 665K; here 1 sequence in 9). 150 steps.
+#   conversations (40K of its 665K; here 1 sequence in 9). 150 steps, 27 CPU-minutes on one thread.
 S5="${STEP5_STEPS:-150}"
 python -m training.train_llava --threads "$T" --device "$D" --phase instruct --out checkpoints/llava-running-aligned \
    --init-from checkpoints/llava-running/checkpoint.pt --until "$S5" \
