@@ -105,15 +105,20 @@ def normalized_mean(rows: torch.Tensor) -> torch.Tensor:
 
 
 # --- pictures ------------------------------------------------------------------------------------------------------
+def plain_background(rng: np.random.Generator) -> tuple[bool, tuple[int, int, int]]:
+    """(dark, base colour) of a spread or blank picture's plain background, light or dark, slightly tinted."""
+    dark = bool(rng.random() < 0.35)
+    grey = int(rng.integers(15, 75)) if dark else int(rng.integers(170, 245))
+    return dark, tuple(int(np.clip(grey + t, 0, 255)) for t in rng.integers(-10, 11, size=3))
+
+
 def spread_item(index: int):
     """Spread picture `index`: (PIL image, question, scene). A plain background, light or dark; objects of one size
     class on a jittered lattice over the whole picture (distinct colour-shape pairs); a count, colour or
     existence question about them."""
     rng = np.random.default_rng([SPREAD_SEED, index])
     rows, cols = SPREAD_LATTICES[int(rng.integers(len(SPREAD_LATTICES)))]
-    dark = bool(rng.random() < 0.35)
-    grey = int(rng.integers(15, 75)) if dark else int(rng.integers(170, 245))
-    base = tuple(int(np.clip(grey + t, 0, 255)) for t in rng.integers(-10, 11, size=3))
+    dark, base = plain_background(rng)
     cell_w, cell_h = world.IMAGE_SIZE / cols, world.IMAGE_SIZE / rows
     lo, hi = world.SIZE_CLASSES["big" if max(rows, cols) == 2 else "medium"]
     side = int(rng.integers(lo, min(hi, int(min(cell_w, cell_h)) - 12) + 1))
@@ -147,9 +152,7 @@ def blank_item(index: int):
     have, with nothing on it, and a question about the whole picture. With nothing to see, what is left of the
     decoder's attention over the visual tokens is where it goes by position alone."""
     rng = np.random.default_rng([BLANK_SEED, index])
-    dark = bool(rng.random() < 0.35)
-    grey = int(rng.integers(15, 75)) if dark else int(rng.integers(170, 245))
-    base = tuple(int(np.clip(grey + t, 0, 255)) for t in rng.integers(-10, 11, size=3))
+    dark, base = plain_background(rng)
     scene = world.Scene2(seed=BLANK_SEED + index, objects=[], background="plain", dark=dark, base=base)
     colour = list(world.COLOURS)[int(rng.integers(len(world.COLOURS)))]
     shape = world.SHAPES[int(rng.integers(len(world.SHAPES)))]
